@@ -1,1 +1,33 @@
-//! placeholder
+//! Own-CA tooling for AWS IoT Just-In-Time Registration.
+//!
+//! Creates the fleet owner's CA (optionally an offline root above an issuing CA), the
+//! verification certificate AWS IoT asks for when the CA is registered, and device
+//! certificates (key generated here, or a device's CSR signed) to the profile in DESIGN.md.
+//! [`inspect`] checks any certificate against that profile; the activator uses the same
+//! checks before it activates anything.
+
+mod ca;
+mod csr;
+mod error;
+mod id;
+mod inspect;
+mod issue;
+mod keys;
+mod manifest;
+mod profile;
+mod write;
+
+pub use ca::{Ca, CaFiles, CaInit, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE};
+pub use error::Error;
+pub use id::{DeviceId, IdFormat};
+pub use inspect::{
+    certificates_from_pem_or_der, inspect_device_certificate, Check, Finding, InspectOptions,
+    Inspection,
+};
+pub use issue::{issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDevice};
+pub use keys::{KeyAlgorithm, KeyProtection, Passphrase};
+pub use manifest::{certificate_id, Manifest, ManifestEntry, MANIFEST_FILE};
+pub use profile::{Profile, Subject, PROFILE_FILE};
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

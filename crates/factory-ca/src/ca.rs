@@ -1,0 +1,279 @@
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyUsagePurpose, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::keys::{generate_ca_key, load_private_key, random_bytes, store_private_key, DeviceKey};
+use crate::write::{create_dir, write_file_atomic};
+use crate::{Error, KeyAlgorithm, KeyProtection, Passphrase, Profile, Subject};
+
+/// The certificate of the CA that signs devices (registered in AWS IoT).
+pub const CA_CERT_FILE: &str = "ca.crt";
+/// The private key of the CA that signs devices.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The offline root above an issuing CA.
+pub const ROOT_CERT_FILE: &str = "root.crt";
+/// The offline root's private key.
+pub const ROOT_KEY_FILE: &str = "root.key";
+
+/// How far `not_before` is backdated, so a device whose clock lags a little still accepts.
+pub(crate) const BACKDATE: Duration = Duration::minutes(1);
+
+/// What `jitr ca init` creates.
+#[derive(Debug, Clone)]
+pub struct CaInit {
+    /// Folder for the CA files.
+    pub dir: PathBuf,
+    /// The top CA (the only one, or the offline root).
+    pub root_subject: Subject,
+    /// Key type of the top CA.
+    pub root_key: KeyAlgorithm,
+    /// Validity of the top CA in days.
+    pub root_days: u32,
+    /// With `Some`, an issuing CA below the root signs the devices.
+    pub issuing: Option<IssuingCa>,
+    /// How the private keys are stored.
+    pub protection: KeyProtection,
+}
+
+/// Subject, key and validity of the issuing CA.
+#[derive(Debug, Clone)]
+pub struct IssuingCa {
+    /// Distinguished name.
+    pub subject: Subject,
+    /// Key type.
+    pub key: KeyAlgorithm,
+    /// Validity in days.
+    pub days: u32,
+}
+
+/// The files `ca init` wrote.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    /// The CA that signs devices.
+    pub ca_cert: PathBuf,
+    /// Its key.
+    pub ca_key: PathBuf,
+    /// The offline root, when there is one.
+    pub root: Option<(PathBuf, PathBuf)>,
+}
+
+pub(crate) fn random_serial() -> Result<SerialNumber, Error> {
+    let mut serial = [0u8; 16];
+    random_bytes(&mut serial)?;
+    // Positive (top bit clear) and exactly 16 significant bytes (second bit set): 126 random bits.
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&serial))
+}
+
+pub(crate) fn validity(
+    now: OffsetDateTime,
+    days: u32,
+) -> Result<(OffsetDateTime, OffsetDateTime), Error> {
+    if days == 0 || days > 100 * 366 {
+        return Err(Error::Validity {
+            reason: "days must be between 1 and 36600",
+        });
+    }
+    Ok((now - BACKDATE, now + Duration::days(i64::from(days))))
+}
+
+fn ca_params(
+    subject: &Subject,
+    days: u32,
+    path_len: u8,
+    now: OffsetDateTime,
+) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject.to_rcgen();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    (params.not_before, params.not_after) = validity(now, days)?;
+    params.serial_number = Some(random_serial()?);
+    Ok(params)
+}
+
+impl CaInit {
+    /// Creates the CA (and root) certificates and keys in `dir`; never overwrites a key.
+    pub fn run(&self, now: OffsetDateTime) -> Result<CaFiles, Error> {
+        let ca_key_path = self.dir.join(CA_KEY_FILE);
+        let root_key_path = self.dir.join(ROOT_KEY_FILE);
+        for path in [&ca_key_path, &root_key_path] {
+            if path.exists() {
+                return Err(Error::CaExists { path: path.clone() });
+            }
+        }
+        create_dir(&self.dir)?;
+
+        let root_key = generate_ca_key(self.root_key)?;
+        let path_len = if self.issuing.is_some() { 1 } else { 0 };
+        let root_params = ca_params(&self.root_subject, self.root_days, path_len, now)?;
+        let root_cert = root_params.self_signed(&root_key)?;
+
+        let ca_cert_path = self.dir.join(CA_CERT_FILE);
+        match &self.issuing {
+            None => {
+                write_file_atomic(&ca_cert_path, root_cert.pem().as_bytes(), 0o644, true)?;
+                store_private_key(&ca_key_path, &root_key.serialize_der(), &self.protection)?;
+                Ok(CaFiles {
+                    ca_cert: ca_cert_path,
+                    ca_key: ca_key_path,
+                    root: None,
+                })
+            }
+            Some(issuing) => {
+                let key = generate_ca_key(issuing.key)?;
+                let mut params = ca_params(&issuing.subject, issuing.days, 0, now)?;
+                params.use_authority_key_identifier_extension = true;
+                let root_issuer = Issuer::new(root_params, &root_key);
+                let cert = params.signed_by(&key, &root_issuer)?;
+                let root_cert_path = self.dir.join(ROOT_CERT_FILE);
+                write_file_atomic(&root_cert_path, root_cert.pem().as_bytes(), 0o644, true)?;
+                write_file_atomic(&ca_cert_path, cert.pem().as_bytes(), 0o644, true)?;
+                store_private_key(&root_key_path, &root_key.serialize_der(), &self.protection)?;
+                store_private_key(&ca_key_path, &key.serialize_der(), &self.protection)?;
+                Ok(CaFiles {
+                    ca_cert: ca_cert_path,
+                    ca_key: ca_key_path,
+                    root: Some((root_cert_path, root_key_path)),
+                })
+            }
+        }
+    }
+}
+
+/// A CA loaded from its folder, ready to sign.
+pub struct Ca {
+    pub(crate) dir: PathBuf,
+    pub(crate) issuer: Issuer<'static, rcgen::KeyPair>,
+    pub(crate) cert_pem: String,
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) profile: Profile,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a PEM (or DER) certificate file and returns the DER of its first certificate.
+pub(crate) fn read_certificate(path: &Path) -> Result<Vec<u8>, Error> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut certs = crate::inspect::certificates_from_pem_or_der(&bytes).map_err(|reason| {
+        Error::BadCertificate {
+            what: path.display().to_string(),
+            reason,
+        }
+    })?;
+    Ok(certs.swap_remove(0))
+}
+
+impl Ca {
+    /// Loads `dir/ca.crt` and `dir/ca.key` (and `dir/profile.toml`), checking they belong together.
+    pub fn load(dir: &Path, passphrase: Option<&Passphrase>) -> Result<Ca, Error> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        for path in [&cert_path, &key_path] {
+            if !path.exists() {
+                return Err(Error::MissingCaFile {
+                    dir: dir.to_owned(),
+                    path: path.clone(),
+                });
+            }
+        }
+        let profile = Profile::load(dir)?;
+        let cert_der = read_certificate(&cert_path)?;
+        let key = load_private_key(&key_path, passphrase)?;
+        let bad = |reason: &str| Error::BadCertificate {
+            what: cert_path.display().to_string(),
+            reason: reason.to_owned(),
+        };
+        let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| bad(&e.to_string()))?;
+        if !cert.is_ca() {
+            return Err(bad(
+                "it is not a CA certificate (basicConstraints CA:TRUE missing)",
+            ));
+        }
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad(&format!(
+                "it does not match the key in {}",
+                key_path.display()
+            )));
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)?;
+        let cert_pem = pem_encode("CERTIFICATE", &cert_der);
+        Ok(Ca {
+            dir: dir.to_owned(),
+            issuer,
+            cert_pem,
+            cert_der,
+            profile,
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The CA folder's profile.
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// The folder this CA was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The verification certificate AWS IoT asks for: CN = the registration code, signed by
+    /// this CA's key, proving we hold it.
+    pub fn verification_certificate(
+        &self,
+        registration_code: &str,
+        now: OffsetDateTime,
+    ) -> Result<String, Error> {
+        if registration_code.is_empty()
+            || registration_code.len() > 128
+            || !registration_code.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(Error::InvalidDeviceId {
+                id: registration_code.to_owned(),
+                reason: "a registration code is 1 to 128 letters and digits",
+            });
+        }
+        let key = DeviceKey::generate(KeyAlgorithm::P256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, registration_code);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        (params.not_before, params.not_after) = validity(now, 30)?;
+        params.serial_number = Some(random_serial()?);
+        Ok(params.signed_by(&key, &self.issuer)?.pem())
+    }
+}
+
+pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
+    // Encoding into a String cannot fail for a fixed label; fall back to empty defensively.
+    pkcs8::der::pem::encode_string(label, pkcs8::der::pem::LineEnding::LF, der).unwrap_or_default()
+}

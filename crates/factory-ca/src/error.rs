@@ -1,0 +1,94 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while running the CA.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A device id does not have the required format.
+    #[error("invalid device id {id:?}: {reason}")]
+    InvalidDeviceId { id: String, reason: &'static str },
+    /// A file could not be read.
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file or folder could not be written.
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The CA folder lacks a file the operation needs.
+    #[error("{} not found: is {} a CA folder made by `jitr ca init`?", path.display(), dir.display())]
+    MissingCaFile { dir: PathBuf, path: PathBuf },
+    /// `ca init` would overwrite an existing CA key.
+    #[error("{} already exists: refusing to overwrite a CA key", path.display())]
+    CaExists { path: PathBuf },
+    /// The passphrase does not decrypt the key.
+    #[error("wrong passphrase for {}", path.display())]
+    WrongPassphrase { path: PathBuf },
+    /// The key is encrypted but no passphrase was given.
+    #[error("{} is encrypted: a passphrase is required", path.display())]
+    PassphraseRequired { path: PathBuf },
+    /// A private key file is not in a format we read.
+    #[error("{} is not a PKCS#8 private key: {reason}", path.display())]
+    KeyFormat { path: PathBuf, reason: String },
+    /// A key has a type or size outside the profile.
+    #[error("key rejected: {reason}")]
+    WeakKey { reason: String },
+    /// A certificate file could not be parsed.
+    #[error("{what} is not a valid X.509 certificate: {reason}")]
+    BadCertificate { what: String, reason: String },
+    /// A CSR could not be parsed.
+    #[error("CSR is not valid: {reason}")]
+    BadCsr { reason: String },
+    /// A CSR's self-signature does not verify with its own key.
+    #[error("CSR signature does not verify with the key it carries")]
+    CsrSignature,
+    /// The id is already in the manifest.
+    #[error("device {id} was already issued (in {}); use --force to issue it again", manifest.display())]
+    AlreadyIssued { id: String, manifest: PathBuf },
+    /// The same id appears twice in one request.
+    #[error("device {id} appears more than once in the input")]
+    DuplicateInput { id: String },
+    /// The manifest holds a line we cannot read.
+    #[error("{}:{line}: not a manifest entry", path.display())]
+    Manifest {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The CA profile file is invalid.
+    #[error("invalid CA profile {}", path.display())]
+    Profile {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A subject string such as `O=Acme,CN=Fleet CA` is malformed.
+    #[error("invalid subject {subject:?}: {reason}")]
+    Subject {
+        subject: String,
+        reason: &'static str,
+    },
+    /// A validity period is out of range.
+    #[error("invalid validity: {reason}")]
+    Validity { reason: &'static str },
+    /// rcgen refused to build a certificate.
+    #[error("certificate generation failed")]
+    Rcgen(#[source] rcgen::Error),
+    /// The OS random generator or a primitive failed.
+    #[error("cryptographic operation failed: {op}")]
+    Crypto { op: &'static str },
+}
+
+impl From<rcgen::Error> for Error {
+    fn from(e: rcgen::Error) -> Self {
+        Error::Rcgen(e)
+    }
+}

@@ -1,0 +1,259 @@
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use rayon::prelude::*;
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, PublicKeyData,
+};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::ca::{pem_encode, random_serial, validity};
+use crate::keys::DeviceKey;
+use crate::write::{create_dir, write_dir_atomic, DirFile};
+use crate::{certificate_id, Ca, DeviceId, Error, KeyAlgorithm, Manifest, ManifestEntry};
+
+/// A device certificate, its key when we generated it, and its manifest line.
+pub struct IssuedDevice {
+    /// Private key (PKCS#8 PEM); `None` when the device keeps its own key (CSR).
+    pub key_pem: Option<Zeroizing<String>>,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Device certificate followed by the signing CA: what the device presents.
+    pub chain_pem: String,
+    /// The manifest line.
+    pub entry: ManifestEntry,
+}
+
+impl std::fmt::Debug for IssuedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedDevice")
+            .field("entry", &self.entry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    // Certificate times are whole seconds within years 1950..9999, which always format.
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl Ca {
+    /// Signs a device certificate for `public_key` with the device profile.
+    pub(crate) fn sign_device(
+        &self,
+        id: &DeviceId,
+        public_key: &impl PublicKeyData,
+        days: u32,
+        now: OffsetDateTime,
+        key_pem: Option<Zeroizing<String>>,
+    ) -> Result<IssuedDevice, Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, id.as_str());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        (params.not_before, params.not_after) = validity(now, days)?;
+        let serial = random_serial()?;
+        let serial_hex = hex::encode(serial.to_bytes());
+        params.serial_number = Some(serial);
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        let cert_der = cert.der().to_vec();
+        let cert_pem = pem_encode("CERTIFICATE", &cert_der);
+        let mut chain_pem = String::with_capacity(cert_pem.len() + self.cert_pem.len());
+        chain_pem.push_str(&cert_pem);
+        chain_pem.push_str(&self.cert_pem);
+        let entry = ManifestEntry {
+            id: id.to_string(),
+            serial: serial_hex,
+            not_before: rfc3339(params.not_before),
+            not_after: rfc3339(params.not_after),
+            certificate_id: certificate_id(&cert_der),
+        };
+        Ok(IssuedDevice {
+            key_pem,
+            cert_der,
+            cert_pem,
+            chain_pem,
+            entry,
+        })
+    }
+
+    /// Generates a key for `id` and issues its certificate (nothing is written).
+    pub fn issue_device(
+        &self,
+        id: &DeviceId,
+        key: KeyAlgorithm,
+        days: u32,
+        now: OffsetDateTime,
+    ) -> Result<IssuedDevice, Error> {
+        let device_key = DeviceKey::generate(key)?;
+        let key_pem = device_key.pkcs8_pem()?;
+        self.sign_device(id, &device_key, days, now, Some(key_pem))
+    }
+}
+
+/// File names inside `devices/<id>/`.
+pub(crate) const DEVICE_KEY_FILE: &str = "device.key";
+pub(crate) const DEVICE_CERT_FILE: &str = "device.crt";
+pub(crate) const CHAIN_FILE: &str = "chain.pem";
+
+/// Writes `out/<id>/{device.key, device.crt, chain.pem}` as one complete folder.
+pub(crate) fn write_device(out: &Path, issued: &IssuedDevice) -> Result<PathBuf, Error> {
+    let dir = out.join(&issued.entry.id);
+    let mut files = Vec::with_capacity(3);
+    if let Some(key) = &issued.key_pem {
+        files.push(DirFile {
+            name: DEVICE_KEY_FILE,
+            bytes: key.as_bytes(),
+            mode: 0o600,
+        });
+    }
+    files.push(DirFile {
+        name: DEVICE_CERT_FILE,
+        bytes: issued.cert_pem.as_bytes(),
+        mode: 0o644,
+    });
+    files.push(DirFile {
+        name: CHAIN_FILE,
+        bytes: issued.chain_pem.as_bytes(),
+        mode: 0o644,
+    });
+    write_dir_atomic(&dir, &files)?;
+    Ok(dir)
+}
+
+/// Settings of a batch issuance.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// Output folder (`devices`).
+    pub out_dir: PathBuf,
+    /// Key type generated per device.
+    pub key: KeyAlgorithm,
+    /// Validity in days.
+    pub days: u32,
+    /// Worker threads; 0 means one per core.
+    pub jobs: usize,
+    /// Issue again ids the manifest already holds.
+    pub force: bool,
+    /// Issuance time.
+    pub now: OffsetDateTime,
+}
+
+/// A device the batch could not issue.
+#[derive(Debug)]
+pub struct DeviceFailure {
+    /// The device id.
+    pub id: String,
+    /// Why.
+    pub error: Error,
+}
+
+/// What a batch did.
+#[derive(Debug, Default)]
+pub struct BatchReport {
+    /// Manifest lines of the devices issued, in completion order.
+    pub issued: Vec<ManifestEntry>,
+    /// Devices that failed; nothing was written for them.
+    pub failures: Vec<DeviceFailure>,
+}
+
+/// Refuses duplicates within `ids` and, unless `force`, ids the manifest already holds.
+pub(crate) fn check_new_ids<'a>(
+    ids: impl IntoIterator<Item = &'a DeviceId>,
+    manifest: &Manifest,
+    force: bool,
+) -> Result<(), Error> {
+    let mut seen = HashSet::new();
+    for id in ids {
+        if !seen.insert(id.as_str()) {
+            return Err(Error::DuplicateInput { id: id.to_string() });
+        }
+        if !force && manifest.contains_id(id.as_str()) {
+            return Err(Error::AlreadyIssued {
+                id: id.to_string(),
+                manifest: manifest.path().to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Issues every id in parallel, writing each device's folder and then its manifest line,
+/// so the manifest only ever names devices whose files are complete. `progress` is
+/// called once per device finished (issued or failed).
+pub fn issue_batch(
+    ca: &Ca,
+    ids: &[DeviceId],
+    opts: &BatchOptions,
+    progress: &(dyn Fn() + Sync),
+) -> Result<BatchReport, Error> {
+    create_dir(&opts.out_dir)?;
+    let mut manifest = Manifest::open(&opts.out_dir)?;
+    check_new_ids(ids, &manifest, opts.force)?;
+    let jobs = if opts.jobs == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.jobs
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs)
+        .build()
+        .map_err(|_| Error::Crypto {
+            op: "start worker threads",
+        })?;
+
+    let (tx, rx) = mpsc::sync_channel::<(&DeviceId, Result<IssuedDevice, Error>)>(1024);
+    let mut report = BatchReport::default();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            pool.install(|| {
+                ids.par_iter().for_each_with(tx, |tx, id| {
+                    let result = ca
+                        .issue_device(id, opts.key, opts.days, opts.now)
+                        .and_then(|issued| write_device(&opts.out_dir, &issued).map(|_| issued));
+                    let _ = tx.send((id, result));
+                });
+            });
+        });
+        for (id, result) in rx {
+            match result {
+                Ok(issued) if manifest.contains_serial(&issued.entry.serial) => {
+                    // 126 random bits make this practically impossible; never record it twice.
+                    report.failures.push(DeviceFailure {
+                        id: id.to_string(),
+                        error: Error::Crypto {
+                            op: "serial number collided; issue this device again",
+                        },
+                    });
+                }
+                Ok(issued) => match manifest.append(&issued.entry) {
+                    Ok(()) => report.issued.push(issued.entry),
+                    Err(error) => {
+                        // Keep files and manifest in agreement: no line, no folder.
+                        let _ = std::fs::remove_dir_all(opts.out_dir.join(id.as_str()));
+                        report.failures.push(DeviceFailure {
+                            id: id.to_string(),
+                            error,
+                        });
+                    }
+                },
+                Err(error) => report.failures.push(DeviceFailure {
+                    id: id.to_string(),
+                    error,
+                }),
+            }
+            progress();
+        }
+    });
+    manifest.flush()?;
+    Ok(report)
+}

@@ -1,0 +1,135 @@
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Name of the issuance manifest inside the output folder.
+pub const MANIFEST_FILE: &str = "manifest.jsonl";
+
+/// One issued certificate, one JSON line of `manifest.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Device id (certificate CN, Thing name).
+    pub id: String,
+    /// Serial number, lowercase hex of the DER integer.
+    pub serial: String,
+    /// RFC 3339.
+    pub not_before: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// Lowercase hex SHA-256 of the certificate DER: the id AWS IoT gives the certificate.
+    pub certificate_id: String,
+}
+
+/// The AWS IoT certificate id of a certificate: lowercase hex SHA-256 of its DER.
+pub fn certificate_id(der: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
+}
+
+/// The manifest of an output folder: what was issued before, and where new lines go.
+#[derive(Debug)]
+pub struct Manifest {
+    path: PathBuf,
+    ids: HashSet<String>,
+    serials: HashSet<String>,
+    writer: Option<BufWriter<File>>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.jsonl` if it exists.
+    pub fn open(dir: &Path) -> Result<Manifest, Error> {
+        let path = dir.join(MANIFEST_FILE);
+        let mut manifest = Manifest {
+            path: path.clone(),
+            ids: HashSet::new(),
+            serials: HashSet::new(),
+            writer: None,
+        };
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(manifest),
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        for (n, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(|source| Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let entry: ManifestEntry =
+                serde_json::from_str(&line).map_err(|source| Error::Manifest {
+                    path: path.clone(),
+                    line: n + 1,
+                    source,
+                })?;
+            manifest.ids.insert(entry.id);
+            manifest.serials.insert(entry.serial);
+        }
+        Ok(manifest)
+    }
+
+    /// The manifest file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `id` was issued before.
+    pub fn contains_id(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Whether `serial` (hex) was issued before.
+    pub fn contains_serial(&self, serial: &str) -> bool {
+        self.serials.contains(serial)
+    }
+
+    /// Appends one entry (buffered; see [`Manifest::flush`]).
+    pub fn append(&mut self, entry: &ManifestEntry) -> Result<(), Error> {
+        let path = &self.path;
+        let io = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        if self.writer.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(io)?;
+            self.writer = Some(BufWriter::with_capacity(64 * 1024, file));
+        }
+        if let Some(w) = self.writer.as_mut() {
+            let mut line = serde_json::to_vec(entry).map_err(|e| io(e.into()))?;
+            line.push(b'\n');
+            w.write_all(&line).map_err(io)?;
+        }
+        self.ids.insert(entry.id.clone());
+        self.serials.insert(entry.serial.clone());
+        Ok(())
+    }
+
+    /// Writes buffered entries to disk and syncs the file.
+    pub fn flush(&mut self) -> Result<(), Error> {
+        if let Some(w) = self.writer.as_mut() {
+            let io = |source| Error::Write {
+                path: self.path.clone(),
+                source,
+            };
+            w.flush().map_err(io)?;
+            w.get_ref().sync_data().map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Manifest {
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
