@@ -164,7 +164,7 @@ impl std::fmt::Debug for Ca {
 }
 
 /// Reads a PEM (or DER) certificate file and returns the DER of its first certificate.
-pub(crate) fn read_certificate(path: &Path) -> Result<Vec<u8>, Error> {
+pub fn read_certificate(path: &Path) -> Result<Vec<u8>, Error> {
     let bytes = std::fs::read(path).map_err(|source| Error::Read {
         path: path.to_owned(),
         source,

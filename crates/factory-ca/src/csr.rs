@@ -31,7 +31,6 @@ fn parse_csr(bytes: &[u8], format: IdFormat) -> Result<(DeviceId, Vec<u8>), Erro
     if !rest.is_empty() {
         return Err(bad("trailing data after the CSR".into()));
     }
-    csr.verify_signature().map_err(|_| Error::CsrSignature)?;
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
     let alg = &spki.algorithm.algorithm;
@@ -64,6 +63,8 @@ fn parse_csr(bytes: &[u8], format: IdFormat) -> Result<(DeviceId, Vec<u8>), Erro
             reason: format!("unsupported key algorithm {}", alg.to_id_string()),
         });
     }
+    // After the key checks, so a weak key is reported as such rather than as a bad signature.
+    csr.verify_signature().map_err(|_| Error::CsrSignature)?;
     let cns: Vec<_> = info.subject.iter_common_name().collect();
     let [cn] = cns.as_slice() else {
         return Err(bad(format!(

@@ -82,6 +82,11 @@ impl Passphrase {
         Ok(Passphrase(Zeroizing::new(trimmed.to_owned())))
     }
 
+    /// The secret itself, for comparing a prompted passphrase with its confirmation.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     fn bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }

@@ -17,7 +17,10 @@ mod manifest;
 mod profile;
 mod write;
 
-pub use ca::{Ca, CaFiles, CaInit, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE};
+pub use ca::{
+    read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE,
+    ROOT_KEY_FILE,
+};
 pub use error::Error;
 pub use id::{DeviceId, IdFormat};
 pub use inspect::{

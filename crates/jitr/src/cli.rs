@@ -1,0 +1,172 @@
+//! Command-line syntax (clap). Exit codes: 0 success, 1 failed check or operation, 2 bad usage.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use factory_ca::{IdFormat, KeyAlgorithm};
+
+/// Own-CA tooling and Just-In-Time Registration for balenaCloud fleets on AWS IoT Core.
+#[derive(Debug, Parser)]
+#[command(name = "jitr", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create and register the fleet CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue device certificates (a key generated per device) into devices/<id>/.
+    Issue(IssueArgs),
+    /// Sign a device's certificate signing request; the device keeps its key.
+    SignCsr(SignCsrArgs),
+    /// Check a certificate against the device profile (and its CA's signature).
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Create the CA: ca.crt + ca.key, and with --with-issuing-ca an offline root above it.
+    Init(CaInitArgs),
+    /// Write the verification certificate AWS IoT asks for when registering the CA.
+    VerificationCert(VerificationCertArgs),
+}
+
+/// Where the CA lives and how its key is unlocked.
+#[derive(Debug, Args)]
+pub(crate) struct CaDirArgs {
+    /// CA folder.
+    #[arg(long, default_value = "ca", value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// File holding the CA key passphrase (else JITR_CA_PASSPHRASE, else a prompt on a terminal).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaInitArgs {
+    #[command(flatten)]
+    pub(crate) ca: CaDirArgs,
+    /// Key type of the top CA (the only CA, or the offline root) [default: from profile, p384].
+    #[arg(long, value_name = "p256|p384")]
+    pub(crate) key: Option<KeyAlgorithm>,
+    /// Put an issuing CA (ca.crt, P-256, 5 years) below an offline root (root.crt).
+    #[arg(long)]
+    pub(crate) with_issuing_ca: bool,
+    /// Subject of the top CA, e.g. "O=Acme,CN=Acme fleet CA".
+    #[arg(long)]
+    pub(crate) subject: Option<String>,
+    /// Validity of the top CA in days [default: from profile, 20 years].
+    #[arg(long, value_name = "N")]
+    pub(crate) days: Option<u32>,
+    /// Subject of the issuing CA (with --with-issuing-ca).
+    #[arg(long, requires = "with_issuing_ca")]
+    pub(crate) issuing_subject: Option<String>,
+    /// Validity of the issuing CA in days (with --with-issuing-ca) [default: 5 years].
+    #[arg(long, value_name = "N", requires = "with_issuing_ca")]
+    pub(crate) issuing_days: Option<u32>,
+    /// Store the CA keys unencrypted (never do this for a production CA).
+    #[arg(long)]
+    pub(crate) insecure_plaintext_key: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerificationCertArgs {
+    #[command(flatten)]
+    pub(crate) ca: CaDirArgs,
+    /// The code from `aws iot get-registration-code`.
+    #[arg(long, value_name = "CODE")]
+    pub(crate) registration_code: String,
+    /// Write the certificate here instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "ids"])))]
+pub(crate) struct IssueArgs {
+    #[command(flatten)]
+    pub(crate) ca: CaDirArgs,
+    /// A device id (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub(crate) id: Vec<String>,
+    /// File of device ids, one per line (`-` for standard input; blank lines and #comments skipped).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ids: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "devices", value_name = "DIR")]
+    pub(crate) out: PathBuf,
+    /// Validity in days [default: from profile, 10 years].
+    #[arg(long, value_name = "N")]
+    pub(crate) days: Option<u32>,
+    /// Device key type [default: from profile, p256].
+    #[arg(long, value_name = "p256|p384")]
+    pub(crate) key: Option<KeyAlgorithm>,
+    /// Accepted ids: balena-uuid or any Thing name [default: from profile, balena-uuid].
+    #[arg(long, value_name = "FORMAT")]
+    pub(crate) id_format: Option<IdFormat>,
+    /// Parallel workers [default: one per core].
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub(crate) jobs: usize,
+    /// Issue again ids that the manifest already holds.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Print the manifest lines of the issued devices as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SignCsrArgs {
+    #[command(flatten)]
+    pub(crate) ca: CaDirArgs,
+    /// The CSR (PEM or DER); its CN is the device id.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) csr: PathBuf,
+    /// Write chain.pem (device certificate + CA) here instead of devices/<id>/.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) out: Option<PathBuf>,
+    /// Folder holding devices/<id>/ and the manifest.
+    #[arg(long, default_value = "devices", value_name = "DIR")]
+    pub(crate) devices: PathBuf,
+    /// Validity in days [default: from profile].
+    #[arg(long, value_name = "N")]
+    pub(crate) days: Option<u32>,
+    /// Sign again for an id the manifest already holds.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Print the manifest line as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct InspectArgs {
+    /// Certificate file, PEM or DER (the first certificate of a chain is inspected).
+    pub(crate) file: PathBuf,
+    /// CA certificate that must have signed it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Accepted ids: balena-uuid or any.
+    #[arg(long, value_name = "FORMAT", default_value = "balena-uuid")]
+    pub(crate) id_format: IdFormat,
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

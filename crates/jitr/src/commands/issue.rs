@@ -1,0 +1,146 @@
+use std::io::{BufRead, IsTerminal};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use factory_ca::{issue_batch, BatchOptions, DeviceId, IdFormat};
+use indicatif::{ProgressBar, ProgressStyle};
+use time::OffsetDateTime;
+
+use super::{print_json, Outcome};
+use crate::cli::{IssueArgs, SignCsrArgs};
+use crate::passphrase;
+
+/// Batches smaller than this finish before a progress bar would be worth drawing.
+const PROGRESS_THRESHOLD: usize = 200;
+
+/// Reads ids from `--id` values and the `--ids` file, validating each.
+fn collect_ids(args: &IssueArgs, format: IdFormat) -> Result<Vec<DeviceId>> {
+    let mut ids = Vec::new();
+    for id in &args.id {
+        ids.push(DeviceId::parse(id, format)?);
+    }
+    if let Some(path) = &args.ids {
+        let reader: Box<dyn BufRead> = if path == Path::new("-") {
+            Box::new(std::io::stdin().lock())
+        } else {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Box::new(std::io::BufReader::new(file))
+        };
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let id = DeviceId::parse(line, format)
+                .with_context(|| format!("{}:{}", path.display(), n + 1))?;
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        bail!("no device ids given");
+    }
+    Ok(ids)
+}
+
+fn progress_bar(len: usize) -> ProgressBar {
+    if len < PROGRESS_THRESHOLD || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} devices  {per_sec}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
+    let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
+    let device = &ca.profile().device;
+    let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
+    let opts = BatchOptions {
+        out_dir: args.out.clone(),
+        key: args.key.unwrap_or(device.key),
+        days: args.days.unwrap_or(device.days),
+        jobs: args.jobs,
+        force: args.force,
+        now: OffsetDateTime::now_utc(),
+    };
+    let bar = progress_bar(ids.len());
+    let report = issue_batch(&ca, &ids, &opts, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+
+    if args.json {
+        for entry in &report.issued {
+            print_json(entry)?;
+        }
+    }
+    for failure in &report.failures {
+        eprintln!("jitr: {}: {}", failure.id, error_chain(&failure.error));
+    }
+    eprintln!(
+        "issued {} device certificate(s) into {} (manifest {}){}",
+        report.issued.len(),
+        args.out.display(),
+        args.out.join(factory_ca::MANIFEST_FILE).display(),
+        if report.failures.is_empty() {
+            String::new()
+        } else {
+            format!(", {} failed", report.failures.len())
+        }
+    );
+    Ok(if report.failures.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// An error and its causes on one line, as `{:#}` prints them for anyhow errors.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
+    let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
+    let csr =
+        std::fs::read(&args.csr).with_context(|| format!("cannot read {}", args.csr.display()))?;
+    let days = args.days.unwrap_or(ca.profile().device.days);
+    let now = OffsetDateTime::now_utc();
+    let issued = match &args.out {
+        Some(out) => {
+            let issued = ca
+                .sign_csr(&csr, days, now)
+                .with_context(|| args.csr.display().to_string())?;
+            std::fs::write(out, &issued.chain_pem)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            issued
+        }
+        None => ca
+            .sign_csr_into(&csr, &args.devices, days, args.force, now)
+            .with_context(|| args.csr.display().to_string())?,
+    };
+    if args.json {
+        print_json(&issued.entry)?;
+    } else {
+        let place = match &args.out {
+            Some(out) => out.display().to_string(),
+            None => args.devices.join(&issued.entry.id).display().to_string(),
+        };
+        eprintln!(
+            "signed {} (certificate id {}) into {place}",
+            issued.entry.id, issued.entry.certificate_id
+        );
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,35 @@
+//! One function per command; the logic lives in the libraries.
+
+mod ca;
+mod inspect;
+mod issue;
+
+use anyhow::Result;
+
+use crate::cli::{CaCommand, Cli, Command};
+
+/// How a command ended when it did not hit an error.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Everything succeeded: exit 0.
+    Success,
+    /// A check or part of the work failed and was reported: exit 1.
+    Failed,
+}
+
+/// Runs the parsed command.
+pub(crate) fn run(cli: Cli) -> Result<Outcome> {
+    match cli.command {
+        Command::Ca(CaCommand::Init(args)) => ca::init(args),
+        Command::Ca(CaCommand::VerificationCert(args)) => ca::verification_cert(args),
+        Command::Issue(args) => issue::issue(args),
+        Command::SignCsr(args) => issue::sign_csr(args),
+        Command::Inspect(args) => inspect::inspect(args),
+    }
+}
+
+/// Prints a value as one line of JSON on standard output.
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
