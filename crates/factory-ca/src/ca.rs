@@ -79,6 +79,10 @@ pub(crate) fn validity(
             reason: "days must be between 1 and 36600",
         });
     }
+    // Certificates carry whole seconds; so does the manifest that describes them.
+    let now = now.replace_nanosecond(0).map_err(|_| Error::Validity {
+        reason: "clock out of range",
+    })?;
     Ok((now - BACKDATE, now + Duration::days(i64::from(days))))
 }
 

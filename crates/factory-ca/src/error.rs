@@ -31,6 +31,9 @@ pub enum Error {
     /// The passphrase does not decrypt the key.
     #[error("wrong passphrase for {}", path.display())]
     WrongPassphrase { path: PathBuf },
+    /// An empty passphrase was given.
+    #[error("the CA passphrase is empty")]
+    EmptyPassphrase,
     /// The key is encrypted but no passphrase was given.
     #[error("{} is encrypted: a passphrase is required", path.display())]
     PassphraseRequired { path: PathBuf },

@@ -6,6 +6,7 @@
 use std::fmt;
 
 use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::oid_registry::{
@@ -288,12 +289,13 @@ fn extended_key_usage(cert: &X509Certificate<'_>) -> Result<String, String> {
 fn validity(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<String, String> {
     let v = cert.validity();
     let (nb, na) = (v.not_before.to_datetime(), v.not_after.to_datetime());
+    let show = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
     if now < nb {
-        Err(format!("not valid before {nb}"))
+        Err(format!("not valid before {}", show(nb)))
     } else if now > na {
-        Err(format!("expired at {na}"))
+        Err(format!("expired at {}", show(na)))
     } else {
-        Ok(format!("{nb} to {na}"))
+        Ok(format!("{} to {}", show(nb), show(na)))
     }
 }
 

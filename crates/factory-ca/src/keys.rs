@@ -75,9 +75,7 @@ impl Passphrase {
         // A trailing newline is an artefact of `echo pass > file`, not part of the secret.
         let trimmed = secret.trim_end_matches(['\r', '\n']);
         if trimmed.is_empty() {
-            return Err(Error::WeakKey {
-                reason: "the passphrase is empty".into(),
-            });
+            return Err(Error::EmptyPassphrase);
         }
         Ok(Passphrase(Zeroizing::new(trimmed.to_owned())))
     }

@@ -1,0 +1,368 @@
+//! The `jitr` binary as an operator uses it: exit codes, messages, files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const PASS: &str = "cli test passphrase";
+
+fn jitr(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("JITR_CA_PASSPHRASE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn uuid(n: usize) -> String {
+    format!("{n:032x}")
+}
+
+/// A folder with an encrypted CA and its passphrase file.
+fn with_ca(issuing: bool) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("pass"), format!("{PASS}\n")).unwrap();
+    let mut args = vec![
+        "ca",
+        "init",
+        "--passphrase-file",
+        "pass",
+        "--subject",
+        "O=Acme,CN=Acme fleet CA",
+    ];
+    if issuing {
+        args.push("--with-issuing-ca");
+    }
+    let out = jitr(tmp.path(), &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    tmp
+}
+
+#[test]
+fn issue_from_an_ids_file_writes_private_keys_chains_and_manifest() {
+    let tmp = with_ca(true);
+    let ids: Vec<_> = (1..=20).map(uuid).collect();
+    std::fs::write(
+        tmp.path().join("ids.txt"),
+        format!("# factory batch 1\n{}\n\n", ids.join("\n")),
+    )
+    .unwrap();
+    let out = jitr(
+        tmp.path(),
+        &[
+            "issue",
+            "--ids",
+            "ids.txt",
+            "--passphrase-file",
+            "pass",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(printed.len(), 20);
+    let manifest = std::fs::read_to_string(tmp.path().join("devices/manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 20);
+    for id in &ids {
+        let dir = tmp.path().join("devices").join(id);
+        assert_eq!(
+            std::fs::metadata(dir.join("device.key"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        let check = jitr(
+            tmp.path(),
+            &[
+                "inspect",
+                &format!("devices/{id}/chain.pem"),
+                "--ca",
+                "ca/ca.crt",
+            ],
+        );
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+    // A root-signed check of a leaf issued by the issuing CA fails, with exit 1.
+    let check = jitr(
+        tmp.path(),
+        &[
+            "inspect",
+            &format!("devices/{}/device.crt", ids[0]),
+            "--ca",
+            "ca/root.crt",
+        ],
+    );
+    assert_eq!(check.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("FAIL  issuer"));
+}
+
+#[test]
+fn passphrase_from_the_environment_and_wrong_passphrase() {
+    let tmp = with_ca(false);
+    let ok = Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args(["issue", "--id", &uuid(1)])
+        .current_dir(tmp.path())
+        .env("JITR_CA_PASSPHRASE", PASS)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    std::fs::write(tmp.path().join("wrong"), "nope").unwrap();
+    let out = jitr(
+        tmp.path(),
+        &["issue", "--id", &uuid(2), "--passphrase-file", "wrong"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim(),
+        "jitr: error: wrong passphrase for ca/ca.key"
+    );
+    let out = jitr(tmp.path(), &["issue", "--id", &uuid(2)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("ca/ca.key is encrypted: use --passphrase-file FILE or JITR_CA_PASSPHRASE"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.path().join("devices").join(uuid(2)).exists());
+}
+
+#[test]
+fn bad_input_is_named_and_leaves_nothing_behind() {
+    let tmp = with_ca(false);
+    std::fs::write(
+        tmp.path().join("ids.txt"),
+        format!("{}\nNOT-A-UUID\n", uuid(1)),
+    )
+    .unwrap();
+    let out = jitr(
+        tmp.path(),
+        &["issue", "--ids", "ids.txt", "--passphrase-file", "pass"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("ids.txt:2: invalid device id \"NOT-A-UUID\""),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.path().join("devices").exists(), "no partial output");
+
+    let out = jitr(
+        tmp.path(),
+        &[
+            "issue",
+            "--id",
+            &uuid(1),
+            "--dir",
+            "nowhere",
+            "--passphrase-file",
+            "pass",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("nowhere/ca.crt not found"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = jitr(tmp.path(), &["issue", "--passphrase-file", "pass"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    let out = jitr(tmp.path(), &["issue", "--id", &uuid(1), "--key", "p521"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    assert!(jitr(
+        tmp.path(),
+        &["issue", "--id", &uuid(1), "--passphrase-file", "pass"]
+    )
+    .status
+    .success());
+    let out = jitr(
+        tmp.path(),
+        &["issue", "--id", &uuid(1), "--passphrase-file", "pass"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already issued"), "{}", stderr(&out));
+    let out = jitr(
+        tmp.path(),
+        &[
+            "issue",
+            "--id",
+            &uuid(1),
+            "--passphrase-file",
+            "pass",
+            "--force",
+        ],
+    );
+    assert!(out.status.success());
+
+    // An output folder that cannot be written: a file stands where the folder should be.
+    std::fs::write(tmp.path().join("blocked"), "").unwrap();
+    let out = jitr(
+        tmp.path(),
+        &[
+            "issue",
+            "--id",
+            &uuid(5),
+            "--out",
+            "blocked/devices",
+            "--passphrase-file",
+            "pass",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot write blocked/devices"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = jitr(tmp.path(), &["ca", "init", "--passphrase-file", "pass"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("refusing to overwrite a CA key"));
+    let out = jitr(tmp.path(), &["ca", "init", "--dir", "other"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no CA passphrase"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.path().join("other/ca.key").exists());
+}
+
+#[test]
+fn sign_csr_keeps_the_device_key_on_the_device() {
+    let tmp = with_ca(false);
+    let id = uuid(77);
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-nodes",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-keyout",
+            "d.key",
+            "-out",
+            "d.csr",
+            "-subj",
+            &format!("/CN={id}"),
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let out = jitr(
+        tmp.path(),
+        &[
+            "sign-csr",
+            "--csr",
+            "d.csr",
+            "--passphrase-file",
+            "pass",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(entry["id"], id.as_str());
+    assert!(!tmp
+        .path()
+        .join("devices")
+        .join(&id)
+        .join("device.key")
+        .exists());
+    let verify = Command::new("openssl")
+        .args([
+            "verify",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            "ca/ca.crt",
+            &format!("devices/{id}/device.crt"),
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let out = jitr(
+        tmp.path(),
+        &["sign-csr", "--csr", "d.csr", "--passphrase-file", "pass"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    std::fs::write(
+        tmp.path().join("junk.csr"),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .unwrap();
+    let out = jitr(
+        tmp.path(),
+        &[
+            "sign-csr",
+            "--csr",
+            "junk.csr",
+            "--passphrase-file",
+            "pass",
+            "--out",
+            "x.pem",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("junk.csr: CSR is not valid"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.path().join("x.pem").exists());
+}
+
+#[test]
+fn verification_cert_is_written_for_the_registration_code() {
+    let tmp = with_ca(false);
+    let out = jitr(
+        tmp.path(),
+        &[
+            "ca",
+            "verification-cert",
+            "--registration-code",
+            "abc123",
+            "--passphrase-file",
+            "pass",
+            "--out",
+            "verify.crt",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = Command::new("openssl")
+        .args(["x509", "-in", "verify.crt", "-noout", "-subject"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout).trim(),
+        "subject=CN = abc123"
+    );
+}
