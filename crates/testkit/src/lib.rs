@@ -1,1 +1,18 @@
-//! placeholder
+//! Test harness for jitr: real parts and faithful fakes on loopback ports.
+//!
+//! - [`moto::MotoServer`]: a moto server (AWS IoT) with jitr's fidelity fixes applied.
+//! - [`balena::FakeBalena`]: the balena API v7 calls jitr makes, with fault injection.
+//! - [`lambda::RuntimeEmulator`]: the AWS Lambda Runtime API, to run the real `bootstrap`.
+//! - [`http::HttpRequest`]: a tiny blocking HTTP/1.1 client for talking to all of the above.
+//!
+//! Every server listens on `127.0.0.1` on a free port, runs on its own thread (so it works
+//! from plain `#[test]`s and from `#[tokio::test]`s alike) and stops when dropped.
+
+pub mod balena;
+pub mod http;
+pub mod lambda;
+pub mod moto;
+pub mod proc;
+mod server;
+
+pub use proc::{free_port, wait_for_port};

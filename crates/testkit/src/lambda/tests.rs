@@ -1,0 +1,232 @@
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use super::*;
+use crate::http::{HttpRequest, HttpResponse};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Plays the runtime: one `next` poll.
+fn poll_next(emulator: &RuntimeEmulator) -> HttpResponse {
+    let response = HttpRequest::get(&format!(
+        "http://{}/2018-06-01/runtime/invocation/next",
+        emulator.address()
+    ))
+    .timeout(WAIT)
+    .send()
+    .unwrap();
+    assert_eq!(response.status, 200, "{}", response.text());
+    response
+}
+
+/// Plays the runtime: posts `body` to `invocation/{id}/{kind}`.
+fn post_result(emulator: &RuntimeEmulator, id: &str, kind: &str, body: &Value) -> HttpResponse {
+    HttpRequest::post(&format!(
+        "http://{}/2018-06-01/runtime/invocation/{id}/{kind}",
+        emulator.address()
+    ))
+    .json(body)
+    .send()
+    .unwrap()
+}
+
+fn request_id(response: &HttpResponse) -> String {
+    response
+        .header("lambda-runtime-aws-request-id")
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn hands_out_events_and_returns_responses_and_errors() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    assert_eq!(emulator.first_poll_at(), None);
+    thread::scope(|s| {
+        let first = s.spawn(|| emulator.invoke(json!({"n": 1}), WAIT));
+        let next = poll_next(&emulator);
+        assert!(emulator.first_poll_at().is_some());
+        assert_eq!(next.json().unwrap(), json!({"n": 1}));
+        assert_eq!(
+            next.header("lambda-runtime-invoked-function-arn"),
+            Some(FUNCTION_ARN)
+        );
+        assert!(next
+            .header("lambda-runtime-trace-id")
+            .unwrap()
+            .starts_with("Root=1-"));
+        let deadline: u128 = next
+            .header("lambda-runtime-deadline-ms")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(
+            deadline > now + 25_000 && deadline <= now + 30_000,
+            "{deadline} vs {now}"
+        );
+        let id = request_id(&next);
+        let posted = post_result(&emulator, &id, "response", &json!({"outcome": "activated"}));
+        assert_eq!(posted.status, 202);
+        assert_eq!(
+            first.join().unwrap().unwrap(),
+            Invocation::Response(json!({"outcome": "activated"}))
+        );
+
+        let second = s.spawn(|| emulator.invoke(json!({"n": 2}), WAIT));
+        let next = poll_next(&emulator);
+        assert_eq!(next.json().unwrap(), json!({"n": 2}));
+        let second_id = request_id(&next);
+        assert_ne!(second_id, id);
+        let posted = post_result(
+            &emulator,
+            &second_id,
+            "error",
+            &json!({"errorType": "activator::Transient", "errorMessage": "fleet API down"}),
+        );
+        assert_eq!(posted.status, 202);
+        assert_eq!(
+            second.join().unwrap().unwrap(),
+            Invocation::Error {
+                error_type: "activator::Transient".to_owned(),
+                error_message: "fleet API down".to_owned(),
+            }
+        );
+    });
+    assert_eq!(emulator.polls(), 2);
+}
+
+#[test]
+fn concurrent_invocations_each_get_their_own_answer() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    thread::scope(|s| {
+        let callers: Vec<_> = (0..4)
+            .map(|n| {
+                let emulator = &emulator;
+                s.spawn(move || emulator.invoke(json!({ "n": n }), WAIT))
+            })
+            .collect();
+        for _ in 0..4 {
+            let next = poll_next(&emulator);
+            let event = next.json().unwrap();
+            let posted = post_result(
+                &emulator,
+                &request_id(&next),
+                "response",
+                &json!({"echo": event["n"]}),
+            );
+            assert_eq!(posted.status, 202);
+        }
+        for (n, caller) in callers.into_iter().enumerate() {
+            assert_eq!(
+                caller.join().unwrap().unwrap(),
+                Invocation::Response(json!({ "echo": n }))
+            );
+        }
+    });
+}
+
+#[test]
+fn an_invocation_that_times_out_is_withdrawn() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    emulator.set_function_timeout(Duration::from_secs(3));
+    let error = emulator
+        .invoke(json!({"n": "late"}), Duration::from_millis(200))
+        .unwrap_err();
+    assert!(error.to_string().contains("no answer"), "{error}");
+    thread::scope(|s| {
+        let caller = s.spawn(|| emulator.invoke(json!({"n": "kept"}), WAIT));
+        let next = poll_next(&emulator);
+        assert_eq!(next.json().unwrap(), json!({"n": "kept"}));
+        let deadline: u128 = next
+            .header("lambda-runtime-deadline-ms")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        assert!(deadline <= now + 3_000);
+        post_result(&emulator, &request_id(&next), "response", &json!(null));
+        assert_eq!(
+            caller.join().unwrap().unwrap(),
+            Invocation::Response(Value::Null)
+        );
+    });
+}
+
+#[test]
+fn answers_for_unknown_request_ids_are_refused() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    let posted = post_result(&emulator, "nope", "response", &json!({}));
+    assert_eq!(posted.status, 400);
+    assert_eq!(posted.json().unwrap()["errorType"], "InvalidRequestID");
+}
+
+#[test]
+fn an_init_error_is_recorded_and_fails_invocations() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    let body =
+        json!({"errorType": "Runtime.InitError", "errorMessage": "JITR_POLICY_NAME is not set"});
+    let posted = HttpRequest::post(&format!(
+        "http://{}/2018-06-01/runtime/init/error",
+        emulator.address()
+    ))
+    .header("Lambda-Runtime-Function-Error-Type", "Runtime.InitError")
+    .json(&body)
+    .send()
+    .unwrap();
+    assert_eq!(posted.status, 202);
+    assert_eq!(emulator.init_error(), Some(body));
+    let error = emulator.invoke(json!({}), WAIT).unwrap_err();
+    assert!(error.to_string().contains("JITR_POLICY_NAME"), "{error}");
+}
+
+#[test]
+fn dropping_the_emulator_ends_a_pending_poll_and_closes_the_port() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    let addr = emulator.server.addr();
+    let poller = thread::spawn(move || {
+        HttpRequest::get(&format!("http://{addr}/2018-06-01/runtime/invocation/next"))
+            .timeout(WAIT)
+            .send()
+    });
+    while emulator.polls() == 0 {
+        thread::sleep(Duration::from_millis(10));
+    }
+    drop(emulator);
+    // The long poll is cut off rather than answered.
+    assert!(poller.join().unwrap().is_err());
+    assert!(crate::proc::port_is_closed(addr));
+}
+
+#[test]
+fn a_runtime_that_hangs_up_mid_poll_does_not_swallow_the_next_event() {
+    use std::io::Write;
+    let emulator = RuntimeEmulator::start().unwrap();
+    {
+        let mut stream = std::net::TcpStream::connect(emulator.address()).unwrap();
+        stream
+            .write_all(b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        while emulator.polls() == 0 {
+            thread::sleep(Duration::from_millis(10));
+        }
+    } // the "runtime" dies here, mid long poll
+    thread::sleep(Duration::from_millis(200));
+    thread::scope(|s| {
+        let caller = s.spawn(|| emulator.invoke(json!({"n": "after restart"}), WAIT));
+        let next = poll_next(&emulator);
+        assert_eq!(next.json().unwrap(), json!({"n": "after restart"}));
+        post_result(&emulator, &request_id(&next), "response", &json!(1));
+        assert_eq!(
+            caller.join().unwrap().unwrap(),
+            Invocation::Response(json!(1))
+        );
+    });
+}

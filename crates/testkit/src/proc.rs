@@ -1,0 +1,49 @@
+//! Small process and port helpers.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A loopback port that was free a moment ago (bind to port 0, read it, release it).
+///
+/// Another process may take it before you bind it; prefer binding port 0 yourself when you can.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `addr`, or fails after `timeout`.
+pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("nothing listens on {addr} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a TCP connection to `addr` is refused right now (the port is closed).
+pub fn port_is_closed(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_port_is_bindable_and_wait_for_port_sees_a_listener() {
+        let port = free_port().unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        wait_for_port(addr, Duration::from_secs(2)).unwrap();
+        drop(listener);
+        assert!(port_is_closed(addr));
+        assert!(wait_for_port(addr, Duration::from_millis(100)).is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! Runs an axum router on a loopback port, on its own thread with its own tokio runtime.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::sync::oneshot;
+
+/// A running server; dropping it stops the server and closes its port.
+#[derive(Debug)]
+pub(crate) struct BackgroundServer {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BackgroundServer {
+    /// Binds `127.0.0.1:0` and serves `router` there until dropped.
+    pub(crate) fn start(name: &str, router: axum::Router) -> Result<Self> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .with_context(|| format!("{name}: binding a loopback port"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow!(e).context("building tokio runtime")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow!(e).context("registering listener")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    // Not a graceful shutdown: long polls (the Lambda `next` call) would keep it
+                    // waiting forever. Dropping the runtime below cancels every connection task.
+                    tokio::select! {
+                        result = axum::serve(listener, router).into_future() => {
+                            if let Err(e) = result {
+                                eprintln!("testkit server stopped: {e}");
+                            }
+                        }
+                        _ = stop => {}
+                    }
+                });
+            })
+            .with_context(|| format!("{name}: spawning server thread"))?;
+
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("{name}: server thread exited before it was ready"))??;
+        Ok(Self {
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for BackgroundServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
