@@ -1,6 +1,6 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
 use rcgen::{
@@ -187,6 +187,45 @@ pub(crate) fn check_new_ids<'a>(
     Ok(())
 }
 
+/// Appends the manifest line of a device whose files are in place, or records its failure;
+/// either way the manifest and the folders on disk agree afterwards.
+fn record(
+    manifest: &mut Manifest,
+    report: &mut BatchReport,
+    out: &Path,
+    id: &DeviceId,
+    result: Result<IssuedDevice, Error>,
+) {
+    let error = match result {
+        Ok(issued) if manifest.contains_serial(&issued.entry.serial) => {
+            // 126 random bits make this practically impossible; never record a serial twice.
+            Error::Crypto {
+                op: "serial number collided; issue this device again",
+            }
+        }
+        Ok(issued) => match manifest.append(&issued.entry) {
+            Ok(()) => {
+                report.issued.push(issued.entry);
+                return;
+            }
+            Err(error) => error,
+        },
+        Err(error) => {
+            report.failures.push(DeviceFailure {
+                id: id.to_string(),
+                error,
+            });
+            return;
+        }
+    };
+    // The folder was written but cannot be recorded: no line, no folder.
+    let _ = std::fs::remove_dir_all(out.join(id.as_str()));
+    report.failures.push(DeviceFailure {
+        id: id.to_string(),
+        error,
+    });
+}
+
 /// Issues every id in parallel, writing each device's folder and then its manifest line,
 /// so the manifest only ever names devices whose files are complete. `progress` is
 /// called once per device finished (issued or failed).
@@ -197,7 +236,7 @@ pub fn issue_batch(
     progress: &(dyn Fn() + Sync),
 ) -> Result<BatchReport, Error> {
     create_dir(&opts.out_dir)?;
-    let mut manifest = Manifest::open(&opts.out_dir)?;
+    let manifest = Manifest::open(&opts.out_dir)?;
     check_new_ids(ids, &manifest, opts.force)?;
     let jobs = if opts.jobs == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -211,49 +250,22 @@ pub fn issue_batch(
             op: "start worker threads",
         })?;
 
-    let (tx, rx) = mpsc::sync_channel::<(&DeviceId, Result<IssuedDevice, Error>)>(1024);
-    let mut report = BatchReport::default();
-    std::thread::scope(|scope| {
-        scope.spawn(move || {
-            pool.install(|| {
-                ids.par_iter().for_each_with(tx, |tx, id| {
-                    let result = ca
-                        .issue_device(id, opts.key, opts.days, opts.now)
-                        .and_then(|issued| write_device(&opts.out_dir, &issued).map(|_| issued));
-                    let _ = tx.send((id, result));
-                });
-            });
-        });
-        for (id, result) in rx {
-            match result {
-                Ok(issued) if manifest.contains_serial(&issued.entry.serial) => {
-                    // 126 random bits make this practically impossible; never record it twice.
-                    report.failures.push(DeviceFailure {
-                        id: id.to_string(),
-                        error: Error::Crypto {
-                            op: "serial number collided; issue this device again",
-                        },
-                    });
-                }
-                Ok(issued) => match manifest.append(&issued.entry) {
-                    Ok(()) => report.issued.push(issued.entry),
-                    Err(error) => {
-                        // Keep files and manifest in agreement: no line, no folder.
-                        let _ = std::fs::remove_dir_all(opts.out_dir.join(id.as_str()));
-                        report.failures.push(DeviceFailure {
-                            id: id.to_string(),
-                            error,
-                        });
-                    }
-                },
-                Err(error) => report.failures.push(DeviceFailure {
-                    id: id.to_string(),
-                    error,
-                }),
-            }
+    // Workers record their own results: a lock taken once per device costs far less
+    // than waking a collector thread for every certificate.
+    let shared = Mutex::new((manifest, BatchReport::default()));
+    pool.install(|| {
+        ids.par_iter().for_each(|id| {
+            let result = ca
+                .issue_device(id, opts.key, opts.days, opts.now)
+                .and_then(|issued| write_device(&opts.out_dir, &issued).map(|_| issued));
+            let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            let (manifest, report) = &mut *guard;
+            record(manifest, report, &opts.out_dir, id, result);
+            drop(guard);
             progress();
-        }
+        });
     });
+    let (mut manifest, report) = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
     manifest.flush()?;
     Ok(report)
 }

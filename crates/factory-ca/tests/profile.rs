@@ -2,6 +2,9 @@
 //! x509-parser for each profile field, `openssl verify` for the chains, and openssl for
 //! the encrypted key format.
 
+// Test helpers panic on a failed setup step: that is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,5 +1,8 @@
 //! The `jitr` binary as an operator uses it: exit codes, messages, files.
 
+// Test helpers panic on a failed setup step: that is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
