@@ -1,1 +1,80 @@
-//! placeholder
+//! The JITR activation decision for AWS IoT Core, its ports and their adapters.
+//!
+//! One invocation takes the `$aws/events/certificates/registered/<caId>` event, proves the
+//! certificate is ours (trusted CA, signature, validity, device profile, device id), checks
+//! fleet membership, then creates the Thing and attaches policy and principal, and activates
+//! the certificate last. The Lambda (`bootstrap`) and `jitr reconcile` both run this code
+//! with the same configuration.
+
+pub mod allowlist;
+pub mod aws;
+pub mod balena;
+mod config;
+mod decision;
+mod error;
+mod event;
+mod ids;
+mod ports;
+
+pub use config::{ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
+pub use decision::{Activator, Decision, Outcome};
+pub use error::ActivationError;
+pub use event::{EventError, RegisteredEvent};
+pub use ids::{AccountId, CertificateId, FleetId};
+pub use ports::{
+    Cause,
+    CertificateDescription, CertificatePage, CertificateStatus, FleetDirectory, FleetError, IotRegistry,
+    Membership, RegistryError, ThingSpec,
+};
+
+/// The fleet directory chosen by `JITR_FLEET_BACKEND`.
+#[derive(Debug)]
+pub enum FleetBackend {
+    /// The balena API.
+    Balena(balena::BalenaDirectory),
+    /// A static list of device ids.
+    Allowlist(allowlist::AllowlistDirectory),
+}
+
+impl FleetDirectory for FleetBackend {
+    async fn membership(
+        &self,
+        device: &factory_ca::DeviceId,
+        deadline: tokio::time::Instant,
+    ) -> Result<Membership, FleetError> {
+        match self {
+            FleetBackend::Balena(d) => d.membership(device, deadline).await,
+            FleetBackend::Allowlist(d) => d.membership(device, deadline).await,
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            FleetBackend::Balena(d) => d.label(),
+            FleetBackend::Allowlist(d) => d.label(),
+        }
+    }
+}
+
+/// The activator as deployed: AWS IoT through the SDK, and the configured fleet backend.
+pub type DeployedActivator = Activator<aws::AwsIotRegistry, FleetBackend>;
+
+/// Builds the deployed activator from configuration: SDK clients and HTTP client, once.
+pub async fn build(config: Config) -> Result<DeployedActivator, ConfigError> {
+    let sdk = aws::load_sdk_config().await;
+    let registry = aws::AwsIotRegistry::new(&sdk);
+    let fleet = match &config.fleet {
+        FleetConfig::Balena { api_url, fleet_id, api_key } => {
+            let key = match api_key {
+                ApiKeySource::Literal(key) => balena::KeySource::Literal(key.clone()),
+                ApiKeySource::SecretsManager(id) => balena::KeySource::SecretsManager {
+                    client: aws_sdk_secretsmanager::Client::new(&sdk),
+                    secret_id: id.clone(),
+                },
+            };
+            FleetBackend::Balena(balena::BalenaDirectory::new(api_url, *fleet_id, key)?)
+        }
+        FleetConfig::Allowlist { path } => FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?),
+    };
+    Ok(Activator::new(registry, fleet, config.policy))
+}

@@ -1,0 +1,35 @@
+use crate::{EventError, FleetError, RegistryError};
+
+/// Why an invocation did not reach a decision. The certificate is left as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    /// The event failed validation (permanent: the same event always fails).
+    #[error(transparent)]
+    Event(#[from] EventError),
+    /// An AWS IoT call failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The fleet check could not be answered.
+    #[error("fleet check failed")]
+    Fleet(#[from] FleetError),
+}
+
+impl ActivationError {
+    /// Whether a retry can succeed unchanged (throttling, 5xx, timeouts, fleet API down).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ActivationError::Event(_) => false,
+            ActivationError::Registry(e) => e.is_retryable(),
+            ActivationError::Fleet(_) => true,
+        }
+    }
+
+    /// The error type reported to Lambda.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ActivationError::Event(_) => "MalformedEvent",
+            _ if self.is_retryable() => "Retryable",
+            _ => "Failed",
+        }
+    }
+}
