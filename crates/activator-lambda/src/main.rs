@@ -25,17 +25,25 @@ impl From<InvocationError> for Diagnostic {
             message.push_str(&cause.to_string());
             source = cause.source();
         }
-        Diagnostic { error_type: e.0.error_type().to_owned(), error_message: message }
+        Diagnostic {
+            error_type: e.0.error_type().to_owned(),
+            error_message: message,
+        }
     }
 }
 
 /// The invocation deadline as a tokio instant.
 fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
-async fn handle(activator: &DeployedActivator, event: LambdaEvent<Value>) -> Result<Value, InvocationError> {
+async fn handle(
+    activator: &DeployedActivator,
+    event: LambdaEvent<Value>,
+) -> Result<Value, InvocationError> {
     let (payload, context) = event.into_parts();
     let deadline = deadline_from_epoch_ms(context.deadline);
     let account = AccountId::from_arn(&context.invoked_function_arn);
@@ -43,13 +51,17 @@ async fn handle(activator: &DeployedActivator, event: LambdaEvent<Value>) -> Res
         tracing::warn!(error = %e, "event refused");
         InvocationError(e.into())
     })?;
-    let decision = activator.handle_event(&event, account.as_ref(), deadline).await.map_err(InvocationError)?;
+    let decision = activator
+        .handle_event(&event, account.as_ref(), deadline)
+        .await
+        .map_err(InvocationError)?;
     // A Decision is plain strings and an enum: it always serializes.
     Ok(serde_json::to_value(&decision).unwrap_or(Value::Null))
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JITR_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JITR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

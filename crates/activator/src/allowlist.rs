@@ -17,8 +17,15 @@ pub struct AllowlistDirectory {
 impl AllowlistDirectory {
     /// Reads the file: one id per line, blank lines and `#` comments skipped.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File { var: "JITR_ALLOWLIST", path: path.to_owned(), source })?;
-        Self::parse(&text).map_err(|reason| ConfigError::Invalid { var: "JITR_ALLOWLIST", reason: format!("{}: {reason}", path.display()) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+            var: "JITR_ALLOWLIST",
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|reason| ConfigError::Invalid {
+            var: "JITR_ALLOWLIST",
+            reason: format!("{}: {reason}", path.display()),
+        })
     }
 
     /// Parses the list.
@@ -29,7 +36,8 @@ impl AllowlistDirectory {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let id = DeviceId::parse(line, IdFormat::Any).map_err(|e| format!("line {}: {e}", n + 1))?;
+            let id =
+                DeviceId::parse(line, IdFormat::Any).map_err(|e| format!("line {}: {e}", n + 1))?;
             ids.insert(id.as_str().to_owned());
         }
         Ok(AllowlistDirectory { ids })
@@ -37,13 +45,23 @@ impl AllowlistDirectory {
 
     /// From ids in memory.
     pub fn from_ids<I: IntoIterator<Item = String>>(ids: I) -> Self {
-        AllowlistDirectory { ids: ids.into_iter().collect() }
+        AllowlistDirectory {
+            ids: ids.into_iter().collect(),
+        }
     }
 }
 
 impl FleetDirectory for AllowlistDirectory {
-    async fn membership(&self, device: &DeviceId, _deadline: Instant) -> Result<Membership, FleetError> {
-        Ok(if self.ids.contains(device.as_str()) { Membership::Member } else { Membership::NotMember })
+    async fn membership(
+        &self,
+        device: &DeviceId,
+        _deadline: Instant,
+    ) -> Result<Membership, FleetError> {
+        Ok(if self.ids.contains(device.as_str()) {
+            Membership::Member
+        } else {
+            Membership::NotMember
+        })
     }
 
     fn label(&self) -> String {

@@ -9,7 +9,10 @@ use aws_sdk_iot::types::{AttributePayload, CertificateStatus as SdkStatus};
 use aws_sdk_iot::Client;
 
 use crate::ports::Cause;
-use crate::{CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotRegistry, RegistryError, ThingSpec};
+use crate::{
+    CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotRegistry,
+    RegistryError, ThingSpec,
+};
 
 /// Loads the standard AWS configuration chain (AWS_REGION, AWS_ENDPOINT_URL, credentials...)
 /// with per-attempt timeouts that keep a call well inside a Lambda invocation.
@@ -35,7 +38,9 @@ pub struct AwsIotRegistry {
 impl AwsIotRegistry {
     /// A registry over a client built from `sdk`.
     pub fn new(sdk: &SdkConfig) -> Self {
-        AwsIotRegistry { client: Client::new(sdk) }
+        AwsIotRegistry {
+            client: Client::new(sdk),
+        }
     }
 
     /// The underlying client.
@@ -45,22 +50,35 @@ impl AwsIotRegistry {
 }
 
 /// Maps an SDK error to ours by its AWS error code and HTTP status.
-fn classify<E>(op: &'static str, err: SdkError<E, aws_sdk_iot::config::http::HttpResponse>) -> RegistryError
+fn classify<E>(
+    op: &'static str,
+    err: SdkError<E, aws_sdk_iot::config::http::HttpResponse>,
+) -> RegistryError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let (code, status) = match &err {
-        SdkError::ServiceError(se) => (se.err().code().map(str::to_owned), Some(se.raw().status().as_u16())),
+        SdkError::ServiceError(se) => (
+            se.err().code().map(str::to_owned),
+            Some(se.raw().status().as_u16()),
+        ),
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            return RegistryError::Unavailable { op, source: Box::new(err) };
+            return RegistryError::Unavailable {
+                op,
+                source: Box::new(err),
+            };
         }
         _ => (None, None),
     };
     let source: Cause = Box::new(err);
     match code.as_deref() {
         Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },
-        Some("ThrottlingException" | "TooManyRequestsException" | "LimitExceededException") => RegistryError::Throttled { op, source },
-        Some("ServiceUnavailableException" | "InternalFailureException" | "InternalException") => RegistryError::Unavailable { op, source },
+        Some("ThrottlingException" | "TooManyRequestsException" | "LimitExceededException") => {
+            RegistryError::Throttled { op, source }
+        }
+        Some("ServiceUnavailableException" | "InternalFailureException" | "InternalException") => {
+            RegistryError::Unavailable { op, source }
+        }
         _ if status == Some(429) => RegistryError::Throttled { op, source },
         _ if status.is_some_and(|s| s >= 500) => RegistryError::Unavailable { op, source },
         _ => RegistryError::Failed { op, source },
@@ -89,26 +107,54 @@ fn status_to_sdk(s: &CertificateStatus) -> SdkStatus {
 }
 
 fn malformed(op: &'static str, what: &'static str) -> RegistryError {
-    RegistryError::Failed { op, source: format!("the answer lacks {what}").into() }
+    RegistryError::Failed {
+        op,
+        source: format!("the answer lacks {what}").into(),
+    }
 }
 
 impl IotRegistry for AwsIotRegistry {
-    async fn describe_certificate(&self, id: &CertificateId) -> Result<CertificateDescription, RegistryError> {
+    async fn describe_certificate(
+        &self,
+        id: &CertificateId,
+    ) -> Result<CertificateDescription, RegistryError> {
         const OP: &str = "DescribeCertificate";
-        let out = self.client.describe_certificate().certificate_id(id.as_str()).send().await.map_err(|e| classify(OP, e))?;
-        let d = out.certificate_description().ok_or_else(|| malformed(OP, "certificateDescription"))?;
+        let out = self
+            .client
+            .describe_certificate()
+            .certificate_id(id.as_str())
+            .send()
+            .await
+            .map_err(|e| classify(OP, e))?;
+        let d = out
+            .certificate_description()
+            .ok_or_else(|| malformed(OP, "certificateDescription"))?;
         Ok(CertificateDescription {
             id: id.clone(),
-            arn: d.certificate_arn().ok_or_else(|| malformed(OP, "certificateArn"))?.to_owned(),
+            arn: d
+                .certificate_arn()
+                .ok_or_else(|| malformed(OP, "certificateArn"))?
+                .to_owned(),
             status: status_from_sdk(d.status()),
-            ca_certificate_id: d.ca_certificate_id().and_then(|c| CertificateId::parse(c).ok()),
-            pem: d.certificate_pem().ok_or_else(|| malformed(OP, "certificatePem"))?.to_owned(),
+            ca_certificate_id: d
+                .ca_certificate_id()
+                .and_then(|c| CertificateId::parse(c).ok()),
+            pem: d
+                .certificate_pem()
+                .ok_or_else(|| malformed(OP, "certificatePem"))?
+                .to_owned(),
         })
     }
 
     async fn ca_certificate_pem(&self, id: &CertificateId) -> Result<String, RegistryError> {
         const OP: &str = "DescribeCACertificate";
-        let out = self.client.describe_ca_certificate().certificate_id(id.as_str()).send().await.map_err(|e| classify(OP, e))?;
+        let out = self
+            .client
+            .describe_ca_certificate()
+            .certificate_id(id.as_str())
+            .send()
+            .await
+            .map_err(|e| classify(OP, e))?;
         out.certificate_description()
             .and_then(|d| d.certificate_pem())
             .map(str::to_owned)
@@ -131,7 +177,12 @@ impl IotRegistry for AwsIotRegistry {
         match result {
             Ok(_) => Ok(()),
             // A Thing of that name exists (a rerun, or a reissued device): it is the one we want.
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_already_exists_exception()) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_already_exists_exception()) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(classify("CreateThing", e)),
         }
     }
@@ -147,7 +198,11 @@ impl IotRegistry for AwsIotRegistry {
             .map_err(|e| classify("AddThingToThingGroup", e))
     }
 
-    async fn attach_policy(&self, policy: &str, certificate_arn: &str) -> Result<(), RegistryError> {
+    async fn attach_policy(
+        &self,
+        policy: &str,
+        certificate_arn: &str,
+    ) -> Result<(), RegistryError> {
         self.client
             .attach_policy()
             .policy_name(policy)
@@ -158,7 +213,11 @@ impl IotRegistry for AwsIotRegistry {
             .map_err(|e| classify("AttachPolicy", e))
     }
 
-    async fn attach_thing_principal(&self, thing: &str, certificate_arn: &str) -> Result<(), RegistryError> {
+    async fn attach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+    ) -> Result<(), RegistryError> {
         self.client
             .attach_thing_principal()
             .thing_name(thing)
@@ -169,7 +228,11 @@ impl IotRegistry for AwsIotRegistry {
             .map_err(|e| classify("AttachThingPrincipal", e))
     }
 
-    async fn set_certificate_status(&self, id: &CertificateId, status: CertificateStatus) -> Result<(), RegistryError> {
+    async fn set_certificate_status(
+        &self,
+        id: &CertificateId,
+        status: CertificateStatus,
+    ) -> Result<(), RegistryError> {
         self.client
             .update_certificate()
             .certificate_id(id.as_str())
@@ -180,7 +243,11 @@ impl IotRegistry for AwsIotRegistry {
             .map_err(|e| classify("UpdateCertificate", e))
     }
 
-    async fn list_certificates_by_ca(&self, ca: &CertificateId, marker: Option<String>) -> Result<CertificatePage, RegistryError> {
+    async fn list_certificates_by_ca(
+        &self,
+        ca: &CertificateId,
+        marker: Option<String>,
+    ) -> Result<CertificatePage, RegistryError> {
         const OP: &str = "ListCertificatesByCA";
         let out = self
             .client
@@ -194,8 +261,16 @@ impl IotRegistry for AwsIotRegistry {
         let certificates = out
             .certificates()
             .iter()
-            .filter_map(|c| Some((CertificateId::parse(c.certificate_id()?).ok()?, status_from_sdk(c.status()))))
+            .filter_map(|c| {
+                Some((
+                    CertificateId::parse(c.certificate_id()?).ok()?,
+                    status_from_sdk(c.status()),
+                ))
+            })
             .collect();
-        Ok(CertificatePage { certificates, next_marker: out.next_marker().map(str::to_owned) })
+        Ok(CertificatePage {
+            certificates,
+            next_marker: out.next_marker().map(str::to_owned),
+        })
     }
 }

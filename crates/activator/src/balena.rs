@@ -24,13 +24,17 @@ pub enum KeySource {
     /// The key itself.
     Literal(ApiKey),
     /// A Secrets Manager secret, fetched on first use and cached for the container's life.
-    SecretsManager { client: aws_sdk_secretsmanager::Client, secret_id: String },
+    SecretsManager {
+        client: aws_sdk_secretsmanager::Client,
+        secret_id: String,
+    },
 }
 
 /// Fleet membership from the balena API, pinned to one numeric fleet id.
 #[derive(Debug)]
 pub struct BalenaDirectory {
     http: reqwest::Client,
+    request_timeout: Duration,
     api_url: String,
     fleet: FleetId,
     key_source: KeySource,
@@ -59,19 +63,25 @@ impl BalenaDirectory {
     /// A directory for `fleet` at `api_url` (no trailing slash).
     pub fn new(api_url: &str, fleet: FleetId, key_source: KeySource) -> Result<Self, ConfigError> {
         let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(3))
             .user_agent(concat!("jitr-activator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ConfigError::Http(Box::new(e)))?;
         Ok(BalenaDirectory {
             http,
+            request_timeout: REQUEST_TIMEOUT,
             api_url: api_url.trim_end_matches('/').to_owned(),
             fleet,
             key_source,
             key: OnceCell::new(),
             fleet_visible: OnceCell::new(),
         })
+    }
+
+    /// The same directory with another per-request timeout (default 5 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     async fn api_key(&self) -> Result<&ApiKey, FleetError> {
@@ -86,7 +96,9 @@ impl BalenaDirectory {
                             .send()
                             .await
                             .map_err(|e| FleetError::Secret(Box::new(e)))?;
-                        let text = out.secret_string().ok_or_else(|| FleetError::Secret("the secret has no SecretString".into()))?;
+                        let text = out.secret_string().ok_or_else(|| {
+                            FleetError::Secret("the secret has no SecretString".into())
+                        })?;
                         Ok(ApiKey::new(secret_text_to_key(text)))
                     }
                 }
@@ -95,12 +107,18 @@ impl BalenaDirectory {
     }
 
     /// GET `path_and_query` with the key, honouring 429 Retry-After within the deadline.
-    async fn get<T: for<'de> Deserialize<'de>>(&self, path_and_query: &str, deadline: Instant) -> Result<OData<T>, FleetError> {
+    async fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        path_and_query: &str,
+        deadline: Instant,
+    ) -> Result<OData<T>, FleetError> {
         let key = self.api_key().await?;
         let url = format!("{}{path_and_query}", self.api_url);
         let mut waits = 0;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now()).saturating_sub(DEADLINE_RESERVE);
+            let remaining = deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(DEADLINE_RESERVE);
             if remaining.is_zero() {
                 return Err(FleetError::Timeout);
             }
@@ -108,17 +126,34 @@ impl BalenaDirectory {
                 .http
                 .get(&url)
                 .bearer_auth(key.expose())
-                .timeout(remaining.min(REQUEST_TIMEOUT))
+                .timeout(remaining.min(self.request_timeout))
                 .send()
                 .await
-                .map_err(|e| if e.is_timeout() { FleetError::Timeout } else { FleetError::Transport(Box::new(e)) })?;
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        FleetError::Timeout
+                    } else {
+                        FleetError::Transport(Box::new(e))
+                    }
+                })?;
             let status = response.status();
             match status {
                 StatusCode::OK => {
-                    let body = response.bytes().await.map_err(|e| if e.is_timeout() { FleetError::Timeout } else { FleetError::Transport(Box::new(e)) })?;
-                    return serde_json::from_slice(&body).map_err(|e| FleetError::Unparsable(Box::new(e)));
+                    let body = response.bytes().await.map_err(|e| {
+                        if e.is_timeout() {
+                            FleetError::Timeout
+                        } else {
+                            FleetError::Transport(Box::new(e))
+                        }
+                    })?;
+                    return serde_json::from_slice(&body)
+                        .map_err(|e| FleetError::Unparsable(Box::new(e)));
                 }
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Err(FleetError::Unauthorized { status: status.as_u16() }),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    return Err(FleetError::Unauthorized {
+                        status: status.as_u16(),
+                    })
+                }
                 StatusCode::TOO_MANY_REQUESTS => {
                     let retry_after = response
                         .headers()
@@ -132,7 +167,11 @@ impl BalenaDirectory {
                     }
                     tokio::time::sleep(retry_after).await;
                 }
-                other => return Err(FleetError::Status { status: other.as_u16() }),
+                other => {
+                    return Err(FleetError::Status {
+                        status: other.as_u16(),
+                    })
+                }
             }
         }
     }
@@ -147,7 +186,9 @@ impl BalenaDirectory {
                 if answer.d.iter().any(|row| row.id == self.fleet.get()) {
                     Ok(())
                 } else {
-                    Err(FleetError::FleetNotVisible { fleet: self.fleet.to_string() })
+                    Err(FleetError::FleetNotVisible {
+                        fleet: self.fleet.to_string(),
+                    })
                 }
             })
             .await
@@ -168,7 +209,11 @@ fn secret_text_to_key(text: &str) -> String {
 }
 
 impl FleetDirectory for BalenaDirectory {
-    async fn membership(&self, device: &DeviceId, deadline: Instant) -> Result<Membership, FleetError> {
+    async fn membership(
+        &self,
+        device: &DeviceId,
+        deadline: Instant,
+    ) -> Result<Membership, FleetError> {
         // Device ids reaching here are validated balena UUIDs (lowercase hex), so they need no
         // quoting beyond the OData string literal; spaces are sent as %20 like balena's SDK.
         let path = format!(
@@ -177,8 +222,14 @@ impl FleetDirectory for BalenaDirectory {
         );
         let answer: OData<DeviceRow> = self.get(&path, deadline).await?;
         match answer.d.as_slice() {
-            [row] if row.uuid == device.as_str() => Ok(if row.is_active { Membership::Member } else { Membership::Inactive }),
-            [_] => Err(FleetError::Unparsable("the answer names another device".into())),
+            [row] if row.uuid == device.as_str() => Ok(if row.is_active {
+                Membership::Member
+            } else {
+                Membership::Inactive
+            }),
+            [_] => Err(FleetError::Unparsable(
+                "the answer names another device".into(),
+            )),
             [] => {
                 self.ensure_fleet_visible(deadline).await?;
                 Ok(Membership::NotMember)

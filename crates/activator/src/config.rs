@@ -12,7 +12,10 @@ use crate::{CertificateId, FleetId};
 pub enum ConfigError {
     /// A required variable is not set.
     #[error("{var} is not set: {hint}")]
-    Missing { var: &'static str, hint: &'static str },
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
     /// A variable has an unusable value.
     #[error("{var} is invalid: {reason}")]
     Invalid { var: &'static str, reason: String },
@@ -73,7 +76,11 @@ pub enum ApiKeySource {
 #[derive(Debug, Clone)]
 pub enum FleetConfig {
     /// `JITR_FLEET_BACKEND=balena`.
-    Balena { api_url: String, fleet_id: FleetId, api_key: ApiKeySource },
+    Balena {
+        api_url: String,
+        fleet_id: FleetId,
+        api_key: ApiKeySource,
+    },
     /// `JITR_FLEET_BACKEND=allowlist`.
     Allowlist { path: PathBuf },
 }
@@ -105,7 +112,10 @@ pub struct Config {
 }
 
 fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b":_-".contains(&b))
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_-".contains(&b))
 }
 
 impl Config {
@@ -116,8 +126,15 @@ impl Config {
 
     /// Reads the configuration through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let get = |var: &str| get(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let invalid = |var: &'static str, reason: &str| ConfigError::Invalid { var, reason: reason.to_owned() };
+        let get = |var: &str| {
+            get(var)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let invalid = |var: &'static str, reason: &str| ConfigError::Invalid {
+            var,
+            reason: reason.to_owned(),
+        };
 
         let trusted = get("JITR_TRUSTED_CA_IDS").ok_or(ConfigError::Missing {
             var: "JITR_TRUSTED_CA_IDS",
@@ -125,7 +142,10 @@ impl Config {
         })?;
         let trusted_ca_ids = trusted
             .split(',')
-            .map(|id| CertificateId::parse(id.trim()).map_err(|r| invalid("JITR_TRUSTED_CA_IDS", &format!("{:?}: {r}", id.trim()))))
+            .map(|id| {
+                CertificateId::parse(id.trim())
+                    .map_err(|r| invalid("JITR_TRUSTED_CA_IDS", &format!("{:?}: {r}", id.trim())))
+            })
             .collect::<Result<Vec<_>, _>>()?;
 
         let policy_name = get("JITR_POLICY_NAME").ok_or(ConfigError::Missing {
@@ -133,33 +153,53 @@ impl Config {
             hint: "the IoT policy attached to every activated certificate",
         })?;
         if !valid_name(&policy_name, 128) {
-            return Err(invalid("JITR_POLICY_NAME", "an IoT policy name uses [a-zA-Z0-9:_-], 1 to 128 characters"));
+            return Err(invalid(
+                "JITR_POLICY_NAME",
+                "an IoT policy name uses [a-zA-Z0-9:_-], 1 to 128 characters",
+            ));
         }
 
         let reject_action = match get("JITR_REJECT_ACTION").as_deref() {
             None | Some("revoke") => RejectAction::Revoke,
             Some("deactivate") => RejectAction::Deactivate,
-            Some(other) => return Err(invalid("JITR_REJECT_ACTION", &format!("{other:?}: expected revoke or deactivate"))),
+            Some(other) => {
+                return Err(invalid(
+                    "JITR_REJECT_ACTION",
+                    &format!("{other:?}: expected revoke or deactivate"),
+                ))
+            }
         };
         let thing_type = get("JITR_THING_TYPE");
         if thing_type.as_deref().is_some_and(|t| !valid_name(t, 128)) {
-            return Err(invalid("JITR_THING_TYPE", "a thing type name uses [a-zA-Z0-9:_-], 1 to 128 characters"));
+            return Err(invalid(
+                "JITR_THING_TYPE",
+                "a thing type name uses [a-zA-Z0-9:_-], 1 to 128 characters",
+            ));
         }
         let thing_group = get("JITR_THING_GROUP");
         if thing_group.as_deref().is_some_and(|t| !valid_name(t, 128)) {
-            return Err(invalid("JITR_THING_GROUP", "a thing group name uses [a-zA-Z0-9:_-], 1 to 128 characters"));
+            return Err(invalid(
+                "JITR_THING_GROUP",
+                "a thing group name uses [a-zA-Z0-9:_-], 1 to 128 characters",
+            ));
         }
         let id_format = match get("JITR_ID_FORMAT") {
             None => IdFormat::BalenaUuid,
-            Some(f) => f.parse().map_err(|e: String| invalid("JITR_ID_FORMAT", &e))?,
+            Some(f) => f
+                .parse()
+                .map_err(|e: String| invalid("JITR_ID_FORMAT", &e))?,
         };
 
         let fleet = match get("JITR_FLEET_BACKEND").as_deref() {
             None | Some("balena") => {
                 if id_format != IdFormat::BalenaUuid {
-                    return Err(invalid("JITR_ID_FORMAT", "the balena backend needs balena-uuid device ids"));
+                    return Err(invalid(
+                        "JITR_ID_FORMAT",
+                        "the balena backend needs balena-uuid device ids",
+                    ));
                 }
-                let api_url = get("BALENA_API_URL").unwrap_or_else(|| "https://api.balena-cloud.com".into());
+                let api_url =
+                    get("BALENA_API_URL").unwrap_or_else(|| "https://api.balena-cloud.com".into());
                 if !(api_url.starts_with("https://") || api_url.starts_with("http://")) {
                     return Err(invalid("BALENA_API_URL", "expected an http(s):// URL"));
                 }
@@ -167,7 +207,8 @@ impl Config {
                     var: "BALENA_FLEET_ID",
                     hint: "the numeric id of the balena fleet devices must belong to",
                 })?;
-                let fleet_id = FleetId::parse(&fleet_id).map_err(|r| invalid("BALENA_FLEET_ID", r))?;
+                let fleet_id =
+                    FleetId::parse(&fleet_id).map_err(|r| invalid("BALENA_FLEET_ID", r))?;
                 let api_key = match (get("BALENA_API_KEY"), get("BALENA_API_KEY_SECRET_ID")) {
                     (Some(key), _) => ApiKeySource::Literal(ApiKey::new(key)),
                     (None, Some(id)) => ApiKeySource::SecretsManager(id),
@@ -178,19 +219,37 @@ impl Config {
                         })
                     }
                 };
-                FleetConfig::Balena { api_url: api_url.trim_end_matches('/').to_owned(), fleet_id, api_key }
+                FleetConfig::Balena {
+                    api_url: api_url.trim_end_matches('/').to_owned(),
+                    fleet_id,
+                    api_key,
+                }
             }
             Some("allowlist") => {
                 let path = get("JITR_ALLOWLIST").ok_or(ConfigError::Missing {
                     var: "JITR_ALLOWLIST",
                     hint: "a file of device ids, one per line, for JITR_FLEET_BACKEND=allowlist",
                 })?;
-                FleetConfig::Allowlist { path: PathBuf::from(path) }
+                FleetConfig::Allowlist {
+                    path: PathBuf::from(path),
+                }
             }
-            Some(other) => return Err(invalid("JITR_FLEET_BACKEND", &format!("{other:?}: expected balena or allowlist"))),
+            Some(other) => {
+                return Err(invalid(
+                    "JITR_FLEET_BACKEND",
+                    &format!("{other:?}: expected balena or allowlist"),
+                ))
+            }
         };
         Ok(Config {
-            policy: Policy { trusted_ca_ids, policy_name, reject_action, thing_type, thing_group, id_format },
+            policy: Policy {
+                trusted_ca_ids,
+                policy_name,
+                reject_action,
+                thing_type,
+                thing_group,
+                id_format,
+            },
             fleet,
         })
     }
@@ -202,7 +261,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| map.get(k).cloned()
     }
 
@@ -219,7 +281,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.policy.reject_action, RejectAction::Revoke);
         match c.fleet {
-            FleetConfig::Balena { api_url, fleet_id, api_key } => {
+            FleetConfig::Balena {
+                api_url,
+                fleet_id,
+                api_key,
+            } => {
                 assert_eq!(api_url, "https://api.balena-cloud.com");
                 assert_eq!(fleet_id.get(), 1234567);
                 assert_eq!(format!("{api_key:?}"), "Literal(ApiKey(<redacted>))");
@@ -230,22 +296,55 @@ mod tests {
 
     #[test]
     fn every_error_names_its_variable() {
-        let base = [("JITR_TRUSTED_CA_IDS", CA), ("JITR_POLICY_NAME", "p"), ("BALENA_FLEET_ID", "1"), ("BALENA_API_KEY", "k")];
+        let base = [
+            ("JITR_TRUSTED_CA_IDS", CA),
+            ("JITR_POLICY_NAME", "p"),
+            ("BALENA_FLEET_ID", "1"),
+            ("BALENA_API_KEY", "k"),
+        ];
         let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
             (vec![], "JITR_TRUSTED_CA_IDS is not set"),
-            (vec![("JITR_TRUSTED_CA_IDS", "abc")], "JITR_TRUSTED_CA_IDS is invalid"),
-            (vec![("JITR_POLICY_NAME", "")], "JITR_POLICY_NAME is not set"),
-            (vec![("JITR_POLICY_NAME", "has space")], "JITR_POLICY_NAME is invalid"),
-            (vec![("BALENA_FLEET_ID", "my-fleet")], "BALENA_FLEET_ID is invalid"),
+            (
+                vec![("JITR_TRUSTED_CA_IDS", "abc")],
+                "JITR_TRUSTED_CA_IDS is invalid",
+            ),
+            (
+                vec![("JITR_POLICY_NAME", "")],
+                "JITR_POLICY_NAME is not set",
+            ),
+            (
+                vec![("JITR_POLICY_NAME", "has space")],
+                "JITR_POLICY_NAME is invalid",
+            ),
+            (
+                vec![("BALENA_FLEET_ID", "my-fleet")],
+                "BALENA_FLEET_ID is invalid",
+            ),
             (vec![("BALENA_FLEET_ID", "")], "BALENA_FLEET_ID is not set"),
             (vec![("BALENA_API_KEY", "")], "BALENA_API_KEY is not set"),
-            (vec![("JITR_REJECT_ACTION", "delete")], "JITR_REJECT_ACTION is invalid"),
-            (vec![("JITR_FLEET_BACKEND", "ldap")], "JITR_FLEET_BACKEND is invalid"),
-            (vec![("JITR_FLEET_BACKEND", "allowlist")], "JITR_ALLOWLIST is not set"),
-            (vec![("BALENA_API_URL", "api.balena-cloud.com")], "BALENA_API_URL is invalid"),
+            (
+                vec![("JITR_REJECT_ACTION", "delete")],
+                "JITR_REJECT_ACTION is invalid",
+            ),
+            (
+                vec![("JITR_FLEET_BACKEND", "ldap")],
+                "JITR_FLEET_BACKEND is invalid",
+            ),
+            (
+                vec![("JITR_FLEET_BACKEND", "allowlist")],
+                "JITR_ALLOWLIST is not set",
+            ),
+            (
+                vec![("BALENA_API_URL", "api.balena-cloud.com")],
+                "BALENA_API_URL is invalid",
+            ),
         ];
         for (overrides, want) in cases {
-            let mut pairs: Vec<(&str, &str)> = if want.starts_with("JITR_TRUSTED_CA_IDS is not") { vec![] } else { base.to_vec() };
+            let mut pairs: Vec<(&str, &str)> = if want.starts_with("JITR_TRUSTED_CA_IDS is not") {
+                vec![]
+            } else {
+                base.to_vec()
+            };
             for (k, v) in overrides {
                 pairs.retain(|(key, _)| *key != k);
                 pairs.push((k, v));

@@ -4,14 +4,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant as StdInstant;
 
-use factory_ca::{certificates_from_pem_or_der, inspect_device_certificate, DeviceId, InspectOptions};
+use factory_ca::{
+    certificates_from_pem_or_der, inspect_device_certificate, DeviceId, InspectOptions,
+};
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::{
-    AccountId, ActivationError, CertificateId, CertificateStatus, FleetDirectory, IotRegistry, Membership, Policy,
-    RegisteredEvent, RegistryError, RejectAction, ThingSpec,
+    AccountId, ActivationError, CertificateId, CertificateStatus, FleetDirectory, IotRegistry,
+    Membership, Policy, RegisteredEvent, RegistryError, RejectAction, ThingSpec,
 };
 
 /// How an invocation ended.
@@ -68,13 +70,22 @@ pub struct Activator<R, F> {
 /// The verdict on a certificate before anything is written.
 enum Verdict {
     Accept(DeviceId),
-    Reject { thing: Option<DeviceId>, reason: String },
+    Reject {
+        thing: Option<DeviceId>,
+        reason: String,
+    },
 }
 
 impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
     /// An activator using the system clock.
     pub fn new(registry: R, fleet: F, policy: Policy) -> Self {
-        Activator { registry, fleet, policy, ca_cache: Mutex::new(HashMap::new()), clock: OffsetDateTime::now_utc }
+        Activator {
+            registry,
+            fleet,
+            policy,
+            ca_cache: Mutex::new(HashMap::new()),
+            clock: OffsetDateTime::now_utc,
+        }
     }
 
     /// The same, judging validity at the time `clock` gives.
@@ -95,22 +106,43 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
 
     /// Handles one certificate-registered event. `account` is the account this code runs in,
     /// when known: an event claiming another account is skipped.
-    pub async fn handle_event(&self, event: &RegisteredEvent, account: Option<&AccountId>, deadline: Instant) -> Result<Decision, ActivationError> {
+    pub async fn handle_event(
+        &self,
+        event: &RegisteredEvent,
+        account: Option<&AccountId>,
+        deadline: Instant,
+    ) -> Result<Decision, ActivationError> {
         if let Some(account) = account {
             if *account != event.aws_account_id {
-                return Ok(self.log(Decision {
-                    certificate_id: event.certificate_id.to_string(),
-                    thing_name: None,
-                    outcome: Outcome::Skipped,
-                    reason: format!("event names account {}, this is {account}", event.aws_account_id),
-                }, StdInstant::now()));
+                return Ok(self.log(
+                    Decision {
+                        certificate_id: event.certificate_id.to_string(),
+                        thing_name: None,
+                        outcome: Outcome::Skipped,
+                        reason: format!(
+                            "event names account {}, this is {account}",
+                            event.aws_account_id
+                        ),
+                    },
+                    StdInstant::now(),
+                ));
             }
         }
-        self.activate(&event.certificate_id, Some(&event.ca_certificate_id), deadline).await
+        self.activate(
+            &event.certificate_id,
+            Some(&event.ca_certificate_id),
+            deadline,
+        )
+        .await
     }
 
     /// Runs the decision for one certificate, as the event or a reconcile sweep asks.
-    pub async fn activate(&self, id: &CertificateId, event_ca: Option<&CertificateId>, deadline: Instant) -> Result<Decision, ActivationError> {
+    pub async fn activate(
+        &self,
+        id: &CertificateId,
+        event_ca: Option<&CertificateId>,
+        deadline: Instant,
+    ) -> Result<Decision, ActivationError> {
         let started = StdInstant::now();
         let result = self.decide(id, event_ca, deadline).await;
         match result {
@@ -140,7 +172,12 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         decision
     }
 
-    async fn decide(&self, id: &CertificateId, event_ca: Option<&CertificateId>, deadline: Instant) -> Result<Decision, ActivationError> {
+    async fn decide(
+        &self,
+        id: &CertificateId,
+        event_ca: Option<&CertificateId>,
+        deadline: Instant,
+    ) -> Result<Decision, ActivationError> {
         let decision = |thing: Option<&DeviceId>, outcome, reason: String| Decision {
             certificate_id: id.to_string(),
             thing_name: thing.map(|t| t.to_string()),
@@ -150,14 +187,30 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let cert = match self.registry.describe_certificate(id).await {
             Ok(cert) => cert,
             Err(RegistryError::NotFound { .. }) => {
-                return Ok(decision(None, Outcome::Skipped, "the certificate is not registered".into()));
+                return Ok(decision(
+                    None,
+                    Outcome::Skipped,
+                    "the certificate is not registered".into(),
+                ));
             }
             Err(e) => return Err(e.into()),
         };
         match &cert.status {
             CertificateStatus::PendingActivation => {}
-            CertificateStatus::Active => return Ok(decision(None, Outcome::AlreadyActive, "the certificate is already active".into())),
-            other => return Ok(decision(None, Outcome::Skipped, format!("the certificate is {other:?}, never reactivated"))),
+            CertificateStatus::Active => {
+                return Ok(decision(
+                    None,
+                    Outcome::AlreadyActive,
+                    "the certificate is already active".into(),
+                ))
+            }
+            other => {
+                return Ok(decision(
+                    None,
+                    Outcome::Skipped,
+                    format!("the certificate is {other:?}, never reactivated"),
+                ))
+            }
         }
         if let (Some(event_ca), Some(registered_ca)) = (event_ca, &cert.ca_certificate_id) {
             if event_ca != registered_ca {
@@ -167,15 +220,21 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let ca_id = cert.ca_certificate_id.as_ref().or(event_ca);
 
         let verdict = match ca_id {
-            None => Verdict::Reject { thing: None, reason: "the certificate is not registered under any CA".into() },
-            Some(ca_id) if !self.policy.trusted_ca_ids.contains(ca_id) => {
-                Verdict::Reject { thing: None, reason: format!("CA {ca_id} is not in JITR_TRUSTED_CA_IDS") }
-            }
+            None => Verdict::Reject {
+                thing: None,
+                reason: "the certificate is not registered under any CA".into(),
+            },
+            Some(ca_id) if !self.policy.trusted_ca_ids.contains(ca_id) => Verdict::Reject {
+                thing: None,
+                reason: format!("CA {ca_id} is not in JITR_TRUSTED_CA_IDS"),
+            },
             Some(ca_id) => self.verify(id, &cert.pem, ca_id).await?,
         };
         let device = match verdict {
             Verdict::Accept(device) => device,
-            Verdict::Reject { thing, reason } => return self.reject(id, thing.as_ref(), reason).await,
+            Verdict::Reject { thing, reason } => {
+                return self.reject(id, thing.as_ref(), reason).await
+            }
         };
 
         match self.fleet.membership(&device, deadline).await? {
@@ -192,17 +251,38 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
 
         self.provision(&device, &cert.arn).await?;
         // Always last: until here the certificate cannot connect, whatever failed.
-        self.registry.set_certificate_status(id, CertificateStatus::Active).await?;
-        Ok(decision(Some(&device), Outcome::Activated, format!("device {device} is in {}", self.fleet.label())))
+        self.registry
+            .set_certificate_status(id, CertificateStatus::Active)
+            .await?;
+        Ok(decision(
+            Some(&device),
+            Outcome::Activated,
+            format!("device {device} is in {}", self.fleet.label()),
+        ))
     }
 
     /// Proves the certificate is ours: one certificate, the id is its hash, signed by the
     /// trusted CA, valid now, to the device profile, CN a device id.
-    async fn verify(&self, id: &CertificateId, pem: &str, ca_id: &CertificateId) -> Result<Verdict, ActivationError> {
-        let reject = |reason: String| Ok(Verdict::Reject { thing: None, reason });
+    async fn verify(
+        &self,
+        id: &CertificateId,
+        pem: &str,
+        ca_id: &CertificateId,
+    ) -> Result<Verdict, ActivationError> {
+        let reject = |reason: String| {
+            Ok(Verdict::Reject {
+                thing: None,
+                reason,
+            })
+        };
         let der = match certificates_from_pem_or_der(pem.as_bytes()) {
             Ok(certs) if certs.len() == 1 => certs.into_iter().next().unwrap_or_default(),
-            Ok(certs) => return reject(format!("the registered PEM holds {} certificates", certs.len())),
+            Ok(certs) => {
+                return reject(format!(
+                    "the registered PEM holds {} certificates",
+                    certs.len()
+                ))
+            }
             Err(e) => return reject(format!("the registered PEM does not parse: {e}")),
         };
         if factory_ca::certificate_id(&der) != id.as_str() {
@@ -211,33 +291,55 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let ca_der = self.ca_certificate(ca_id).await?;
         let inspection = inspect_device_certificate(
             &der,
-            &InspectOptions { id_format: self.policy.id_format, ca_der: Some(&ca_der), now: (self.clock)() },
+            &InspectOptions {
+                id_format: self.policy.id_format,
+                ca_der: Some(&ca_der),
+                now: (self.clock)(),
+            },
         );
         match inspection.first_failure() {
             None => match inspection.device_id {
                 Some(device) => Ok(Verdict::Accept(device)),
                 None => reject("no device id".into()),
             },
-            Some(f) => Ok(Verdict::Reject { thing: inspection.device_id.clone(), reason: format!("{}: {}", f.check, f.detail) }),
+            Some(f) => Ok(Verdict::Reject {
+                thing: inspection.device_id.clone(),
+                reason: format!("{}: {}", f.check, f.detail),
+            }),
         }
     }
 
     async fn ca_certificate(&self, ca_id: &CertificateId) -> Result<Arc<Vec<u8>>, ActivationError> {
-        if let Some(der) = self.ca_cache.lock().unwrap_or_else(PoisonError::into_inner).get(ca_id) {
+        if let Some(der) = self
+            .ca_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(ca_id)
+        {
             return Ok(der.clone());
         }
         let pem = self.registry.ca_certificate_pem(ca_id).await?;
         let der = certificates_from_pem_or_der(pem.as_bytes())
             .ok()
             .and_then(|certs| certs.into_iter().next())
-            .ok_or_else(|| RegistryError::Failed { op: "DescribeCACertificate", source: "the CA certificate PEM does not parse".into() })?;
+            .ok_or_else(|| RegistryError::Failed {
+                op: "DescribeCACertificate",
+                source: "the CA certificate PEM does not parse".into(),
+            })?;
         let der = Arc::new(der);
-        self.ca_cache.lock().unwrap_or_else(PoisonError::into_inner).insert(ca_id.clone(), der.clone());
+        self.ca_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(ca_id.clone(), der.clone());
         Ok(der)
     }
 
     /// CreateThing (then the group) alongside AttachPolicy, then AttachThingPrincipal.
-    async fn provision(&self, device: &DeviceId, certificate_arn: &str) -> Result<(), RegistryError> {
+    async fn provision(
+        &self,
+        device: &DeviceId,
+        certificate_arn: &str,
+    ) -> Result<(), RegistryError> {
         let thing = ThingSpec {
             name: device.to_string(),
             thing_type: self.policy.thing_type.clone(),
@@ -250,18 +352,32 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             }
             Ok::<_, RegistryError>(())
         };
-        let attach = self.registry.attach_policy(&self.policy.policy_name, certificate_arn);
+        let attach = self
+            .registry
+            .attach_policy(&self.policy.policy_name, certificate_arn);
         tokio::try_join!(create, attach)?;
-        self.registry.attach_thing_principal(&thing.name, certificate_arn).await
+        self.registry
+            .attach_thing_principal(&thing.name, certificate_arn)
+            .await
     }
 
-    async fn reject(&self, id: &CertificateId, thing: Option<&DeviceId>, reason: String) -> Result<Decision, ActivationError> {
+    async fn reject(
+        &self,
+        id: &CertificateId,
+        thing: Option<&DeviceId>,
+        reason: String,
+    ) -> Result<Decision, ActivationError> {
         let status = match self.policy.reject_action {
             RejectAction::Revoke => CertificateStatus::Revoked,
             RejectAction::Deactivate => CertificateStatus::Inactive,
         };
         self.registry.set_certificate_status(id, status).await?;
-        Ok(Decision { certificate_id: id.to_string(), thing_name: thing.map(|t| t.to_string()), outcome: Outcome::Rejected, reason })
+        Ok(Decision {
+            certificate_id: id.to_string(),
+            thing_name: thing.map(|t| t.to_string()),
+            outcome: Outcome::Rejected,
+            reason,
+        })
     }
 }
 

@@ -13,7 +13,11 @@ pub enum EventError {
     Missing { field: &'static str },
     /// A field has the wrong type or shape.
     #[error("malformed event: {field} {reason} (got {shown})")]
-    Invalid { field: &'static str, reason: &'static str, shown: String },
+    Invalid {
+        field: &'static str,
+        reason: &'static str,
+        shown: String,
+    },
 }
 
 /// The certificate-registered event AWS IoT publishes on
@@ -48,28 +52,51 @@ impl RegisteredEvent {
         let get = |field: &'static str| obj.get(field).ok_or(EventError::Missing { field });
         let string = |field: &'static str| -> Result<&str, EventError> {
             let value = get(field)?;
-            value.as_str().ok_or_else(|| EventError::Invalid { field, reason: "is not a string", shown: shown(value) })
+            value.as_str().ok_or_else(|| EventError::Invalid {
+                field,
+                reason: "is not a string",
+                shown: shown(value),
+            })
         };
-        let invalid = |field: &'static str, reason: &'static str| EventError::Invalid { field, reason, shown: obj.get(field).map(shown).unwrap_or_default() };
+        let invalid = |field: &'static str, reason: &'static str| EventError::Invalid {
+            field,
+            reason,
+            shown: obj.get(field).map(shown).unwrap_or_default(),
+        };
 
-        let certificate_id = CertificateId::parse(string("certificateId")?).map_err(|r| invalid("certificateId", r))?;
-        let ca_certificate_id = CertificateId::parse(string("caCertificateId")?).map_err(|r| invalid("caCertificateId", r))?;
+        let certificate_id = CertificateId::parse(string("certificateId")?)
+            .map_err(|r| invalid("certificateId", r))?;
+        let ca_certificate_id = CertificateId::parse(string("caCertificateId")?)
+            .map_err(|r| invalid("caCertificateId", r))?;
         if string("certificateStatus")? != "PENDING_ACTIVATION" {
             return Err(invalid("certificateStatus", "is not PENDING_ACTIVATION"));
         }
-        let aws_account_id = AccountId::parse(string("awsAccountId")?).map_err(|r| invalid("awsAccountId", r))?;
-        let timestamp = get("timestamp")?.as_u64().ok_or_else(|| invalid("timestamp", "is not a non-negative integer"))?;
+        let aws_account_id =
+            AccountId::parse(string("awsAccountId")?).map_err(|r| invalid("awsAccountId", r))?;
+        let timestamp = get("timestamp")?
+            .as_u64()
+            .ok_or_else(|| invalid("timestamp", "is not a non-negative integer"))?;
         if let Some(reg) = obj.get("certificateRegistrationTimestamp") {
             let ok = match reg {
-                Value::String(s) => !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()),
+                Value::String(s) => {
+                    !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
+                }
                 Value::Number(n) => n.is_u64(),
                 _ => false,
             };
             if !ok {
-                return Err(invalid("certificateRegistrationTimestamp", "is not epoch milliseconds"));
+                return Err(invalid(
+                    "certificateRegistrationTimestamp",
+                    "is not epoch milliseconds",
+                ));
             }
         }
-        Ok(RegisteredEvent { certificate_id, ca_certificate_id, aws_account_id, timestamp })
+        Ok(RegisteredEvent {
+            certificate_id,
+            ca_certificate_id,
+            aws_account_id,
+            timestamp,
+        })
     }
 }
 
@@ -79,7 +106,10 @@ mod tests {
     use serde_json::json;
 
     fn fixture() -> Value {
-        serde_json::from_str(include_str!("../tests/fixtures/certificate-registered.json")).unwrap()
+        serde_json::from_str(include_str!(
+            "../tests/fixtures/certificate-registered.json"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -87,7 +117,10 @@ mod tests {
         let mut v = fixture();
         v["somethingNew"] = json!({"nested": true});
         let e = RegisteredEvent::from_value(&v).unwrap();
-        assert_eq!(e.certificate_id.as_str(), v["certificateId"].as_str().unwrap());
+        assert_eq!(
+            e.certificate_id.as_str(),
+            v["certificateId"].as_str().unwrap()
+        );
         assert_eq!(e.aws_account_id.as_str(), "123456789012");
     }
 
@@ -95,13 +128,37 @@ mod tests {
     fn names_the_field_that_is_wrong() {
         let cases: Vec<(&str, Value, &str)> = vec![
             ("certificateId", Value::Null, "certificateId is missing"),
-            ("certificateId", json!("ABC"), "certificateId a certificate id has 64 hex characters"),
+            (
+                "certificateId",
+                json!("ABC"),
+                "certificateId a certificate id has 64 hex characters",
+            ),
             ("certificateId", json!(42), "certificateId is not a string"),
-            ("caCertificateId", json!("z".repeat(64)), "caCertificateId a certificate id is lowercase hexadecimal"),
-            ("certificateStatus", json!("ACTIVE"), "certificateStatus is not PENDING_ACTIVATION"),
-            ("awsAccountId", json!("1234"), "awsAccountId an AWS account id has 12 digits"),
-            ("timestamp", json!(-5), "timestamp is not a non-negative integer"),
-            ("certificateRegistrationTimestamp", json!("12\u{0}3"), "certificateRegistrationTimestamp is not epoch milliseconds"),
+            (
+                "caCertificateId",
+                json!("z".repeat(64)),
+                "caCertificateId a certificate id is lowercase hexadecimal",
+            ),
+            (
+                "certificateStatus",
+                json!("ACTIVE"),
+                "certificateStatus is not PENDING_ACTIVATION",
+            ),
+            (
+                "awsAccountId",
+                json!("1234"),
+                "awsAccountId an AWS account id has 12 digits",
+            ),
+            (
+                "timestamp",
+                json!(-5),
+                "timestamp is not a non-negative integer",
+            ),
+            (
+                "certificateRegistrationTimestamp",
+                json!("12\u{0}3"),
+                "certificateRegistrationTimestamp is not epoch milliseconds",
+            ),
         ];
         for (field, value, want) in cases {
             let mut v = fixture();
@@ -113,7 +170,10 @@ mod tests {
             let err = RegisteredEvent::from_value(&v).unwrap_err().to_string();
             assert!(err.contains(want), "{field}: {err}");
         }
-        assert_eq!(RegisteredEvent::from_value(&json!([1])).unwrap_err(), EventError::NotAnObject);
+        assert_eq!(
+            RegisteredEvent::from_value(&json!([1])).unwrap_err(),
+            EventError::NotAnObject
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ impl CertificateId {
         if s.len() != 64 {
             return Err("a certificate id has 64 hex characters");
         }
-        if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err("a certificate id is lowercase hexadecimal");
         }
         Ok(CertificateId(s.to_owned()))
@@ -101,7 +104,8 @@ mod tests {
 
     #[test]
     fn account_ids_come_from_function_arns() {
-        let id = AccountId::from_arn("arn:aws:lambda:us-east-1:123456789012:function:jitr").unwrap();
+        let id =
+            AccountId::from_arn("arn:aws:lambda:us-east-1:123456789012:function:jitr").unwrap();
         assert_eq!(id.as_str(), "123456789012");
         assert!(AccountId::parse("12345678901x").is_err());
     }

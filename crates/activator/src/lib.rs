@@ -16,15 +16,14 @@ mod event;
 mod ids;
 mod ports;
 
-pub use config::{ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
+pub use config::{ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
 pub use decision::{Activator, Decision, Outcome};
 pub use error::ActivationError;
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId, FleetId};
 pub use ports::{
-    Cause,
-    CertificateDescription, CertificatePage, CertificateStatus, FleetDirectory, FleetError, IotRegistry,
-    Membership, RegistryError, ThingSpec,
+    Cause, CertificateDescription, CertificatePage, CertificateStatus, FleetDirectory, FleetError,
+    IotRegistry, Membership, RegistryError, ThingSpec,
 };
 
 /// The fleet directory chosen by `JITR_FLEET_BACKEND`.
@@ -64,7 +63,11 @@ pub async fn build(config: Config) -> Result<DeployedActivator, ConfigError> {
     let sdk = aws::load_sdk_config().await;
     let registry = aws::AwsIotRegistry::new(&sdk);
     let fleet = match &config.fleet {
-        FleetConfig::Balena { api_url, fleet_id, api_key } => {
+        FleetConfig::Balena {
+            api_url,
+            fleet_id,
+            api_key,
+        } => {
             let key = match api_key {
                 ApiKeySource::Literal(key) => balena::KeySource::Literal(key.clone()),
                 ApiKeySource::SecretsManager(id) => balena::KeySource::SecretsManager {
@@ -74,7 +77,9 @@ pub async fn build(config: Config) -> Result<DeployedActivator, ConfigError> {
             };
             FleetBackend::Balena(balena::BalenaDirectory::new(api_url, *fleet_id, key)?)
         }
-        FleetConfig::Allowlist { path } => FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?),
+        FleetConfig::Allowlist { path } => {
+            FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?)
+        }
     };
     Ok(Activator::new(registry, fleet, config.policy))
 }

@@ -68,22 +68,41 @@ pub struct ThingSpec {
 pub enum RegistryError {
     /// The resource does not exist.
     #[error("AWS IoT {op}: not found")]
-    NotFound { op: &'static str, #[source] source: Cause },
+    NotFound {
+        op: &'static str,
+        #[source]
+        source: Cause,
+    },
     /// Throttled after the SDK's own retries.
     #[error("AWS IoT {op}: throttled")]
-    Throttled { op: &'static str, #[source] source: Cause },
+    Throttled {
+        op: &'static str,
+        #[source]
+        source: Cause,
+    },
     /// 5xx, timeout or connection failure.
     #[error("AWS IoT {op}: service unavailable")]
-    Unavailable { op: &'static str, #[source] source: Cause },
+    Unavailable {
+        op: &'static str,
+        #[source]
+        source: Cause,
+    },
     /// Any other failure (access denied, invalid request...).
     #[error("AWS IoT {op} failed")]
-    Failed { op: &'static str, #[source] source: Cause },
+    Failed {
+        op: &'static str,
+        #[source]
+        source: Cause,
+    },
 }
 
 impl RegistryError {
     /// Whether trying again later can succeed without anybody changing anything.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RegistryError::Throttled { .. } | RegistryError::Unavailable { .. })
+        matches!(
+            self,
+            RegistryError::Throttled { .. } | RegistryError::Unavailable { .. }
+        )
     }
 }
 
@@ -91,21 +110,50 @@ impl RegistryError {
 /// "already exists" and "already attached" are success.
 pub trait IotRegistry: Send + Sync {
     /// DescribeCertificate.
-    fn describe_certificate(&self, id: &CertificateId) -> impl Future<Output = Result<CertificateDescription, RegistryError>> + Send;
+    fn describe_certificate(
+        &self,
+        id: &CertificateId,
+    ) -> impl Future<Output = Result<CertificateDescription, RegistryError>> + Send;
     /// DescribeCACertificate: the CA certificate PEM.
-    fn ca_certificate_pem(&self, id: &CertificateId) -> impl Future<Output = Result<String, RegistryError>> + Send;
+    fn ca_certificate_pem(
+        &self,
+        id: &CertificateId,
+    ) -> impl Future<Output = Result<String, RegistryError>> + Send;
     /// CreateThing (an existing Thing of that name is success).
-    fn create_thing(&self, thing: &ThingSpec) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn create_thing(
+        &self,
+        thing: &ThingSpec,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// AddThingToThingGroup.
-    fn add_thing_to_group(&self, thing: &str, group: &str) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn add_thing_to_group(
+        &self,
+        thing: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// AttachPolicy to the certificate.
-    fn attach_policy(&self, policy: &str, certificate_arn: &str) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn attach_policy(
+        &self,
+        policy: &str,
+        certificate_arn: &str,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// AttachThingPrincipal.
-    fn attach_thing_principal(&self, thing: &str, certificate_arn: &str) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn attach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// UpdateCertificate to a new status.
-    fn set_certificate_status(&self, id: &CertificateId, status: CertificateStatus) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn set_certificate_status(
+        &self,
+        id: &CertificateId,
+        status: CertificateStatus,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// ListCertificatesByCA, one page.
-    fn list_certificates_by_ca(&self, ca: &CertificateId, marker: Option<String>) -> impl Future<Output = Result<CertificatePage, RegistryError>> + Send;
+    fn list_certificates_by_ca(
+        &self,
+        ca: &CertificateId,
+        marker: Option<String>,
+    ) -> impl Future<Output = Result<CertificatePage, RegistryError>> + Send;
 }
 
 /// Whether a device belongs to the fleet.
@@ -155,7 +203,11 @@ pub enum FleetError {
 /// The fleet a device must belong to.
 pub trait FleetDirectory: Send + Sync {
     /// Whether `device` is an active member, answering before `deadline`.
-    fn membership(&self, device: &DeviceId, deadline: Instant) -> impl Future<Output = Result<Membership, FleetError>> + Send;
+    fn membership(
+        &self,
+        device: &DeviceId,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Membership, FleetError>> + Send;
     /// A short name for the fleet, recorded on the Thing (`fleet` attribute).
     fn label(&self) -> String;
 }

@@ -9,6 +9,7 @@
 //! from plain `#[test]`s and from `#[tokio::test]`s alike) and stops when dropped.
 
 pub mod balena;
+pub mod certs;
 pub mod http;
 pub mod lambda;
 pub mod moto;
