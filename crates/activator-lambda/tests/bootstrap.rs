@@ -1,0 +1,291 @@
+//! The real `bootstrap` binary, end to end: a Lambda Runtime API emulator hands it events,
+//! AWS IoT is a moto server, balena is the fake API.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_iot::types::CertificateStatus;
+use serde_json::{json, Value};
+use testkit::balena::{FakeBalena, Fault};
+use testkit::certs::TestCa;
+use testkit::lambda::{Invocation, RuntimeEmulator};
+use testkit::moto::MotoServer;
+
+const FLEET: u64 = 424242;
+const KEY: &str = "bootstrap-test-balena-key-do-not-log";
+const POLICY: &str = "jitr-device";
+const INVOKE: Duration = Duration::from_secs(30);
+
+struct Bootstrap {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Bootstrap {
+    fn spawn(env: &[(&str, String)]) -> Bootstrap {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bootstrap"))
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(log.reopen().unwrap())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Bootstrap { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
+}
+
+impl Drop for Bootstrap {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    moto: MotoServer,
+    balena: FakeBalena,
+    ca: TestCa,
+    ca_id: String,
+    client: aws_sdk_iot::Client,
+}
+
+fn world() -> World {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let moto = MotoServer::start().unwrap();
+    let client = rt.block_on(async {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(moto.endpoint())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await;
+        aws_sdk_iot::Client::new(&sdk)
+    });
+    let ca = TestCa::new("bootstrap test CA").unwrap();
+    let ca_id = rt.block_on(async {
+        let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
+        client.create_policy().policy_name(POLICY).policy_document(doc.to_string()).send().await.unwrap();
+        let out = client.register_ca_certificate().ca_certificate(&ca.cert_pem).set_as_active(true).send().await.unwrap();
+        out.certificate_id().unwrap().to_owned()
+    });
+    let balena = FakeBalena::start(KEY).unwrap();
+    balena.add_fleet(FLEET, "acme/fleet");
+    World {
+        rt,
+        moto,
+        balena,
+        ca,
+        ca_id,
+        client,
+    }
+}
+
+impl World {
+    fn env(&self, emulator: &RuntimeEmulator) -> Vec<(&'static str, String)> {
+        let mut env = emulator.lambda_env();
+        env.extend([
+            ("JITR_TRUSTED_CA_IDS", self.ca_id.clone()),
+            ("JITR_POLICY_NAME", POLICY.to_owned()),
+            ("BALENA_FLEET_ID", FLEET.to_string()),
+            ("BALENA_API_KEY", KEY.to_owned()),
+            ("BALENA_API_URL", self.balena.url()),
+            ("AWS_ENDPOINT_URL", self.moto.endpoint()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+            // moto answers bad input with HTTP 500; one attempt keeps failures fast.
+            ("AWS_MAX_ATTEMPTS", "1".to_owned()),
+        ]);
+        env
+    }
+
+    fn first_connect(&self, device: &str) -> String {
+        let pem = self.ca.device_pem(device).unwrap();
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .register_certificate()
+                .certificate_pem(pem)
+                .ca_certificate_pem(&self.ca.cert_pem)
+                .status(CertificateStatus::PendingActivation)
+                .send()
+                .await
+                .unwrap();
+            out.certificate_id().unwrap().to_owned()
+        })
+    }
+
+    fn status(&self, id: &str) -> CertificateStatus {
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .describe_certificate()
+                .certificate_id(id)
+                .send()
+                .await
+                .unwrap();
+            out.certificate_description()
+                .unwrap()
+                .status()
+                .unwrap()
+                .clone()
+        })
+    }
+
+    fn things(&self) -> Vec<String> {
+        self.rt.block_on(async {
+            let out = self.client.list_things().send().await.unwrap();
+            out.things()
+                .iter()
+                .filter_map(|t| t.thing_name().map(str::to_owned))
+                .collect()
+        })
+    }
+
+    fn event(&self, certificate_id: &str) -> Value {
+        let mut event: Value = serde_json::from_str(include_str!(
+            "../../activator/tests/fixtures/certificate-registered.json"
+        ))
+        .unwrap();
+        event["certificateId"] = json!(certificate_id);
+        event["caCertificateId"] = json!(self.ca_id);
+        event
+    }
+}
+
+fn response(invocation: Invocation) -> Value {
+    match invocation {
+        Invocation::Response(v) => v,
+        Invocation::Error {
+            error_type,
+            error_message,
+        } => panic!("{error_type}: {error_message}"),
+    }
+}
+
+#[test]
+fn bootstrap_activates_members_rejects_strangers_and_retries_on_outages() {
+    let w = world();
+    let emulator = RuntimeEmulator::start().unwrap();
+    let bootstrap = Bootstrap::spawn(&w.env(&emulator));
+
+    let member = format!("{:032x}", 1);
+    w.balena.add_device(FLEET, &member, true);
+    let id = w.first_connect(&member);
+    let r = response(emulator.invoke(w.event(&id), INVOKE).unwrap());
+    assert_eq!(
+        r,
+        json!({"certificateId": id, "thingName": member, "outcome": "activated", "reason": format!("device {member} is in balena fleet {FLEET}")})
+    );
+    assert_eq!(w.status(&id), CertificateStatus::Active);
+    assert_eq!(w.things(), vec![member.clone()]);
+
+    // Delivered again (AWS delivers at least once): already active, nothing new.
+    let r = response(emulator.invoke(w.event(&id), INVOKE).unwrap());
+    assert_eq!(r["outcome"], "already-active");
+
+    let stranger = format!("{:032x}", 2);
+    let id = w.first_connect(&stranger);
+    let r = response(emulator.invoke(w.event(&id), INVOKE).unwrap());
+    assert_eq!(r["outcome"], "rejected");
+    assert_eq!(w.status(&id), CertificateStatus::Revoked);
+
+    // Malformed: a permanent error, before any AWS call.
+    let mut bad = w.event(&id);
+    bad["certificateId"] = json!("not-hex");
+    match emulator.invoke(bad, INVOKE).unwrap() {
+        Invocation::Error {
+            error_type,
+            error_message,
+        } => {
+            assert_eq!(error_type, "MalformedEvent");
+            assert!(error_message.contains("certificateId"), "{error_message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // balena down: a retryable invocation error, the certificate stays pending.
+    let later = format!("{:032x}", 3);
+    w.balena.add_device(FLEET, &later, true);
+    let id = w.first_connect(&later);
+    w.balena.set_fault(Fault::Status(503));
+    match emulator.invoke(w.event(&id), INVOKE).unwrap() {
+        Invocation::Error {
+            error_type,
+            error_message,
+        } => {
+            assert_eq!(error_type, "Retryable");
+            assert!(error_message.contains("503"), "{error_message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.status(&id), CertificateStatus::PendingActivation);
+    // Lambda retries once balena is back: activated.
+    w.balena.set_fault(Fault::None);
+    assert_eq!(
+        response(emulator.invoke(w.event(&id), INVOKE).unwrap())["outcome"],
+        "activated"
+    );
+
+    // One JSON log line per decision, with the fields an operator searches by; no secrets.
+    let log = bootstrap.log();
+    let decisions: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "decision")
+        .collect();
+    assert_eq!(decisions.len(), 4, "{log}");
+    assert_eq!(decisions[0]["outcome"], "activated");
+    assert_eq!(decisions[0]["device_id"], member.as_str());
+    assert!(decisions[0]["duration_ms"].is_u64());
+    assert!(!log.contains(KEY), "the API key never reaches the logs");
+    assert!(!log.contains("BEGIN CERTIFICATE"), "no PEM in logs");
+}
+
+#[test]
+fn a_missing_variable_fails_the_cold_start_naming_it() {
+    let w = world();
+    let emulator = RuntimeEmulator::start().unwrap();
+    let env: Vec<_> = w
+        .env(&emulator)
+        .into_iter()
+        .filter(|(k, _)| *k != "JITR_POLICY_NAME")
+        .collect();
+    let mut bootstrap = Bootstrap::spawn(&env);
+    let status = bootstrap.child.wait().unwrap();
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(bootstrap.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("JITR_POLICY_NAME is not set"), "{stderr}");
+    assert_eq!(emulator.polls(), 0, "never asked for an event");
+
+    let env: Vec<_> = w
+        .env(&emulator)
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "BALENA_FLEET_ID" {
+                (k, "my-fleet".to_owned())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let mut bootstrap = Bootstrap::spawn(&env);
+    assert!(!bootstrap.child.wait().unwrap().success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(bootstrap.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("BALENA_FLEET_ID is invalid"), "{stderr}");
+}
