@@ -256,9 +256,8 @@ impl Ca {
             || registration_code.len() > 128
             || !registration_code.bytes().all(|b| b.is_ascii_alphanumeric())
         {
-            return Err(Error::InvalidDeviceId {
-                id: registration_code.to_owned(),
-                reason: "a registration code is 1 to 128 letters and digits",
+            return Err(Error::InvalidRegistrationCode {
+                code: registration_code.to_owned(),
             });
         }
         let key = DeviceKey::generate(KeyAlgorithm::P256)?;

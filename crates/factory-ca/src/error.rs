@@ -8,6 +8,9 @@ pub enum Error {
     /// A device id does not have the required format.
     #[error("invalid device id {id:?}: {reason}")]
     InvalidDeviceId { id: String, reason: &'static str },
+    /// A registration code that cannot be a certificate CN.
+    #[error("invalid registration code {code:?}: expected 1 to 128 letters and digits")]
+    InvalidRegistrationCode { code: String },
     /// A file could not be read.
     #[error("cannot read {}", path.display())]
     Read {

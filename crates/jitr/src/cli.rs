@@ -24,6 +24,10 @@ pub(crate) enum Command {
     SignCsr(SignCsrArgs),
     /// Check a certificate against the device profile (and its CA's signature).
     Inspect(InspectArgs),
+    /// Print the AWS IoT data endpoint (ATS) that devices connect to.
+    Endpoint(EndpointArgs),
+    /// Run the whole JITR loop locally: moto for AWS IoT, the real bootstrap Lambda.
+    Demo(DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,6 +36,8 @@ pub(crate) enum CaCommand {
     Init(CaInitArgs),
     /// Write the verification certificate AWS IoT asks for when registering the CA.
     VerificationCert(VerificationCertArgs),
+    /// Register the CA in AWS IoT: active, with auto-registration (JITR) on; saves its id.
+    Register(CaRegisterArgs),
 }
 
 /// Where the CA lives and how its key is unlocked.
@@ -43,6 +49,18 @@ pub(crate) struct CaDirArgs {
     /// File holding the CA key passphrase (else JITR_CA_PASSPHRASE, else a prompt on a terminal).
     #[arg(long, value_name = "FILE")]
     pub(crate) passphrase_file: Option<PathBuf>,
+}
+
+/// Which AWS region and endpoint to use, over the standard chain (AWS_PROFILE, AWS_REGION,
+/// AWS_ENDPOINT_URL).
+#[derive(Debug, Args)]
+pub(crate) struct AwsArgs {
+    /// AWS region [default: AWS_REGION, else the AWS profile's region].
+    #[arg(long, value_name = "REGION")]
+    pub(crate) region: Option<String>,
+    /// AWS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's own].
+    #[arg(long, value_name = "URL", value_parser = crate::aws::parse_endpoint_url)]
+    pub(crate) endpoint_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +103,29 @@ pub(crate) struct VerificationCertArgs {
     /// Write the certificate here instead of standard output.
     #[arg(long, value_name = "FILE")]
     pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CaRegisterArgs {
+    #[command(flatten)]
+    pub(crate) ca: CaDirArgs,
+    /// Register in SNI_ONLY mode: no verification certificate, so the CA key is not needed.
+    #[arg(long)]
+    pub(crate) sni_only: bool,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EndpointArgs {
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +199,22 @@ pub(crate) struct InspectArgs {
     /// Print the findings as JSON.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// How many devices to issue and connect.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub(crate) devices: usize,
+    /// Use this AWS IoT endpoint (e.g. a running moto server) instead of starting moto.
+    #[arg(long, value_name = "URL", value_parser = crate::aws::parse_endpoint_url)]
+    pub(crate) endpoint_url: Option<String>,
+    /// The `bootstrap` binary [default: next to this jitr].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) bootstrap: Option<PathBuf>,
+    /// Concurrent Lambda instances (bootstrap processes).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub(crate) concurrency: usize,
 }
 
 #[cfg(test)]

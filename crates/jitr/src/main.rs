@@ -1,5 +1,6 @@
 //! `jitr`: the operator's CLI over the factory CA and the activator.
 
+mod aws;
 mod cli;
 mod commands;
 mod passphrase;

@@ -7,8 +7,11 @@ Fixes applied before the server starts (moto 5.x):
      (moto's default hashes the PEM text instead).
   2. DescribeCertificate answers with `caCertificateId` when the certificate was
      registered with a CA (moto keeps the field but leaves it out of the description).
+  3. GetRegistrationCode answers 64 hex digits like AWS IoT (moto returns a UUID with
+     hyphens, which is not a valid certificate CN for the verification certificate).
 """
 
+import secrets
 import sys
 
 import moto.core.config
@@ -37,12 +40,17 @@ def describe_certificate_with_ca_id() -> None:
     cls.to_description_dict = to_description_dict
 
 
+def aws_shaped_registration_codes() -> None:
+    moto.iot.models.IoTBackend.get_registration_code = lambda self: secrets.token_hex(32)
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: launch_moto.py PORT")
     port = int(sys.argv[1])
     use_der_certificate_ids()
     describe_certificate_with_ca_id()
+    aws_shaped_registration_codes()
     moto.server.main(["--host", "127.0.0.1", "--port", str(port)])
 
 

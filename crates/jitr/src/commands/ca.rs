@@ -1,10 +1,22 @@
-use anyhow::{Context, Result};
-use factory_ca::{certificate_id, CaInit, IssuingCa, Profile, Subject};
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use aws_sdk_iot::operation::register_ca_certificate::RegisterCACertificateError;
+use aws_sdk_iot::types::CertificateMode;
+use factory_ca::{
+    certificate_id, certificates_from_pem_or_der, Ca, CaInit, IssuingCa, Profile, Subject,
+    CA_CERT_FILE,
+};
 use time::OffsetDateTime;
 
 use super::{print_json, Outcome};
-use crate::cli::{CaInitArgs, VerificationCertArgs};
+use crate::aws::{self, Aws};
+use crate::cli::{CaInitArgs, CaRegisterArgs, VerificationCertArgs};
 use crate::passphrase;
+
+/// File in the CA folder that holds the caCertificateId AWS IoT gave the CA.
+const AWS_CA_ID_FILE: &str = "aws-ca-id";
 
 pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
     let profile = Profile::load(&args.ca.dir)?;
@@ -79,4 +91,224 @@ pub(crate) fn verification_cert(args: VerificationCertArgs) -> Result<Outcome> {
         None => print!("{pem}"),
     }
     Ok(Outcome::Success)
+}
+
+/// What AWS IoT holds for the CA once `ca register` is done.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    /// The caCertificateId.
+    pub(crate) id: String,
+    /// The CA certificate's ARN, when AWS said it.
+    arn: Option<String>,
+    /// True when the CA was registered before this run.
+    already: bool,
+    /// ACTIVE / INACTIVE, when known.
+    status: Option<String>,
+    /// ENABLE / DISABLE, when known.
+    auto_registration: Option<String>,
+}
+
+/// The CA certificate exactly as `ca.crt` holds it (AWS IoT and moto compare PEM text when
+/// linking device certificates to their CA) and its DER.
+pub(crate) fn read_ca_pem(dir: &Path) -> Result<(String, Vec<u8>)> {
+    let path = dir.join(CA_CERT_FILE);
+    let pem = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {} (run `jitr ca init` first)", path.display()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        bail!("{} is not a PEM certificate", path.display());
+    }
+    let mut certs = match certificates_from_pem_or_der(pem.as_bytes()) {
+        Ok(certs) => certs,
+        Err(reason) => bail!("{}: {reason}", path.display()),
+    };
+    if certs.len() != 1 {
+        bail!(
+            "{} holds {} certificates; AWS IoT registers exactly one CA certificate",
+            path.display(),
+            certs.len()
+        );
+    }
+    Ok((pem, certs.swap_remove(0)))
+}
+
+/// Replaces `path` with `text` so that a reader never sees a half-written file.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
+    let written = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
+    let (ca_pem, ca_der) = read_ca_pem(&args.ca.dir)?;
+    // Unlock the key before talking to AWS: a wrong passphrase should cost no AWS call.
+    let ca = if args.sni_only {
+        None
+    } else {
+        Some(passphrase::load_ca(
+            &args.ca.dir,
+            args.ca.passphrase_file.as_deref(),
+        )?)
+    };
+    let expected_id = certificate_id(&ca_der);
+    let registration = aws::runtime()?.block_on(async {
+        let aws = Aws::load(&args.aws).await?;
+        register_in_aws(&aws, ca.as_ref(), &ca_pem, &expected_id).await
+    })?;
+
+    let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
+    write_atomic(&id_file, &format!("{}\n", registration.id))?;
+    let topic = format!("$aws/events/certificates/registered/{}", registration.id);
+    let mode = if args.sni_only { "SNI_ONLY" } else { "DEFAULT" };
+    if args.json {
+        print_json(&serde_json::json!({
+            "ca_certificate_id": registration.id,
+            "ca_certificate_arn": registration.arn,
+            "topic": topic,
+            "already_registered": registration.already,
+            "certificate_mode": mode,
+            "status": registration.status,
+            "auto_registration_status": registration.auto_registration,
+            "id_file": id_file,
+        }))?;
+    } else {
+        if registration.already {
+            let details = match (&registration.status, &registration.auto_registration) {
+                (Some(status), Some(auto)) => {
+                    format!(" (status {status}, auto-registration {auto})")
+                }
+                (Some(status), None) => format!(" (status {status})"),
+                _ => String::new(),
+            };
+            println!("the CA is already registered in AWS IoT{details}");
+        } else {
+            println!("registered the CA in AWS IoT ({mode} mode, active, auto-registration on)");
+        }
+        println!("CA certificate id  {}", registration.id);
+        println!("event topic        {topic}");
+        println!("id written to      {}", id_file.display());
+    }
+    if registration.id != expected_id {
+        eprintln!(
+            "warning: AWS IoT gave the CA id {} but the SHA-256 of its DER is {expected_id}",
+            registration.id
+        );
+    }
+    let inactive = registration
+        .status
+        .as_deref()
+        .is_some_and(|s| s != "ACTIVE");
+    let no_auto = registration
+        .auto_registration
+        .as_deref()
+        .is_some_and(|s| s != "ENABLE");
+    if inactive || no_auto {
+        eprintln!(
+            "warning: devices will not be registered until the CA is active with \
+             auto-registration on: aws iot update-ca-certificate --certificate-id {} \
+             --new-status ACTIVE --new-auto-registration-status ENABLE",
+            registration.id
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+/// DescribeCACertificate first (already there: report it), else GetRegistrationCode and
+/// RegisterCACertificate; a registration that races another still ends as "already registered".
+pub(crate) async fn register_in_aws(
+    aws: &Aws,
+    ca: Option<&Ca>,
+    ca_pem: &str,
+    expected_id: &str,
+) -> Result<Registration> {
+    let iot = aws.iot();
+
+    match iot
+        .describe_ca_certificate()
+        .certificate_id(expected_id)
+        .send()
+        .await
+    {
+        Ok(answer) => {
+            let description = answer.certificate_description();
+            return Ok(Registration {
+                id: description
+                    .and_then(|d| d.certificate_id())
+                    .unwrap_or(expected_id)
+                    .to_owned(),
+                arn: description
+                    .and_then(|d| d.certificate_arn())
+                    .map(str::to_owned),
+                already: true,
+                status: description
+                    .and_then(|d| d.status())
+                    .map(|s| s.as_str().to_owned()),
+                auto_registration: description
+                    .and_then(|d| d.auto_registration_status())
+                    .map(|s| s.as_str().to_owned()),
+            });
+        }
+        Err(err)
+            if err
+                .as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) => {}
+        Err(err) => return Err(aws.call_error("DescribeCACertificate", err)),
+    }
+
+    let mut request = iot
+        .register_ca_certificate()
+        .ca_certificate(ca_pem)
+        .set_as_active(true)
+        .allow_auto_registration(true);
+    match ca {
+        // SNI_ONLY needs no proof of key possession.
+        None => request = request.certificate_mode(CertificateMode::SniOnly),
+        Some(ca) => {
+            let code = iot
+                .get_registration_code()
+                .send()
+                .await
+                .map_err(|err| aws.call_error("GetRegistrationCode", err))?;
+            let code = code
+                .registration_code()
+                .context("AWS IoT GetRegistrationCode answered without a registrationCode")?;
+            let verification = ca
+                .verification_certificate(code, OffsetDateTime::now_utc())
+                .context("cannot build the verification certificate")?;
+            request = request.verification_certificate(verification);
+        }
+    }
+    match request.send().await {
+        Ok(answer) => Ok(Registration {
+            id: answer.certificate_id().unwrap_or(expected_id).to_owned(),
+            arn: answer.certificate_arn().map(str::to_owned),
+            already: false,
+            status: Some("ACTIVE".to_owned()),
+            auto_registration: Some("ENABLE".to_owned()),
+        }),
+        Err(err) => match err.as_service_error() {
+            Some(RegisterCACertificateError::ResourceAlreadyExistsException(exists)) => {
+                Ok(Registration {
+                    id: exists.resource_id().unwrap_or(expected_id).to_owned(),
+                    arn: None,
+                    already: true,
+                    status: None,
+                    auto_registration: None,
+                })
+            }
+            _ => Err(aws.call_error("RegisterCACertificate", err)),
+        },
+    }
 }

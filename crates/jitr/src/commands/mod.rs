@@ -1,6 +1,8 @@
 //! One function per command; the logic lives in the libraries.
 
 mod ca;
+mod demo;
+mod endpoint;
 mod inspect;
 mod issue;
 
@@ -22,9 +24,12 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Ca(CaCommand::Init(args)) => ca::init(args),
         Command::Ca(CaCommand::VerificationCert(args)) => ca::verification_cert(args),
+        Command::Ca(CaCommand::Register(args)) => ca::register(args),
         Command::Issue(args) => issue::issue(args),
         Command::SignCsr(args) => issue::sign_csr(args),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Endpoint(args) => endpoint::endpoint(args),
+        Command::Demo(args) => demo::demo(args),
     }
 }
 
