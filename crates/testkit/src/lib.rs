@@ -14,6 +14,7 @@ pub mod http;
 pub mod lambda;
 pub mod moto;
 pub mod proc;
+pub mod proxy;
 mod server;
 
 pub use proc::{free_port, wait_for_port};
