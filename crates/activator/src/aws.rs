@@ -11,7 +11,7 @@ use aws_sdk_iot::Client;
 use crate::ports::Cause;
 use crate::{
     CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotRegistry,
-    RegistryError, ThingSpec,
+    ListedCertificate, RegistryError, ThingSpec,
 };
 
 /// Loads the standard AWS configuration chain (AWS_REGION, AWS_ENDPOINT_URL, credentials...)
@@ -262,10 +262,11 @@ impl IotRegistry for AwsIotRegistry {
             .certificates()
             .iter()
             .filter_map(|c| {
-                Some((
-                    CertificateId::parse(c.certificate_id()?).ok()?,
-                    status_from_sdk(c.status()),
-                ))
+                Some(ListedCertificate {
+                    id: CertificateId::parse(c.certificate_id()?).ok()?,
+                    status: status_from_sdk(c.status()),
+                    created: c.creation_date().map(|d| d.secs()),
+                })
             })
             .collect();
         Ok(CertificatePage {

@@ -56,6 +56,25 @@ pub struct Decision {
     pub reason: String,
 }
 
+/// What a reconcile sweep found and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepReport {
+    /// Certificates still PENDING_ACTIVATION (and old enough) when listed.
+    pub pending: usize,
+    /// Activated now.
+    pub activated: usize,
+    /// Rejected now (revoked or deactivated).
+    pub rejected: usize,
+    /// Skipped or found already active by the time their turn came.
+    pub skipped: usize,
+    /// Certificates whose decision failed (still pending): id and reason.
+    pub failing: Vec<(String, String)>,
+    /// Every decision reached (empty on a dry run).
+    pub decisions: Vec<Decision>,
+    /// Pending certificate ids (what a dry run would act on).
+    pub pending_ids: Vec<String>,
+}
+
 /// The decision with its two ports and its rules. Build once, call per event.
 #[derive(Debug)]
 pub struct Activator<R, F> {
@@ -158,6 +177,71 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 Err(error)
             }
         }
+    }
+
+    /// Runs the decision for every certificate under `ca` still PENDING_ACTIVATION and
+    /// registered at least `min_age` before `now` (epoch seconds): the sweep that catches
+    /// events Lambda dropped. With `dry_run`, only lists them.
+    pub async fn sweep(
+        &self,
+        ca: &CertificateId,
+        min_age: std::time::Duration,
+        now: i64,
+        dry_run: bool,
+        concurrency: usize,
+    ) -> Result<SweepReport, ActivationError> {
+        use futures::StreamExt;
+
+        let cutoff = now.saturating_sub(i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX));
+        let mut pending = Vec::new();
+        let mut marker = None;
+        loop {
+            let page = self.registry.list_certificates_by_ca(ca, marker).await?;
+            pending.extend(
+                page.certificates
+                    .into_iter()
+                    .filter(|c| c.status == CertificateStatus::PendingActivation)
+                    .filter(|c| c.created.is_none_or(|t| t <= cutoff))
+                    .map(|c| c.id),
+            );
+            match page.next_marker {
+                Some(next) if !next.is_empty() => marker = Some(next),
+                _ => break,
+            }
+        }
+        let mut report = SweepReport {
+            pending: pending.len(),
+            pending_ids: pending.iter().map(|id| id.to_string()).collect(),
+            ..SweepReport::default()
+        };
+        if dry_run {
+            return Ok(report);
+        }
+        let results: Vec<_> = futures::stream::iter(pending)
+            .map(|id| async move {
+                let deadline = Instant::now() + std::time::Duration::from_secs(20);
+                let result = self.activate(&id, Some(ca), deadline).await;
+                (id, result)
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        for (id, result) in results {
+            match result {
+                Ok(decision) => {
+                    match decision.outcome {
+                        Outcome::Activated => report.activated += 1,
+                        Outcome::Rejected => report.rejected += 1,
+                        Outcome::AlreadyActive | Outcome::Skipped => report.skipped += 1,
+                    }
+                    report.decisions.push(decision);
+                }
+                Err(e) => report
+                    .failing
+                    .push((id.to_string(), ErrorChain(&e).to_string())),
+            }
+        }
+        Ok(report)
     }
 
     fn log(&self, decision: Decision, started: StdInstant) -> Decision {

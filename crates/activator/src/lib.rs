@@ -17,13 +17,13 @@ mod ids;
 mod ports;
 
 pub use config::{ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
-pub use decision::{Activator, Decision, Outcome};
+pub use decision::{Activator, Decision, Outcome, SweepReport};
 pub use error::ActivationError;
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId, FleetId};
 pub use ports::{
     Cause, CertificateDescription, CertificatePage, CertificateStatus, FleetDirectory, FleetError,
-    IotRegistry, Membership, RegistryError, ThingSpec,
+    IotRegistry, ListedCertificate, Membership, RegistryError, ThingSpec,
 };
 
 /// The fleet directory chosen by `JITR_FLEET_BACKEND`.
@@ -60,7 +60,15 @@ pub type DeployedActivator = Activator<aws::AwsIotRegistry, FleetBackend>;
 
 /// Builds the deployed activator from configuration: SDK clients and HTTP client, once.
 pub async fn build(config: Config) -> Result<DeployedActivator, ConfigError> {
-    let sdk = aws::load_sdk_config().await;
+    build_with_sdk(config, &aws::load_sdk_config().await)
+}
+
+/// The same over an SDK configuration the caller loaded (the CLI's `--region`/`--endpoint-url`).
+pub fn build_with_sdk(
+    config: Config,
+    sdk: &aws_config::SdkConfig,
+) -> Result<DeployedActivator, ConfigError> {
+    let sdk = sdk.clone();
     let registry = aws::AwsIotRegistry::new(&sdk);
     let fleet = match &config.fleet {
         FleetConfig::Balena {

@@ -43,11 +43,22 @@ pub struct CertificateDescription {
     pub pem: String,
 }
 
+/// One certificate as ListCertificatesByCA lists it.
+#[derive(Debug, Clone)]
+pub struct ListedCertificate {
+    /// Certificate id.
+    pub id: CertificateId,
+    /// Status.
+    pub status: CertificateStatus,
+    /// When it was registered, epoch seconds.
+    pub created: Option<i64>,
+}
+
 /// A page of ListCertificatesByCA.
 #[derive(Debug, Clone, Default)]
 pub struct CertificatePage {
-    /// Certificates on this page, with their status.
-    pub certificates: Vec<(CertificateId, CertificateStatus)>,
+    /// Certificates on this page.
+    pub certificates: Vec<ListedCertificate>,
     /// Marker for the next page.
     pub next_marker: Option<String>,
 }

@@ -28,6 +28,8 @@ pub(crate) enum Command {
     Endpoint(EndpointArgs),
     /// Run the whole JITR loop locally: moto for AWS IoT, the real bootstrap Lambda.
     Demo(DemoArgs),
+    /// Sweep certificates left PENDING_ACTIVATION through the activator's own decision.
+    Reconcile(ReconcileArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,6 +201,53 @@ pub(crate) struct InspectArgs {
     /// Print the findings as JSON.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// `jitr reconcile` reads the activator's configuration from the same environment variables
+/// as the Lambda (JITR_TRUSTED_CA_IDS, JITR_POLICY_NAME, JITR_FLEET_BACKEND, BALENA_*...).
+#[derive(Debug, Args)]
+pub(crate) struct ReconcileArgs {
+    /// CA to sweep (repeatable) [default: every id in JITR_TRUSTED_CA_IDS].
+    #[arg(long, value_name = "ID")]
+    pub(crate) ca_id: Vec<String>,
+    /// Only certificates registered at least this long ago, e.g. 30s, 10m, 2h, 1d.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub(crate) older_than: std::time::Duration,
+    /// List what would be decided, change nothing.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
+    /// Decisions run at once (AWS IoT API quotas are low).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub(crate) concurrency: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+}
+
+/// `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
+fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 30s, 10m, 2h, 1d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "{value:?}: unknown unit {unit:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,8 @@
 //! - [`moto::MotoServer`]: a moto server (AWS IoT) with jitr's fidelity fixes applied.
 //! - [`balena::FakeBalena`]: the balena API v7 calls jitr makes, with fault injection.
 //! - [`lambda::RuntimeEmulator`]: the AWS Lambda Runtime API, to run the real `bootstrap`.
+//! - [`proxy::LatencyProxy`]: adds latency to every HTTP request and counts them.
+//! - [`certs::TestCa`]: a jitr CA with good and hostile device certificates.
 //! - [`http::HttpRequest`]: a tiny blocking HTTP/1.1 client for talking to all of the above.
 //!
 //! Every server listens on `127.0.0.1` on a free port, runs on its own thread (so it works

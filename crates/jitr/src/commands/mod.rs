@@ -5,6 +5,7 @@ mod demo;
 mod endpoint;
 mod inspect;
 mod issue;
+mod reconcile;
 
 use anyhow::Result;
 
@@ -30,6 +31,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Inspect(args) => inspect::inspect(args),
         Command::Endpoint(args) => endpoint::endpoint(args),
         Command::Demo(args) => demo::demo(args),
+        Command::Reconcile(args) => reconcile::reconcile(args),
     }
 }
 

@@ -1,0 +1,186 @@
+//! `jitr reconcile` against moto: it sweeps what the Lambda missed with the Lambda's own
+//! decision and configuration, and says so in its exit code when something still fails.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
+
+use std::process::{Command, Output, Stdio};
+
+use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_iot::types::CertificateStatus;
+use serde_json::json;
+use testkit::certs::TestCa;
+use testkit::moto::MotoServer;
+
+const POLICY: &str = "jitr-device";
+
+fn uuid(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    moto: MotoServer,
+    ca: TestCa,
+    ca_id: String,
+    client: aws_sdk_iot::Client,
+    allowlist: tempfile::NamedTempFile,
+}
+
+fn world(with_policy: bool) -> World {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let moto = MotoServer::start().unwrap();
+    let client = rt.block_on(async {
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(moto.endpoint())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+            .load()
+            .await;
+        aws_sdk_iot::Client::new(&sdk)
+    });
+    let ca = TestCa::new("reconcile test CA").unwrap();
+    let ca_id = rt.block_on(async {
+        if with_policy {
+            let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
+            client.create_policy().policy_name(POLICY).policy_document(doc.to_string()).send().await.unwrap();
+        }
+        let out = client.register_ca_certificate().ca_certificate(&ca.cert_pem).set_as_active(true).send().await.unwrap();
+        out.certificate_id().unwrap().to_owned()
+    });
+    let allowlist = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(allowlist.path(), format!("{}\n{}\n", uuid(1), uuid(2))).unwrap();
+    World {
+        rt,
+        moto,
+        ca,
+        ca_id,
+        client,
+        allowlist,
+    }
+}
+
+impl World {
+    fn register(&self, device: &str) -> String {
+        let pem = self.ca.device_pem(device).unwrap();
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .register_certificate()
+                .certificate_pem(pem)
+                .ca_certificate_pem(&self.ca.cert_pem)
+                .status(CertificateStatus::PendingActivation)
+                .send()
+                .await
+                .unwrap();
+            out.certificate_id().unwrap().to_owned()
+        })
+    }
+
+    fn status(&self, id: &str) -> CertificateStatus {
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .describe_certificate()
+                .certificate_id(id)
+                .send()
+                .await
+                .unwrap();
+            out.certificate_description()
+                .unwrap()
+                .status()
+                .unwrap()
+                .clone()
+        })
+    }
+
+    fn jitr(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_jitr"))
+            .args(args)
+            .env_clear()
+            .envs(self.moto.aws_env())
+            .env("AWS_MAX_ATTEMPTS", "1")
+            .env("JITR_TRUSTED_CA_IDS", &self.ca_id)
+            .env("JITR_POLICY_NAME", POLICY)
+            .env("JITR_FLEET_BACKEND", "allowlist")
+            .env("JITR_ALLOWLIST", self.allowlist.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn sweeps_pending_certificates_with_the_lambdas_decision() {
+    let w = world(true);
+    let member = w.register(&uuid(1));
+    let other_member = w.register(&uuid(2));
+    let stranger = w.register(&uuid(3));
+
+    let out = w.jitr(&["reconcile", "--older-than", "0s", "--dry-run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("3 certificate(s) pending"), "{text}");
+    assert_eq!(
+        w.status(&member),
+        CertificateStatus::PendingActivation,
+        "a dry run changes nothing"
+    );
+
+    // Certificates younger than --older-than are left to the Lambda.
+    let out = w.jitr(&["reconcile", "--older-than", "1h"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 pending"));
+    assert_eq!(w.status(&member), CertificateStatus::PendingActivation);
+
+    let out = w.jitr(&["reconcile", "--older-than", "0s"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("3 pending, 2 activated, 1 rejected, 0 skipped, 0 still failing"),
+        "{text}"
+    );
+    assert_eq!(w.status(&member), CertificateStatus::Active);
+    assert_eq!(w.status(&other_member), CertificateStatus::Active);
+    assert_eq!(w.status(&stranger), CertificateStatus::Revoked);
+
+    // Nothing left: a second sweep has nothing to do.
+    let out = w.jitr(&["reconcile", "--older-than", "0s", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report[0]["report"]["pending"], 0);
+}
+
+#[test]
+fn certificates_that_still_fail_make_it_exit_1_and_stay_pending() {
+    // No device policy exists, so AttachPolicy fails: the certificate must stay pending.
+    let w = world(false);
+    let member = w.register(&uuid(1));
+    let out = w.jitr(&["reconcile", "--older-than", "0s"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("1 still failing"), "{text}");
+    assert!(text.contains("still-failing"), "{text}");
+    assert_eq!(w.status(&member), CertificateStatus::PendingActivation);
+
+    let out = w.jitr(&["reconcile", "--older-than", "soon"]);
+    assert_eq!(out.status.code(), Some(2), "bad usage");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitr"));
+    let out = cmd
+        .args(["reconcile"])
+        .env_clear()
+        .envs(w.moto.aws_env())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JITR_TRUSTED_CA_IDS is not set"));
+}
