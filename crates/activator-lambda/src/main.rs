@@ -7,30 +7,52 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use activator::{AccountId, ActivationError, Config, DeployedActivator, RegisteredEvent};
+use activator::{AccountId, ActivationError, Config, DeployedActivator, Incoming};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 use tokio::time::Instant;
 
 /// An invocation error, typed for Lambda: `MalformedEvent`, `Retryable` or `Failed`.
 #[derive(Debug)]
-struct InvocationError(ActivationError);
+enum InvocationError {
+    /// One event's decision failed.
+    Activation(ActivationError),
+    /// A scheduled sweep left certificates pending.
+    SweepIncomplete { failing: usize },
+}
+
+impl From<ActivationError> for InvocationError {
+    fn from(e: ActivationError) -> Self {
+        InvocationError::Activation(e)
+    }
+}
 
 impl From<InvocationError> for Diagnostic {
     fn from(e: InvocationError) -> Diagnostic {
-        let mut message = e.0.to_string();
-        let mut source = std::error::Error::source(&e.0);
-        while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        Diagnostic {
-            error_type: e.0.error_type().to_owned(),
-            error_message: message,
+        match e {
+            InvocationError::Activation(e) => {
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    message.push_str(": ");
+                    message.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                Diagnostic {
+                    error_type: e.error_type().to_owned(),
+                    error_message: message,
+                }
+            }
+            InvocationError::SweepIncomplete { failing } => Diagnostic {
+                error_type: "Retryable".to_owned(),
+                error_message: format!("sweep left {failing} certificate(s) pending; see the log"),
+            },
         }
     }
 }
+
+/// Decisions a scheduled sweep runs at once, well inside AWS IoT's default API quotas.
+const SWEEP_CONCURRENCY: usize = 4;
 
 /// The invocation deadline as a tokio instant.
 fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
@@ -42,21 +64,79 @@ fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
 
 async fn handle(
     activator: &DeployedActivator,
+    sweep_min_age: Duration,
     event: LambdaEvent<Value>,
 ) -> Result<Value, InvocationError> {
     let (payload, context) = event.into_parts();
     let deadline = deadline_from_epoch_ms(context.deadline);
     let account = AccountId::from_arn(&context.invoked_function_arn);
-    let event = RegisteredEvent::from_value(&payload).map_err(|e| {
+    let incoming = Incoming::from_value(&payload).map_err(|e| {
         tracing::warn!(error = %e, "event refused");
-        InvocationError(e.into())
+        InvocationError::from(ActivationError::from(e))
     })?;
-    let decision = activator
-        .handle_event(&event, account.as_ref(), deadline)
-        .await
-        .map_err(InvocationError)?;
-    // A Decision is plain strings and an enum: it always serializes.
-    Ok(serde_json::to_value(&decision).unwrap_or(Value::Null))
+    match incoming {
+        Incoming::Registered(event) => {
+            let decision = activator
+                .handle_event(&event, account.as_ref(), deadline)
+                .await?;
+            // A Decision is plain strings and an enum: it always serializes.
+            Ok(serde_json::to_value(&decision).unwrap_or(Value::Null))
+        }
+        Incoming::Sweep => sweep(activator, sweep_min_age).await,
+        Incoming::Replay(records) => {
+            // SQS partial batch response: only records worth retrying go back to the queue.
+            let mut failures = Vec::new();
+            for record in records {
+                match record.event {
+                    Err(e) => {
+                        tracing::warn!(message_id = %record.message_id, error = %e, "replay record dropped")
+                    }
+                    Ok(event) => match activator
+                        .handle_event(&event, account.as_ref(), deadline)
+                        .await
+                    {
+                        Err(e) if e.is_retryable() => {
+                            failures.push(serde_json::json!({"itemIdentifier": record.message_id}));
+                        }
+                        // Decided, or failed for good (logged by the activator): not retried.
+                        _ => {}
+                    },
+                }
+            }
+            Ok(serde_json::json!({"batchItemFailures": failures}))
+        }
+    }
+}
+
+/// The scheduled sweep over every trusted CA; an error while anything is left failing.
+async fn sweep(activator: &DeployedActivator, min_age: Duration) -> Result<Value, InvocationError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut reports = Vec::new();
+    let mut failing = 0;
+    for ca in &activator.policy().trusted_ca_ids {
+        let r = activator
+            .sweep(ca, min_age, now, false, SWEEP_CONCURRENCY)
+            .await?;
+        tracing::info!(
+            ca_certificate_id = %ca,
+            pending = r.pending,
+            activated = r.activated,
+            rejected = r.rejected,
+            failing = r.failing.len(),
+            "sweep"
+        );
+        failing += r.failing.len();
+        reports.push(serde_json::json!({
+            "caCertificateId": ca.as_str(), "pending": r.pending, "activated": r.activated,
+            "rejected": r.rejected, "skipped": r.skipped, "failing": r.failing.len(),
+        }));
+    }
+    if failing > 0 {
+        return Err(InvocationError::SweepIncomplete { failing });
+    }
+    Ok(Value::Array(reports))
 }
 
 fn init_logging() {
@@ -84,6 +164,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let sweep_min_age = config.sweep_min_age;
     let activator = match activator::build(config).await {
         Ok(a) => a,
         Err(e) => {
@@ -94,7 +175,11 @@ async fn main() -> ExitCode {
     };
     // Lives as long as the process; the runtime needs a reference it can hand to every call.
     let activator: &'static DeployedActivator = Box::leak(Box::new(activator));
-    match lambda_runtime::run(service_fn(move |event| handle(activator, event))).await {
+    match lambda_runtime::run(service_fn(move |event| {
+        handle(activator, sweep_min_age, event)
+    }))
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "runtime failed");

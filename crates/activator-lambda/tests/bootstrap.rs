@@ -289,3 +289,61 @@ fn a_missing_variable_fails_the_cold_start_naming_it() {
     std::io::Read::read_to_string(bootstrap.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("BALENA_FLEET_ID is invalid"), "{stderr}");
 }
+
+#[test]
+fn scheduled_sweeps_and_failure_queue_replays_finish_what_events_missed() {
+    let w = world();
+    let emulator = RuntimeEmulator::start().unwrap();
+    let mut env = w.env(&emulator);
+    env.push(("JITR_SWEEP_MIN_AGE_SECONDS", "0".to_owned()));
+    let _bootstrap = Bootstrap::spawn(&env);
+
+    // Two devices whose events were lost: the scheduled sweep decides both.
+    let member = format!("{:032x}", 11);
+    w.balena.add_device(FLEET, &member, true);
+    let member_id = w.first_connect(&member);
+    let stranger_id = w.first_connect(&format!("{:032x}", 12));
+    let scheduled = json!({"version": "0", "id": "x", "detail-type": "Scheduled Event", "source": "aws.events", "account": "123456789012", "time": "2026-11-23T00:00:00Z", "region": "us-east-1", "resources": [], "detail": {}});
+    let r = response(emulator.invoke(scheduled.clone(), INVOKE).unwrap());
+    assert_eq!(r[0]["pending"], 2);
+    assert_eq!(
+        (r[0]["activated"].as_u64(), r[0]["rejected"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(w.status(&member_id), CertificateStatus::Active);
+    assert_eq!(w.status(&stranger_id), CertificateStatus::Revoked);
+
+    // The failure queue replays a Lambda destination record: retryable failures go back.
+    let later = format!("{:032x}", 13);
+    w.balena.add_device(FLEET, &later, true);
+    let later_id = w.first_connect(&later);
+    let record = |id: &str| json!({"messageId": id, "body": json!({"version": "1.0", "requestContext": {"condition": "RetriesExhausted"}, "requestPayload": w.event(&later_id)}).to_string()});
+    w.balena.set_fault(Fault::Status(502));
+    let r = response(
+        emulator
+            .invoke(
+                json!({"Records": [record("m-1"), {"messageId": "m-bad", "body": "{}"}]}),
+                INVOKE,
+            )
+            .unwrap(),
+    );
+    assert_eq!(r, json!({"batchItemFailures": [{"itemIdentifier": "m-1"}]}));
+    assert_eq!(w.status(&later_id), CertificateStatus::PendingActivation);
+    w.balena.set_fault(Fault::None);
+    let r = response(
+        emulator
+            .invoke(json!({"Records": [record("m-2")]}), INVOKE)
+            .unwrap(),
+    );
+    assert_eq!(r, json!({"batchItemFailures": []}));
+    assert_eq!(w.status(&later_id), CertificateStatus::Active);
+
+    // A sweep that cannot finish is an error, so the Lambda Errors alarm sees it.
+    let stuck_id = w.first_connect(&format!("{:032x}", 14));
+    w.balena.set_fault(Fault::Status(503));
+    match emulator.invoke(scheduled, INVOKE).unwrap() {
+        Invocation::Error { error_type, .. } => assert_eq!(error_type, "Retryable"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.status(&stuck_id), CertificateStatus::PendingActivation);
+}

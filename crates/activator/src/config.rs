@@ -109,6 +109,9 @@ pub struct Config {
     pub policy: Policy,
     /// Fleet backend.
     pub fleet: FleetConfig,
+    /// How old a pending certificate must be before a scheduled sweep decides it
+    /// (`JITR_SWEEP_MIN_AGE_SECONDS`, default 300): younger ones belong to their own event.
+    pub sweep_min_age: std::time::Duration,
 }
 
 fn valid_name(s: &str, max: usize) -> bool {
@@ -241,6 +244,15 @@ impl Config {
                 ))
             }
         };
+        let sweep_min_age = match get("JITR_SWEEP_MIN_AGE_SECONDS") {
+            None => std::time::Duration::from_secs(300),
+            Some(v) => std::time::Duration::from_secs(v.parse().map_err(|_| {
+                invalid(
+                    "JITR_SWEEP_MIN_AGE_SECONDS",
+                    "expected a whole number of seconds",
+                )
+            })?),
+        };
         Ok(Config {
             policy: Policy {
                 trusted_ca_ids,
@@ -251,6 +263,7 @@ impl Config {
                 id_format,
             },
             fleet,
+            sweep_min_age,
         })
     }
 }

@@ -14,6 +14,7 @@ mod decision;
 mod error;
 mod event;
 mod ids;
+mod incoming;
 mod ports;
 
 pub use config::{ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
@@ -21,6 +22,7 @@ pub use decision::{Activator, Decision, Outcome, SweepReport};
 pub use error::ActivationError;
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId, FleetId};
+pub use incoming::{Incoming, ReplayRecord};
 pub use ports::{
     Cause, CertificateDescription, CertificatePage, CertificateStatus, FleetDirectory, FleetError,
     IotRegistry, ListedCertificate, Membership, RegistryError, ThingSpec,

@@ -30,6 +30,8 @@ pub(crate) enum Command {
     Demo(DemoArgs),
     /// Sweep certificates left PENDING_ACTIVATION through the activator's own decision.
     Reconcile(ReconcileArgs),
+    /// Revoke a device's certificate(s): REVOKED, policy and principal detached.
+    Revoke(RevokeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,6 +250,25 @@ fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
         }
     };
     Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["id", "certificate_id"])))]
+pub(crate) struct RevokeArgs {
+    /// The device (Thing name): every certificate attached to it.
+    #[arg(long, value_name = "DEVICE")]
+    pub(crate) id: Option<String>,
+    /// One certificate.
+    #[arg(long, value_name = "ID")]
+    pub(crate) certificate_id: Option<String>,
+    /// Delete the Thing too.
+    #[arg(long)]
+    pub(crate) delete_thing: bool,
+    /// Print what was done as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
 }
 
 #[derive(Debug, Args)]

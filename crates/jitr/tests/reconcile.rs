@@ -184,3 +184,72 @@ fn certificates_that_still_fail_make_it_exit_1_and_stay_pending() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("JITR_TRUSTED_CA_IDS is not set"));
 }
+
+#[test]
+fn revoke_undoes_an_activation_and_is_idempotent() {
+    let w = world(true);
+    let member = w.register(&uuid(1));
+    assert!(w
+        .jitr(&["reconcile", "--older-than", "0s"])
+        .status
+        .success());
+    assert_eq!(w.status(&member), CertificateStatus::Active);
+
+    let out = w.jitr(&["revoke", "--id", &uuid(1), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["revoked"][0]["certificate_id"], member.as_str());
+    assert_eq!(report["revoked"][0]["policies_detached"], json!([POLICY]));
+    assert_eq!(w.status(&member), CertificateStatus::Revoked);
+    let (policies, things) = w.rt.block_on(async {
+        let arn = w
+            .client
+            .describe_certificate()
+            .certificate_id(&member)
+            .send()
+            .await
+            .unwrap()
+            .certificate_description()
+            .unwrap()
+            .certificate_arn()
+            .unwrap()
+            .to_owned();
+        let p = w
+            .client
+            .list_attached_policies()
+            .target(&arn)
+            .send()
+            .await
+            .unwrap()
+            .policies()
+            .len();
+        let t = w
+            .client
+            .list_principal_things()
+            .principal(&arn)
+            .send()
+            .await
+            .unwrap()
+            .things()
+            .len();
+        (p, t)
+    });
+    assert_eq!((policies, things), (0, 0));
+
+    // Again, by certificate id, and deleting the Thing: still fine.
+    let out = w.jitr(&["revoke", "--certificate-id", &member, "--delete-thing"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = w.jitr(&["revoke", "--id", &uuid(1), "--delete-thing"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no certificate to revoke"));
+    let out = w.jitr(&["revoke"]);
+    assert_eq!(out.status.code(), Some(2));
+}

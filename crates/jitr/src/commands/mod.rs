@@ -6,6 +6,7 @@ mod endpoint;
 mod inspect;
 mod issue;
 mod reconcile;
+mod revoke;
 
 use anyhow::Result;
 
@@ -32,6 +33,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Endpoint(args) => endpoint::endpoint(args),
         Command::Demo(args) => demo::demo(args),
         Command::Reconcile(args) => reconcile::reconcile(args),
+        Command::Revoke(args) => revoke::revoke(args),
     }
 }
 
