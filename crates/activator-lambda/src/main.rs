@@ -30,19 +30,10 @@ impl From<ActivationError> for InvocationError {
 impl From<InvocationError> for Diagnostic {
     fn from(e: InvocationError) -> Diagnostic {
         match e {
-            InvocationError::Activation(e) => {
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    message.push_str(": ");
-                    message.push_str(&cause.to_string());
-                    source = cause.source();
-                }
-                Diagnostic {
-                    error_type: e.error_type().to_owned(),
-                    error_message: message,
-                }
-            }
+            InvocationError::Activation(e) => Diagnostic {
+                error_type: e.error_type().to_owned(),
+                error_message: activator::error_chain(&e),
+            },
             InvocationError::SweepIncomplete { failing } => Diagnostic {
                 error_type: "Retryable".to_owned(),
                 error_message: format!("sweep left {failing} certificate(s) pending; see the log"),

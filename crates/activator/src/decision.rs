@@ -11,6 +11,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use crate::error::error_chain;
 use crate::{
     AccountId, ActivationError, CertificateId, CertificateStatus, FleetDirectory, IotRegistry,
     Membership, Policy, RegisteredEvent, RegistryError, RejectAction, ThingSpec,
@@ -170,7 +171,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 tracing::warn!(
                     certificate_id = %id,
                     retryable = error.is_retryable(),
-                    error = %ErrorChain(&error),
+                    error = %error_chain(&error),
                     duration_ms = started.elapsed().as_millis() as u64,
                     "activation failed; certificate left as it was"
                 );
@@ -236,9 +237,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                     }
                     report.decisions.push(decision);
                 }
-                Err(e) => report
-                    .failing
-                    .push((id.to_string(), ErrorChain(&e).to_string())),
+                Err(e) => report.failing.push((id.to_string(), error_chain(&e))),
             }
         }
         Ok(report)
@@ -462,20 +461,5 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             outcome: Outcome::Rejected,
             reason,
         })
-    }
-}
-
-/// An error and its causes on one line.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
     }
 }

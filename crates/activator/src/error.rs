@@ -33,3 +33,19 @@ impl ActivationError {
         }
     }
 }
+
+/// An error and its causes on one line, `a: b: c`, skipping a cause whose text the line
+/// already holds (SDK errors often repeat their source in their own message).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

@@ -19,7 +19,7 @@ mod ports;
 
 pub use config::{ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
 pub use decision::{Activator, Decision, Outcome, SweepReport};
-pub use error::ActivationError;
+pub use error::{error_chain, ActivationError};
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId, FleetId};
 pub use incoming::{Incoming, ReplayRecord};

@@ -12,11 +12,11 @@ use activator::{
     CertificatePage, CertificateStatus, FleetDirectory, FleetId, IotRegistry, Outcome, Policy,
     RegisteredEvent, RegistryError, RejectAction, ThingSpec,
 };
-use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use serde_json::json;
 use testkit::balena::{FakeBalena, Fault};
 use testkit::certs::{certificate_id_of, device_params, TestCa};
+use testkit::iot;
 use testkit::moto::MotoServer;
 use tokio::time::Instant;
 
@@ -43,33 +43,11 @@ async fn world() -> World {
         .await
         .unwrap()
         .unwrap();
-    let sdk = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(moto.endpoint())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-        // moto answers bad input with HTTP 500: retrying it only slows the tests.
-        .retry_config(aws_config::retry::RetryConfig::disabled())
-        .load()
-        .await;
+    let sdk = iot::sdk_config(&moto).await;
     let client = aws_sdk_iot::Client::new(&sdk);
     let ca = TestCa::new("jitr test CA").unwrap();
-    let registered = client
-        .register_ca_certificate()
-        .ca_certificate(&ca.cert_pem)
-        .set_as_active(true)
-        .allow_auto_registration(true)
-        .send()
-        .await
-        .unwrap();
-    let ca_id = registered.certificate_id().unwrap().to_owned();
-    let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
-    client
-        .create_policy()
-        .policy_name(POLICY)
-        .policy_document(doc.to_string())
-        .send()
-        .await
-        .unwrap();
+    let ca_id = iot::register_ca(&client, &ca.cert_pem).await.unwrap();
+    iot::create_policy(&client, POLICY).await.unwrap();
     let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
         .await
         .unwrap()
@@ -112,18 +90,11 @@ impl World {
         Activator::new(self.registry.clone(), self.fleet(), self.policy())
     }
 
-    /// What AWS IoT does on a device's first connect: registers the certificate, pending, under its CA.
+    /// What AWS IoT does on a device's first connect.
     async fn first_connect(&self, device_pem: &str) -> String {
-        let out = self
-            .client
-            .register_certificate()
-            .certificate_pem(device_pem)
-            .ca_certificate_pem(&self.ca.cert_pem)
-            .status(SdkStatus::PendingActivation)
-            .send()
+        let id = iot::first_connect(&self.client, device_pem, &self.ca.cert_pem)
             .await
             .unwrap();
-        let id = out.certificate_id().unwrap().to_owned();
         assert_eq!(
             id,
             certificate_id_of(device_pem).unwrap(),
@@ -399,27 +370,12 @@ async fn only_certificates_we_issued_to_the_profile_are_activated() {
 
     // A certificate from a CA that is registered but not trusted.
     let other = TestCa::new("someone else's CA").unwrap();
-    let out = w
-        .client
-        .register_ca_certificate()
-        .ca_certificate(&other.cert_pem)
-        .set_as_active(true)
-        .send()
-        .await
-        .unwrap();
-    let other_ca_id = out.certificate_id().unwrap().to_owned();
+    let other_ca_id = iot::register_ca(&w.client, &other.cert_pem).await.unwrap();
     let id = next();
     let pem = other.device_pem(&id).unwrap();
-    let out = w
-        .client
-        .register_certificate()
-        .certificate_pem(&pem)
-        .ca_certificate_pem(&other.cert_pem)
-        .status(SdkStatus::PendingActivation)
-        .send()
+    let cert_id = iot::first_connect(&w.client, &pem, &other.cert_pem)
         .await
         .unwrap();
-    let cert_id = out.certificate_id().unwrap().to_owned();
     let mut event = w.event(&cert_id);
     event.ca_certificate_id = CertificateId::parse(&other_ca_id).unwrap();
     let d = a.handle_event(&event, None, deadline()).await.unwrap();

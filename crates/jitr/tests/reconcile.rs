@@ -5,10 +5,10 @@
 
 use std::process::{Command, Output, Stdio};
 
-use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_iot::types::CertificateStatus;
 use serde_json::json;
 use testkit::certs::TestCa;
+use testkit::iot;
 use testkit::moto::MotoServer;
 
 const POLICY: &str = "jitr-device";
@@ -32,23 +32,13 @@ fn world(with_policy: bool) -> World {
         .build()
         .unwrap();
     let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(async {
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .endpoint_url(moto.endpoint())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-            .load()
-            .await;
-        aws_sdk_iot::Client::new(&sdk)
-    });
+    let client = rt.block_on(iot::client(&moto));
     let ca = TestCa::new("reconcile test CA").unwrap();
     let ca_id = rt.block_on(async {
         if with_policy {
-            let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
-            client.create_policy().policy_name(POLICY).policy_document(doc.to_string()).send().await.unwrap();
+            iot::create_policy(&client, POLICY).await.unwrap();
         }
-        let out = client.register_ca_certificate().ca_certificate(&ca.cert_pem).set_as_active(true).send().await.unwrap();
-        out.certificate_id().unwrap().to_owned()
+        iot::register_ca(&client, &ca.cert_pem).await.unwrap()
     });
     let allowlist = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(allowlist.path(), format!("{}\n{}\n", uuid(1), uuid(2))).unwrap();
@@ -65,35 +55,13 @@ fn world(with_policy: bool) -> World {
 impl World {
     fn register(&self, device: &str) -> String {
         let pem = self.ca.device_pem(device).unwrap();
-        self.rt.block_on(async {
-            let out = self
-                .client
-                .register_certificate()
-                .certificate_pem(pem)
-                .ca_certificate_pem(&self.ca.cert_pem)
-                .status(CertificateStatus::PendingActivation)
-                .send()
-                .await
-                .unwrap();
-            out.certificate_id().unwrap().to_owned()
-        })
+        self.rt
+            .block_on(iot::first_connect(&self.client, &pem, &self.ca.cert_pem))
+            .unwrap()
     }
 
     fn status(&self, id: &str) -> CertificateStatus {
-        self.rt.block_on(async {
-            let out = self
-                .client
-                .describe_certificate()
-                .certificate_id(id)
-                .send()
-                .await
-                .unwrap();
-            out.certificate_description()
-                .unwrap()
-                .status()
-                .unwrap()
-                .clone()
-        })
+        self.rt.block_on(iot::status(&self.client, id)).unwrap()
     }
 
     fn jitr(&self, args: &[&str]) -> Output {

@@ -3,6 +3,7 @@
 //! - [`moto::MotoServer`]: a moto server (AWS IoT) with jitr's fidelity fixes applied.
 //! - [`balena::FakeBalena`]: the balena API v7 calls jitr makes, with fault injection.
 //! - [`lambda::RuntimeEmulator`]: the AWS Lambda Runtime API, to run the real `bootstrap`.
+//! - [`iot`]: an AWS IoT client for moto and the steps every scenario repeats.
 //! - [`proxy::LatencyProxy`]: adds latency to every HTTP request and counts them.
 //! - [`certs::TestCa`]: a jitr CA with good and hostile device certificates.
 //! - [`http::HttpRequest`]: a tiny blocking HTTP/1.1 client for talking to all of the above.
@@ -13,6 +14,7 @@
 pub mod balena;
 pub mod certs;
 pub mod http;
+pub mod iot;
 pub mod lambda;
 pub mod moto;
 pub mod proc;
