@@ -33,6 +33,7 @@ use factory_ca::{certificates_from_pem_or_der, inspect_device_certificate, IdFor
 use serde_json::{json, Value};
 use testkit::balena::FakeBalena;
 use testkit::certs::TestCa;
+use testkit::iot;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
 use testkit::proxy::{LatencyProxy, ProxiedRequest};
@@ -126,26 +127,11 @@ impl World {
         balena.add_fleet(FLEET, "acme/sensors");
         let moto_proxy = LatencyProxy::start(moto.addr(), latency).unwrap();
         let balena_proxy = LatencyProxy::for_url(&balena.url(), latency).unwrap();
-        let direct = aws_sdk_iot::Client::new(&sdk_config(&rt, &moto.endpoint()));
+        let direct = rt.block_on(iot::client(&moto));
         let ca = TestCa::new("jitr bench CA").unwrap();
         let ca_id = rt.block_on(async {
-            let out = direct
-                .register_ca_certificate()
-                .ca_certificate(&ca.cert_pem)
-                .set_as_active(true)
-                .allow_auto_registration(true)
-                .send()
-                .await
-                .unwrap();
-            let doc = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]});
-            direct
-                .create_policy()
-                .policy_name(POLICY)
-                .policy_document(doc.to_string())
-                .send()
-                .await
-                .unwrap();
-            out.certificate_id().unwrap().to_owned()
+            iot::create_policy(&direct, POLICY).await.unwrap();
+            iot::register_ca(&direct, &ca.cert_pem).await.unwrap()
         });
         World {
             rt,
@@ -168,18 +154,10 @@ impl World {
                 let uuid = format!("{:032x}", 0xbe0c_0000_u64 + u64::from(self.next_device));
                 self.balena.add_device(FLEET, &uuid, true);
                 let pem = self.ca.device_pem(&uuid).unwrap();
-                let certificate_id = self.rt.block_on(async {
-                    let out = self
-                        .direct
-                        .register_certificate()
-                        .certificate_pem(pem)
-                        .ca_certificate_pem(&self.ca.cert_pem)
-                        .status(CertificateStatus::PendingActivation)
-                        .send()
-                        .await
-                        .unwrap();
-                    out.certificate_id().unwrap().to_owned()
-                });
+                let certificate_id = self
+                    .rt
+                    .block_on(iot::first_connect(&self.direct, &pem, &self.ca.cert_pem))
+                    .unwrap();
                 Device {
                     uuid,
                     certificate_id,
