@@ -85,6 +85,9 @@ pub enum Error {
     /// A validity period is out of range.
     #[error("invalid validity: {reason}")]
     Validity { reason: &'static str },
+    /// The worker threads for a batch could not be started.
+    #[error("cannot start the issuing threads")]
+    Workers(#[source] rayon::ThreadPoolBuildError),
     /// rcgen refused to build a certificate.
     #[error("certificate generation failed")]
     Rcgen(#[source] rcgen::Error),

@@ -246,9 +246,7 @@ pub fn issue_batch(
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)
         .build()
-        .map_err(|_| Error::Crypto {
-            op: "start worker threads",
-        })?;
+        .map_err(Error::Workers)?;
 
     // Workers record their own results: a lock taken once per device costs far less
     // than waking a collector thread for every certificate.
