@@ -1,5 +1,12 @@
-//! The [`FleetDirectory`] adapter over the balena API v7 (OData via pinejs).
+//! The [`FleetDirectory`] adapter over the balena API v7 (OData via pinejs), and the writes
+//! jitr makes to balena devices: delivery variables ([`delivery`]) through [`BalenaClient`],
+//! and the optional activation write-back (device tags, `JITR_BALENA_WRITE_BACK=tag`).
 
+mod client;
+pub mod delivery;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use factory_ca::DeviceId;
@@ -8,8 +15,10 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::config::ApiKey;
-use crate::{ConfigError, FleetDirectory, FleetError, FleetId, Membership};
+pub use client::{BalenaClient, BalenaError, DeviceField, Upserted};
+
+use crate::config::{ApiKey, WriteBack};
+use crate::{Cause, CertificateId, ConfigError, FleetDirectory, FleetError, FleetId, Membership};
 
 /// How long one HTTP request to balena may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -17,6 +26,33 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RATE_LIMIT_WAITS: u32 = 3;
 /// Time kept back from the deadline for the provisioning calls after the fleet check.
 const DEADLINE_RESERVE: Duration = Duration::from_secs(3);
+/// Time kept back from the deadline when writing tags back, so the invocation still answers.
+const WRITE_BACK_RESERVE: Duration = Duration::from_secs(1);
+/// Numeric device ids remembered between the fleet check and the write-back, at most.
+const MAX_REMEMBERED_IDS: usize = 1024;
+/// The tag holding the Thing name.
+pub const TAG_THING: &str = "aws_iot_thing";
+/// The tag holding the AWS IoT certificate id.
+pub const TAG_CERTIFICATE_ID: &str = "aws_iot_certificate_id";
+
+/// The HTTP client every balena call uses.
+fn http_client() -> Result<reqwest::Client, ConfigError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .user_agent(concat!("jitr-activator/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ConfigError::Http(Box::new(e)))
+}
+
+/// A 429's `Retry-After` in seconds (1 s when absent or unreadable).
+fn retry_after(response: &reqwest::Response) -> Duration {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_secs)
+}
 
 /// Where the API key comes from.
 #[derive(Debug)]
@@ -41,6 +77,10 @@ pub struct BalenaDirectory {
     key: OnceCell<ApiKey>,
     /// Set once the key has been shown to see the fleet: only then is an empty answer "not a member".
     fleet_visible: OnceCell<()>,
+    /// What to record on the device once it is activated.
+    write_back: WriteBack,
+    /// Numeric ids of member devices (by UUID) from the fleet check, for the write-back.
+    member_ids: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +90,9 @@ struct OData<T> {
 
 #[derive(Debug, Deserialize)]
 struct DeviceRow {
+    /// The numeric id, kept for the write-back (optional: membership never depends on it).
+    #[serde(default)]
+    id: Option<u64>,
     uuid: String,
     is_active: bool,
 }
@@ -62,11 +105,7 @@ struct ApplicationRow {
 impl BalenaDirectory {
     /// A directory for `fleet` at `api_url` (no trailing slash).
     pub fn new(api_url: &str, fleet: FleetId, key_source: KeySource) -> Result<Self, ConfigError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .user_agent(concat!("jitr-activator/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Http(Box::new(e)))?;
+        let http = http_client()?;
         Ok(BalenaDirectory {
             http,
             request_timeout: REQUEST_TIMEOUT,
@@ -75,7 +114,15 @@ impl BalenaDirectory {
             key_source,
             key: OnceCell::new(),
             fleet_visible: OnceCell::new(),
+            write_back: WriteBack::Off,
+            member_ids: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same directory recording activations on the device as `write_back` says.
+    pub fn with_write_back(mut self, write_back: WriteBack) -> Self {
+        self.write_back = write_back;
+        self
     }
 
     /// The same directory with another per-request timeout (default 5 s).
@@ -155,12 +202,7 @@ impl BalenaDirectory {
                     })
                 }
                 StatusCode::TOO_MANY_REQUESTS => {
-                    let retry_after = response
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map_or(Duration::from_secs(1), Duration::from_secs);
+                    let retry_after = retry_after(&response);
                     waits += 1;
                     if waits > MAX_RATE_LIMIT_WAITS || retry_after >= remaining {
                         return Err(FleetError::RateLimited { retry_after });
@@ -223,6 +265,7 @@ impl FleetDirectory for BalenaDirectory {
         let answer: OData<DeviceRow> = self.get(&path, deadline).await?;
         match answer.d.as_slice() {
             [row] if row.uuid == device.as_str() => Ok(if row.is_active {
+                self.remember_member(device, row.id);
                 Membership::Member
             } else {
                 Membership::Inactive
@@ -240,6 +283,65 @@ impl FleetDirectory for BalenaDirectory {
 
     fn label(&self) -> String {
         format!("balena fleet {}", self.fleet)
+    }
+
+    async fn record_activation(
+        &self,
+        device: &DeviceId,
+        certificate: &CertificateId,
+        deadline: Instant,
+    ) -> Result<(), Cause> {
+        if self.write_back == WriteBack::Off {
+            return Ok(());
+        }
+        let deadline = deadline
+            .checked_sub(WRITE_BACK_RESERVE)
+            .unwrap_or_else(Instant::now);
+        let key = self.api_key().await?;
+        let client = BalenaClient::with_http(self.http.clone(), &self.api_url, key.clone())
+            .with_request_timeout(self.request_timeout);
+        let remembered = self
+            .member_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(device.as_str());
+        let id = match remembered {
+            Some(id) => id,
+            None => client
+                .device_id(device, deadline)
+                .await?
+                .ok_or_else(|| format!("balena has no device {device}"))?,
+        };
+        let thing = client.upsert(DeviceField::Tag, id, TAG_THING, device.as_str(), deadline);
+        let cert = client.upsert(
+            DeviceField::Tag,
+            id,
+            TAG_CERTIFICATE_ID,
+            certificate.as_str(),
+            deadline,
+        );
+        let (thing, cert) = tokio::join!(thing, cert);
+        thing.map_err(|e| format!("tag {TAG_THING}: {}", crate::error_chain(&e)))?;
+        cert.map_err(|e| format!("tag {TAG_CERTIFICATE_ID}: {}", crate::error_chain(&e)))?;
+        Ok(())
+    }
+}
+
+impl BalenaDirectory {
+    /// Keeps a member's numeric id for the write-back, so it needs no second lookup.
+    fn remember_member(&self, device: &DeviceId, id: Option<u64>) {
+        let (WriteBack::Tags, Some(id)) = (self.write_back, id) else {
+            return;
+        };
+        let mut ids = self
+            .member_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Entries leave at the write-back; ones whose activation failed must not pile up.
+        if ids.len() >= MAX_REMEMBERED_IDS {
+            ids.clear();
+        }
+        ids.insert(device.as_str().to_owned(), id);
     }
 }
 

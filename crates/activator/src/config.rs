@@ -41,6 +41,17 @@ pub enum RejectAction {
     Deactivate,
 }
 
+/// What the activator records on a balena device once it is activated
+/// (`JITR_BALENA_WRITE_BACK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteBack {
+    /// Nothing (unset, the default).
+    #[default]
+    Off,
+    /// `tag`: device tags `aws_iot_thing` and `aws_iot_certificate_id`.
+    Tags,
+}
+
 /// The balena API key; never printed.
 #[derive(Clone)]
 pub struct ApiKey(String);
@@ -80,6 +91,8 @@ pub enum FleetConfig {
         api_url: String,
         fleet_id: FleetId,
         api_key: ApiKeySource,
+        /// `JITR_BALENA_WRITE_BACK`.
+        write_back: WriteBack,
     },
     /// `JITR_FLEET_BACKEND=allowlist`.
     Allowlist { path: PathBuf },
@@ -193,6 +206,17 @@ impl Config {
                 .map_err(|e: String| invalid("JITR_ID_FORMAT", &e))?,
         };
 
+        let write_back = match get("JITR_BALENA_WRITE_BACK").as_deref() {
+            None => WriteBack::Off,
+            Some("tag") => WriteBack::Tags,
+            Some(other) => {
+                return Err(invalid(
+                    "JITR_BALENA_WRITE_BACK",
+                    &format!("{other:?}: expected tag, or leave it unset"),
+                ))
+            }
+        };
+
         let fleet = match get("JITR_FLEET_BACKEND").as_deref() {
             None | Some("balena") => {
                 if id_format != IdFormat::BalenaUuid {
@@ -226,9 +250,16 @@ impl Config {
                     api_url: api_url.trim_end_matches('/').to_owned(),
                     fleet_id,
                     api_key,
+                    write_back,
                 }
             }
             Some("allowlist") => {
+                if write_back != WriteBack::Off {
+                    return Err(invalid(
+                        "JITR_BALENA_WRITE_BACK",
+                        "writing back to balena needs JITR_FLEET_BACKEND=balena",
+                    ));
+                }
                 let path = get("JITR_ALLOWLIST").ok_or(ConfigError::Missing {
                     var: "JITR_ALLOWLIST",
                     hint: "a file of device ids, one per line, for JITR_FLEET_BACKEND=allowlist",
@@ -298,8 +329,10 @@ mod tests {
                 api_url,
                 fleet_id,
                 api_key,
+                write_back,
             } => {
                 assert_eq!(api_url, "https://api.balena-cloud.com");
+                assert_eq!(write_back, WriteBack::Off);
                 assert_eq!(fleet_id.get(), 1234567);
                 assert_eq!(format!("{api_key:?}"), "Literal(ApiKey(<redacted>))");
             }
@@ -351,6 +384,18 @@ mod tests {
                 vec![("BALENA_API_URL", "api.balena-cloud.com")],
                 "BALENA_API_URL is invalid",
             ),
+            (
+                vec![("JITR_BALENA_WRITE_BACK", "env")],
+                "JITR_BALENA_WRITE_BACK is invalid",
+            ),
+            (
+                vec![
+                    ("JITR_FLEET_BACKEND", "allowlist"),
+                    ("JITR_ALLOWLIST", "/dev/null"),
+                    ("JITR_BALENA_WRITE_BACK", "tag"),
+                ],
+                "JITR_BALENA_WRITE_BACK is invalid",
+            ),
         ];
         for (overrides, want) in cases {
             let mut pairs: Vec<(&str, &str)> = if want.starts_with("JITR_TRUSTED_CA_IDS is not") {
@@ -365,5 +410,24 @@ mod tests {
             let err = Config::from_lookup(lookup(&pairs)).unwrap_err().to_string();
             assert!(err.starts_with(want), "{want}: {err}");
         }
+    }
+
+    #[test]
+    fn write_back_tag_is_read_for_the_balena_backend() {
+        let c = Config::from_lookup(lookup(&[
+            ("JITR_TRUSTED_CA_IDS", CA),
+            ("JITR_POLICY_NAME", "p"),
+            ("BALENA_FLEET_ID", "1"),
+            ("BALENA_API_KEY", "k"),
+            ("JITR_BALENA_WRITE_BACK", "tag"),
+        ]))
+        .unwrap();
+        assert!(matches!(
+            c.fleet,
+            FleetConfig::Balena {
+                write_back: WriteBack::Tags,
+                ..
+            }
+        ));
     }
 }

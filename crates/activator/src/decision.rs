@@ -337,6 +337,15 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         self.registry
             .set_certificate_status(id, CertificateStatus::Active)
             .await?;
+        // The device is active whatever happens here: a failed write-back is only reported.
+        if let Err(error) = self.fleet.record_activation(&device, id, deadline).await {
+            tracing::warn!(
+                certificate_id = %id,
+                device_id = %device,
+                error = %error_chain(error.as_ref()),
+                "fleet write-back failed; the device is activated all the same"
+            );
+        }
         Ok(decision(
             Some(&device),
             Outcome::Activated,

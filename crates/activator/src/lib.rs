@@ -17,7 +17,9 @@ mod ids;
 mod incoming;
 mod ports;
 
-pub use config::{ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction};
+pub use config::{
+    ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction, WriteBack,
+};
 pub use decision::{Activator, Decision, Outcome, SweepReport};
 pub use error::{error_chain, ActivationError};
 pub use event::{EventError, RegisteredEvent};
@@ -31,8 +33,8 @@ pub use ports::{
 /// The fleet directory chosen by `JITR_FLEET_BACKEND`.
 #[derive(Debug)]
 pub enum FleetBackend {
-    /// The balena API.
-    Balena(balena::BalenaDirectory),
+    /// The balena API (boxed: it is much larger than the allowlist, and built once).
+    Balena(Box<balena::BalenaDirectory>),
     /// A static list of device ids.
     Allowlist(allowlist::AllowlistDirectory),
 }
@@ -53,6 +55,18 @@ impl FleetDirectory for FleetBackend {
         match self {
             FleetBackend::Balena(d) => d.label(),
             FleetBackend::Allowlist(d) => d.label(),
+        }
+    }
+
+    async fn record_activation(
+        &self,
+        device: &factory_ca::DeviceId,
+        certificate: &CertificateId,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Cause> {
+        match self {
+            FleetBackend::Balena(d) => d.record_activation(device, certificate, deadline).await,
+            FleetBackend::Allowlist(d) => d.record_activation(device, certificate, deadline).await,
         }
     }
 }
@@ -77,6 +91,7 @@ pub fn build_with_sdk(
             api_url,
             fleet_id,
             api_key,
+            write_back,
         } => {
             let key = match api_key {
                 ApiKeySource::Literal(key) => balena::KeySource::Literal(key.clone()),
@@ -85,7 +100,9 @@ pub fn build_with_sdk(
                     secret_id: id.clone(),
                 },
             };
-            FleetBackend::Balena(balena::BalenaDirectory::new(api_url, *fleet_id, key)?)
+            FleetBackend::Balena(Box::new(
+                balena::BalenaDirectory::new(api_url, *fleet_id, key)?.with_write_back(*write_back),
+            ))
         }
         FleetConfig::Allowlist { path } => {
             FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?)

@@ -221,4 +221,16 @@ pub trait FleetDirectory: Send + Sync {
     ) -> impl Future<Output = Result<Membership, FleetError>> + Send;
     /// A short name for the fleet, recorded on the Thing (`fleet` attribute).
     fn label(&self) -> String;
+    /// Records on the fleet side that `device` was activated with `certificate` (balena: device
+    /// tags). Best effort, after activation: a failure is logged and changes nothing. The
+    /// default records nothing.
+    fn record_activation(
+        &self,
+        device: &DeviceId,
+        certificate: &CertificateId,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), Cause>> + Send {
+        let _ = (device, certificate, deadline);
+        std::future::ready(Ok(()))
+    }
 }

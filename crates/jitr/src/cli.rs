@@ -32,6 +32,15 @@ pub(crate) enum Command {
     Reconcile(ReconcileArgs),
     /// Revoke a device's certificate(s): REVOKED, policy and principal detached.
     Revoke(RevokeArgs),
+    /// Act as a device: connect to AWS IoT (or any MQTT broker) with its certificate.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeviceCommand {
+    /// MQTT 3.1.1 CONNECT over TLS with the device's chain, retried until accepted or the deadline.
+    Connect(DeviceConnectArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,9 +170,42 @@ pub(crate) struct IssueArgs {
     /// Issue again ids that the manifest already holds.
     #[arg(long)]
     pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) balena: BalenaDeliveryArgs,
     /// Print the manifest lines of the issued devices as JSON.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+/// Delivery of the issued credentials to balena devices as the environment variables that
+/// balena's cloud-relay block reads (AWS_CERT, AWS_PRIVATE_KEY, AWS_DATA_ENDPOINT).
+#[derive(Debug, Args)]
+pub(crate) struct BalenaDeliveryArgs {
+    /// Write each device's balena variables (AWS_CERT, AWS_PRIVATE_KEY, AWS_DATA_ENDPOINT) here,
+    /// one JSON object per line (mode 0600: it holds private keys).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) balena_env: Option<PathBuf>,
+    /// Set those variables on each device through the balena API (key from BALENA_API_KEY;
+    /// BALENA_API_URL [default: https://api.balena-cloud.com]).
+    #[arg(long)]
+    pub(crate) push_balena: bool,
+    /// The AWS IoT data endpoint for AWS_DATA_ENDPOINT (`jitr endpoint` prints it).
+    #[arg(long, value_name = "HOST", value_parser = parse_host)]
+    pub(crate) endpoint: Option<String>,
+}
+
+/// `clap` value parser for a bare host name (no scheme, port or path).
+fn parse_host(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("expected a host name such as abc123-ats.iot.eu-west-1.amazonaws.com".to_owned())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +227,8 @@ pub(crate) struct SignCsrArgs {
     /// Sign again for an id the manifest already holds.
     #[arg(long)]
     pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) balena: BalenaDeliveryArgs,
     /// Print the manifest line as JSON.
     #[arg(long)]
     pub(crate) json: bool,
@@ -272,6 +316,29 @@ pub(crate) struct RevokeArgs {
 }
 
 #[derive(Debug, Args)]
+pub(crate) struct DeviceConnectArgs {
+    /// The device's certificate chain, PEM: its certificate first, then its CA (chain.pem).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) cert: PathBuf,
+    /// The device's private key, PEM (device.key).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) key: PathBuf,
+    /// The broker, e.g. the AWS IoT data endpoint (`jitr endpoint`); port 8883 unless given.
+    #[arg(long, value_name = "HOST[:PORT]", value_parser = crate::mqtt::Endpoint::parse)]
+    pub(crate) endpoint: crate::mqtt::Endpoint,
+    /// MQTT client id [default: the certificate's CN, the device id].
+    #[arg(long, value_name = "ID")]
+    pub(crate) client_id: Option<String>,
+    /// CA certificate(s), PEM, the broker's certificate must chain to [default: the platform's
+    /// trusted roots].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) server_ca: Option<PathBuf>,
+    /// Give up when not connected after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub(crate) deadline: u64,
+}
+
+#[derive(Debug, Args)]
 pub(crate) struct DemoArgs {
     /// How many devices to issue and connect.
     #[arg(long, default_value_t = 10, value_name = "N")]
@@ -295,5 +362,19 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn data_endpoints_are_bare_host_names() {
+        assert!(parse_host("abc123-ats.iot.eu-west-1.amazonaws.com").is_ok());
+        for bad in [
+            "",
+            "https://x.example",
+            "x.example:8883",
+            "x.example/",
+            "a b",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad}");
+        }
     }
 }

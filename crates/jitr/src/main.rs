@@ -3,6 +3,7 @@
 mod aws;
 mod cli;
 mod commands;
+mod mqtt;
 mod passphrase;
 
 use std::process::ExitCode;

@@ -42,6 +42,9 @@ pub enum Fault {
     },
     /// Wait this long before serving each request.
     Delay(Duration),
+    /// Answer every write (POST, PATCH) with this status, serve reads: a key that may read
+    /// but not write, or a write path in trouble.
+    WriteStatus(u16),
 }
 
 /// One request as the fake received it (the API key itself is never stored).
@@ -431,6 +434,11 @@ async fn handle(
             tokio::time::sleep(delay).await;
             authorized
         }
+        (Fault::WriteStatus(code), _) if method == Method::POST || method == Method::PATCH => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return text(status, status.canonical_reason().unwrap_or("Error"));
+        }
+        (Fault::WriteStatus(_), authorized) => authorized,
         (Fault::Status(code), _) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return text(status, status.canonical_reason().unwrap_or("Error"));

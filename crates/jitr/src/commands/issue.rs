@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 
@@ -5,7 +6,9 @@ use anyhow::{bail, Context, Result};
 use factory_ca::{issue_batch, BatchOptions, DeviceId, IdFormat};
 use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
+use zeroize::Zeroizing;
 
+use super::balena::Delivery;
 use super::{print_json, Outcome};
 use crate::cli::{IssueArgs, SignCsrArgs};
 use crate::passphrase;
@@ -58,6 +61,7 @@ fn progress_bar(len: usize) -> ProgressBar {
 }
 
 pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
+    let delivery = Delivery::from_args(&args.balena)?;
     let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
     let device = &ca.profile().device;
     let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
@@ -92,7 +96,24 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
             format!(", {} failed", report.failures.len())
         }
     );
-    Ok(if report.failures.is_empty() {
+    let mut delivered = true;
+    if delivery.wanted() {
+        let issued: HashSet<&str> = report.issued.iter().map(|e| e.id.as_str()).collect();
+        let mut devices = Vec::with_capacity(issued.len());
+        for id in ids.iter().filter(|id| issued.contains(id.as_str())) {
+            let dir = args.out.join(id.as_str());
+            let read = |name: &str| {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path)
+                    .map(Zeroizing::new)
+                    .with_context(|| format!("cannot read {}", path.display()))
+            };
+            let (chain, key) = (read("chain.pem")?, read("device.key")?);
+            devices.push(delivery.variables(id, &chain, Some(&key)));
+        }
+        delivered = delivery.deliver(&devices)?;
+    }
+    Ok(if report.failures.is_empty() && delivered {
         Outcome::Success
     } else {
         Outcome::Failed
@@ -112,6 +133,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
+    let delivery = Delivery::from_args(&args.balena)?;
     let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
     let csr =
         std::fs::read(&args.csr).with_context(|| format!("cannot read {}", args.csr.display()))?;
@@ -141,6 +163,15 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
             "signed {} (certificate id {}) into {place}",
             issued.entry.id, issued.entry.certificate_id
         );
+    }
+    if delivery.wanted() {
+        // The CSR's CN was validated as a device id when it was signed.
+        let id = DeviceId::parse(&issued.entry.id, IdFormat::Any)?;
+        // The device kept its key: only the chain (and endpoint) are delivered.
+        let devices = [delivery.variables(&id, &issued.chain_pem, None)];
+        if !delivery.deliver(&devices)? {
+            return Ok(Outcome::Failed);
+        }
     }
     Ok(Outcome::Success)
 }

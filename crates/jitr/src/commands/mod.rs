@@ -1,7 +1,9 @@
 //! One function per command; the logic lives in the libraries.
 
+mod balena;
 mod ca;
 mod demo;
+mod device;
 mod endpoint;
 mod inspect;
 mod issue;
@@ -10,7 +12,7 @@ mod revoke;
 
 use anyhow::Result;
 
-use crate::cli::{CaCommand, Cli, Command};
+use crate::cli::{CaCommand, Cli, Command, DeviceCommand};
 
 /// How a command ended when it did not hit an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,6 +36,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Demo(args) => demo::demo(args),
         Command::Reconcile(args) => reconcile::reconcile(args),
         Command::Revoke(args) => revoke::revoke(args),
+        Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
     }
 }
 

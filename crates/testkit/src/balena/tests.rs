@@ -284,6 +284,26 @@ fn status_faults_answer_until_cleared() {
 }
 
 #[test]
+fn write_faults_refuse_posts_and_patches_but_serve_reads() {
+    let (fake, device) = fake();
+    fake.set_fault(Fault::WriteStatus(401));
+    let url = format!("{}/v7/device_tag", fake.url());
+    let body = json!({"device": device, "tag_key": "k", "value": "v"});
+    let response = send(HttpRequest::post(&url).json(&body));
+    assert_eq!(
+        (response.status, response.text().as_str()),
+        (401, "Unauthorized")
+    );
+    let response = send(
+        HttpRequest::patch(&format!("{url}?$filter=device%20eq%20{device}"))
+            .json(&json!({"value": "w"})),
+    );
+    assert_eq!(response.status, 401);
+    assert_eq!(get(&fake, &device_query(UUID, FLEET, "+")).status, 200);
+    assert!(fake.tags(device).is_empty());
+}
+
+#[test]
 fn rate_limiting_refuses_the_next_requests_then_serves() {
     let (fake, _) = fake();
     fake.set_fault(Fault::RateLimited {

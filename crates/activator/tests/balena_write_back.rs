@@ -1,0 +1,272 @@
+//! `JITR_BALENA_WRITE_BACK=tag`: after activation the device carries tags naming its Thing and
+//! certificate, in the fake balena API; AWS IoT is a moto server. A failed write-back never
+//! changes the outcome.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
+
+use std::time::Duration;
+
+use activator::balena::{BalenaClient, BalenaDirectory, KeySource, TAG_CERTIFICATE_ID, TAG_THING};
+use activator::{
+    aws::AwsIotRegistry, Activator, ApiKey, CertificateId, FleetId, Outcome, Policy,
+    RegisteredEvent, RejectAction, WriteBack,
+};
+use aws_sdk_iot::types::CertificateStatus as SdkStatus;
+use factory_ca::{DeviceId, IdFormat};
+use serde_json::json;
+use testkit::balena::{FakeBalena, Fault};
+use testkit::certs::TestCa;
+use testkit::iot;
+use testkit::moto::MotoServer;
+use tokio::time::Instant;
+
+const FLEET: u64 = 1234567;
+const KEY: &str = "write-back-key";
+const POLICY: &str = "jitr-device";
+
+struct World {
+    _moto: MotoServer,
+    balena: FakeBalena,
+    ca: TestCa,
+    ca_id: String,
+    client: aws_sdk_iot::Client,
+    registry: AwsIotRegistry,
+}
+
+async fn world() -> World {
+    let moto = tokio::task::spawn_blocking(MotoServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let sdk = iot::sdk_config(&moto).await;
+    let client = aws_sdk_iot::Client::new(&sdk);
+    let ca = TestCa::new("jitr write-back CA").unwrap();
+    let ca_id = iot::register_ca(&client, &ca.cert_pem).await.unwrap();
+    iot::create_policy(&client, POLICY).await.unwrap();
+    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
+        .await
+        .unwrap()
+        .unwrap();
+    balena.add_fleet(FLEET, "acme/sensors");
+    World {
+        _moto: moto,
+        balena,
+        ca,
+        ca_id,
+        registry: AwsIotRegistry::new(&sdk),
+        client,
+    }
+}
+
+impl World {
+    fn activator(&self, write_back: WriteBack) -> Activator<AwsIotRegistry, BalenaDirectory> {
+        let policy = Policy {
+            trusted_ca_ids: vec![CertificateId::parse(&self.ca_id).unwrap()],
+            policy_name: POLICY.into(),
+            reject_action: RejectAction::Revoke,
+            thing_type: None,
+            thing_group: None,
+            id_format: IdFormat::BalenaUuid,
+        };
+        let fleet = BalenaDirectory::new(
+            &self.balena.url(),
+            FleetId::parse(&FLEET.to_string()).unwrap(),
+            KeySource::Literal(ApiKey::new(KEY.into())),
+        )
+        .unwrap()
+        .with_request_timeout(Duration::from_secs(2))
+        .with_write_back(write_back);
+        Activator::new(self.registry.clone(), fleet, policy)
+    }
+
+    /// A device's first connect: its certificate registered PENDING_ACTIVATION; the event.
+    async fn first_connect(&self, device: &str) -> (String, RegisteredEvent) {
+        let pem = self.ca.device_pem(device).unwrap();
+        let id = iot::first_connect(&self.client, &pem, &self.ca.cert_pem)
+            .await
+            .unwrap();
+        let event = RegisteredEvent::from_value(&json!({
+            "certificateId": id,
+            "caCertificateId": self.ca_id,
+            "timestamp": 1732269800000u64,
+            "certificateStatus": "PENDING_ACTIVATION",
+            "awsAccountId": "123456789012",
+            "certificateRegistrationTimestamp": "1732269799000"
+        }))
+        .unwrap();
+        (id, event)
+    }
+
+    /// Requests other than the fleet check's own reads.
+    fn writes(&self) -> Vec<String> {
+        self.balena
+            .requests()
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+}
+
+fn uuid(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(30)
+}
+
+fn tags(thing: &str, certificate_id: &str) -> Vec<(String, String)> {
+    vec![
+        (TAG_THING.to_owned(), thing.to_owned()),
+        (TAG_CERTIFICATE_ID.to_owned(), certificate_id.to_owned()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_is_written_back_as_device_tags_and_updated_on_reissue() {
+    let w = world().await;
+    let a = w.activator(WriteBack::Tags);
+    let device = uuid(1);
+    let numeric = w.balena.add_device(FLEET, &device, true);
+
+    let (id, event) = w.first_connect(&device).await;
+    let d = a.handle_event(&event, None, deadline()).await.unwrap();
+    assert_eq!(d.outcome, Outcome::Activated);
+    let mut got = w.balena.tags(numeric);
+    got.sort();
+    let mut want = tags(&device, &id);
+    want.sort();
+    assert_eq!(got, want);
+    // The fleet check's answer carried the numeric id: one device query, no second lookup.
+    let device_reads = w
+        .balena
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/v7/device")
+        .count();
+    assert_eq!(device_reads, 1);
+    assert!(w.balena.requests().iter().all(|r| r.authorized));
+
+    // The device is issued a new certificate: the tags now name it (409, then PATCH).
+    w.balena.clear_requests();
+    let (new_id, event) = w.first_connect(&device).await;
+    assert_ne!(new_id, id);
+    let d = a.handle_event(&event, None, deadline()).await.unwrap();
+    assert_eq!(d.outcome, Outcome::Activated);
+    let certificate_tag: Vec<_> = w
+        .balena
+        .tags(numeric)
+        .into_iter()
+        .filter(|(k, _)| k == TAG_CERTIFICATE_ID)
+        .collect();
+    assert_eq!(
+        certificate_tag,
+        vec![(TAG_CERTIFICATE_ID.to_owned(), new_id.clone())]
+    );
+    let mut writes = w.writes();
+    writes.sort();
+    assert_eq!(
+        writes,
+        vec![
+            "PATCH /v7/device_tag",
+            "PATCH /v7/device_tag",
+            "POST /v7/device_tag",
+            "POST /v7/device_tag"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_back_leaves_the_device_activated() {
+    let w = world().await;
+    let a = w.activator(WriteBack::Tags);
+    let device = uuid(2);
+    let numeric = w.balena.add_device(FLEET, &device, true);
+    // Reads work (the fleet check passes), every write is refused.
+    w.balena.set_fault(Fault::WriteStatus(500));
+
+    let (id, event) = w.first_connect(&device).await;
+    let d = a.handle_event(&event, None, deadline()).await.unwrap();
+    assert_eq!(d.outcome, Outcome::Activated);
+    assert_eq!(
+        iot::status(&w.client, &id).await.unwrap(),
+        SdkStatus::Active
+    );
+    assert!(w.balena.tags(numeric).is_empty());
+    assert_eq!(w.writes().len(), 2, "both tags were tried");
+
+    // With the API key refused for writes only: the same.
+    w.balena.set_fault(Fault::WriteStatus(401));
+    let (id, event) = w.first_connect(&device).await;
+    let d = a.handle_event(&event, None, deadline()).await.unwrap();
+    assert_eq!(d.outcome, Outcome::Activated);
+    assert_eq!(
+        iot::status(&w.client, &id).await.unwrap(),
+        SdkStatus::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_write_back_nothing_is_written_and_rejections_never_write() {
+    let w = world().await;
+    let member = uuid(3);
+    let numeric = w.balena.add_device(FLEET, &member, true);
+    let (_, event) = w.first_connect(&member).await;
+    let d = w
+        .activator(WriteBack::Off)
+        .handle_event(&event, None, deadline())
+        .await
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Activated);
+    assert!(w.balena.tags(numeric).is_empty());
+
+    // A stranger is rejected: nothing is written back for it either.
+    let (_, event) = w.first_connect(&uuid(4)).await;
+    let d = w
+        .activator(WriteBack::Tags)
+        .handle_event(&event, None, deadline())
+        .await
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Rejected);
+    assert!(w.writes().is_empty(), "{:?}", w.writes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_finds_devices_by_uuid_and_upserts_variables() {
+    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
+        .await
+        .unwrap()
+        .unwrap();
+    balena.add_fleet(FLEET, "acme/sensors");
+    let device = uuid(5);
+    let numeric = balena.add_device(FLEET, &device, true);
+    let client = BalenaClient::new(&balena.url(), ApiKey::new(KEY.into())).unwrap();
+    let id = |s: &str| DeviceId::parse(s, IdFormat::BalenaUuid).unwrap();
+
+    assert_eq!(
+        client.device_id(&id(&device), deadline()).await.unwrap(),
+        Some(numeric)
+    );
+    assert_eq!(
+        client.device_id(&id(&uuid(6)), deadline()).await.unwrap(),
+        None
+    );
+    use activator::balena::{DeviceField, Upserted};
+    let set = |value: &'static str| {
+        client.upsert(DeviceField::EnvVar, numeric, "AWS_CERT", value, deadline())
+    };
+    assert_eq!(set("one").await.unwrap(), Upserted::Created);
+    assert_eq!(set("two").await.unwrap(), Upserted::Updated);
+    assert_eq!(
+        balena.env_vars(numeric),
+        vec![("AWS_CERT".to_owned(), "two".to_owned())]
+    );
+
+    let refused = BalenaClient::new(&balena.url(), ApiKey::new("wrong".into())).unwrap();
+    let err = refused
+        .upsert(DeviceField::EnvVar, numeric, "AWS_CERT", "x", deadline())
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "balena API refused the API key (HTTP 401)");
+}

@@ -1,0 +1,186 @@
+//! `--balena-env FILE` and `--push-balena`: issued credentials delivered to balena devices as
+//! the variables balena's cloud-relay block reads. The rendering and the API client live in
+//! `activator::balena`, next to the fleet check that shares the API's conventions.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use activator::balena::delivery::DeliveryVariables;
+use activator::balena::{BalenaClient, DeviceField, Upserted};
+use activator::ApiKey;
+use anyhow::{bail, Context, Result};
+use factory_ca::DeviceId;
+use futures::StreamExt;
+
+use crate::cli::BalenaDeliveryArgs;
+
+/// balenaCloud's API, unless `BALENA_API_URL` says otherwise.
+const DEFAULT_API_URL: &str = "https://api.balena-cloud.com";
+/// Devices pushed at once: the API rate-limits, and each device is a few requests.
+const PUSH_CONCURRENCY: usize = 4;
+/// Longest one device's push may take, 429 waits included.
+const PUSH_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What to do with the issued credentials, settled before anything is issued.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    env_file: Option<PathBuf>,
+    push: Option<(BalenaClient, String)>,
+    endpoint: Option<String>,
+}
+
+impl Delivery {
+    /// Reads the flags and, for `--push-balena`, the balena settings from the environment, so
+    /// a missing key fails the command before any certificate is issued.
+    pub(crate) fn from_args(args: &BalenaDeliveryArgs) -> Result<Delivery> {
+        let push = if args.push_balena {
+            let env = |name: &str| {
+                std::env::var(name)
+                    .ok()
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+            };
+            let Some(key) = env("BALENA_API_KEY") else {
+                bail!("--push-balena needs BALENA_API_KEY: a balena API key that may write device variables");
+            };
+            let url = env("BALENA_API_URL").unwrap_or_else(|| DEFAULT_API_URL.to_owned());
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                bail!("BALENA_API_URL is invalid: expected an http(s):// URL");
+            }
+            let client = BalenaClient::new(&url, ApiKey::new(key)).context("balena API client")?;
+            Some((client, url))
+        } else {
+            None
+        };
+        Ok(Delivery {
+            env_file: args.balena_env.clone(),
+            push,
+            endpoint: args.endpoint.clone(),
+        })
+    }
+
+    /// Whether anything is to be delivered.
+    pub(crate) fn wanted(&self) -> bool {
+        self.env_file.is_some() || self.push.is_some()
+    }
+
+    /// The variables for one device (`key_pem` is `None` for a device that sent a CSR).
+    pub(crate) fn variables(
+        &self,
+        id: &DeviceId,
+        chain_pem: &str,
+        key_pem: Option<&str>,
+    ) -> DeliveryVariables {
+        DeliveryVariables::new(id, chain_pem, key_pem, self.endpoint.as_deref())
+    }
+
+    /// Writes the file and pushes to balena; `Ok(false)` when a device failed (each one is
+    /// reported on standard error, the others still delivered).
+    pub(crate) fn deliver(&self, devices: &[DeliveryVariables]) -> Result<bool> {
+        if let Some(path) = &self.env_file {
+            write_env_file(path, devices)?;
+            eprintln!(
+                "wrote balena variables of {} device(s) to {} (mode 0600: it holds private keys)",
+                devices.len(),
+                path.display()
+            );
+        }
+        let Some((client, url)) = &self.push else {
+            return Ok(true);
+        };
+        let results = crate::aws::runtime()?.block_on(async {
+            futures::stream::iter(devices)
+                .map(|device| async move { (device, push(client, device).await) })
+                .buffer_unordered(PUSH_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+        });
+        let mut failed = 0;
+        for (device, result) in &results {
+            match result {
+                Ok(done) => {
+                    let done: Vec<_> = done
+                        .iter()
+                        .map(|(name, how)| match how {
+                            Upserted::Created => format!("{name} created"),
+                            Upserted::Updated => format!("{name} updated"),
+                        })
+                        .collect();
+                    eprintln!("balena: {}: {}", device.device(), done.join(", "));
+                }
+                Err(reason) => {
+                    failed += 1;
+                    eprintln!("jitr: balena: {}: {reason}", device.device());
+                }
+            }
+        }
+        eprintln!(
+            "pushed the variables to {} of {} device(s) through {url}{}",
+            results.len() - failed,
+            results.len(),
+            if failed == 0 {
+                String::new()
+            } else {
+                format!(", {failed} failed (their certificates are issued: push again)")
+            }
+        );
+        Ok(failed == 0)
+    }
+}
+
+/// Sets every variable of one device; the error names the variable that failed.
+async fn push(
+    client: &BalenaClient,
+    device: &DeliveryVariables,
+) -> Result<Vec<(&'static str, Upserted)>, String> {
+    let deadline = tokio::time::Instant::now() + PUSH_DEADLINE;
+    let id = match client.device_id(device.device(), deadline).await {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            return Err(
+                "not found in balena (no such device, or the API key cannot see it)".to_owned(),
+            )
+        }
+        Err(e) => return Err(format!("device lookup: {}", activator::error_chain(&e))),
+    };
+    let mut done = Vec::new();
+    for (name, value) in device.iter() {
+        match client
+            .upsert(DeviceField::EnvVar, id, name, value, deadline)
+            .await
+        {
+            Ok(how) => done.push((name, how)),
+            Err(e) => return Err(format!("{name}: {}", activator::error_chain(&e))),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes one JSON line per device, replacing `path` whole, readable by its owner only.
+fn write_env_file(path: &Path, devices: &[DeliveryVariables]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let cannot = || format!("cannot write {}", path.display());
+    // A temporary file is created 0600, and renamed into place only once complete.
+    let mut file = tempfile::Builder::new()
+        .prefix(".balena-env")
+        .tempfile_in(dir)
+        .with_context(cannot)?;
+    file.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(cannot)?;
+    for device in devices {
+        let line = device.to_json_line();
+        file.write_all(line.as_bytes()).with_context(cannot)?;
+        file.write_all(b"\n").with_context(cannot)?;
+    }
+    file.as_file().sync_all().with_context(cannot)?;
+    file.persist(path)
+        .map_err(|e| e.error)
+        .with_context(cannot)?;
+    Ok(())
+}
