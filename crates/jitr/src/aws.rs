@@ -84,7 +84,10 @@ impl Aws {
             match tokio::time::timeout(CREDENTIALS_TIMEOUT, provider.provide_credentials()).await {
                 Ok(Ok(credentials)) => credentials,
                 Ok(Err(err)) if err.to_string() == NOT_LOADED => bail!(NO_CREDENTIALS),
-                Ok(Err(err)) => bail!("cannot load AWS credentials: {}", chain(&err)),
+                Ok(Err(err)) => bail!(
+                    "cannot load AWS credentials: {}",
+                    activator::error_chain(&err)
+                ),
                 Err(_) => bail!(
                     "cannot load AWS credentials: no answer within {}s",
                     CREDENTIALS_TIMEOUT.as_secs()
@@ -125,7 +128,7 @@ impl Aws {
                     (None, None) => anyhow!("AWS IoT {op}: HTTP {status}"),
                 }
             }
-            _ => anyhow!("AWS IoT {op}: {}", chain(&err)),
+            _ => anyhow!("AWS IoT {op}: {}", activator::error_chain(&err)),
         }
     }
 }
@@ -139,21 +142,6 @@ pub(crate) fn parse_endpoint_url(value: &str) -> Result<String, String> {
         Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(value.to_owned()),
         _ => Err("expected an http:// or https:// URL with a host".to_owned()),
     }
-}
-
-/// An error and its causes on one line, skipping a cause whose text its parent already shows.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }
 
 /// The innermost cause (for a failed connection: the OS's reason, e.g. "Connection refused").
@@ -183,7 +171,7 @@ mod tests {
         let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         let outer = anyhow::Error::new(inner).context("connect");
         let err: &dyn std::error::Error = outer.as_ref();
-        assert_eq!(chain(err), "connect: refused");
+        assert_eq!(activator::error_chain(err), "connect: refused");
         assert_eq!(root_cause(err), "refused");
     }
 }

@@ -83,7 +83,11 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         }
     }
     for failure in &report.failures {
-        eprintln!("jitr: {}: {}", failure.id, error_chain(&failure.error));
+        eprintln!(
+            "jitr: {}: {}",
+            failure.id,
+            activator::error_chain(&failure.error)
+        );
     }
     eprintln!(
         "issued {} device certificate(s) into {} (manifest {}){}",
@@ -118,18 +122,6 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
-}
-
-/// An error and its causes on one line, as `{:#}` prints them for anyhow errors.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }
 
 pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
