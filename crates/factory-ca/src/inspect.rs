@@ -5,15 +5,21 @@
 
 use std::fmt;
 
+use aws_lc_rs::signature::{
+    EcdsaVerificationAlgorithm, ParsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1,
+};
 use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use x509_parser::der_parser::asn1_rs::Tag;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::oid_registry::{
     Oid, OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
     OID_PKCS1_SHA256WITHRSA, OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
     OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512,
-    OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER, OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
+    OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER, OID_X509_EXT_BASIC_CONSTRAINTS,
+    OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
+    OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
 };
 use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
 use x509_parser::public_key::PublicKey;
@@ -31,7 +37,7 @@ pub enum Check {
     Parse,
     /// X.509 version 3.
     Version,
-    /// EC P-256/P-384 or RSA of at least 2048 bits.
+    /// A valid EC P-256/P-384 key, or a valid RSA key of 2048 to 8192 bits.
     KeyType,
     /// ECDSA or RSA PKCS#1 with SHA-256 or stronger.
     SignatureAlgorithm,
@@ -41,6 +47,8 @@ pub enum Check {
     KeyUsage,
     /// extendedKeyUsage includes clientAuth.
     ExtendedKeyUsage,
+    /// No critical extension outside the profile (RFC 5280 4.2: it must be refused).
+    CriticalExtensions,
     /// The current time lies within notBefore..notAfter.
     Validity,
     /// Exactly one subject CN, and it is a valid device id.
@@ -167,6 +175,7 @@ pub fn inspect_device_certificate(der: &[u8], opts: &InspectOptions<'_>) -> Insp
     out.push(Check::BasicConstraints, basic_constraints(&cert));
     out.push(Check::KeyUsage, key_usage(&cert));
     out.push(Check::ExtendedKeyUsage, extended_key_usage(&cert));
+    out.push(Check::CriticalExtensions, critical_extensions(&cert));
     out.push(Check::Validity, validity(&cert, opts.now));
     let (cn_result, device_id) = common_name(&cert, opts.id_format);
     out.push(Check::CommonName, cn_result);
@@ -181,10 +190,10 @@ pub fn inspect_device_certificate(der: &[u8], opts: &InspectOptions<'_>) -> Insp
     }
 }
 
-fn curve_name(params: Option<&Oid<'_>>) -> Option<&'static str> {
+fn curve(params: Option<&Oid<'_>>) -> Option<(&'static str, &'static EcdsaVerificationAlgorithm)> {
     match params {
-        Some(oid) if *oid == OID_EC_P256 => Some("P-256"),
-        Some(oid) if *oid == OID_NIST_EC_P384 => Some("P-384"),
+        Some(oid) if *oid == OID_EC_P256 => Some(("P-256", &ECDSA_P256_SHA256_ASN1)),
+        Some(oid) if *oid == OID_NIST_EC_P384 => Some(("P-384", &ECDSA_P384_SHA384_ASN1)),
         _ => None,
     }
 }
@@ -193,25 +202,35 @@ fn key_type(cert: &X509Certificate<'_>) -> Result<String, String> {
     let spki = cert.public_key();
     let alg = &spki.algorithm.algorithm;
     if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
+        // `as_oid` reads any tag's contents as an OID: only a namedCurve OID names a curve.
+        let named = spki
             .algorithm
             .parameters
             .as_ref()
+            .filter(|p| p.tag() == Tag::Oid)
             .and_then(|p| p.as_oid().ok());
-        return match curve_name(curve.as_ref()) {
-            Some(name) => Ok(format!("EC {name}")),
+        return match curve(named.as_ref()) {
+            // A point off the curve (or not a point) is no key at all.
+            Some((name, alg)) => match ParsedPublicKey::new(alg, &*spki.subject_public_key.data) {
+                Ok(_) => Ok(format!("EC {name}")),
+                Err(_) => Err(format!("EC public key is not a point on {name}")),
+            },
             None => Err(format!(
                 "EC key on curve {}, expected P-256 or P-384",
-                curve
+                named
                     .map(|c| c.to_id_string())
-                    .unwrap_or_else(|| "(none)".into())
+                    .unwrap_or_else(|| "(not a named curve)".into())
             )),
         };
     }
     if *alg == OID_PKCS1_RSAENCRYPTION {
         return match spki.parsed() {
             Ok(PublicKey::RSA(rsa)) if rsa.key_size() >= 2048 && rsa.key_size() <= 8192 => {
-                Ok(format!("RSA {} bits", rsa.key_size()))
+                // aws-lc's RSA_check_key: odd modulus, odd exponent greater than 1.
+                match aws_lc_rs::rsa::PublicKey::from_der(&spki.subject_public_key.data) {
+                    Ok(_) => Ok(format!("RSA {} bits", rsa.key_size())),
+                    Err(_) => Err("RSA public key is not valid (modulus or exponent)".into()),
+                }
             }
             Ok(PublicKey::RSA(rsa)) => Err(format!(
                 "RSA {} bits, expected 2048 to 8192",
@@ -283,6 +302,29 @@ fn extended_key_usage(cert: &X509Certificate<'_>) -> Result<String, String> {
         Ok(Some(_)) => Err("extendedKeyUsage lacks clientAuth".into()),
         Ok(None) => Err("extendedKeyUsage is missing (clientAuth required)".into()),
         Err(e) => Err(format!("malformed extendedKeyUsage: {e}")),
+    }
+}
+
+/// The extensions the profile reads; any other one marked critical must be refused.
+fn critical_extensions(cert: &X509Certificate<'_>) -> Result<String, String> {
+    let known = [
+        OID_X509_EXT_BASIC_CONSTRAINTS,
+        OID_X509_EXT_KEY_USAGE,
+        OID_X509_EXT_EXTENDED_KEY_USAGE,
+        OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
+        OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+        OID_X509_EXT_SUBJECT_ALT_NAME,
+    ];
+    match cert
+        .extensions()
+        .iter()
+        .find(|e| e.critical && !known.contains(&e.oid))
+    {
+        Some(e) => Err(format!(
+            "critical extension {} is not one the profile knows",
+            e.oid.to_id_string()
+        )),
+        None => Ok("none unknown".into()),
     }
 }
 
@@ -385,7 +427,7 @@ fn issued_by(cert: &X509Certificate<'_>, ca_der: &[u8]) -> Result<String, String
 }
 
 /// Splits PEM text (one or more CERTIFICATE blocks, nothing else but whitespace) or a
-/// single DER certificate into DER certificates, first first.
+/// single DER certificate into DER certificates, first first. `Ok` holds at least one.
 pub fn certificates_from_pem_or_der(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     if bytes.len() > MAX_INPUT {
         return Err(format!(
@@ -421,5 +463,24 @@ pub fn certificates_from_pem_or_der(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String
         certs.push(der);
         rest = rest[end + END.len()..].trim_start();
     }
+    // Text of only non-ASCII whitespace (a vertical tab, a no-break space) gets here.
+    if certs.is_empty() {
+        return Err("the input holds no certificate".into());
+    }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whitespace_of_any_kind_alone_is_an_error_not_an_empty_list() {
+        for input in ["", " \n", "\x0b\n", "\u{a0}", "\u{2003}\r\n"] {
+            assert!(
+                certificates_from_pem_or_der(input.as_bytes()).is_err(),
+                "{input:?}"
+            );
+        }
+    }
 }
