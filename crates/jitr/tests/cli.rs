@@ -369,3 +369,25 @@ fn verification_cert_is_written_for_the_registration_code() {
         "subject=CN = abc123"
     );
 }
+
+#[test]
+fn inspect_refuses_files_without_a_certificate_instead_of_crashing() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, body) in [
+        ("vt.pem", "\x0b\n"),
+        ("empty.pem", ""),
+        (
+            "key.pem",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ),
+    ] {
+        std::fs::write(tmp.path().join(name), body).unwrap();
+        let out = jitr(tmp.path(), &["inspect", name]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with(&format!("jitr: error: {name}: ")),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
