@@ -84,8 +84,7 @@ pub fn build_with_sdk(
     config: Config,
     sdk: &aws_config::SdkConfig,
 ) -> Result<DeployedActivator, ConfigError> {
-    let sdk = sdk.clone();
-    let registry = aws::AwsIotRegistry::new(&sdk);
+    let registry = aws::AwsIotRegistry::new(sdk);
     let fleet = match &config.fleet {
         FleetConfig::Balena {
             api_url,
@@ -96,7 +95,7 @@ pub fn build_with_sdk(
             let key = match api_key {
                 ApiKeySource::Literal(key) => balena::KeySource::Literal(key.clone()),
                 ApiKeySource::SecretsManager(id) => balena::KeySource::SecretsManager {
-                    client: aws_sdk_secretsmanager::Client::new(&sdk),
+                    client: aws_sdk_secretsmanager::Client::new(sdk),
                     secret_id: id.clone(),
                 },
             };

@@ -1,12 +1,9 @@
 use std::path::Path;
 
 use time::OffsetDateTime;
-use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-};
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
-use x509_parser::public_key::PublicKey;
 
+use crate::inspect::check_public_key;
 use crate::issue::{check_new_ids, write_device};
 use crate::write::create_dir;
 use crate::{Ca, DeviceId, Error, IdFormat, IssuedDevice, Manifest};
@@ -33,36 +30,8 @@ fn parse_csr(bytes: &[u8], format: IdFormat) -> Result<(DeviceId, Vec<u8>), Erro
     }
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
-    let alg = &spki.algorithm.algorithm;
-    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.as_oid().ok());
-        if !curve
-            .as_ref()
-            .is_some_and(|c| *c == OID_EC_P256 || *c == OID_NIST_EC_P384)
-        {
-            return Err(Error::WeakKey {
-                reason: "EC keys must be on P-256 or P-384".into(),
-            });
-        }
-    } else if *alg == OID_PKCS1_RSAENCRYPTION {
-        match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) if (2048..=8192).contains(&rsa.key_size()) => {}
-            Ok(PublicKey::RSA(rsa)) => {
-                return Err(Error::WeakKey {
-                    reason: format!("RSA {} bits; at least 2048 required", rsa.key_size()),
-                })
-            }
-            _ => return Err(bad("malformed RSA key".into())),
-        }
-    } else {
-        return Err(Error::WeakKey {
-            reason: format!("unsupported key algorithm {}", alg.to_id_string()),
-        });
-    }
+    // The same key rule as for certificates (curve, point, RSA size and validity).
+    check_public_key(spki).map_err(|reason| Error::WeakKey { reason })?;
     // After the key checks, so a weak key is reported as such rather than as a bad signature.
     csr.verify_signature().map_err(|_| Error::CsrSignature)?;
     let cns: Vec<_> = info.subject.iter_common_name().collect();

@@ -23,6 +23,7 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
 use x509_parser::public_key::PublicKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::{DeviceId, IdFormat};
 
@@ -199,7 +200,12 @@ fn curve(params: Option<&Oid<'_>>) -> Option<(&'static str, &'static EcdsaVerifi
 }
 
 fn key_type(cert: &X509Certificate<'_>) -> Result<String, String> {
-    let spki = cert.public_key();
+    check_public_key(cert.public_key())
+}
+
+/// The key rule of the profile, for a certificate's or a CSR's key: a valid P-256/P-384 point,
+/// or a valid RSA key of 2048 to 8192 bits.
+pub(crate) fn check_public_key(spki: &SubjectPublicKeyInfo<'_>) -> Result<String, String> {
     let alg = &spki.algorithm.algorithm;
     if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY {
         // `as_oid` reads any tag's contents as an OID: only a namedCurve OID names a curve.

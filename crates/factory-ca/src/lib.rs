@@ -31,6 +31,7 @@ pub use issue::{issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDev
 pub use keys::{KeyAlgorithm, KeyProtection, Passphrase};
 pub use manifest::{certificate_id, Manifest, ManifestEntry, MANIFEST_FILE};
 pub use profile::{Profile, Subject, PROFILE_FILE};
+pub use write::write_file_atomic;
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

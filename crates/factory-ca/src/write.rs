@@ -32,13 +32,9 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> io::Result<()>
     Ok(())
 }
 
-/// Writes `bytes` to `path` with permission `mode`, atomically replacing any old file.
-pub(crate) fn write_file_atomic(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    sync: bool,
-) -> Result<(), Error> {
+/// Writes `bytes` to `path` with permission `mode`, atomically replacing any old file
+/// (written to a temporary name in the same folder, synced when `sync`, then renamed).
+pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> Result<(), Error> {
     let tmp = temp_sibling(path, "tmp")?;
     let result = write_new(&tmp, bytes, mode, sync).and_then(|()| fs::rename(&tmp, path));
     result.map_err(|source| {

@@ -1,4 +1,3 @@
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -131,26 +130,6 @@ pub(crate) fn read_ca_pem(dir: &Path) -> Result<(String, Vec<u8>)> {
     Ok((pem, certs.swap_remove(0)))
 }
 
-/// Replaces `path` with `text` so that a reader never sees a half-written file.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
-    let written = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(err) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
-}
-
 pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     let (ca_pem, ca_der) = read_ca_pem(&args.ca.dir)?;
     // Unlock the key before talking to AWS: a wrong passphrase should cost no AWS call.
@@ -169,7 +148,12 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     })?;
 
     let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
-    write_atomic(&id_file, &format!("{}\n", registration.id))?;
+    factory_ca::write_file_atomic(
+        &id_file,
+        format!("{}\n", registration.id).as_bytes(),
+        0o644,
+        true,
+    )?;
     let topic = format!("$aws/events/certificates/registered/{}", registration.id);
     let mode = if args.sni_only { "SNI_ONLY" } else { "DEFAULT" };
     if args.json {
