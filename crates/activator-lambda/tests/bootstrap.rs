@@ -85,17 +85,13 @@ fn world() -> World {
 impl World {
     fn env(&self, emulator: &RuntimeEmulator) -> Vec<(&'static str, String)> {
         let mut env = emulator.lambda_env();
+        env.extend(self.moto.aws_env());
         env.extend([
             ("JITR_TRUSTED_CA_IDS", self.ca_id.clone()),
             ("JITR_POLICY_NAME", POLICY.to_owned()),
             ("BALENA_FLEET_ID", FLEET.to_string()),
             ("BALENA_API_KEY", KEY.to_owned()),
             ("BALENA_API_URL", self.balena.url()),
-            ("AWS_ENDPOINT_URL", self.moto.endpoint()),
-            ("AWS_REGION", "us-east-1".to_owned()),
-            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
-            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
             // moto answers bad input with HTTP 500; one attempt keeps failures fast.
             ("AWS_MAX_ATTEMPTS", "1".to_owned()),
         ]);
