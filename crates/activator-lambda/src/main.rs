@@ -73,7 +73,7 @@ async fn handle(
             // A Decision is plain strings and an enum: it always serializes.
             Ok(serde_json::to_value(&decision).unwrap_or(Value::Null))
         }
-        Incoming::Sweep => sweep(activator, sweep_min_age).await,
+        Incoming::Sweep => sweep(activator, sweep_min_age, deadline).await,
         Incoming::Replay(records) => {
             // SQS partial batch response: only records worth retrying go back to the queue.
             let mut failures = Vec::new();
@@ -99,8 +99,13 @@ async fn handle(
     }
 }
 
-/// The scheduled sweep over every trusted CA; an error while anything is left failing.
-async fn sweep(activator: &DeployedActivator, min_age: Duration) -> Result<Value, InvocationError> {
+/// The scheduled sweep over every trusted CA, inside the invocation's deadline; an error
+/// while anything is left failing (the next scheduled sweep picks it up).
+async fn sweep(
+    activator: &DeployedActivator,
+    min_age: Duration,
+    deadline: Instant,
+) -> Result<Value, InvocationError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -108,7 +113,7 @@ async fn sweep(activator: &DeployedActivator, min_age: Duration) -> Result<Value
     let mut failing = 0;
     for ca in &activator.policy().trusted_ca_ids {
         let r = activator
-            .sweep(ca, min_age, now, false, SWEEP_CONCURRENCY)
+            .sweep(ca, min_age, now, false, SWEEP_CONCURRENCY, deadline)
             .await?;
         tracing::info!(
             ca_certificate_id = %ca,

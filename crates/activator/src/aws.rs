@@ -1,12 +1,24 @@
 //! The [`IotRegistry`] adapter over aws-sdk-iot. Nothing above this module sees SDK types.
+//!
+//! AWS IoT's control plane throttles at low rates (DescribeCertificate and UpdateCertificate
+//! at 10 requests per second by default), so this adapter owns the retrying: a throttled or
+//! transiently failed call (5xx, timeout, dropped connection) is tried again after a jittered,
+//! doubling backoff for as long as the caller's deadline allows, and then given up with
+//! [`RegistryError::GaveUp`], which is retryable. The SDK's own retry is switched off for
+//! this client so the two do not multiply. Every write here is idempotent, so repeating one
+//! whose answer was lost is safe.
 
+use std::future::Future;
+use std::hash::BuildHasher;
 use std::time::Duration;
 
+use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_iot::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_iot::types::{AttributePayload, CertificateStatus as SdkStatus};
 use aws_sdk_iot::Client;
+use tokio::time::Instant;
 
 use crate::ports::Cause;
 use crate::{
@@ -29,23 +41,120 @@ pub async fn load_sdk_config() -> SdkConfig {
         .await
 }
 
+/// How [`AwsIotRegistry`] retries calls that were throttled or failed transiently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The backoff ceiling after the first failure; it doubles after each further one. The
+    /// wait is drawn uniformly below the ceiling ("full jitter"), so callers throttled
+    /// together spread out.
+    pub base: Duration,
+    /// The largest backoff ceiling.
+    pub cap: Duration,
+    /// Time kept free before the deadline: no attempt runs past `deadline - reserve`, so the
+    /// caller still has time to answer (a Lambda must post its error before it is killed).
+    pub reserve: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            reserve: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before attempt `attempt + 1`, after `attempt` (>= 1) failures.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+            .min(self.cap);
+        // A fresh RandomState is freshly keyed: hashing anything with it gives a random
+        // number, which is all jitter needs.
+        let draw = std::collections::hash_map::RandomState::new().hash_one(attempt);
+        ceiling.mul_f64((draw >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
 /// AWS IoT Core through aws-sdk-iot.
 #[derive(Debug, Clone)]
 pub struct AwsIotRegistry {
     client: Client,
+    retry: RetryPolicy,
 }
 
 impl AwsIotRegistry {
-    /// A registry over a client built from `sdk`.
+    /// A registry over a client built from `sdk`, retrying by [`RetryPolicy::default`].
     pub fn new(sdk: &SdkConfig) -> Self {
+        let config = aws_sdk_iot::config::Builder::from(sdk)
+            .retry_config(RetryConfig::disabled())
+            .build();
         AwsIotRegistry {
-            client: Client::new(sdk),
+            client: Client::from_conf(config),
+            retry: RetryPolicy::default(),
         }
     }
 
-    /// The underlying client.
+    /// The same with another retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The underlying client (it does not retry by itself).
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room for
+    /// another try.
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        let usable = deadline.checked_sub(self.retry.reserve).unwrap_or(deadline);
+        let mut attempts = 0;
+        loop {
+            if Instant::now() >= usable {
+                return Err(RegistryError::GaveUp {
+                    op,
+                    attempts,
+                    last: Box::new(RegistryError::Unavailable {
+                        op,
+                        source: "no time left before the deadline".into(),
+                    }),
+                });
+            }
+            attempts += 1;
+            let error = match tokio::time::timeout_at(usable, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) if error.is_retryable() => error,
+                Ok(Err(error)) => return Err(error),
+                Err(_elapsed) => RegistryError::Unavailable {
+                    op,
+                    source: "no answer before the deadline".into(),
+                },
+            };
+            let wait = self.retry.backoff(attempts);
+            if Instant::now() + wait >= usable {
+                return Err(RegistryError::GaveUp {
+                    op,
+                    attempts,
+                    last: Box::new(error),
+                });
+            }
+            tracing::debug!(op, attempts, wait_ms = wait.as_millis() as u64, error = %crate::error_chain(&error), "retrying");
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -117,15 +226,19 @@ impl IotRegistry for AwsIotRegistry {
     async fn describe_certificate(
         &self,
         id: &CertificateId,
+        deadline: Instant,
     ) -> Result<CertificateDescription, RegistryError> {
         const OP: &str = "DescribeCertificate";
         let out = self
-            .client
-            .describe_certificate()
-            .certificate_id(id.as_str())
-            .send()
-            .await
-            .map_err(|e| classify(OP, e))?;
+            .call(OP, deadline, || async {
+                self.client
+                    .describe_certificate()
+                    .certificate_id(id.as_str())
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, e))
+            })
+            .await?;
         let d = out
             .certificate_description()
             .ok_or_else(|| malformed(OP, "certificateDescription"))?;
@@ -146,118 +259,164 @@ impl IotRegistry for AwsIotRegistry {
         })
     }
 
-    async fn ca_certificate_pem(&self, id: &CertificateId) -> Result<String, RegistryError> {
+    async fn ca_certificate_pem(
+        &self,
+        id: &CertificateId,
+        deadline: Instant,
+    ) -> Result<String, RegistryError> {
         const OP: &str = "DescribeCACertificate";
         let out = self
-            .client
-            .describe_ca_certificate()
-            .certificate_id(id.as_str())
-            .send()
-            .await
-            .map_err(|e| classify(OP, e))?;
+            .call(OP, deadline, || async {
+                self.client
+                    .describe_ca_certificate()
+                    .certificate_id(id.as_str())
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, e))
+            })
+            .await?;
         out.certificate_description()
             .and_then(|d| d.certificate_pem())
             .map(str::to_owned)
             .ok_or_else(|| malformed(OP, "certificatePem"))
     }
 
-    async fn create_thing(&self, thing: &ThingSpec) -> Result<(), RegistryError> {
+    async fn create_thing(
+        &self,
+        thing: &ThingSpec,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        const OP: &str = "CreateThing";
         let mut attributes = AttributePayload::builder();
         for (k, v) in &thing.attributes {
             attributes = attributes.attributes(k, v);
         }
-        let result = self
-            .client
-            .create_thing()
-            .thing_name(&thing.name)
-            .set_thing_type_name(thing.thing_type.clone())
-            .attribute_payload(attributes.build())
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            // A Thing of that name exists (a rerun, or a reissued device): it is the one we want.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_resource_already_exists_exception()) =>
-            {
-                Ok(())
+        let attributes = attributes.build();
+        self.call(OP, deadline, || async {
+            let result = self
+                .client
+                .create_thing()
+                .thing_name(&thing.name)
+                .set_thing_type_name(thing.thing_type.clone())
+                .attribute_payload(attributes.clone())
+                .send()
+                .await;
+            match result {
+                Ok(_) => Ok(()),
+                // A Thing of that name exists (a rerun, a retry whose answer was lost, or a
+                // reissued device): it is the one we want.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_resource_already_exists_exception()) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(classify(OP, e)),
             }
-            Err(e) => Err(classify("CreateThing", e)),
-        }
+        })
+        .await
     }
 
-    async fn add_thing_to_group(&self, thing: &str, group: &str) -> Result<(), RegistryError> {
-        self.client
-            .add_thing_to_thing_group()
-            .thing_name(thing)
-            .thing_group_name(group)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| classify("AddThingToThingGroup", e))
+    async fn add_thing_to_group(
+        &self,
+        thing: &str,
+        group: &str,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        const OP: &str = "AddThingToThingGroup";
+        self.call(OP, deadline, || async {
+            self.client
+                .add_thing_to_thing_group()
+                .thing_name(thing)
+                .thing_group_name(group)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(OP, e))
+        })
+        .await
     }
 
     async fn attach_policy(
         &self,
         policy: &str,
         certificate_arn: &str,
+        deadline: Instant,
     ) -> Result<(), RegistryError> {
-        self.client
-            .attach_policy()
-            .policy_name(policy)
-            .target(certificate_arn)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| classify("AttachPolicy", e))
+        const OP: &str = "AttachPolicy";
+        self.call(OP, deadline, || async {
+            self.client
+                .attach_policy()
+                .policy_name(policy)
+                .target(certificate_arn)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(OP, e))
+        })
+        .await
     }
 
     async fn attach_thing_principal(
         &self,
         thing: &str,
         certificate_arn: &str,
+        deadline: Instant,
     ) -> Result<(), RegistryError> {
-        self.client
-            .attach_thing_principal()
-            .thing_name(thing)
-            .principal(certificate_arn)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| classify("AttachThingPrincipal", e))
+        const OP: &str = "AttachThingPrincipal";
+        self.call(OP, deadline, || async {
+            self.client
+                .attach_thing_principal()
+                .thing_name(thing)
+                .principal(certificate_arn)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(OP, e))
+        })
+        .await
     }
 
     async fn set_certificate_status(
         &self,
         id: &CertificateId,
         status: CertificateStatus,
+        deadline: Instant,
     ) -> Result<(), RegistryError> {
-        self.client
-            .update_certificate()
-            .certificate_id(id.as_str())
-            .new_status(status_to_sdk(&status))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| classify("UpdateCertificate", e))
+        const OP: &str = "UpdateCertificate";
+        let status = status_to_sdk(&status);
+        self.call(OP, deadline, || async {
+            self.client
+                .update_certificate()
+                .certificate_id(id.as_str())
+                .new_status(status.clone())
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(OP, e))
+        })
+        .await
     }
 
     async fn list_certificates_by_ca(
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
         const OP: &str = "ListCertificatesByCA";
         let out = self
-            .client
-            .list_certificates_by_ca()
-            .ca_certificate_id(ca.as_str())
-            .set_marker(marker)
-            .page_size(250)
-            .send()
-            .await
-            .map_err(|e| classify(OP, e))?;
+            .call(OP, deadline, || async {
+                self.client
+                    .list_certificates_by_ca()
+                    .ca_certificate_id(ca.as_str())
+                    .set_marker(marker.clone())
+                    .page_size(250)
+                    .send()
+                    .await
+                    .map_err(|e| classify(OP, e))
+            })
+            .await?;
         let certificates = out
             .certificates()
             .iter()
@@ -273,5 +432,29 @@ impl IotRegistry for AwsIotRegistry {
             certificates,
             next_marker: out.next_marker().map(str::to_owned),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_stays_under_its_ceiling() {
+        let policy = RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(700),
+            reserve: Duration::ZERO,
+        };
+        let ceilings = [100, 200, 400, 700, 700, 700];
+        for (attempt, ceiling) in (1..).zip(ceilings) {
+            let waits: Vec<_> = (0..200).map(|_| policy.backoff(attempt)).collect();
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(waits.iter().all(|w| *w <= ceiling), "attempt {attempt}");
+            // Jittered: spread over the range, not one value.
+            assert!(waits.iter().any(|w| *w < ceiling / 3), "attempt {attempt}");
+            assert!(waits.iter().any(|w| *w > ceiling * 2 / 3), "attempt {attempt}");
+        }
+        assert!(policy.backoff(u32::MAX) <= policy.cap);
     }
 }

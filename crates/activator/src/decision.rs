@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant as StdInstant;
+use std::time::{Duration, Instant as StdInstant};
 
 use factory_ca::{
     certificates_from_pem_or_der, inspect_device_certificate, DeviceId, InspectOptions,
@@ -74,6 +74,18 @@ pub struct SweepReport {
     pub decisions: Vec<Decision>,
     /// Pending certificate ids (what a dry run would act on).
     pub pending_ids: Vec<String>,
+}
+
+/// The time one decision of a sweep may take (the Lambda's own events get the invocation's).
+pub const SWEEP_DECISION_TIME: Duration = Duration::from_secs(20);
+
+/// A sweep starts no decision with less time than this left before its deadline.
+const SWEEP_DECISION_MIN_TIME: Duration = Duration::from_secs(2);
+
+/// Why a sweep did not decide a certificate.
+enum SweepSkip {
+    Failed(ActivationError),
+    OutOfTime,
 }
 
 /// The decision with its two ports and its rules. Build once, call per event.
@@ -182,7 +194,9 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
 
     /// Runs the decision for every certificate under `ca` still PENDING_ACTIVATION and
     /// registered at least `min_age` before `now` (epoch seconds): the sweep that catches
-    /// events Lambda dropped. With `dry_run`, only lists them.
+    /// events Lambda dropped. With `dry_run`, only lists them. Each decision gets
+    /// [`SWEEP_DECISION_TIME`], and none starts once `deadline` is too near to finish it:
+    /// those are reported failing, to be picked up by the next sweep.
     pub async fn sweep(
         &self,
         ca: &CertificateId,
@@ -190,6 +204,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         now: i64,
         dry_run: bool,
         concurrency: usize,
+        deadline: Instant,
     ) -> Result<SweepReport, ActivationError> {
         use futures::StreamExt;
 
@@ -197,7 +212,10 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let mut pending = Vec::new();
         let mut marker = None;
         loop {
-            let page = self.registry.list_certificates_by_ca(ca, marker).await?;
+            let page = self
+                .registry
+                .list_certificates_by_ca(ca, marker, deadline)
+                .await?;
             pending.extend(
                 page.certificates
                     .into_iter()
@@ -220,9 +238,13 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         }
         let results: Vec<_> = futures::stream::iter(pending)
             .map(|id| async move {
-                let deadline = Instant::now() + std::time::Duration::from_secs(20);
-                let result = self.activate(&id, Some(ca), deadline).await;
-                (id, result)
+                let started = Instant::now();
+                if started + SWEEP_DECISION_MIN_TIME > deadline {
+                    return (id, Err(SweepSkip::OutOfTime));
+                }
+                let own_deadline = (started + SWEEP_DECISION_TIME).min(deadline);
+                let result = self.activate(&id, Some(ca), own_deadline).await;
+                (id, result.map_err(SweepSkip::Failed))
             })
             .buffer_unordered(concurrency.max(1))
             .collect()
@@ -237,7 +259,11 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                     }
                     report.decisions.push(decision);
                 }
-                Err(e) => report.failing.push((id.to_string(), error_chain(&e))),
+                Err(SweepSkip::Failed(e)) => report.failing.push((id.to_string(), error_chain(&e))),
+                Err(SweepSkip::OutOfTime) => report.failing.push((
+                    id.to_string(),
+                    "not reached before the deadline; the next sweep takes it".to_owned(),
+                )),
             }
         }
         Ok(report)
@@ -267,7 +293,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             outcome,
             reason,
         };
-        let cert = match self.registry.describe_certificate(id).await {
+        let cert = match self.registry.describe_certificate(id, deadline).await {
             Ok(cert) => cert,
             Err(RegistryError::NotFound { .. }) => {
                 return Ok(decision(
@@ -311,12 +337,12 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 thing: None,
                 reason: format!("CA {ca_id} is not in JITR_TRUSTED_CA_IDS"),
             },
-            Some(ca_id) => self.verify(id, &cert.pem, ca_id).await?,
+            Some(ca_id) => self.verify(id, &cert.pem, ca_id, deadline).await?,
         };
         let device = match verdict {
             Verdict::Accept(device) => device,
             Verdict::Reject { thing, reason } => {
-                return self.reject(id, thing.as_ref(), reason).await
+                return self.reject(id, thing.as_ref(), reason, deadline).await
             }
         };
 
@@ -324,18 +350,18 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             Membership::Member => {}
             Membership::NotMember => {
                 let reason = format!("device {device} is not in {}", self.fleet.label());
-                return self.reject(id, Some(&device), reason).await;
+                return self.reject(id, Some(&device), reason, deadline).await;
             }
             Membership::Inactive => {
                 let reason = format!("device {device} is inactive in {}", self.fleet.label());
-                return self.reject(id, Some(&device), reason).await;
+                return self.reject(id, Some(&device), reason, deadline).await;
             }
         }
 
-        self.provision(&device, &cert.arn).await?;
+        self.provision(&device, &cert.arn, deadline).await?;
         // Always last: until here the certificate cannot connect, whatever failed.
         self.registry
-            .set_certificate_status(id, CertificateStatus::Active)
+            .set_certificate_status(id, CertificateStatus::Active, deadline)
             .await?;
         // The device is active whatever happens here: a failed write-back is only reported.
         if let Err(error) = self.fleet.record_activation(&device, id, deadline).await {
@@ -360,6 +386,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         id: &CertificateId,
         pem: &str,
         ca_id: &CertificateId,
+        deadline: Instant,
     ) -> Result<Verdict, ActivationError> {
         let reject = |reason: String| {
             Ok(Verdict::Reject {
@@ -380,7 +407,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         if factory_ca::certificate_id(&der) != id.as_str() {
             return reject("the registered certificate does not hash to its id".into());
         }
-        let ca_der = self.ca_certificate(ca_id).await?;
+        let ca_der = self.ca_certificate(ca_id, deadline).await?;
         let inspection = inspect_device_certificate(
             &der,
             &InspectOptions {
@@ -401,7 +428,11 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         }
     }
 
-    async fn ca_certificate(&self, ca_id: &CertificateId) -> Result<Arc<Vec<u8>>, ActivationError> {
+    async fn ca_certificate(
+        &self,
+        ca_id: &CertificateId,
+        deadline: Instant,
+    ) -> Result<Arc<Vec<u8>>, ActivationError> {
         if let Some(der) = self
             .ca_cache
             .lock()
@@ -410,7 +441,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         {
             return Ok(der.clone());
         }
-        let pem = self.registry.ca_certificate_pem(ca_id).await?;
+        let pem = self.registry.ca_certificate_pem(ca_id, deadline).await?;
         let der = certificates_from_pem_or_der(pem.as_bytes())
             .ok()
             .and_then(|certs| certs.into_iter().next())
@@ -431,6 +462,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         &self,
         device: &DeviceId,
         certificate_arn: &str,
+        deadline: Instant,
     ) -> Result<(), RegistryError> {
         let thing = ThingSpec {
             name: device.to_string(),
@@ -438,18 +470,20 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             attributes: vec![("fleet".into(), self.fleet.label().replace(' ', "-"))],
         };
         let create = async {
-            self.registry.create_thing(&thing).await?;
+            self.registry.create_thing(&thing, deadline).await?;
             if let Some(group) = &self.policy.thing_group {
-                self.registry.add_thing_to_group(&thing.name, group).await?;
+                self.registry
+                    .add_thing_to_group(&thing.name, group, deadline)
+                    .await?;
             }
             Ok::<_, RegistryError>(())
         };
-        let attach = self
-            .registry
-            .attach_policy(&self.policy.policy_name, certificate_arn);
+        let attach =
+            self.registry
+                .attach_policy(&self.policy.policy_name, certificate_arn, deadline);
         tokio::try_join!(create, attach)?;
         self.registry
-            .attach_thing_principal(&thing.name, certificate_arn)
+            .attach_thing_principal(&thing.name, certificate_arn, deadline)
             .await
     }
 
@@ -458,12 +492,15 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         id: &CertificateId,
         thing: Option<&DeviceId>,
         reason: String,
+        deadline: Instant,
     ) -> Result<Decision, ActivationError> {
         let status = match self.policy.reject_action {
             RejectAction::Revoke => CertificateStatus::Revoked,
             RejectAction::Deactivate => CertificateStatus::Inactive,
         };
-        self.registry.set_certificate_status(id, status).await?;
+        self.registry
+            .set_certificate_status(id, status, deadline)
+            .await?;
         Ok(Decision {
             certificate_id: id.to_string(),
             thing_name: thing.map(|t| t.to_string()),

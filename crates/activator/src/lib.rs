@@ -20,7 +20,7 @@ mod ports;
 pub use config::{
     ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction, WriteBack,
 };
-pub use decision::{Activator, Decision, Outcome, SweepReport};
+pub use decision::{Activator, Decision, Outcome, SweepReport, SWEEP_DECISION_TIME};
 pub use error::{error_chain, ActivationError};
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId, FleetId};

@@ -84,7 +84,7 @@ pub enum RegistryError {
         #[source]
         source: Cause,
     },
-    /// Throttled after the SDK's own retries.
+    /// Throttled (`ThrottlingException`).
     #[error("AWS IoT {op}: throttled")]
     Throttled {
         op: &'static str,
@@ -97,6 +97,17 @@ pub enum RegistryError {
         op: &'static str,
         #[source]
         source: Cause,
+    },
+    /// Still throttled or unavailable after `attempts` tries, with no time left before the
+    /// deadline for another.
+    #[error(
+        "AWS IoT {op}: gave up after {attempts} attempt(s), too close to the deadline to try again"
+    )]
+    GaveUp {
+        op: &'static str,
+        attempts: u32,
+        #[source]
+        last: Box<RegistryError>,
     },
     /// Any other failure (access denied, invalid request...).
     #[error("AWS IoT {op} failed")]
@@ -112,58 +123,72 @@ impl RegistryError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            RegistryError::Throttled { .. } | RegistryError::Unavailable { .. }
+            RegistryError::Throttled { .. }
+                | RegistryError::Unavailable { .. }
+                | RegistryError::GaveUp { .. }
         )
     }
 }
 
 /// The AWS IoT control plane, as the decision uses it. Every write is idempotent:
 /// "already exists" and "already attached" are success.
+///
+/// Every call takes the deadline of the work it is part of (the Lambda invocation's): an
+/// adapter may retry throttling and transient failures until shortly before it, and must
+/// then give up with a retryable error.
 pub trait IotRegistry: Send + Sync {
     /// DescribeCertificate.
     fn describe_certificate(
         &self,
         id: &CertificateId,
+        deadline: Instant,
     ) -> impl Future<Output = Result<CertificateDescription, RegistryError>> + Send;
     /// DescribeCACertificate: the CA certificate PEM.
     fn ca_certificate_pem(
         &self,
         id: &CertificateId,
+        deadline: Instant,
     ) -> impl Future<Output = Result<String, RegistryError>> + Send;
     /// CreateThing (an existing Thing of that name is success).
     fn create_thing(
         &self,
         thing: &ThingSpec,
+        deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// AddThingToThingGroup.
     fn add_thing_to_group(
         &self,
         thing: &str,
         group: &str,
+        deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// AttachPolicy to the certificate.
     fn attach_policy(
         &self,
         policy: &str,
         certificate_arn: &str,
+        deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// AttachThingPrincipal.
     fn attach_thing_principal(
         &self,
         thing: &str,
         certificate_arn: &str,
+        deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// UpdateCertificate to a new status.
     fn set_certificate_status(
         &self,
         id: &CertificateId,
         status: CertificateStatus,
+        deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// ListCertificatesByCA, one page.
     fn list_certificates_by_ca(
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        deadline: Instant,
     ) -> impl Future<Output = Result<CertificatePage, RegistryError>> + Send;
 }
 

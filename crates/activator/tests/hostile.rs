@@ -108,6 +108,7 @@ impl IotRegistry for FakeIot {
     async fn describe_certificate(
         &self,
         id: &CertificateId,
+        _deadline: Instant,
     ) -> Result<CertificateDescription, RegistryError> {
         self.call("DescribeCertificate");
         let cert = self
@@ -131,7 +132,11 @@ impl IotRegistry for FakeIot {
             }),
         }
     }
-    async fn ca_certificate_pem(&self, id: &CertificateId) -> Result<String, RegistryError> {
+    async fn ca_certificate_pem(
+        &self,
+        id: &CertificateId,
+        _deadline: Instant,
+    ) -> Result<String, RegistryError> {
         self.call("DescribeCACertificate");
         let pem = self.0.lock().unwrap().cas.get(id.as_str()).cloned();
         pem.ok_or_else(|| RegistryError::NotFound {
@@ -139,22 +144,41 @@ impl IotRegistry for FakeIot {
             source: "no such CA".into(),
         })
     }
-    async fn create_thing(&self, thing: &ThingSpec) -> Result<(), RegistryError> {
+    async fn create_thing(
+        &self,
+        thing: &ThingSpec,
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.call("CreateThing");
         self.write(Write::CreateThing(thing.name.clone()));
         Ok(())
     }
-    async fn add_thing_to_group(&self, thing: &str, _group: &str) -> Result<(), RegistryError> {
+    async fn add_thing_to_group(
+        &self,
+        thing: &str,
+        _group: &str,
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.call("AddThingToThingGroup");
         self.write(Write::AddThingToGroup(thing.to_owned()));
         Ok(())
     }
-    async fn attach_policy(&self, policy: &str, _arn: &str) -> Result<(), RegistryError> {
+    async fn attach_policy(
+        &self,
+        policy: &str,
+        _arn: &str,
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.call("AttachPolicy");
         self.write(Write::AttachPolicy(policy.to_owned()));
         Ok(())
     }
-    async fn attach_thing_principal(&self, thing: &str, _arn: &str) -> Result<(), RegistryError> {
+    async fn attach_thing_principal(
+        &self,
+        thing: &str,
+        _arn: &str,
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.call("AttachThingPrincipal");
         self.write(Write::AttachThingPrincipal(thing.to_owned()));
         Ok(())
@@ -163,6 +187,7 @@ impl IotRegistry for FakeIot {
         &self,
         id: &CertificateId,
         status: CertificateStatus,
+        _deadline: Instant,
     ) -> Result<(), RegistryError> {
         self.call("UpdateCertificate");
         self.write(Write::SetStatus(id.to_string(), status.clone()));
@@ -175,6 +200,7 @@ impl IotRegistry for FakeIot {
         &self,
         _ca: &CertificateId,
         _marker: Option<String>,
+        _deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
         self.call("ListCertificatesByCA");
         Ok(CertificatePage::default())

@@ -540,43 +540,75 @@ impl IotRegistry for CrashAt<'_> {
     async fn describe_certificate(
         &self,
         id: &CertificateId,
+        deadline: Instant,
     ) -> Result<CertificateDescription, RegistryError> {
         self.check("DescribeCertificate")?;
-        self.inner.describe_certificate(id).await
+        self.inner.describe_certificate(id, deadline).await
     }
-    async fn ca_certificate_pem(&self, id: &CertificateId) -> Result<String, RegistryError> {
+    async fn ca_certificate_pem(
+        &self,
+        id: &CertificateId,
+        deadline: Instant,
+    ) -> Result<String, RegistryError> {
         self.check("DescribeCACertificate")?;
-        self.inner.ca_certificate_pem(id).await
+        self.inner.ca_certificate_pem(id, deadline).await
     }
-    async fn create_thing(&self, thing: &ThingSpec) -> Result<(), RegistryError> {
+    async fn create_thing(
+        &self,
+        thing: &ThingSpec,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.check("CreateThing")?;
-        self.inner.create_thing(thing).await
+        self.inner.create_thing(thing, deadline).await
     }
-    async fn add_thing_to_group(&self, thing: &str, group: &str) -> Result<(), RegistryError> {
-        self.inner.add_thing_to_group(thing, group).await
+    async fn add_thing_to_group(
+        &self,
+        thing: &str,
+        group: &str,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        self.inner.add_thing_to_group(thing, group, deadline).await
     }
-    async fn attach_policy(&self, policy: &str, arn: &str) -> Result<(), RegistryError> {
+    async fn attach_policy(
+        &self,
+        policy: &str,
+        arn: &str,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.check("AttachPolicy")?;
-        self.inner.attach_policy(policy, arn).await
+        self.inner.attach_policy(policy, arn, deadline).await
     }
-    async fn attach_thing_principal(&self, thing: &str, arn: &str) -> Result<(), RegistryError> {
+    async fn attach_thing_principal(
+        &self,
+        thing: &str,
+        arn: &str,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
         self.check("AttachThingPrincipal")?;
-        self.inner.attach_thing_principal(thing, arn).await
+        self.inner
+            .attach_thing_principal(thing, arn, deadline)
+            .await
     }
     async fn set_certificate_status(
         &self,
         id: &CertificateId,
         status: CertificateStatus,
+        deadline: Instant,
     ) -> Result<(), RegistryError> {
         self.check("UpdateCertificate")?;
-        self.inner.set_certificate_status(id, status).await
+        self.inner
+            .set_certificate_status(id, status, deadline)
+            .await
     }
     async fn list_certificates_by_ca(
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
-        self.inner.list_certificates_by_ca(ca, marker).await
+        self.inner
+            .list_certificates_by_ca(ca, marker, deadline)
+            .await
     }
 }
 

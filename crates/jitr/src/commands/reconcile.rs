@@ -5,6 +5,9 @@ use super::{print_json, Outcome};
 use crate::aws::{self, Aws};
 use crate::cli::ReconcileArgs;
 
+/// Far enough ahead to never matter for one run of the command.
+const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
 pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
     // The Lambda's configuration, read the Lambda's way: the same decision, the same rules.
     let config = Config::from_env().context("activator configuration")?;
@@ -27,7 +30,16 @@ pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
         let mut reports = Vec::new();
         for ca in &ca_ids {
             let report = activator
-                .sweep(ca, args.older_than, now, args.dry_run, args.concurrency)
+                // No invocation deadline here: each decision gets its own time and the
+                // sweep runs to the end.
+                .sweep(
+                    ca,
+                    args.older_than,
+                    now,
+                    args.dry_run,
+                    args.concurrency,
+                    tokio::time::Instant::now() + NO_DEADLINE,
+                )
                 .await
                 .with_context(|| format!("sweeping CA {ca}"))?;
             reports.push((ca.to_string(), report));
