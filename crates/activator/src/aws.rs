@@ -453,7 +453,10 @@ mod tests {
             assert!(waits.iter().all(|w| *w <= ceiling), "attempt {attempt}");
             // Jittered: spread over the range, not one value.
             assert!(waits.iter().any(|w| *w < ceiling / 3), "attempt {attempt}");
-            assert!(waits.iter().any(|w| *w > ceiling * 2 / 3), "attempt {attempt}");
+            assert!(
+                waits.iter().any(|w| *w > ceiling * 2 / 3),
+                "attempt {attempt}"
+            );
         }
         assert!(policy.backoff(u32::MAX) <= policy.cap);
     }

@@ -7,10 +7,14 @@
 //! with the same configuration.
 
 pub mod allowlist;
+#[cfg(feature = "adapters")]
 pub mod aws;
+#[cfg(feature = "adapters")]
 pub mod balena;
 mod config;
 mod decision;
+#[cfg(feature = "adapters")]
+mod deployed;
 mod error;
 mod event;
 mod ids;
@@ -30,82 +34,5 @@ pub use ports::{
     IotRegistry, ListedCertificate, Membership, RegistryError, ThingSpec,
 };
 
-/// The fleet directory chosen by `JITR_FLEET_BACKEND`.
-#[derive(Debug)]
-pub enum FleetBackend {
-    /// The balena API (boxed: it is much larger than the allowlist, and built once).
-    Balena(Box<balena::BalenaDirectory>),
-    /// A static list of device ids.
-    Allowlist(allowlist::AllowlistDirectory),
-}
-
-impl FleetDirectory for FleetBackend {
-    async fn membership(
-        &self,
-        device: &factory_ca::DeviceId,
-        deadline: tokio::time::Instant,
-    ) -> Result<Membership, FleetError> {
-        match self {
-            FleetBackend::Balena(d) => d.membership(device, deadline).await,
-            FleetBackend::Allowlist(d) => d.membership(device, deadline).await,
-        }
-    }
-
-    fn label(&self) -> String {
-        match self {
-            FleetBackend::Balena(d) => d.label(),
-            FleetBackend::Allowlist(d) => d.label(),
-        }
-    }
-
-    async fn record_activation(
-        &self,
-        device: &factory_ca::DeviceId,
-        certificate: &CertificateId,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), Cause> {
-        match self {
-            FleetBackend::Balena(d) => d.record_activation(device, certificate, deadline).await,
-            FleetBackend::Allowlist(d) => d.record_activation(device, certificate, deadline).await,
-        }
-    }
-}
-
-/// The activator as deployed: AWS IoT through the SDK, and the configured fleet backend.
-pub type DeployedActivator = Activator<aws::AwsIotRegistry, FleetBackend>;
-
-/// Builds the deployed activator from configuration: SDK clients and HTTP client, once.
-pub async fn build(config: Config) -> Result<DeployedActivator, ConfigError> {
-    build_with_sdk(config, &aws::load_sdk_config().await)
-}
-
-/// The same over an SDK configuration the caller loaded (the CLI's `--region`/`--endpoint-url`).
-pub fn build_with_sdk(
-    config: Config,
-    sdk: &aws_config::SdkConfig,
-) -> Result<DeployedActivator, ConfigError> {
-    let registry = aws::AwsIotRegistry::new(sdk);
-    let fleet = match &config.fleet {
-        FleetConfig::Balena {
-            api_url,
-            fleet_id,
-            api_key,
-            write_back,
-        } => {
-            let key = match api_key {
-                ApiKeySource::Literal(key) => balena::KeySource::Literal(key.clone()),
-                ApiKeySource::SecretsManager(id) => balena::KeySource::SecretsManager {
-                    client: aws_sdk_secretsmanager::Client::new(sdk),
-                    secret_id: id.clone(),
-                },
-            };
-            FleetBackend::Balena(Box::new(
-                balena::BalenaDirectory::new(api_url, *fleet_id, key)?.with_write_back(*write_back),
-            ))
-        }
-        FleetConfig::Allowlist { path } => {
-            FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?)
-        }
-    };
-    Ok(Activator::new(registry, fleet, config.policy))
-}
+#[cfg(feature = "adapters")]
+pub use deployed::{build, build_with_sdk, DeployedActivator, FleetBackend};

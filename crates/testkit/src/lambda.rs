@@ -225,6 +225,133 @@ impl RuntimeEmulator {
     }
 }
 
+/// How one event of an asynchronous delivery ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    /// The event's index in the delivered list.
+    pub index: usize,
+    /// How many times the function ran for it (1 + retries).
+    pub attempts: u32,
+    /// The last answer: a response, or the error that sent it to the failure queue.
+    pub last: Invocation,
+}
+
+/// What an asynchronous delivery did ([`RuntimeEmulator::deliver_async`]).
+#[derive(Debug, Clone, Default)]
+pub struct AsyncDelivery {
+    /// Every event's ending, in index order.
+    pub events: Vec<Delivered>,
+    /// Function runs, retries included.
+    pub invocations: usize,
+    /// Runs that were retries of a failed one.
+    pub retries: usize,
+    /// The indices of the events that failed every attempt: what Lambda hands to the
+    /// on-failure destination (an SQS queue), in the order they landed there.
+    pub failure_queue: Vec<usize>,
+    /// From the first hand-out to the last answer.
+    pub elapsed: Duration,
+}
+
+impl AsyncDelivery {
+    /// The events whose function run ended in a response (not in the failure queue).
+    pub fn succeeded(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e.last, Invocation::Response(_)))
+            .count()
+    }
+}
+
+impl RuntimeEmulator {
+    /// Delivers `events` the way Lambda runs asynchronous invocations (an IoT rule's Lambda
+    /// action): up to `concurrency` runs at once (run as many runtime processes); a run that
+    /// ends in an error (or gives no answer within `timeout`) is retried, up to `max_retries`
+    /// times (Lambda's default is 2), and an event that fails every attempt goes to the
+    /// failure queue. Lambda waits a minute before the first retry and two before the second;
+    /// here a retry simply goes to the back of the line, behind every event not yet run.
+    pub fn deliver_async(
+        &self,
+        events: &[Value],
+        concurrency: usize,
+        max_retries: u32,
+        timeout: Duration,
+    ) -> AsyncDelivery {
+        let line: Mutex<std::collections::VecDeque<(usize, u32)>> =
+            Mutex::new((0..events.len()).map(|i| (i, 1)).collect());
+        let in_flight = AtomicUsize::new(0);
+        let endings: Mutex<Vec<Delivered>> = Mutex::new(Vec::with_capacity(events.len()));
+        let failure_queue = Mutex::new(Vec::new());
+        let (invocations, retries) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..concurrency.max(1) {
+                scope.spawn(|| loop {
+                    // Take the next run; while others are still running, a retry of theirs
+                    // may yet join the line, so wait rather than stop.
+                    let next = {
+                        let mut line = line.lock().unwrap_or_else(PoisonError::into_inner);
+                        let next = line.pop_front();
+                        if next.is_some() {
+                            in_flight.fetch_add(1, Ordering::SeqCst);
+                        }
+                        next
+                    };
+                    let Some((index, attempt)) = next else {
+                        if in_flight.load(Ordering::SeqCst) == 0 {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    invocations.fetch_add(1, Ordering::Relaxed);
+                    if attempt > 1 {
+                        retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let answer = self
+                        .invoke(events[index].clone(), timeout)
+                        .unwrap_or_else(|e| Invocation::Error {
+                            error_type: "Runtime.NoAnswer".to_owned(),
+                            error_message: e.to_string(),
+                        });
+                    let failed = matches!(answer, Invocation::Error { .. });
+                    if failed && attempt <= max_retries {
+                        line.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push_back((index, attempt + 1));
+                    } else {
+                        if failed {
+                            failure_queue
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(index);
+                        }
+                        endings
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(Delivered {
+                                index,
+                                attempts: attempt,
+                                last: answer,
+                            });
+                    }
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let mut events = endings.into_inner().unwrap_or_else(PoisonError::into_inner);
+        events.sort_by_key(|e| e.index);
+        AsyncDelivery {
+            events,
+            invocations: invocations.into_inner(),
+            retries: retries.into_inner(),
+            failure_queue: failure_queue
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner),
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
 /// `GET /2018-06-01/runtime/invocation/next`: waits for an event and hands it out.
 async fn next(State(shared): State<Arc<Shared>>) -> Response {
     shared.first_poll_at.get_or_init(Instant::now);

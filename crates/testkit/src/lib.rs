@@ -5,6 +5,10 @@
 //! - [`lambda::RuntimeEmulator`]: the AWS Lambda Runtime API, to run the real `bootstrap`.
 //! - [`iot`]: an AWS IoT client for moto and the steps every scenario repeats.
 //! - [`proxy::LatencyProxy`]: adds latency to every HTTP request and counts them.
+//! - [`faults::FaultProxy`]: AWS IoT throttling, 5xx, dropped connections, slow answers and
+//!   per-operation quotas, injected in front of moto.
+//! - [`burst::BurstWorld`]: thousands of devices' first connects at once, through faults,
+//!   and a check of what the registry holds afterwards.
 //! - [`certs::TestCa`]: a jitr CA with good and hostile device certificates.
 //! - [`http::HttpRequest`]: a tiny blocking HTTP/1.1 client for talking to all of the above.
 //!
@@ -12,7 +16,9 @@
 //! from plain `#[test]`s and from `#[tokio::test]`s alike) and stops when dropped.
 
 pub mod balena;
+pub mod burst;
 pub mod certs;
+pub mod faults;
 pub mod http;
 pub mod iot;
 pub mod lambda;

@@ -230,3 +230,74 @@ fn a_runtime_that_hangs_up_mid_poll_does_not_swallow_the_next_event() {
         );
     });
 }
+
+/// Plays `runtimes` runtime processes until the emulator stops: an event `{"fail": k}` fails
+/// its first `k` runs, counted per event.
+fn flaky_runtimes(emulator: &RuntimeEmulator, runtimes: usize) {
+    let runs = Arc::new(Mutex::new(HashMap::<u64, u64>::new()));
+    for _ in 0..runtimes {
+        let address = emulator.address();
+        let runs = Arc::clone(&runs);
+        thread::spawn(move || loop {
+            let Ok(next) = HttpRequest::get(&format!(
+                "http://{address}/2018-06-01/runtime/invocation/next"
+            ))
+            .timeout(Duration::from_secs(60))
+            .send() else {
+                return;
+            };
+            if next.status != 200 {
+                return;
+            }
+            let id = request_id(&next);
+            let event: Value = next.json().unwrap();
+            let key = event["n"].as_u64().unwrap();
+            let run = {
+                let mut runs = runs.lock().unwrap();
+                let run = runs.entry(key).or_default();
+                *run += 1;
+                *run
+            };
+            let (kind, body) = if run <= event["fail"].as_u64().unwrap() {
+                (
+                    "error",
+                    json!({"errorType": "Retryable", "errorMessage": format!("run {run}")}),
+                )
+            } else {
+                ("response", json!({"n": key, "run": run}))
+            };
+            let url = format!("http://{address}/2018-06-01/runtime/invocation/{id}/{kind}");
+            if HttpRequest::post(&url).json(&body).send().is_err() {
+                return;
+            }
+        });
+    }
+}
+
+#[test]
+fn async_delivery_retries_twice_then_queues_the_failure() {
+    let emulator = RuntimeEmulator::start().unwrap();
+    flaky_runtimes(&emulator, 3);
+    // Event n fails its first `fail` runs: 0 and 2 succeed (the second on its last retry),
+    // 3 exhausts the two retries and lands in the failure queue.
+    let events: Vec<Value> = [0, 2, 3, 1, 0]
+        .iter()
+        .enumerate()
+        .map(|(n, fail)| json!({"n": n, "fail": fail}))
+        .collect();
+    let delivery = emulator.deliver_async(&events, 3, 2, WAIT);
+    let attempts: Vec<u32> = delivery.events.iter().map(|e| e.attempts).collect();
+    assert_eq!(attempts, [1, 3, 3, 2, 1]);
+    assert_eq!(delivery.failure_queue, [2]);
+    assert_eq!(delivery.succeeded(), 4);
+    assert_eq!(delivery.invocations, 10);
+    assert_eq!(delivery.retries, 5);
+    assert_eq!(
+        delivery.events[1].last,
+        Invocation::Response(json!({"n": 1, "run": 3}))
+    );
+    assert!(matches!(
+        &delivery.events[2].last,
+        Invocation::Error { error_type, error_message } if error_type == "Retryable" && error_message == "run 3"
+    ));
+}

@@ -1,0 +1,406 @@
+//! A whole fleet's first connects at once: the world behind the burst test and the quota
+//! drain benchmark.
+//!
+//! [`BurstWorld::start`] brings up moto with a jitr CA registered and the device policy made,
+//! the fake balena API with a fleet, `n` device certificates registered PENDING_ACTIVATION
+//! (what AWS IoT does on each first connect), a [`FaultProxy`] in front of moto, and the Lambda
+//! Runtime API emulator. [`BurstWorld::start_runtimes`] runs the real `bootstrap` processes
+//! against the proxy; [`BurstWorld::registry`] reads back what AWS IoT holds, straight from
+//! moto, and [`RegistryState::check`] says whether every device ended where it must.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aws_sdk_iot::types::CertificateStatus;
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+
+use crate::balena::FakeBalena;
+use crate::certs::TestCa;
+use crate::faults::{FaultPlan, FaultProxy};
+use crate::lambda::RuntimeEmulator;
+use crate::moto::{MotoServer, ACCOUNT_ID};
+
+/// The device policy every activated certificate gets.
+pub const POLICY: &str = "jitr-device";
+
+/// The balena fleet the devices belong to.
+pub const FLEET_ID: u64 = 4242;
+
+/// The (fake) balena API key; never printed.
+const API_KEY: &str = "burst-test-key";
+
+/// Where a device stands in the fleet, which decides where its certificate must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Standing {
+    /// An active device of the fleet: ACTIVE, one Thing, one policy, one principal.
+    Member,
+    /// In the fleet but deactivated: REVOKED, nothing attached.
+    Inactive,
+    /// Not in the fleet: REVOKED, nothing attached.
+    Stranger,
+}
+
+/// One device of the burst.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// The balena UUID (the certificate's CN and the Thing name).
+    pub id: String,
+    /// The AWS IoT certificate id.
+    pub certificate_id: String,
+    /// Where it stands in the fleet.
+    pub standing: Standing,
+}
+
+/// A `bootstrap` process, killed on drop.
+struct Runtime(Child);
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// moto, the fake balena API, a fault proxy, the Runtime API emulator and `n` devices.
+pub struct BurstWorld {
+    /// Runs the AWS SDK calls of the setup and the checks.
+    pub rt: tokio::runtime::Runtime,
+    /// The real AWS IoT stand-in.
+    pub moto: MotoServer,
+    /// A client straight to moto (no faults): for setup and checks.
+    pub client: aws_sdk_iot::Client,
+    /// The CA the devices' certificates come from.
+    pub ca: TestCa,
+    /// Its AWS IoT id.
+    pub ca_id: String,
+    /// The fleet.
+    pub balena: FakeBalena,
+    /// Every device, in creation order.
+    pub devices: Vec<Device>,
+    /// The faults between the activator and moto.
+    pub proxy: FaultProxy,
+    /// Where `bootstrap` gets its events.
+    pub emulator: RuntimeEmulator,
+    runtimes: Vec<Runtime>,
+}
+
+impl std::fmt::Debug for BurstWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BurstWorld")
+            .field("devices", &self.devices.len())
+            .field("runtimes", &self.runtimes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BurstWorld {
+    /// Sets up `n` devices, device `k` standing where `standing(k)` says, each certificate
+    /// registered PENDING_ACTIVATION; the proxy starts with `plan`.
+    pub fn start(n: usize, standing: impl Fn(usize) -> Standing, plan: FaultPlan) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let moto = MotoServer::start()?;
+        let client = rt.block_on(crate::iot::client(&moto));
+        let ca = TestCa::new("burst CA")?;
+        let ca_id = rt.block_on(async {
+            crate::iot::create_policy(&client, POLICY).await?;
+            crate::iot::register_ca(&client, &ca.cert_pem).await
+        })?;
+        let balena = FakeBalena::start(API_KEY)?;
+        balena.add_fleet(FLEET_ID, "burst-fleet");
+
+        let mut devices = Vec::with_capacity(n);
+        let mut pems = Vec::with_capacity(n);
+        for k in 0..n {
+            let id = format!("{:032x}", 0xb0_0000_0000_u64 + k as u64);
+            let standing = standing(k);
+            match standing {
+                Standing::Member => _ = balena.add_device(FLEET_ID, &id, true),
+                Standing::Inactive => _ = balena.add_device(FLEET_ID, &id, false),
+                Standing::Stranger => {}
+            }
+            pems.push(ca.device_pem(&id)?);
+            devices.push(Device {
+                id,
+                certificate_id: String::new(),
+                standing,
+            });
+        }
+        // Registered a few at a time, as devices connecting would be.
+        let ids: Vec<Result<String>> = rt.block_on(
+            stream::iter(pems.iter())
+                .map(|pem| crate::iot::first_connect(&client, pem, &ca.cert_pem))
+                .buffered(8)
+                .collect(),
+        );
+        for (device, id) in devices.iter_mut().zip(ids) {
+            device.certificate_id = id?;
+        }
+        let proxy = FaultProxy::for_url(&moto.endpoint(), plan)?;
+        let emulator = RuntimeEmulator::start()?;
+        Ok(BurstWorld {
+            rt,
+            moto,
+            client,
+            ca,
+            ca_id,
+            balena,
+            devices,
+            proxy,
+            emulator,
+            runtimes: Vec::new(),
+        })
+    }
+
+    /// The environment the activator (`bootstrap` or `jitr reconcile`) runs with: AWS IoT
+    /// through the fault proxy, the fleet on the fake balena API.
+    pub fn activator_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.moto.aws_env();
+        for (name, value) in &mut env {
+            if *name == "AWS_ENDPOINT_URL" {
+                *value = self.proxy.url();
+            }
+        }
+        env.extend([
+            ("JITR_TRUSTED_CA_IDS", self.ca_id.clone()),
+            ("JITR_POLICY_NAME", POLICY.to_owned()),
+            ("JITR_FLEET_BACKEND", "balena".to_owned()),
+            ("BALENA_API_URL", self.balena.url()),
+            ("BALENA_FLEET_ID", FLEET_ID.to_string()),
+            ("BALENA_API_KEY", API_KEY.to_owned()),
+            ("JITR_LOG", "error".to_owned()),
+        ]);
+        env
+    }
+
+    /// Starts `count` `bootstrap` processes (Lambda instances) polling the emulator.
+    pub fn start_runtimes(&mut self, bootstrap: &Path, count: usize) -> Result<()> {
+        for _ in 0..count {
+            let child = Command::new(bootstrap)
+                .env_clear()
+                .envs(self.emulator.lambda_env())
+                .envs(self.activator_env())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", bootstrap.display()))?;
+            self.runtimes.push(Runtime(child));
+        }
+        Ok(())
+    }
+
+    /// Stops every `bootstrap` process.
+    pub fn stop_runtimes(&mut self) {
+        self.runtimes.clear();
+    }
+
+    /// The certificate-registered event AWS IoT publishes for `device`.
+    pub fn event(&self, device: &Device) -> Value {
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        json!({
+            "certificateId": device.certificate_id,
+            "caCertificateId": self.ca_id,
+            "timestamp": now_ms,
+            "certificateStatus": "PENDING_ACTIVATION",
+            "awsAccountId": ACCOUNT_ID,
+            "certificateRegistrationTimestamp": now_ms.to_string(),
+        })
+    }
+
+    /// What AWS IoT (moto) holds now, read without faults.
+    pub fn registry(&self) -> Result<RegistryState> {
+        let started = Instant::now();
+        self.rt.block_on(async {
+            let mut state = RegistryState::default();
+            let listed = self
+                .client
+                .list_certificates_by_ca()
+                .ca_certificate_id(&self.ca_id)
+                .page_size(250)
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .context("ListCertificatesByCA")?;
+            for c in listed {
+                if let (Some(id), Some(status)) = (c.certificate_id(), c.status()) {
+                    state.statuses.insert(id.to_owned(), status.clone());
+                }
+                if let (Some(id), Some(arn)) = (c.certificate_id(), c.certificate_arn()) {
+                    state.arns.insert(arn.to_owned(), id.to_owned());
+                }
+            }
+            let things = self
+                .client
+                .list_things()
+                .max_results(250)
+                .into_paginator()
+                .items()
+                .send()
+                .try_collect()
+                .await
+                .context("ListThings")?;
+            for thing in things {
+                if let Some(name) = thing.thing_name() {
+                    *state.things.entry(name.to_owned()).or_default() += 1;
+                }
+            }
+            let targets = self
+                .client
+                .list_targets_for_policy()
+                .policy_name(POLICY)
+                .send()
+                .await
+                .context("ListTargetsForPolicy")?;
+            for target in targets.targets() {
+                *state.policy_targets.entry(target.clone()).or_default() += 1;
+            }
+            let names: Vec<String> = state.things.keys().cloned().collect();
+            let principals = stream::iter(names)
+                .map(|name| async move {
+                    let out = self
+                        .client
+                        .list_thing_principals()
+                        .thing_name(&name)
+                        .send()
+                        .await
+                        .with_context(|| format!("ListThingPrincipals {name}"))?;
+                    anyhow::Ok((name, out.principals().to_vec()))
+                })
+                .buffered(8)
+                .collect::<Vec<_>>()
+                .await;
+            for entry in principals {
+                let (name, principals) = entry?;
+                state.thing_principals.insert(name, principals);
+            }
+            state.read_in = started.elapsed();
+            anyhow::Ok(state)
+        })
+    }
+}
+
+/// What AWS IoT holds for the burst's CA, policy and Things.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryState {
+    /// Status by certificate id.
+    pub statuses: BTreeMap<String, CertificateStatus>,
+    /// Certificate id by ARN.
+    pub arns: BTreeMap<String, String>,
+    /// How many Things by name (a name is unique in AWS IoT; counted all the same).
+    pub things: BTreeMap<String, usize>,
+    /// How many times each ARN is a target of the device policy.
+    pub policy_targets: BTreeMap<String, usize>,
+    /// The principals attached to each Thing.
+    pub thing_principals: BTreeMap<String, Vec<String>>,
+    /// How long reading it took.
+    pub read_in: Duration,
+}
+
+/// The tally of [`RegistryState::check`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Certificates ACTIVE.
+    pub active: usize,
+    /// Certificates REVOKED.
+    pub revoked: usize,
+    /// Certificates still PENDING_ACTIVATION.
+    pub pending: usize,
+    /// Things.
+    pub things: usize,
+}
+
+impl RegistryState {
+    /// Checks every device against where it must end: a member ACTIVE with exactly one Thing
+    /// (named after it), the policy attached once, and its certificate the Thing's only
+    /// principal; every other one REVOKED with no Thing and nothing attached; none pending,
+    /// nothing extra. Returns the tally, or every problem found.
+    pub fn check(&self, devices: &[Device]) -> Result<Tally> {
+        let mut problems = Vec::new();
+        let mut tally = Tally::default();
+        for status in self.statuses.values() {
+            match status {
+                CertificateStatus::Active => tally.active += 1,
+                CertificateStatus::Revoked => tally.revoked += 1,
+                CertificateStatus::PendingActivation => tally.pending += 1,
+                _ => {}
+            }
+        }
+        tally.things = self.things.len();
+        let arn_of: BTreeMap<&str, &str> = self
+            .arns
+            .iter()
+            .map(|(arn, id)| (id.as_str(), arn.as_str()))
+            .collect();
+        let mut expected_things = BTreeSet::new();
+        for d in devices {
+            let status = self.statuses.get(&d.certificate_id);
+            let arn = arn_of.get(d.certificate_id.as_str()).copied().unwrap_or("");
+            let targets = self.policy_targets.get(arn).copied().unwrap_or(0);
+            let things = self.things.get(&d.id).copied().unwrap_or(0);
+            match d.standing {
+                Standing::Member => {
+                    expected_things.insert(d.id.as_str());
+                    let principals = self.thing_principals.get(&d.id);
+                    if status != Some(&CertificateStatus::Active) {
+                        problems.push(format!("member {} is {status:?}, not ACTIVE", d.id));
+                    }
+                    if things != 1 {
+                        problems.push(format!("member {} has {things} Things", d.id));
+                    }
+                    if targets != 1 {
+                        problems.push(format!("member {}: policy attached {targets} times", d.id));
+                    }
+                    if principals.map(Vec::as_slice) != Some(&[arn.to_owned()][..]) {
+                        problems.push(format!("member {}: Thing principals {principals:?}", d.id));
+                    }
+                }
+                Standing::Inactive | Standing::Stranger => {
+                    if status != Some(&CertificateStatus::Revoked) {
+                        problems.push(format!(
+                            "{:?} {} is {status:?}, not REVOKED",
+                            d.standing, d.id
+                        ));
+                    }
+                    if things != 0 || targets != 0 {
+                        problems.push(format!(
+                            "{:?} {} has {things} Things and the policy {targets} times",
+                            d.standing, d.id
+                        ));
+                    }
+                }
+            }
+        }
+        let extra: Vec<_> = self
+            .things
+            .keys()
+            .filter(|name| !expected_things.contains(name.as_str()))
+            .collect();
+        if !extra.is_empty() {
+            problems.push(format!("Things nobody should have made: {extra:?}"));
+        }
+        if self.statuses.len() != devices.len() {
+            problems.push(format!(
+                "{} certificates under the CA, {} devices",
+                self.statuses.len(),
+                devices.len()
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(tally);
+        }
+        let shown = problems.len().min(20);
+        bail!(
+            "{} problem(s), the first {shown}:\n  {}",
+            problems.len(),
+            problems[..shown].join("\n  ")
+        )
+    }
+}
