@@ -170,9 +170,8 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
     ));
     assert!(faults.throttled > 0 && faults.server_errors > 0 && faults.dropped_after > 0);
 
-    let before = world.registry().unwrap();
-    let pending_before = before
-        .statuses
+    let (statuses, _) = world.certificates().unwrap();
+    let pending_before = statuses
         .values()
         .filter(|s| **s == aws_sdk_iot::types::CertificateStatus::PendingActivation)
         .count();

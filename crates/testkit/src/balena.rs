@@ -295,7 +295,9 @@ impl Db {
     }
 
     /// Every row of `resource` the key can see, with all fields (navigation as `{"__id": N}`).
-    fn visible_rows(&self, resource: Resource) -> Vec<Map<String, Value>> {
+    /// The rows of `resource` the key can see; with `uuid`, only devices of that UUID are
+    /// built (an index: the filter that names the UUID still runs on them).
+    fn visible_rows(&self, resource: Resource, uuid: Option<&str>) -> Vec<Map<String, Value>> {
         let rows: Vec<Value> = match resource {
             Resource::Application => self
                 .fleets
@@ -309,6 +311,7 @@ impl Db {
             Resource::Device => self
                 .devices
                 .iter()
+                .filter(|(_, d)| uuid.is_none_or(|uuid| d.uuid == uuid))
                 .filter(|(_, d)| self.fleet_visible(d.fleet_id))
                 .map(|(id, d)| {
                     json!({
@@ -532,8 +535,14 @@ fn matching_rows(
     key: Option<u64>,
     filter: Option<&Filter>,
 ) -> Result<Vec<Map<String, Value>>, String> {
+    let uuid = filter.and_then(|f| {
+        f.conditions.iter().find_map(|(field, value)| match value {
+            odata::Literal::Str(uuid) if field == "uuid" => Some(uuid.as_str()),
+            _ => None,
+        })
+    });
     let mut rows = Vec::new();
-    for row in db.visible_rows(resource) {
+    for row in db.visible_rows(resource, uuid) {
         if key.is_some_and(|key| row.get("id") != Some(&json!(key))) {
             continue;
         }

@@ -213,11 +213,14 @@ impl BurstWorld {
         })
     }
 
-    /// What AWS IoT (moto) holds now, read without faults.
-    pub fn registry(&self) -> Result<RegistryState> {
-        let started = Instant::now();
+    /// Every certificate under the burst's CA: status by id, and id by ARN (read from moto).
+    pub fn certificates(
+        &self,
+    ) -> Result<(
+        BTreeMap<String, CertificateStatus>,
+        BTreeMap<String, String>,
+    )> {
         self.rt.block_on(async {
-            let mut state = RegistryState::default();
             let listed = self
                 .client
                 .list_certificates_by_ca()
@@ -229,14 +232,30 @@ impl BurstWorld {
                 .try_collect()
                 .await
                 .context("ListCertificatesByCA")?;
+            let (mut statuses, mut arns) = (BTreeMap::new(), BTreeMap::new());
             for c in listed {
                 if let (Some(id), Some(status)) = (c.certificate_id(), c.status()) {
-                    state.statuses.insert(id.to_owned(), status.clone());
+                    statuses.insert(id.to_owned(), status.clone());
                 }
                 if let (Some(id), Some(arn)) = (c.certificate_id(), c.certificate_arn()) {
-                    state.arns.insert(arn.to_owned(), id.to_owned());
+                    arns.insert(arn.to_owned(), id.to_owned());
                 }
             }
+            Ok((statuses, arns))
+        })
+    }
+
+    /// What AWS IoT (moto) holds now, read without faults: certificates, Things, policy
+    /// targets and every Thing's principals.
+    pub fn registry(&self) -> Result<RegistryState> {
+        let started = Instant::now();
+        let (statuses, arns) = self.certificates()?;
+        self.rt.block_on(async {
+            let mut state = RegistryState {
+                statuses,
+                arns,
+                ..RegistryState::default()
+            };
             let things = self
                 .client
                 .list_things()

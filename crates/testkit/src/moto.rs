@@ -7,7 +7,12 @@
 //!    the PEM text);
 //! 2. wraps `moto.iot.models.FakeCertificate.to_description_dict` so DescribeCertificate also
 //!    answers `caCertificateId` when the certificate has one (moto 5.2 keeps the field but only
-//!    puts it in `to_dict`).
+//!    puts it in `to_dict`);
+//! 3. answers GetRegistrationCode with 64 hex digits, as AWS IoT does;
+//! 4. (speed only, same answers) lists moto's service packages once instead of per request,
+//!    and finds a certificate by its id (DescribeCertificate, the principal lookup of
+//!    AttachPolicy/AttachThingPrincipal) and a Thing by its ARN (DescribeThing,
+//!    ListThingPrincipals) instead of scanning them all.
 //!
 //! Python is `TESTKIT_PYTHON` if set, else `python3` from `PATH`; when it cannot
 //! `import moto.server`, the harness runs `python3 -m pip install --quiet 'moto[server]>=5.1'` once.
