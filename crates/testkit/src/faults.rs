@@ -24,7 +24,6 @@ use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -37,7 +36,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+
+use crate::server::BackgroundServer;
 
 /// What the proxy does to requests; [`Default`] is no faults and no quotas.
 #[derive(Debug, Clone, Default)]
@@ -178,17 +178,15 @@ pub struct FaultStats {
 
 /// A running proxy; dropping it closes its port and every connection through it.
 pub struct FaultProxy {
-    addr: SocketAddr,
+    server: BackgroundServer,
     upstream: SocketAddr,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FaultProxy")
-            .field("addr", &self.addr)
+            .field("addr", &self.addr())
             .field("upstream", &self.upstream)
             .field("plan", &self.shared.lock().plan)
             .finish_non_exhaustive()
@@ -198,57 +196,20 @@ impl fmt::Debug for FaultProxy {
 impl FaultProxy {
     /// Starts a proxy on a free loopback port that forwards to `upstream` as `plan` says.
     pub fn start(upstream: SocketAddr, plan: FaultPlan) -> Result<FaultProxy> {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .context("fault proxy: binding a loopback port")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             upstream,
             state: Mutex::new(State::new(plan, Instant::now())),
             request_ids: AtomicU64::new(0),
         });
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let thread_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("fault-proxy".to_owned())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!(e).context("building tokio runtime")));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow!(e).context("registering listener")));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    tokio::select! {
-                        () = accept_loop(listener, thread_shared) => {}
-                        _ = stop => {}
-                    }
-                });
-                // Dropping the runtime here cancels every connection task, held answers included.
-            })
-            .context("fault proxy: spawning its thread")?;
-        ready_rx
-            .recv()
-            .map_err(|_| anyhow!("fault proxy: thread exited before it was ready"))??;
+        // Dropping the server cancels every connection task, held answers included.
+        let server = BackgroundServer::spawn("fault-proxy", move |listener| {
+            accept_loop(listener, thread_shared)
+        })?;
         Ok(FaultProxy {
-            addr,
+            server,
             upstream,
             shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
         })
     }
 
@@ -266,12 +227,12 @@ impl FaultProxy {
 
     /// Base URL of the proxy, e.g. `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.addr())
     }
 
     /// The address the proxy listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Replaces the plan from the next request on: the PRNG restarts from the new seed and
@@ -286,17 +247,6 @@ impl FaultProxy {
     /// What the proxy has done so far.
     pub fn stats(&self) -> FaultStats {
         self.shared.lock().stats.clone()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -18,7 +18,6 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -26,7 +25,8 @@ use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+
+use crate::server::BackgroundServer;
 
 /// Largest request head (request line plus headers) the proxy accepts.
 const MAX_HEAD: usize = 64 * 1024;
@@ -44,18 +44,16 @@ pub struct ProxiedRequest {
 
 /// A running proxy; dropping it closes its port and every connection through it.
 pub struct LatencyProxy {
-    addr: SocketAddr,
+    server: BackgroundServer,
     upstream: SocketAddr,
     delay: Duration,
     log: Arc<Mutex<Vec<ProxiedRequest>>>,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for LatencyProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LatencyProxy")
-            .field("addr", &self.addr)
+            .field("addr", &self.addr())
             .field("upstream", &self.upstream)
             .field("delay", &self.delay)
             .field("requests", &self.count())
@@ -66,54 +64,16 @@ impl fmt::Debug for LatencyProxy {
 impl LatencyProxy {
     /// Starts a proxy on a free loopback port that forwards to `upstream`, delaying each request by `delay`.
     pub fn start(upstream: SocketAddr, delay: Duration) -> Result<Self> {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .context("proxy: binding a loopback port")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (shutdown, stop) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let thread_log = Arc::clone(&log);
-        let thread = std::thread::Builder::new()
-            .name("latency-proxy".to_owned())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow!(e).context("building tokio runtime")));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow!(e).context("registering listener")));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    tokio::select! {
-                        () = accept_loop(listener, upstream, delay, thread_log) => {}
-                        _ = stop => {}
-                    }
-                });
-                // Dropping the runtime here cancels every connection task.
-            })
-            .context("proxy: spawning its thread")?;
-        ready_rx
-            .recv()
-            .map_err(|_| anyhow!("proxy: thread exited before it was ready"))??;
+        let server = BackgroundServer::spawn("latency-proxy", move |listener| {
+            accept_loop(listener, upstream, delay, thread_log)
+        })?;
         Ok(Self {
-            addr,
+            server,
             upstream,
             delay,
             log,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
         })
     }
 
@@ -131,12 +91,12 @@ impl LatencyProxy {
 
     /// The address the proxy listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Base URL of the proxy, e.g. `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.addr())
     }
 
     /// The delay added to every request.
@@ -164,17 +124,6 @@ impl LatencyProxy {
 
     fn log(&self) -> MutexGuard<'_, Vec<ProxiedRequest>> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Drop for LatencyProxy {
-    fn drop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Runs an axum router on a loopback port, on its own thread with its own tokio runtime.
+//! Runs an axum router, or any accept loop, on a loopback port, on its own thread with its
+//! own tokio runtime.
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::thread::JoinHandle;
 
@@ -18,6 +19,22 @@ pub(crate) struct BackgroundServer {
 impl BackgroundServer {
     /// Binds `127.0.0.1:0` and serves `router` there until dropped.
     pub(crate) fn start(name: &str, router: axum::Router) -> Result<Self> {
+        Self::spawn(name, |listener| async move {
+            if let Err(e) = axum::serve(listener, router).into_future().await {
+                eprintln!("testkit server stopped: {e}");
+            }
+        })
+    }
+
+    /// Binds `127.0.0.1:0` and runs `serve(listener)` on a thread of its own, in a
+    /// current-thread tokio runtime, until dropped. Dropping is not graceful: long polls (the
+    /// Lambda `next` call) and held answers would keep it waiting forever, so the runtime is
+    /// dropped instead, which cancels every connection task.
+    pub(crate) fn spawn<F, Fut>(name: &str, serve: F) -> Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
         let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
             .with_context(|| format!("{name}: binding a loopback port"))?;
         listener.set_nonblocking(true)?;
@@ -47,14 +64,8 @@ impl BackgroundServer {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    // Not a graceful shutdown: long polls (the Lambda `next` call) would keep it
-                    // waiting forever. Dropping the runtime below cancels every connection task.
                     tokio::select! {
-                        result = axum::serve(listener, router).into_future() => {
-                            if let Err(e) = result {
-                                eprintln!("testkit server stopped: {e}");
-                            }
-                        }
+                        () = serve(listener) => {}
                         _ = stop => {}
                     }
                 });
