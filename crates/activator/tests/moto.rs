@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use activator::aws::RetryPolicy;
 use activator::balena::{BalenaDirectory, KeySource};
 use activator::{
     aws::AwsIotRegistry, ActivationError, Activator, CertificateDescription, CertificateId,
@@ -16,6 +17,7 @@ use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use serde_json::json;
 use testkit::balena::{FakeBalena, Fault};
 use testkit::certs::{certificate_id_of, device_params, TestCa};
+use testkit::faults::{FaultPlan, FaultProxy, Quotas};
 use testkit::iot;
 use testkit::moto::MotoServer;
 use tokio::time::Instant;
@@ -26,7 +28,7 @@ const KEY: &str = "test-balena-key";
 const POLICY: &str = "jitr-device";
 
 struct World {
-    _moto: MotoServer,
+    moto: MotoServer,
     balena: FakeBalena,
     ca: TestCa,
     ca_id: String,
@@ -55,7 +57,7 @@ async fn world() -> World {
     balena.add_fleet(FLEET, "acme/sensors");
     balena.add_fleet(OTHER_FLEET, "acme/other");
     World {
-        _moto: moto,
+        moto,
         balena,
         ca,
         ca_id,
@@ -655,6 +657,76 @@ async fn a_crash_between_any_two_steps_then_a_rerun_converges_to_active() {
         assert_eq!(d.outcome, Outcome::Activated, "{step}");
         w.assert_activated(&id, &device).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_to_the_deadline_it_gives_up_retryably_and_the_next_run_completes() {
+    let w = world().await;
+    let device = uuid(70);
+    w.balena.add_device(FLEET, &device, true);
+    let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+
+    // A fifth of the calls throttled and a tenth failing with 5xx, and UpdateCertificate stuck
+    // over its quota: every step retries through, but the activation can never happen.
+    let noisy = |seed| FaultPlan {
+        seed,
+        throttle: 0.2,
+        server_error: 0.1,
+        ..FaultPlan::default()
+    };
+    let proxy = FaultProxy::for_url(
+        &w.moto.endpoint(),
+        FaultPlan {
+            quotas: Some(Quotas::default().with("UpdateCertificate", 0.0, 0.0)),
+            ..noisy(7)
+        },
+    )
+    .unwrap();
+    let retry = RetryPolicy {
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(200),
+        reserve: Duration::from_millis(200),
+    };
+    let registry = AwsIotRegistry::new(&iot::sdk_config_for(&proxy.url()).await).with_retry(retry);
+    let a = Activator::new(registry, w.fleet(), w.policy());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(5);
+    let err = a
+        .handle_event(&w.event(&id), None, deadline)
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    let ActivationError::Registry(RegistryError::GaveUp { op, attempts, .. }) = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*op, "UpdateCertificate");
+    assert!(*attempts > 5, "kept trying: {attempts} attempts");
+    assert_eq!(err.error_type(), "Retryable");
+    // It used the time it had, and stopped before the deadline, keeping its reserve.
+    assert!(took < Duration::from_secs(5) - retry.reserve, "{took:?}");
+    assert!(
+        took > Duration::from_secs(5) - retry.reserve - retry.cap * 2,
+        "{took:?}"
+    );
+    let stats = proxy.stats();
+    assert_eq!(stats.quota_throttled, u64::from(*attempts));
+    assert!(stats.throttled + stats.server_errors > 0, "{stats:?}");
+    // Provisioned, perhaps, but never activated.
+    assert_eq!(w.status(&id).await, SdkStatus::PendingActivation);
+
+    // The quota clears: the next run (Lambda's retry, a sweep) completes the same work.
+    proxy.set_plan(noisy(8));
+    let d = a
+        .handle_event(
+            &w.event(&id),
+            None,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.outcome, Outcome::Activated);
+    w.assert_activated(&id, &device).await;
+    assert_eq!(w.thing_count().await, 1);
 }
 
 #[test]

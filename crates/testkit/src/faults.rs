@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::Result;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -114,7 +114,9 @@ impl Quotas {
 
     /// Sets (or replaces) `op`'s limit: `rate_per_s` tokens a second, at most `burst` saved up.
     ///
-    /// A rate that is not a positive number means no refill; a burst below one is taken as one.
+    /// A rate that is not a positive number means no refill; with a burst of zero as well, every
+    /// request to `op` is throttled (an operation stuck over its quota). With a positive rate,
+    /// a burst below one is taken as one.
     #[must_use]
     pub fn with(mut self, op: &'static str, rate_per_s: f64, burst: f64) -> Quotas {
         let rate = if rate_per_s.is_finite() && rate_per_s > 0.0 {
@@ -122,10 +124,12 @@ impl Quotas {
         } else {
             0.0
         };
-        let burst = if burst.is_finite() {
-            burst.max(1.0)
-        } else {
-            1.0
+        // A positive rate with a burst below one would refill a bucket that can never hold a
+        // token: at least one. Without a refill, a burst of zero blocks the operation.
+        let burst = match (burst.is_finite(), rate > 0.0) {
+            (false, _) => 1.0,
+            (true, true) => burst.max(1.0),
+            (true, false) => burst.max(0.0),
         };
         self.limits.insert(op, Limit { rate, burst });
         self
@@ -215,14 +219,7 @@ impl FaultProxy {
 
     /// Starts a proxy in front of an `http://IP:PORT` base URL (as the servers in this crate give).
     pub fn for_url(upstream_url: &str, plan: FaultPlan) -> Result<FaultProxy> {
-        let authority = upstream_url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("only http:// upstreams are supported, got {upstream_url}"))?;
-        let authority = authority.split('/').next().unwrap_or_default();
-        let upstream: SocketAddr = authority
-            .parse()
-            .with_context(|| format!("{authority} is not IP:PORT"))?;
-        Self::start(upstream, plan)
+        Self::start(crate::server::socket_addr_of(upstream_url)?, plan)
     }
 
     /// Base URL of the proxy, e.g. `http://127.0.0.1:PORT`.
@@ -900,6 +897,8 @@ mod tests {
                 .with("CreateThing", f64::NAN, 3.0);
         assert_eq!(custom.rate("ListThings"), Some(2.0));
         assert_eq!(custom.burst("ListThings"), Some(1.0));
+        let blocked = Quotas::default().with("UpdateCertificate", 0.0, 0.0);
+        assert_eq!(blocked.burst("UpdateCertificate"), Some(0.0));
         assert_eq!(custom.rate("CreateThing"), Some(0.0));
         assert_eq!(
             custom.slowest(&["ListThings", "CreateThing"]),

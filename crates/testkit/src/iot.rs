@@ -11,8 +11,13 @@ use crate::moto::{MotoServer, REGION};
 /// SDK configuration for `moto`: test credentials, no SDK retries (moto answers bad input
 /// with HTTP 500, and retrying that only slows a failing test down).
 pub async fn sdk_config(moto: &MotoServer) -> aws_config::SdkConfig {
+    sdk_config_for(&moto.endpoint()).await
+}
+
+/// The same configuration for another endpoint (a proxy in front of moto).
+pub async fn sdk_config_for(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(moto.endpoint())
+        .endpoint_url(endpoint)
         .region(Region::new(REGION))
         .credentials_provider(Credentials::new(
             "testing", "testing", None, None, "testkit",

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
 };
@@ -79,14 +79,7 @@ impl LatencyProxy {
 
     /// Starts a proxy in front of an `http://IP:PORT` base URL (as the servers in this crate give).
     pub fn for_url(upstream_url: &str, delay: Duration) -> Result<Self> {
-        let authority = upstream_url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow!("only http:// upstreams are supported, got {upstream_url}"))?;
-        let authority = authority.split('/').next().unwrap_or_default();
-        let upstream: SocketAddr = authority
-            .parse()
-            .with_context(|| format!("{authority} is not IP:PORT"))?;
-        Self::start(upstream, delay)
+        Self::start(crate::server::socket_addr_of(upstream_url)?, delay)
     }
 
     /// The address the proxy listens on.

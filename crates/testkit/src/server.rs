@@ -8,6 +8,17 @@ use std::thread::JoinHandle;
 use anyhow::{anyhow, Context, Result};
 use tokio::sync::oneshot;
 
+/// The `IP:PORT` of an `http://IP:PORT[/...]` base URL, as the servers in this crate give.
+pub(crate) fn socket_addr_of(url: &str) -> Result<SocketAddr> {
+    let authority = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow!("only http:// upstreams are supported, got {url}"))?;
+    let authority = authority.split('/').next().unwrap_or_default();
+    authority
+        .parse()
+        .with_context(|| format!("{authority} is not IP:PORT"))
+}
+
 /// A running server; dropping it stops the server and closes its port.
 #[derive(Debug)]
 pub(crate) struct BackgroundServer {
