@@ -6,94 +6,31 @@
 
 use std::time::Duration;
 
-use activator::balena::{BalenaClient, BalenaDirectory, KeySource, TAG_CERTIFICATE_ID, TAG_THING};
-use activator::{
-    aws::AwsIotRegistry, Activator, ApiKey, CertificateId, FleetId, Outcome, Policy,
-    RegisteredEvent, RejectAction, WriteBack,
-};
+use activator::balena::{BalenaClient, BalenaDirectory, TAG_CERTIFICATE_ID, TAG_THING};
+use activator::{aws::AwsIotRegistry, Activator, ApiKey, Outcome, RegisteredEvent, WriteBack};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use factory_ca::{DeviceId, IdFormat};
-use serde_json::json;
 use testkit::balena::{FakeBalena, Fault};
-use testkit::certs::TestCa;
 use testkit::iot;
-use testkit::moto::MotoServer;
-use tokio::time::Instant;
 
-const FLEET: u64 = 1234567;
-const KEY: &str = "write-back-key";
-const POLICY: &str = "jitr-device";
+mod common;
 
-struct World {
-    _moto: MotoServer,
-    balena: FakeBalena,
-    ca: TestCa,
-    ca_id: String,
-    client: aws_sdk_iot::Client,
-    registry: AwsIotRegistry,
-}
-
-async fn world() -> World {
-    let moto = tokio::task::spawn_blocking(MotoServer::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let sdk = iot::sdk_config(&moto).await;
-    let client = aws_sdk_iot::Client::new(&sdk);
-    let ca = TestCa::new("jitr write-back CA").unwrap();
-    let ca_id = iot::register_ca(&client, &ca.cert_pem).await.unwrap();
-    iot::create_policy(&client, POLICY).await.unwrap();
-    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
-        .await
-        .unwrap()
-        .unwrap();
-    balena.add_fleet(FLEET, "acme/sensors");
-    World {
-        _moto: moto,
-        balena,
-        ca,
-        ca_id,
-        registry: AwsIotRegistry::new(&sdk),
-        client,
-    }
-}
+use common::{deadline, uuid, world, World, FLEET, KEY};
 
 impl World {
     fn activator(&self, write_back: WriteBack) -> Activator<AwsIotRegistry, BalenaDirectory> {
-        let policy = Policy {
-            trusted_ca_ids: vec![CertificateId::parse(&self.ca_id).unwrap()],
-            policy_name: POLICY.into(),
-            reject_action: RejectAction::Revoke,
-            thing_type: None,
-            thing_group: None,
-            id_format: IdFormat::BalenaUuid,
-        };
-        let fleet = BalenaDirectory::new(
-            &self.balena.url(),
-            FleetId::parse(&FLEET.to_string()).unwrap(),
-            KeySource::Literal(ApiKey::new(KEY.into())),
-        )
-        .unwrap()
-        .with_request_timeout(Duration::from_secs(2))
-        .with_write_back(write_back);
-        Activator::new(self.registry.clone(), fleet, policy)
+        let fleet = self
+            .fleet(Duration::from_secs(2))
+            .with_write_back(write_back);
+        Activator::new(self.registry.clone(), fleet, self.policy())
     }
 
     /// A device's first connect: its certificate registered PENDING_ACTIVATION; the event.
-    async fn first_connect(&self, device: &str) -> (String, RegisteredEvent) {
-        let pem = self.ca.device_pem(device).unwrap();
-        let id = iot::first_connect(&self.client, &pem, &self.ca.cert_pem)
-            .await
-            .unwrap();
-        let event = RegisteredEvent::from_value(&json!({
-            "certificateId": id,
-            "caCertificateId": self.ca_id,
-            "timestamp": 1732269800000u64,
-            "certificateStatus": "PENDING_ACTIVATION",
-            "awsAccountId": "123456789012",
-            "certificateRegistrationTimestamp": "1732269799000"
-        }))
-        .unwrap();
+    async fn connect(&self, device: &str) -> (String, RegisteredEvent) {
+        let id = self
+            .first_connect(&self.ca.device_pem(device).unwrap())
+            .await;
+        let event = self.event(&id);
         (id, event)
     }
 
@@ -106,14 +43,6 @@ impl World {
             .map(|r| format!("{} {}", r.method, r.path))
             .collect()
     }
-}
-
-fn uuid(n: u32) -> String {
-    format!("{n:032x}")
-}
-
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
 }
 
 fn tags(thing: &str, certificate_id: &str) -> Vec<(String, String)> {
@@ -130,7 +59,7 @@ async fn activation_is_written_back_as_device_tags_and_updated_on_reissue() {
     let device = uuid(1);
     let numeric = w.balena.add_device(FLEET, &device, true);
 
-    let (id, event) = w.first_connect(&device).await;
+    let (id, event) = w.connect(&device).await;
     let d = a.handle_event(&event, None, deadline()).await.unwrap();
     assert_eq!(d.outcome, Outcome::Activated);
     let mut got = w.balena.tags(numeric);
@@ -150,7 +79,7 @@ async fn activation_is_written_back_as_device_tags_and_updated_on_reissue() {
 
     // The device is issued a new certificate: the tags now name it (409, then PATCH).
     w.balena.clear_requests();
-    let (new_id, event) = w.first_connect(&device).await;
+    let (new_id, event) = w.connect(&device).await;
     assert_ne!(new_id, id);
     let d = a.handle_event(&event, None, deadline()).await.unwrap();
     assert_eq!(d.outcome, Outcome::Activated);
@@ -186,7 +115,7 @@ async fn a_failed_write_back_leaves_the_device_activated() {
     // Reads work (the fleet check passes), every write is refused.
     w.balena.set_fault(Fault::WriteStatus(500));
 
-    let (id, event) = w.first_connect(&device).await;
+    let (id, event) = w.connect(&device).await;
     let d = a.handle_event(&event, None, deadline()).await.unwrap();
     assert_eq!(d.outcome, Outcome::Activated);
     assert_eq!(
@@ -198,7 +127,7 @@ async fn a_failed_write_back_leaves_the_device_activated() {
 
     // With the API key refused for writes only: the same.
     w.balena.set_fault(Fault::WriteStatus(401));
-    let (id, event) = w.first_connect(&device).await;
+    let (id, event) = w.connect(&device).await;
     let d = a.handle_event(&event, None, deadline()).await.unwrap();
     assert_eq!(d.outcome, Outcome::Activated);
     assert_eq!(
@@ -212,7 +141,7 @@ async fn without_write_back_nothing_is_written_and_rejections_never_write() {
     let w = world().await;
     let member = uuid(3);
     let numeric = w.balena.add_device(FLEET, &member, true);
-    let (_, event) = w.first_connect(&member).await;
+    let (_, event) = w.connect(&member).await;
     let d = w
         .activator(WriteBack::Off)
         .handle_event(&event, None, deadline())
@@ -222,7 +151,7 @@ async fn without_write_back_nothing_is_written_and_rejections_never_write() {
     assert!(w.balena.tags(numeric).is_empty());
 
     // A stranger is rejected: nothing is written back for it either.
-    let (_, event) = w.first_connect(&uuid(4)).await;
+    let (_, event) = w.connect(&uuid(4)).await;
     let d = w
         .activator(WriteBack::Tags)
         .handle_event(&event, None, deadline())

@@ -10,126 +10,40 @@ use activator::aws::RetryPolicy;
 use activator::balena::{BalenaDirectory, KeySource};
 use activator::{
     aws::AwsIotRegistry, ActivationError, Activator, CertificateDescription, CertificateId,
-    CertificatePage, CertificateStatus, FleetDirectory, FleetId, IotRegistry, Outcome, Policy,
-    RegisteredEvent, RegistryError, RejectAction, ThingSpec,
+    CertificatePage, CertificateStatus, FleetDirectory, FleetId, IotRegistry, Outcome,
+    RegistryError, RejectAction, ThingSpec,
 };
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
-use serde_json::json;
-use testkit::balena::{FakeBalena, Fault};
+use testkit::balena::Fault;
 use testkit::certs::{certificate_id_of, device_params, TestCa};
 use testkit::faults::{FaultPlan, FaultProxy, Quotas};
 use testkit::iot;
-use testkit::moto::MotoServer;
 use tokio::time::Instant;
 
-const FLEET: u64 = 1234567;
+mod common;
+
+use common::{deadline, uuid, world, World, FLEET, POLICY};
+
 const OTHER_FLEET: u64 = 7654321;
-const KEY: &str = "test-balena-key";
-const POLICY: &str = "jitr-device";
-
-struct World {
-    moto: MotoServer,
-    balena: FakeBalena,
-    ca: TestCa,
-    ca_id: String,
-    client: aws_sdk_iot::Client,
-    registry: AwsIotRegistry,
-}
-
-fn uuid(n: u32) -> String {
-    format!("{n:032x}")
-}
-
-async fn world() -> World {
-    let moto = tokio::task::spawn_blocking(MotoServer::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let sdk = iot::sdk_config(&moto).await;
-    let client = aws_sdk_iot::Client::new(&sdk);
-    let ca = TestCa::new("jitr test CA").unwrap();
-    let ca_id = iot::register_ca(&client, &ca.cert_pem).await.unwrap();
-    iot::create_policy(&client, POLICY).await.unwrap();
-    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
-        .await
-        .unwrap()
-        .unwrap();
-    balena.add_fleet(FLEET, "acme/sensors");
-    balena.add_fleet(OTHER_FLEET, "acme/other");
-    World {
-        moto,
-        balena,
-        ca,
-        ca_id,
-        registry: AwsIotRegistry::new(&sdk),
-        client,
-    }
-}
 
 impl World {
-    fn policy(&self) -> Policy {
-        Policy {
-            trusted_ca_ids: vec![CertificateId::parse(&self.ca_id).unwrap()],
-            policy_name: POLICY.into(),
-            reject_action: RejectAction::Revoke,
-            thing_type: None,
-            thing_group: None,
-            id_format: factory_ca::IdFormat::BalenaUuid,
-        }
-    }
-
-    fn fleet(&self) -> BalenaDirectory {
-        BalenaDirectory::new(
-            &self.balena.url(),
-            FleetId::parse(&FLEET.to_string()).unwrap(),
-            KeySource::Literal(activator::ApiKey::new(KEY.into())),
-        )
-        .unwrap()
-        .with_request_timeout(Duration::from_millis(500))
-    }
-
     fn activator(&self) -> Activator<AwsIotRegistry, BalenaDirectory> {
-        Activator::new(self.registry.clone(), self.fleet(), self.policy())
+        Activator::new(
+            self.registry.clone(),
+            self.fleet(Duration::from_millis(500)),
+            self.policy(),
+        )
     }
 
-    /// What AWS IoT does on a device's first connect.
-    async fn first_connect(&self, device_pem: &str) -> String {
-        let id = iot::first_connect(&self.client, device_pem, &self.ca.cert_pem)
-            .await
-            .unwrap();
+    /// What AWS IoT does on a device's first connect, with moto's id checked against AWS's.
+    async fn connect(&self, device_pem: &str) -> String {
+        let id = self.first_connect(device_pem).await;
         assert_eq!(
             id,
             certificate_id_of(device_pem).unwrap(),
             "moto ids are SHA-256 of the DER"
         );
         id
-    }
-
-    fn event(&self, certificate_id: &str) -> RegisteredEvent {
-        RegisteredEvent::from_value(&json!({
-            "certificateId": certificate_id,
-            "caCertificateId": self.ca_id,
-            "timestamp": 1732269800000u64,
-            "certificateStatus": "PENDING_ACTIVATION",
-            "awsAccountId": "123456789012",
-            "certificateRegistrationTimestamp": "1732269799000"
-        }))
-        .unwrap()
-    }
-
-    async fn status(&self, certificate_id: &str) -> SdkStatus {
-        let d = self
-            .client
-            .describe_certificate()
-            .certificate_id(certificate_id)
-            .send()
-            .await
-            .unwrap();
-        d.certificate_description()
-            .unwrap()
-            .status()
-            .unwrap()
-            .clone()
     }
 
     async fn arn(&self, certificate_id: &str) -> String {
@@ -222,10 +136,6 @@ impl World {
     }
 }
 
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_membership_decides_activation() {
     let w = world().await;
@@ -234,7 +144,7 @@ async fn fleet_membership_decides_activation() {
     // In the fleet and active: activated, one Thing, policy and principal attached.
     let member = uuid(1);
     w.balena.add_device(FLEET, &member, true);
-    let id = w.first_connect(&w.ca.device_pem(&member).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&member).unwrap()).await;
     let d = a
         .handle_event(&w.event(&id), None, deadline())
         .await
@@ -247,7 +157,7 @@ async fn fleet_membership_decides_activation() {
 
     // Unknown to balena: revoked, no Thing.
     let stranger = uuid(2);
-    let id = w.first_connect(&w.ca.device_pem(&stranger).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&stranger).unwrap()).await;
     let d = a
         .handle_event(&w.event(&id), None, deadline())
         .await
@@ -260,9 +170,10 @@ async fn fleet_membership_decides_activation() {
     w.assert_untouched(&id, SdkStatus::Revoked).await;
 
     // In another fleet of the same owner: rejected.
+    w.balena.add_fleet(OTHER_FLEET, "acme/other");
     let elsewhere = uuid(3);
     w.balena.add_device(OTHER_FLEET, &elsewhere, true);
-    let id = w.first_connect(&w.ca.device_pem(&elsewhere).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&elsewhere).unwrap()).await;
     assert_eq!(
         a.handle_event(&w.event(&id), None, deadline())
             .await
@@ -275,7 +186,7 @@ async fn fleet_membership_decides_activation() {
     // In the fleet but deactivated.
     let inactive = uuid(4);
     w.balena.add_device(FLEET, &inactive, false);
-    let id = w.first_connect(&w.ca.device_pem(&inactive).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&inactive).unwrap()).await;
     let d = a
         .handle_event(&w.event(&id), None, deadline())
         .await
@@ -290,8 +201,12 @@ async fn fleet_membership_decides_activation() {
     // JITR_REJECT_ACTION=deactivate leaves the certificate INACTIVE instead.
     let mut policy = w.policy();
     policy.reject_action = RejectAction::Deactivate;
-    let soft = Activator::new(w.registry.clone(), w.fleet(), policy);
-    let id = w.first_connect(&w.ca.device_pem(&uuid(5)).unwrap()).await;
+    let soft = Activator::new(
+        w.registry.clone(),
+        w.fleet(Duration::from_millis(500)),
+        policy,
+    );
+    let id = w.connect(&w.ca.device_pem(&uuid(5)).unwrap()).await;
     assert_eq!(
         soft.handle_event(&w.event(&id), None, deadline())
             .await
@@ -360,7 +275,7 @@ async fn only_certificates_we_issued_to_the_profile_are_activated() {
     ));
 
     for (name, pem, want) in cases {
-        let id = w.first_connect(&pem).await;
+        let id = w.connect(&pem).await;
         let d = a
             .handle_event(&w.event(&id), None, deadline())
             .await
@@ -397,7 +312,7 @@ async fn statuses_other_than_pending_are_never_changed() {
     let a = w.activator();
     let device = uuid(1);
     w.balena.add_device(FLEET, &device, true);
-    let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&device).unwrap()).await;
     a.handle_event(&w.event(&id), None, deadline())
         .await
         .unwrap();
@@ -411,7 +326,7 @@ async fn statuses_other_than_pending_are_never_changed() {
     // A revoked certificate of a fleet member stays revoked: never reactivated.
     let revoked = uuid(2);
     w.balena.add_device(FLEET, &revoked, true);
-    let id = w.first_connect(&w.ca.device_pem(&revoked).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&revoked).unwrap()).await;
     w.client
         .update_certificate()
         .certificate_id(&id)
@@ -434,7 +349,7 @@ async fn statuses_other_than_pending_are_never_changed() {
     assert_eq!(d.outcome, Outcome::Skipped);
     let pending = uuid(3);
     w.balena.add_device(FLEET, &pending, true);
-    let id = w.first_connect(&w.ca.device_pem(&pending).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&pending).unwrap()).await;
     let ours = activator::AccountId::parse("999999999999").unwrap();
     let d = a
         .handle_event(&w.event(&id), Some(&ours), deadline())
@@ -450,7 +365,7 @@ async fn the_same_event_twice_at_once_gives_one_thing_and_an_active_certificate(
     let a = w.activator();
     let device = uuid(9);
     w.balena.add_device(FLEET, &device, true);
-    let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&device).unwrap()).await;
     let event = w.event(&id);
     let (x, y) = tokio::join!(
         a.handle_event(&event, None, deadline()),
@@ -467,7 +382,7 @@ async fn fleet_api_trouble_leaves_the_certificate_pending() {
     let w = world().await;
     let device = uuid(7);
     w.balena.add_device(FLEET, &device, true);
-    let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&device).unwrap()).await;
     for fault in [
         Fault::Status(503),
         Fault::Status(500),
@@ -491,7 +406,7 @@ async fn fleet_api_trouble_leaves_the_certificate_pending() {
     // An empty answer from a key that cannot see the fleet proves nothing.
     w.balena.set_fault(Fault::None);
     let stranger = uuid(8);
-    let stranger_id = w.first_connect(&w.ca.device_pem(&stranger).unwrap()).await;
+    let stranger_id = w.connect(&w.ca.device_pem(&stranger).unwrap()).await;
     w.balena.hide_fleet_from_key(FLEET);
     let err = w
         .activator()
@@ -505,7 +420,7 @@ async fn fleet_api_trouble_leaves_the_certificate_pending() {
     // A short 429 is waited out within the deadline, then the device is activated.
     let w = world().await;
     w.balena.add_device(FLEET, &device, true);
-    let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&device).unwrap()).await;
     w.balena.set_fault(Fault::RateLimited {
         retry_after_secs: 1,
         times: 1,
@@ -630,13 +545,13 @@ async fn a_crash_between_any_two_steps_then_a_rerun_converges_to_active() {
     {
         let device = uuid(50 + n as u32);
         w.balena.add_device(FLEET, &device, true);
-        let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+        let id = w.connect(&w.ca.device_pem(&device).unwrap()).await;
         let crashing = Activator::new(
             CrashAt {
                 inner: &w.registry,
                 step,
             },
-            w.fleet(),
+            w.fleet(Duration::from_millis(500)),
             w.policy(),
         );
         let err = crashing
@@ -664,7 +579,7 @@ async fn throttled_to_the_deadline_it_gives_up_retryably_and_the_next_run_comple
     let w = world().await;
     let device = uuid(70);
     w.balena.add_device(FLEET, &device, true);
-    let id = w.first_connect(&w.ca.device_pem(&device).unwrap()).await;
+    let id = w.connect(&w.ca.device_pem(&device).unwrap()).await;
 
     // A fifth of the calls throttled and a tenth failing with 5xx, and UpdateCertificate stuck
     // over its quota: every step retries through, but the activation can never happen.
@@ -688,7 +603,7 @@ async fn throttled_to_the_deadline_it_gives_up_retryably_and_the_next_run_comple
         reserve: Duration::from_millis(200),
     };
     let registry = AwsIotRegistry::new(&iot::sdk_config_for(&proxy.url()).await).with_retry(retry);
-    let a = Activator::new(registry, w.fleet(), w.policy());
+    let a = Activator::new(registry, w.fleet(Duration::from_millis(500)), w.policy());
     let started = Instant::now();
     let deadline = started + Duration::from_secs(5);
     let err = a

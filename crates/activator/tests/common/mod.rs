@@ -1,0 +1,121 @@
+//! The world the activator's integration tests share: AWS IoT as a moto server with a jitr CA
+//! registered and the device policy made, and balena as the fake API with one fleet.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::time::Duration;
+
+use activator::balena::{BalenaDirectory, KeySource};
+use activator::{
+    aws::AwsIotRegistry, ApiKey, CertificateId, FleetId, Policy, RegisteredEvent, RejectAction,
+};
+use aws_sdk_iot::types::CertificateStatus as SdkStatus;
+use factory_ca::IdFormat;
+use serde_json::json;
+use testkit::balena::FakeBalena;
+use testkit::certs::TestCa;
+use testkit::iot;
+use testkit::moto::MotoServer;
+use tokio::time::Instant;
+
+/// The balena fleet devices must belong to.
+pub(crate) const FLEET: u64 = 1234567;
+/// The fake balena API's key.
+pub(crate) const KEY: &str = "test-balena-key";
+/// The device policy.
+pub(crate) const POLICY: &str = "jitr-device";
+
+pub(crate) struct World {
+    pub(crate) moto: MotoServer,
+    pub(crate) balena: FakeBalena,
+    pub(crate) ca: TestCa,
+    pub(crate) ca_id: String,
+    /// Straight to moto, for setup and checks.
+    pub(crate) client: aws_sdk_iot::Client,
+    /// The adapter under test, straight to moto.
+    pub(crate) registry: AwsIotRegistry,
+}
+
+/// A device UUID from a number.
+pub(crate) fn uuid(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+/// A deadline as generous as the Lambda's timeout.
+pub(crate) fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(30)
+}
+
+pub(crate) async fn world() -> World {
+    let moto = tokio::task::spawn_blocking(MotoServer::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let sdk = iot::sdk_config(&moto).await;
+    let client = aws_sdk_iot::Client::new(&sdk);
+    let ca = TestCa::new("jitr test CA").unwrap();
+    let ca_id = iot::register_ca(&client, &ca.cert_pem).await.unwrap();
+    iot::create_policy(&client, POLICY).await.unwrap();
+    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
+        .await
+        .unwrap()
+        .unwrap();
+    balena.add_fleet(FLEET, "acme/sensors");
+    World {
+        moto,
+        balena,
+        ca,
+        ca_id,
+        registry: AwsIotRegistry::new(&sdk),
+        client,
+    }
+}
+
+impl World {
+    /// The rules: the test CA trusted, revoke on rejection.
+    pub(crate) fn policy(&self) -> Policy {
+        Policy {
+            trusted_ca_ids: vec![CertificateId::parse(&self.ca_id).unwrap()],
+            policy_name: POLICY.into(),
+            reject_action: RejectAction::Revoke,
+            thing_type: None,
+            thing_group: None,
+            id_format: IdFormat::BalenaUuid,
+        }
+    }
+
+    /// The fleet directory over the fake balena API.
+    pub(crate) fn fleet(&self, request_timeout: Duration) -> BalenaDirectory {
+        BalenaDirectory::new(
+            &self.balena.url(),
+            FleetId::parse(&FLEET.to_string()).unwrap(),
+            KeySource::Literal(ApiKey::new(KEY.into())),
+        )
+        .unwrap()
+        .with_request_timeout(request_timeout)
+    }
+
+    /// What AWS IoT does on a device's first connect; the certificate id.
+    pub(crate) async fn first_connect(&self, device_pem: &str) -> String {
+        iot::first_connect(&self.client, device_pem, &self.ca.cert_pem)
+            .await
+            .unwrap()
+    }
+
+    /// The registered event AWS IoT publishes for `certificate_id`.
+    pub(crate) fn event(&self, certificate_id: &str) -> RegisteredEvent {
+        RegisteredEvent::from_value(&json!({
+            "certificateId": certificate_id,
+            "caCertificateId": self.ca_id,
+            "timestamp": 1732269800000u64,
+            "certificateStatus": "PENDING_ACTIVATION",
+            "awsAccountId": "123456789012",
+            "certificateRegistrationTimestamp": "1732269799000"
+        }))
+        .unwrap()
+    }
+
+    pub(crate) async fn status(&self, certificate_id: &str) -> SdkStatus {
+        iot::status(&self.client, certificate_id).await.unwrap()
+    }
+}
