@@ -182,9 +182,12 @@ where
     let source: Cause = Box::new(err);
     match code.as_deref() {
         Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },
-        Some("ThrottlingException" | "TooManyRequestsException" | "LimitExceededException") => {
+        Some("ThrottlingException" | "TooManyRequestsException") => {
             RegistryError::Throttled { op, source }
         }
+        // A hard limit (HTTP 410, say too many policies on one certificate): waiting does not
+        // lift it, so it is not retried.
+        Some("LimitExceededException") => RegistryError::Failed { op, source },
         Some("ServiceUnavailableException" | "InternalFailureException" | "InternalException") => {
             RegistryError::Unavailable { op, source }
         }

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::burst::{BurstWorld, Standing};
-use testkit::faults::FaultPlan;
+use testkit::faults::{FaultPlan, FaultStats};
 use testkit::lambda::Invocation;
 
 /// Lambda instances running at once.
@@ -123,6 +123,7 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
             .emulator
             .deliver_async(outage, RUNTIMES, MAX_RETRIES, Duration::from_secs(30));
     assert_eq!(during_outage.failure_queue.len(), outage.len());
+    let after_outage = world.proxy.stats();
 
     // Then the burst, with 10% of calls going wrong.
     world.emulator.set_function_timeout(FUNCTION_TIMEOUT);
@@ -130,7 +131,17 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
     let burst = world
         .emulator
         .deliver_async(rest, RUNTIMES, MAX_RETRIES, Duration::from_secs(30));
-    let faults = world.proxy.stats();
+    let all = world.proxy.stats();
+    // The burst's own faults, without the outage's.
+    let faults = FaultStats {
+        requests: all.requests - after_outage.requests,
+        throttled: all.throttled - after_outage.throttled,
+        server_errors: all.server_errors - after_outage.server_errors,
+        dropped_before: all.dropped_before - after_outage.dropped_before,
+        dropped_after: all.dropped_after - after_outage.dropped_after,
+        slowed: all.slowed - after_outage.slowed,
+        ..FaultStats::default()
+    };
     world.stop_runtimes();
     let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
     for e in &burst.events {
@@ -160,7 +171,8 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
         during_outage.failure_queue.len() + burst.failure_queue.len(),
     ));
     say(&format!(
-        "AWS IoT calls: {} requests, {} throttled, {} 5xx, {} dropped before, {} dropped after, {} slow",
+        "AWS IoT calls during the burst: {} requests, {} throttled, {} 5xx, {} dropped before, \
+         {} dropped after, {} slow",
         faults.requests,
         faults.throttled,
         faults.server_errors,
@@ -168,15 +180,27 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
         faults.dropped_after,
         faults.slowed
     ));
-    assert!(faults.throttled > 0 && faults.server_errors > 0 && faults.dropped_after > 0);
+    // Every kind of fault came up (a small JITR_BURST_CERTS may miss the rarest).
+    for (kind, count) in [
+        ("throttled", faults.throttled),
+        ("5xx", faults.server_errors),
+        ("dropped before", faults.dropped_before),
+        ("dropped after", faults.dropped_after),
+        ("slow", faults.slowed),
+    ] {
+        assert!(
+            count > 0 || n < 1_000,
+            "no {kind} fault was injected during the burst"
+        );
+    }
 
     let (statuses, _) = world.certificates().unwrap();
     let pending_before = statuses
         .values()
         .filter(|s| **s == aws_sdk_iot::types::CertificateStatus::PendingActivation)
         .count();
-    // Pending now: exactly the certificates no delivery decided (never delivered, or every
-    // delivery in the failure queue).
+    // Pending now: only certificates no delivery decided (never delivered, or every delivery
+    // in the failure queue), and every one of those unless a lost answer hid its decision.
     let decided: std::collections::BTreeSet<&str> = [(outage, &during_outage), (rest, &burst)]
         .into_iter()
         .flat_map(|(events, delivery)| {
@@ -191,8 +215,15 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
                 })
         })
         .collect();
-    assert_eq!(pending_before, n - decided.len());
+    assert!(pending_before <= n - decided.len());
     assert!(pending_before >= never);
+    for id in &decided {
+        assert_ne!(
+            statuses.get(*id),
+            Some(&aws_sdk_iot::types::CertificateStatus::PendingActivation),
+            "{id} was decided but is still pending"
+        );
+    }
 
     // One reconcile, through the same faults, finishes the job.
     let reconcile_started = Instant::now();

@@ -271,14 +271,16 @@ impl BurstWorld {
                     *state.things.entry(name.to_owned()).or_default() += 1;
                 }
             }
-            let targets = self
+            let pages = self
                 .client
                 .list_targets_for_policy()
                 .policy_name(POLICY)
+                .into_paginator()
                 .send()
+                .try_collect()
                 .await
                 .context("ListTargetsForPolicy")?;
-            for target in targets.targets() {
+            for target in pages.iter().flat_map(|page| page.targets()) {
                 *state.policy_targets.entry(target.clone()).or_default() += 1;
             }
             let names: Vec<String> = state.things.keys().cloned().collect();

@@ -3,10 +3,10 @@
 //!
 //! [`FaultProxy`] listens on `127.0.0.1` and forwards each request to an upstream (moto),
 //! unless its [`FaultPlan`] says otherwise. Per request it first checks the operation's quota
-//! ([`Quotas`], a token bucket per operation), then makes one draw from a seeded PRNG that picks
-//! one of: a throttling answer, a 500/503 answer, closing the connection before forwarding,
-//! closing it after forwarding (the call took effect, the client never hears of it), forwarding
-//! with a delayed answer, or plain forwarding.
+//! ([`Quotas`], a token bucket per operation), then draws from a seeded PRNG to pick one of: a
+//! throttling answer, a 500 or 503 answer (a second draw picks which), closing the connection
+//! before forwarding, closing it after forwarding (the call took effect, the client never hears
+//! of it), forwarding with a delayed answer, or plain forwarding.
 //!
 //! Error answers are shaped like AWS IoT's (restJson1: the error code in `x-amzn-ErrorType`,
 //! a JSON `message`), so aws-sdk-iot reports them as the modelled `ThrottlingException`,

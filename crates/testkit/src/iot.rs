@@ -9,7 +9,8 @@ use aws_sdk_iot::Client;
 use crate::moto::{MotoServer, REGION};
 
 /// SDK configuration for `moto`: test credentials, no SDK retries (moto answers bad input
-/// with HTTP 500, and retrying that only slows a failing test down).
+/// with HTTP 500, and retrying that only slows a failing test down). The activator's own
+/// registry adapter retries 5xx whatever this says, until the deadline it is given.
 pub async fn sdk_config(moto: &MotoServer) -> aws_config::SdkConfig {
     sdk_config_for(&moto.endpoint()).await
 }
