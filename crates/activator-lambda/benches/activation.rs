@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_iot::types::{AttributePayload, CertificateStatus};
 use factory_ca::{certificates_from_pem_or_der, inspect_device_certificate, IdFormat};
-use serde_json::{json, Value};
+use serde_json::Value;
 use testkit::balena::FakeBalena;
 use testkit::certs::TestCa;
 use testkit::iot;
@@ -184,14 +184,7 @@ impl World {
     }
 
     fn event(&self, certificate_id: &str) -> Value {
-        json!({
-            "certificateId": certificate_id,
-            "caCertificateId": self.ca_id,
-            "timestamp": 1732269800000u64,
-            "certificateStatus": "PENDING_ACTIVATION",
-            "awsAccountId": "123456789012",
-            "certificateRegistrationTimestamp": "1732269799000"
-        })
+        testkit::iot::registered_event(certificate_id, &self.ca_id)
     }
 
     /// What Lambda would give `bootstrap`: the runtime variables and the function's configuration.

@@ -120,13 +120,7 @@ impl World {
     }
 
     fn event(&self, certificate_id: &str) -> Value {
-        let mut event: Value = serde_json::from_str(include_str!(
-            "../../activator/tests/fixtures/certificate-registered.json"
-        ))
-        .unwrap();
-        event["certificateId"] = json!(certificate_id);
-        event["caCertificateId"] = json!(self.ca_id);
-        event
+        testkit::iot::registered_event(certificate_id, &self.ca_id)
     }
 }
 

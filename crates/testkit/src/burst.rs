@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use aws_sdk_iot::types::CertificateStatus;
 use futures::stream::{self, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::balena::FakeBalena;
 use crate::certs::TestCa;
 use crate::faults::{FaultPlan, FaultProxy};
 use crate::lambda::RuntimeEmulator;
-use crate::moto::{MotoServer, ACCOUNT_ID};
+use crate::moto::MotoServer;
 
 /// The device policy every activated certificate gets.
 pub const POLICY: &str = "jitr-device";
@@ -202,15 +202,7 @@ impl BurstWorld {
 
     /// The certificate-registered event AWS IoT publishes for `device`.
     pub fn event(&self, device: &Device) -> Value {
-        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
-        json!({
-            "certificateId": device.certificate_id,
-            "caCertificateId": self.ca_id,
-            "timestamp": now_ms,
-            "certificateStatus": "PENDING_ACTIVATION",
-            "awsAccountId": ACCOUNT_ID,
-            "certificateRegistrationTimestamp": now_ms.to_string(),
-        })
+        crate::iot::registered_event(&device.certificate_id, &self.ca_id)
     }
 
     /// Every certificate under the burst's CA: status by id, and id by ARN (read from moto).

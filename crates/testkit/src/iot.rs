@@ -1,12 +1,12 @@
 //! AWS IoT against a [`MotoServer`]: the client tests use, and the steps every scenario
-//! repeats (a CA registered, a device policy, a device's first connect).
+//! repeats (a CA registered, a device policy, a device's first connect, its registered event).
 
 use anyhow::{Context, Result};
 use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_iot::types::CertificateStatus;
 use aws_sdk_iot::Client;
 
-use crate::moto::{MotoServer, REGION};
+use crate::moto::{MotoServer, ACCOUNT_ID, REGION};
 
 /// SDK configuration for `moto`: test credentials, no SDK retries (moto answers bad input
 /// with HTTP 500, and retrying that only slows a failing test down). The activator's own
@@ -89,4 +89,18 @@ pub async fn status(client: &Client, certificate_id: &str) -> Result<Certificate
         .and_then(|d| d.status())
         .cloned()
         .context("no status")
+}
+
+/// The event AWS IoT publishes on `$aws/events/certificates/registered/<caId>` (the shape of
+/// `shared/fixtures/aws/certificate-registered.json`), which the topic rule hands to the Lambda.
+pub fn registered_event(certificate_id: &str, ca_certificate_id: &str) -> serde_json::Value {
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    serde_json::json!({
+        "certificateId": certificate_id,
+        "caCertificateId": ca_certificate_id,
+        "timestamp": now_ms,
+        "certificateStatus": "PENDING_ACTIVATION",
+        "awsAccountId": ACCOUNT_ID,
+        "certificateRegistrationTimestamp": now_ms.to_string(),
+    })
 }

@@ -11,7 +11,6 @@ use activator::{
 };
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use factory_ca::IdFormat;
-use serde_json::json;
 use testkit::balena::FakeBalena;
 use testkit::certs::TestCa;
 use testkit::iot;
@@ -104,15 +103,7 @@ impl World {
 
     /// The registered event AWS IoT publishes for `certificate_id`.
     pub(crate) fn event(&self, certificate_id: &str) -> RegisteredEvent {
-        RegisteredEvent::from_value(&json!({
-            "certificateId": certificate_id,
-            "caCertificateId": self.ca_id,
-            "timestamp": 1732269800000u64,
-            "certificateStatus": "PENDING_ACTIVATION",
-            "awsAccountId": "123456789012",
-            "certificateRegistrationTimestamp": "1732269799000"
-        }))
-        .unwrap()
+        RegisteredEvent::from_value(&iot::registered_event(certificate_id, &self.ca_id)).unwrap()
     }
 
     pub(crate) async fn status(&self, certificate_id: &str) -> SdkStatus {

@@ -13,7 +13,7 @@ use aws_sdk_iot::types::CertificateStatus;
 use factory_ca::{
     issue_batch, BatchOptions, Ca, CaInit, DeviceId, IdFormat, KeyAlgorithm, KeyProtection,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
 use time::OffsetDateTime;
@@ -326,14 +326,7 @@ fn first_connect(
         .certificate_id()
         .context("no certificate id")?
         .to_owned();
-    let event = json!({
-        "certificateId": certificate_id,
-        "caCertificateId": ca_id,
-        "timestamp": OffsetDateTime::now_utc().unix_timestamp() * 1000,
-        "certificateStatus": "PENDING_ACTIVATION",
-        "awsAccountId": ACCOUNT,
-        "certificateRegistrationTimestamp": (OffsetDateTime::now_utc().unix_timestamp() * 1000).to_string(),
-    });
+    let event = testkit::iot::registered_event(&certificate_id, ca_id);
     let start = Instant::now();
     let outcome = match emulator.invoke(event, Duration::from_secs(30))? {
         Invocation::Response(v) => v
