@@ -24,7 +24,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark setup: a panic is the report
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_iot::config::{BehaviorVersion, Credentials, Region};
@@ -36,6 +36,7 @@ use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
+use testkit::proc::KillOnDrop;
 use testkit::proxy::{LatencyProxy, ProxiedRequest};
 
 const FLEET: u64 = 1234567;
@@ -235,7 +236,7 @@ impl World {
 
 /// The `bootstrap` process; killed and reaped when dropped.
 struct Bootstrap {
-    child: Child,
+    child: KillOnDrop,
     log: tempfile::NamedTempFile,
 }
 
@@ -250,7 +251,10 @@ impl Bootstrap {
             .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
-        Bootstrap { child, log }
+        Bootstrap {
+            child: KillOnDrop(child),
+            log,
+        }
     }
 
     fn log(&self) -> String {
@@ -288,13 +292,6 @@ impl Bootstrap {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmHWM in /proc/<pid>/status");
         kib * 1024
-    }
-}
-
-impl Drop for Bootstrap {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

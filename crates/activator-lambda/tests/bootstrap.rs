@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use aws_sdk_iot::types::CertificateStatus;
@@ -13,6 +13,7 @@ use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
+use testkit::proc::KillOnDrop;
 
 const FLEET: u64 = 424242;
 const KEY: &str = "bootstrap-test-balena-key-do-not-log";
@@ -20,7 +21,7 @@ const POLICY: &str = "jitr-device";
 const INVOKE: Duration = Duration::from_secs(30);
 
 struct Bootstrap {
-    child: Child,
+    child: KillOnDrop,
     log: tempfile::NamedTempFile,
 }
 
@@ -34,18 +35,14 @@ impl Bootstrap {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Bootstrap { child, log }
+        Bootstrap {
+            child: KillOnDrop(child),
+            log,
+        }
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap()
-    }
-}
-
-impl Drop for Bootstrap {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -8,13 +8,14 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use testkit::certs::rcgen::{
     self, BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,
 };
+use testkit::proc::KillOnDrop;
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const UUID: &str = "00000000000000000000000000c0ffee";
@@ -35,7 +36,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// A mosquitto broker on a loopback port; killed when dropped.
 struct Mosquitto {
-    child: Child,
+    _process: KillOnDrop,
     addr: SocketAddr,
     log: PathBuf,
 }
@@ -90,18 +91,15 @@ impl Mosquitto {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        Mosquitto { child, addr, log }
+        Mosquitto {
+            _process: KillOnDrop(child),
+            addr,
+            log,
+        }
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

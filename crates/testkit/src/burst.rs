@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +23,7 @@ use crate::certs::TestCa;
 use crate::faults::{FaultPlan, FaultProxy};
 use crate::lambda::RuntimeEmulator;
 use crate::moto::MotoServer;
+use crate::proc::KillOnDrop;
 
 /// The device policy every activated certificate gets.
 pub const POLICY: &str = "jitr-device";
@@ -55,16 +56,6 @@ pub struct Device {
     pub standing: Standing,
 }
 
-/// A `bootstrap` process, killed on drop.
-struct Runtime(Child);
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// moto, the fake balena API, a fault proxy, the Runtime API emulator and `n` devices.
 pub struct BurstWorld {
     /// Runs the AWS SDK calls of the setup and the checks.
@@ -85,7 +76,7 @@ pub struct BurstWorld {
     pub proxy: FaultProxy,
     /// Where `bootstrap` gets its events.
     pub emulator: RuntimeEmulator,
-    runtimes: Vec<Runtime>,
+    runtimes: Vec<KillOnDrop>,
 }
 
 impl std::fmt::Debug for BurstWorld {
@@ -190,7 +181,7 @@ impl BurstWorld {
                 .stdout(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {}", bootstrap.display()))?;
-            self.runtimes.push(Runtime(child));
+            self.runtimes.push(KillOnDrop(child));
         }
         Ok(())
     }

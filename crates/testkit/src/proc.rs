@@ -1,6 +1,8 @@
 //! Small process and port helpers.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::{Deref, DerefMut};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +32,31 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
 /// Whether a TCP connection to `addr` is refused right now (the port is closed).
 pub fn port_is_closed(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
+}
+
+/// A child process that is killed (and reaped) when this is dropped, so a failing test or an
+/// early return never leaves a server or a `bootstrap` running. Derefs to the [`Child`].
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Lambda Runtime API emulator, and an allowlist fleet holds all devices but a few.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use factory_ca::{
 use serde_json::Value;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
+use testkit::proc::KillOnDrop;
 use time::OffsetDateTime;
 
 use super::Outcome;
@@ -35,16 +36,6 @@ struct Row {
     expected: &'static str,
     outcome: String,
     elapsed: Duration,
-}
-
-/// A `bootstrap` process, killed on drop.
-struct Runtime(Child);
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn bootstrap_path(given: Option<&Path>) -> Result<PathBuf> {
@@ -197,7 +188,7 @@ pub(crate) fn demo(args: DemoArgs) -> Result<Outcome> {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", bootstrap.display()))?;
-        runtimes.push(Runtime(child));
+        runtimes.push(KillOnDrop(child));
     }
 
     // Each device's first connect, the way AWS IoT does it: the certificate registered
