@@ -7,7 +7,9 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use activator::{AccountId, ActivationError, Config, DeployedActivator, Incoming};
+use activator::{
+    AccountId, ActivationError, Activator, Config, FleetDirectory, Incoming, IotRegistry,
+};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -53,8 +55,10 @@ fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
-async fn handle(
-    activator: &DeployedActivator,
+/// One invocation, whatever its kind; generic over the activator's ports so the same code
+/// serves the deployed adapters and any other.
+async fn handle<R: IotRegistry, F: FleetDirectory>(
+    activator: &Activator<R, F>,
     sweep_min_age: Duration,
     event: LambdaEvent<Value>,
 ) -> Result<Value, InvocationError> {
@@ -101,8 +105,8 @@ async fn handle(
 
 /// The scheduled sweep over every trusted CA, inside the invocation's deadline; an error
 /// while anything is left failing (the next scheduled sweep picks it up).
-async fn sweep(
-    activator: &DeployedActivator,
+async fn sweep<R: IotRegistry, F: FleetDirectory>(
+    activator: &Activator<R, F>,
     min_age: Duration,
     deadline: Instant,
 ) -> Result<Value, InvocationError> {
@@ -169,10 +173,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Lives as long as the process; the runtime needs a reference it can hand to every call.
-    let activator: &'static DeployedActivator = Box::leak(Box::new(activator));
+    let activator = &activator;
+    // Boxed: the handler's future type, nested in the runtime's, is otherwise too deep for
+    // the compiler's layout computation.
     match lambda_runtime::run(service_fn(move |event| {
-        handle(activator, sweep_min_age, event)
+        Box::pin(handle(activator, sweep_min_age, event))
     }))
     .await
     {

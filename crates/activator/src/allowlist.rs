@@ -6,7 +6,7 @@ use std::path::Path;
 use factory_ca::{DeviceId, IdFormat};
 use tokio::time::Instant;
 
-use crate::{ConfigError, FleetDirectory, FleetError, Membership};
+use crate::{ConfigError, FleetDirectory, FleetError, FleetMember, Membership};
 
 /// Devices listed in `JITR_ALLOWLIST`.
 #[derive(Debug, Clone)]
@@ -58,7 +58,10 @@ impl FleetDirectory for AllowlistDirectory {
         _deadline: Instant,
     ) -> Result<Membership, FleetError> {
         Ok(if self.ids.contains(device.as_str()) {
-            Membership::Member
+            Membership::Member(FleetMember {
+                device: device.clone(),
+                handle: None,
+            })
         } else {
             Membership::NotMember
         })

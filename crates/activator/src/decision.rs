@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant as StdInstant};
+use std::time::Instant as StdInstant;
 
 use factory_ca::{
     certificates_from_pem_or_der, inspect_device_certificate, DeviceId, InspectOptions,
@@ -57,45 +57,12 @@ pub struct Decision {
     pub reason: String,
 }
 
-/// What a reconcile sweep found and did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SweepReport {
-    /// Certificates still PENDING_ACTIVATION (and old enough) when listed.
-    pub pending: usize,
-    /// Activated now.
-    pub activated: usize,
-    /// Rejected now (revoked or deactivated).
-    pub rejected: usize,
-    /// Skipped or found already active by the time their turn came.
-    pub skipped: usize,
-    /// Certificates whose decision failed (still pending): id and reason.
-    pub failing: Vec<(String, String)>,
-    /// Every decision reached (empty on a dry run).
-    pub decisions: Vec<Decision>,
-    /// Pending certificate ids (what a dry run would act on).
-    pub pending_ids: Vec<String>,
-}
-
-/// The time one decision of a sweep may take (the Lambda's own events get the invocation's).
-pub const SWEEP_DECISION_TIME: Duration = Duration::from_secs(20);
-
-/// A sweep starts no decision with less time than this left before its deadline: the fleet
-/// check alone wants 3 s left when it starts (time for what follows it), the registry keeps
-/// 0.5 s to answer, and the calls themselves take some.
-const SWEEP_DECISION_MIN_TIME: Duration = Duration::from_secs(5);
-
-/// Why a sweep did not decide a certificate.
-enum SweepSkip {
-    Failed(ActivationError),
-    OutOfTime,
-}
-
 /// The decision with its two ports and its rules. Build once, call per event.
 #[derive(Debug)]
 pub struct Activator<R, F> {
-    registry: R,
+    pub(crate) registry: R,
     fleet: F,
-    policy: Policy,
+    pub(crate) policy: Policy,
     /// CA certificates (DER) by id, fetched once per container.
     ca_cache: Mutex<HashMap<CertificateId, Arc<Vec<u8>>>>,
     clock: fn() -> OffsetDateTime,
@@ -194,84 +161,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         }
     }
 
-    /// Runs the decision for every certificate under `ca` still PENDING_ACTIVATION and
-    /// registered at least `min_age` before `now` (epoch seconds): the sweep that catches
-    /// events Lambda dropped. With `dry_run`, only lists them. Each decision gets
-    /// [`SWEEP_DECISION_TIME`], and none starts once `deadline` is too near to finish it:
-    /// those are reported failing, to be picked up by the next sweep.
-    pub async fn sweep(
-        &self,
-        ca: &CertificateId,
-        min_age: std::time::Duration,
-        now: i64,
-        dry_run: bool,
-        concurrency: usize,
-        deadline: Instant,
-    ) -> Result<SweepReport, ActivationError> {
-        use futures::StreamExt;
-
-        let cutoff = now.saturating_sub(i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX));
-        let mut pending = Vec::new();
-        let mut marker = None;
-        loop {
-            let page = self
-                .registry
-                .list_certificates_by_ca(ca, marker, deadline)
-                .await?;
-            pending.extend(
-                page.certificates
-                    .into_iter()
-                    .filter(|c| c.status == CertificateStatus::PendingActivation)
-                    .filter(|c| c.created.is_none_or(|t| t <= cutoff))
-                    .map(|c| c.id),
-            );
-            match page.next_marker {
-                Some(next) if !next.is_empty() => marker = Some(next),
-                _ => break,
-            }
-        }
-        let mut report = SweepReport {
-            pending: pending.len(),
-            pending_ids: pending.iter().map(|id| id.to_string()).collect(),
-            ..SweepReport::default()
-        };
-        if dry_run {
-            return Ok(report);
-        }
-        let results: Vec<_> = futures::stream::iter(pending)
-            .map(|id| async move {
-                let started = Instant::now();
-                if started + SWEEP_DECISION_MIN_TIME > deadline {
-                    return (id, Err(SweepSkip::OutOfTime));
-                }
-                let own_deadline = (started + SWEEP_DECISION_TIME).min(deadline);
-                let result = self.activate(&id, Some(ca), own_deadline).await;
-                (id, result.map_err(SweepSkip::Failed))
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        for (id, result) in results {
-            match result {
-                Ok(decision) => {
-                    match decision.outcome {
-                        Outcome::Activated => report.activated += 1,
-                        Outcome::Rejected => report.rejected += 1,
-                        Outcome::AlreadyActive | Outcome::Skipped => report.skipped += 1,
-                    }
-                    report.decisions.push(decision);
-                }
-                Err(SweepSkip::Failed(e)) => report.failing.push((id.to_string(), error_chain(&e))),
-                Err(SweepSkip::OutOfTime) => report.failing.push((
-                    id.to_string(),
-                    "not reached before the deadline; the next sweep takes it".to_owned(),
-                )),
-            }
-        }
-        Ok(report)
-    }
-
-    fn log(&self, decision: Decision, started: StdInstant) -> Decision {
+    pub(crate) fn log(&self, decision: Decision, started: StdInstant) -> Decision {
         tracing::info!(
             certificate_id = %decision.certificate_id,
             device_id = decision.thing_name.as_deref().unwrap_or(""),
@@ -348,8 +238,8 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             }
         };
 
-        match self.fleet.membership(&device, deadline).await? {
-            Membership::Member => {}
+        let member = match self.fleet.membership(&device, deadline).await? {
+            Membership::Member(member) => member,
             Membership::NotMember => {
                 let reason = format!("device {device} is not in {}", self.fleet.label());
                 return self.reject(id, Some(&device), reason, deadline).await;
@@ -358,7 +248,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 let reason = format!("device {device} is inactive in {}", self.fleet.label());
                 return self.reject(id, Some(&device), reason, deadline).await;
             }
-        }
+        };
 
         self.provision(&device, &cert.arn, deadline).await?;
         // Always last: until here the certificate cannot connect, whatever failed.
@@ -366,7 +256,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             .set_certificate_status(id, CertificateStatus::Active, deadline)
             .await?;
         // The device is active whatever happens here: a failed write-back is only reported.
-        if let Err(error) = self.fleet.record_activation(&device, id, deadline).await {
+        if let Err(error) = self.fleet.record_activation(&member, id, deadline).await {
             tracing::warn!(
                 certificate_id = %id,
                 device_id = %device,
@@ -443,13 +333,19 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         {
             return Ok(der.clone());
         }
-        let pem = self.registry.ca_certificate_pem(ca_id, deadline).await?;
+        let pem = self
+            .registry
+            .describe_ca_certificate(ca_id, deadline)
+            .await?
+            .pem;
         let der = certificates_from_pem_or_der(pem.as_bytes())
             .ok()
             .and_then(|certs| certs.into_iter().next())
-            .ok_or_else(|| RegistryError::Failed {
-                op: "DescribeCACertificate",
-                source: "the CA certificate PEM does not parse".into(),
+            .ok_or_else(|| {
+                RegistryError::failed(
+                    "DescribeCACertificate",
+                    "the CA certificate PEM does not parse",
+                )
             })?;
         let der = Arc::new(der);
         self.ca_cache
@@ -509,5 +405,215 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             outcome: Outcome::Rejected,
             reason,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use factory_ca::{Ca, CaInit, DeviceId, IdFormat, KeyAlgorithm, KeyProtection};
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::memory::{Fault, MemoryFleet, MemoryIot, Standing};
+
+    const MEMBER: &str = "0123456789abcdef0123456789abcdef";
+    const STRANGER: &str = "fedcba9876543210fedcba9876543210";
+
+    struct World {
+        _dir: tempfile::TempDir,
+        ca: Ca,
+        ca_id: CertificateId,
+        iot: MemoryIot,
+        fleet: MemoryFleet,
+    }
+
+    impl World {
+        fn new() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            CaInit {
+                dir: dir.path().to_owned(),
+                root_subject: "CN=unit test CA".parse().unwrap(),
+                root_key: KeyAlgorithm::P256,
+                root_days: 30,
+                issuing: None,
+                protection: KeyProtection::InsecurePlaintext,
+            }
+            .run(OffsetDateTime::now_utc())
+            .unwrap();
+            let ca = Ca::load(dir.path(), None).unwrap();
+            let iot = MemoryIot::new();
+            let ca_id = iot.add_ca(ca.cert_pem());
+            let fleet = MemoryFleet::new();
+            fleet.add(MEMBER, Standing::Member);
+            World {
+                _dir: dir,
+                ca,
+                ca_id,
+                iot,
+                fleet,
+            }
+        }
+
+        fn policy(&self, reject_action: RejectAction) -> Policy {
+            Policy {
+                trusted_ca_ids: vec![self.ca_id.clone()],
+                policy_name: "jitr-device".into(),
+                reject_action,
+                thing_type: None,
+                thing_group: None,
+                id_format: IdFormat::BalenaUuid,
+            }
+        }
+
+        fn activator(&self, reject_action: RejectAction) -> Activator<MemoryIot, MemoryFleet> {
+            Activator::new(
+                self.iot.clone(),
+                self.fleet.clone(),
+                self.policy(reject_action),
+            )
+        }
+
+        /// A device's first connect: its certificate registered PENDING_ACTIVATION.
+        fn connect(&self, device: &str) -> CertificateId {
+            let id = DeviceId::parse(device, IdFormat::BalenaUuid).unwrap();
+            let issued = self
+                .ca
+                .issue_device(&id, KeyAlgorithm::P256, 30, OffsetDateTime::now_utc())
+                .unwrap();
+            self.iot.add_certificate(
+                &issued.cert_pem,
+                CertificateStatus::PendingActivation,
+                Some(&self.ca_id),
+                0,
+            )
+        }
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
+    #[tokio::test]
+    async fn activation_is_the_last_write_after_thing_policy_and_principal() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let decision = world
+            .activator(RejectAction::Revoke)
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated, "{decision:?}");
+        let writes = world.iot.writes();
+        assert_eq!(writes.last(), Some(&"UpdateCertificate"), "{writes:?}");
+        let position = |op| writes.iter().position(|w| *w == op).unwrap();
+        assert!(position("CreateThing") < position("AttachThingPrincipal"));
+        assert!(position("AttachPolicy") < position("UpdateCertificate"));
+        assert_eq!(
+            world.iot.status(cert.as_str()),
+            Some(CertificateStatus::Active)
+        );
+        assert_eq!(world.iot.principals_of(MEMBER), vec![cert.to_string()]);
+        assert_eq!(world.iot.policies_of(cert.as_str()), vec!["jitr-device"]);
+        assert_eq!(
+            world.fleet.recorded(),
+            vec![(MEMBER.to_owned(), cert.to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stranger_is_revoked_or_deactivated_as_configured_and_nothing_attached() {
+        for (action, status) in [
+            (RejectAction::Revoke, CertificateStatus::Revoked),
+            (RejectAction::Deactivate, CertificateStatus::Inactive),
+        ] {
+            let world = World::new();
+            let cert = world.connect(STRANGER);
+            let decision = world
+                .activator(action)
+                .activate(&cert, Some(&world.ca_id), deadline())
+                .await
+                .unwrap();
+            assert_eq!(decision.outcome, Outcome::Rejected);
+            assert!(decision.reason.contains("is not in"), "{}", decision.reason);
+            assert_eq!(world.iot.writes(), vec!["UpdateCertificate"]);
+            assert_eq!(world.iot.status(cert.as_str()), Some(status));
+            assert!(!world.iot.thing_exists(STRANGER));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_naming_another_ca_is_skipped_without_a_write() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let other = CertificateId::parse(&"e".repeat(64)).unwrap();
+        let decision = world
+            .activator(RejectAction::Revoke)
+            .activate(&cert, Some(&other), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Skipped);
+        assert!(world.iot.writes().is_empty());
+        assert_eq!(
+            world.iot.status(cert.as_str()),
+            Some(CertificateStatus::PendingActivation)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_certificate_of_an_untrusted_ca_is_rejected() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let mut policy = world.policy(RejectAction::Revoke);
+        policy.trusted_ca_ids = vec![CertificateId::parse(&"e".repeat(64)).unwrap()];
+        let activator = Activator::new(world.iot.clone(), world.fleet.clone(), policy);
+        let decision = activator.activate(&cert, None, deadline()).await.unwrap();
+        assert_eq!(decision.outcome, Outcome::Rejected);
+        assert!(decision.reason.contains("JITR_TRUSTED_CA_IDS"));
+    }
+
+    #[tokio::test]
+    async fn transient_failures_leave_the_certificate_pending_and_a_retry_completes_it() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let activator = world.activator(RejectAction::Revoke);
+
+        world.fleet.set_unavailable(true);
+        let err = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_retryable() && err.error_type() == "Retryable",
+            "{err}"
+        );
+        assert!(world.iot.writes().is_empty());
+        world.fleet.set_unavailable(false);
+
+        world.iot.fail_next("UpdateCertificate", Fault::Throttled);
+        let err = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert_eq!(
+            world.iot.status(cert.as_str()),
+            Some(CertificateStatus::PendingActivation)
+        );
+
+        world.iot.fail_next("AttachPolicy", Fault::Failed);
+        let err = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_type(), "Failed", "{err}");
+
+        let decision = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated);
+        assert_eq!(world.iot.principals_of(MEMBER), vec![cert.to_string()]);
     }
 }

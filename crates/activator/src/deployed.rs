@@ -1,16 +1,17 @@
 //! The activator as deployed: the AWS SDK registry and the configured fleet backend, built
 //! from [`Config`] (the `adapters` feature).
 
+use crate::fleet::{BalenaDirectory, KeySource};
 use crate::{
-    allowlist, aws, balena, Activator, ApiKeySource, Cause, CertificateId, Config, ConfigError,
-    FleetConfig, FleetDirectory, FleetError, Membership,
+    allowlist, aws, Activator, ApiKeySource, Cause, CertificateId, Config, ConfigError,
+    FleetConfig, FleetDirectory, FleetError, FleetMember, Membership,
 };
 
 /// The fleet directory chosen by `JITR_FLEET_BACKEND`.
 #[derive(Debug)]
 pub enum FleetBackend {
     /// The balena API (boxed: it is much larger than the allowlist, and built once).
-    Balena(Box<balena::BalenaDirectory>),
+    Balena(Box<BalenaDirectory>),
     /// A static list of device ids.
     Allowlist(allowlist::AllowlistDirectory),
 }
@@ -36,13 +37,13 @@ impl FleetDirectory for FleetBackend {
 
     async fn record_activation(
         &self,
-        device: &factory_ca::DeviceId,
+        member: &FleetMember,
         certificate: &CertificateId,
         deadline: tokio::time::Instant,
     ) -> Result<(), Cause> {
         match self {
-            FleetBackend::Balena(d) => d.record_activation(device, certificate, deadline).await,
-            FleetBackend::Allowlist(d) => d.record_activation(device, certificate, deadline).await,
+            FleetBackend::Balena(d) => d.record_activation(member, certificate, deadline).await,
+            FleetBackend::Allowlist(d) => d.record_activation(member, certificate, deadline).await,
         }
     }
 }
@@ -69,14 +70,14 @@ pub fn build_with_sdk(
             write_back,
         } => {
             let key = match api_key {
-                ApiKeySource::Literal(key) => balena::KeySource::Literal(key.clone()),
-                ApiKeySource::SecretsManager(id) => balena::KeySource::SecretsManager {
+                ApiKeySource::Literal(key) => KeySource::Literal(key.clone()),
+                ApiKeySource::SecretsManager(id) => KeySource::SecretsManager {
                     client: aws_sdk_secretsmanager::Client::new(sdk),
                     secret_id: id.clone(),
                 },
             };
             FleetBackend::Balena(Box::new(
-                balena::BalenaDirectory::new(api_url, *fleet_id, key)?.with_write_back(*write_back),
+                BalenaDirectory::new(api_url, *fleet_id, key)?.with_write_back(*write_back),
             ))
         }
         FleetConfig::Allowlist { path } => {

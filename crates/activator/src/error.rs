@@ -1,3 +1,5 @@
+//! Why an invocation did not reach a decision, and the one-line error formatter.
+
 use crate::{EventError, FleetError, RegistryError};
 
 /// Why an invocation did not reach a decision. The certificate is left as it was.

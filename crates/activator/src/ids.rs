@@ -1,3 +1,5 @@
+//! Identifiers validated at construction: certificate ids and account ids.
+
 use std::fmt;
 
 /// An AWS IoT certificate id (also a CA certificate id): 64 lowercase hex characters.
@@ -62,34 +64,6 @@ impl fmt::Display for AccountId {
     }
 }
 
-/// A numeric balena fleet (application) id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FleetId(u64);
-
-impl FleetId {
-    /// Validates a fleet id: a positive integer.
-    pub fn parse(s: &str) -> Result<Self, &'static str> {
-        if s.is_empty() || s.len() > 12 || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("a fleet id is a positive integer (the numeric application id)");
-        }
-        match s.parse::<u64>() {
-            Ok(0) | Err(_) => Err("a fleet id is a positive integer (the numeric application id)"),
-            Ok(n) => Ok(FleetId(n)),
-        }
-    }
-
-    /// The number.
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for FleetId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,13 +82,5 @@ mod tests {
             AccountId::from_arn("arn:aws:lambda:us-east-1:123456789012:function:jitr").unwrap();
         assert_eq!(id.as_str(), "123456789012");
         assert!(AccountId::parse("12345678901x").is_err());
-    }
-
-    #[test]
-    fn fleet_ids_are_positive_integers() {
-        assert_eq!(FleetId::parse("1234567").unwrap().get(), 1234567);
-        for bad in ["0", "-1", "12a", "", "1234567890123", "my-fleet"] {
-            assert!(FleetId::parse(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -4,35 +4,54 @@
 //! certificate is ours (trusted CA, signature, validity, device profile, device id), checks
 //! fleet membership, then creates the Thing and attaches policy and principal, and activates
 //! the certificate last. The Lambda (`bootstrap`) and `jitr reconcile` both run this code
-//! with the same configuration.
+//! with the same configuration; the operator's other AWS IoT work (CA registration,
+//! revocation) lives here too, behind the same ports.
 
 pub mod allowlist;
 #[cfg(feature = "adapters")]
 pub mod aws;
-#[cfg(feature = "adapters")]
-pub mod balena;
 mod config;
 mod decision;
 #[cfg(feature = "adapters")]
 mod deployed;
 mod error;
 mod event;
+#[cfg(feature = "adapters")]
+pub mod fleet;
 mod ids;
 mod incoming;
+#[cfg(feature = "testing")]
+pub mod memory;
 mod ports;
+pub mod registration;
+pub mod revoke;
+mod sweep;
 
+pub use balena::FleetId;
 pub use config::{
-    ApiKey, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction, WriteBack,
+    balena_fleet_from_env, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction,
+    WriteBack,
 };
-pub use decision::{Activator, Decision, Outcome, SweepReport, SWEEP_DECISION_TIME};
+pub use decision::{Activator, Decision, Outcome};
 pub use error::{error_chain, ActivationError};
 pub use event::{EventError, RegisteredEvent};
-pub use ids::{AccountId, CertificateId, FleetId};
+pub use ids::{AccountId, CertificateId};
 pub use incoming::{Incoming, ReplayRecord};
 pub use ports::{
-    Cause, CertificateDescription, CertificatePage, CertificateStatus, FleetDirectory, FleetError,
-    IotRegistry, ListedCertificate, Membership, RegistryError, ThingSpec,
+    CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
+    CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry,
+    ListedCertificate, Membership, RegistryError, ThingSpec,
 };
+pub use sweep::{SweepReport, SWEEP_DECISION_TIME};
 
 #[cfg(feature = "adapters")]
 pub use deployed::{build, build_with_sdk, DeployedActivator, FleetBackend};
+
+/// The longest one AWS IoT call made for an operator's command may take, retries included:
+/// an unreachable endpoint fails in this time, not at the command's overall deadline.
+pub const OPERATOR_CALL_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The deadline of one call within work that must end by `overall`.
+pub fn call_deadline(overall: tokio::time::Instant) -> tokio::time::Instant {
+    overall.min(tokio::time::Instant::now() + OPERATOR_CALL_TIME)
+}

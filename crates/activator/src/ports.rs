@@ -1,9 +1,11 @@
-//! The two capabilities the decision needs, as traits: the AWS IoT registry and the fleet
-//! directory. Adapters live in [`crate::aws`], [`crate::balena`] and [`crate::allowlist`];
-//! unit tests use in-memory fakes.
+//! The capabilities the decision and the operator's commands need, as traits: the AWS IoT
+//! registry ([`IotRegistry`], and [`IotAdmin`] for what only an operator does) and the fleet
+//! directory ([`FleetDirectory`]). Adapters live in [`crate::aws`], [`crate::fleet`] and
+//! [`crate::allowlist`]; in-memory implementations for unit tests in `memory` (feature
+//! `testing`).
 
+use std::fmt;
 use std::future::Future;
-use std::time::Duration;
 
 use factory_ca::DeviceId;
 use tokio::time::Instant;
@@ -28,6 +30,25 @@ pub enum CertificateStatus {
     Other(String),
 }
 
+impl CertificateStatus {
+    /// The name AWS IoT uses.
+    pub fn as_str(&self) -> &str {
+        match self {
+            CertificateStatus::Active => "ACTIVE",
+            CertificateStatus::PendingActivation => "PENDING_ACTIVATION",
+            CertificateStatus::Inactive => "INACTIVE",
+            CertificateStatus::Revoked => "REVOKED",
+            CertificateStatus::Other(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for CertificateStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What DescribeCertificate tells about a certificate.
 #[derive(Debug, Clone)]
 pub struct CertificateDescription {
@@ -40,6 +61,21 @@ pub struct CertificateDescription {
     /// The CA it was registered under, when AWS links one.
     pub ca_certificate_id: Option<CertificateId>,
     /// The certificate, PEM.
+    pub pem: String,
+}
+
+/// What DescribeCACertificate tells about a CA.
+#[derive(Debug, Clone)]
+pub struct CaDescription {
+    /// The CA certificate id.
+    pub id: CertificateId,
+    /// Its ARN, when AWS said it.
+    pub arn: Option<String>,
+    /// `ACTIVE` or `INACTIVE`.
+    pub status: Option<String>,
+    /// `ENABLE` or `DISABLE`.
+    pub auto_registration: Option<String>,
+    /// The CA certificate, PEM.
     pub pem: String,
 }
 
@@ -74,27 +110,59 @@ pub struct ThingSpec {
     pub attributes: Vec<(String, String)>,
 }
 
-/// A registry call that failed.
+/// How a CA is registered: with a verification certificate proving key possession, or
+/// SNI_ONLY (no proof; devices must send SNI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaRegistrationMode {
+    /// DEFAULT mode, with the verification certificate (PEM).
+    Verified {
+        /// The verification certificate.
+        verification_pem: String,
+    },
+    /// SNI_ONLY mode.
+    SniOnly,
+}
+
+/// A registry call that failed. Each variant displays `AWS IoT <op>`; its source says why,
+/// in AWS's words (`CertificateValidationException: ...`) or the network's
+/// (`cannot reach AWS IoT at <endpoint>: Connection refused`).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The resource does not exist.
-    #[error("AWS IoT {op}: not found")]
+    #[error("AWS IoT {op}")]
     NotFound {
+        /// The API operation.
         op: &'static str,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
+    /// The resource exists already.
+    #[error("AWS IoT {op}")]
+    AlreadyExists {
+        /// The API operation.
+        op: &'static str,
+        /// The existing resource's id, when AWS says it.
+        resource_id: Option<String>,
+        /// Why.
         #[source]
         source: Cause,
     },
     /// Throttled (`ThrottlingException`).
-    #[error("AWS IoT {op}: throttled")]
+    #[error("AWS IoT {op}")]
     Throttled {
+        /// The API operation.
         op: &'static str,
+        /// Why.
         #[source]
         source: Cause,
     },
     /// 5xx, timeout or connection failure.
-    #[error("AWS IoT {op}: service unavailable")]
+    #[error("AWS IoT {op}")]
     Unavailable {
+        /// The API operation.
         op: &'static str,
+        /// Why.
         #[source]
         source: Cause,
     },
@@ -104,15 +172,20 @@ pub enum RegistryError {
         "AWS IoT {op}: gave up after {attempts} attempt(s), too close to the deadline to try again"
     )]
     GaveUp {
+        /// The API operation.
         op: &'static str,
+        /// Attempts made.
         attempts: u32,
+        /// The last failure.
         #[source]
         last: Box<RegistryError>,
     },
     /// Any other failure (access denied, invalid request...).
-    #[error("AWS IoT {op} failed")]
+    #[error("AWS IoT {op}")]
     Failed {
+        /// The API operation.
         op: &'static str,
+        /// Why.
         #[source]
         source: Cause,
     },
@@ -128,10 +201,31 @@ impl RegistryError {
                 | RegistryError::GaveUp { .. }
         )
     }
+
+    /// Whether the resource was not found.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RegistryError::NotFound { .. })
+    }
+
+    /// A failure of `op` with a one-line reason (for adapters and in-memory ports).
+    pub fn failed(op: &'static str, reason: impl Into<String>) -> Self {
+        RegistryError::Failed {
+            op,
+            source: reason.into().into(),
+        }
+    }
+
+    /// A not-found of `op` with a one-line reason.
+    pub fn not_found(op: &'static str, reason: impl Into<String>) -> Self {
+        RegistryError::NotFound {
+            op,
+            source: reason.into().into(),
+        }
+    }
 }
 
-/// The AWS IoT control plane, as the decision uses it. Every write is idempotent:
-/// "already exists" and "already attached" are success.
+/// The AWS IoT control plane, as the decision and the sweep use it. Every write is
+/// idempotent: "already exists" and "already attached" are success.
 ///
 /// Every call takes the deadline of the work it is part of (the Lambda invocation's): an
 /// adapter may retry throttling and transient failures until shortly before it, and must
@@ -143,12 +237,12 @@ pub trait IotRegistry: Send + Sync {
         id: &CertificateId,
         deadline: Instant,
     ) -> impl Future<Output = Result<CertificateDescription, RegistryError>> + Send;
-    /// DescribeCACertificate: the CA certificate PEM.
-    fn ca_certificate_pem(
+    /// DescribeCACertificate.
+    fn describe_ca_certificate(
         &self,
         id: &CertificateId,
         deadline: Instant,
-    ) -> impl Future<Output = Result<String, RegistryError>> + Send;
+    ) -> impl Future<Output = Result<CaDescription, RegistryError>> + Send;
     /// CreateThing (an existing Thing of that name is success).
     fn create_thing(
         &self,
@@ -192,11 +286,83 @@ pub trait IotRegistry: Send + Sync {
     ) -> impl Future<Output = Result<CertificatePage, RegistryError>> + Send;
 }
 
+/// What only an operator does to AWS IoT: CA registration, endpoint lookup, revocation and
+/// cleanup. Listings return every page.
+pub trait IotAdmin: IotRegistry {
+    /// DescribeEndpoint for `endpoint_type` (e.g. `iot:Data-ATS`).
+    fn describe_endpoint(
+        &self,
+        endpoint_type: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<String, RegistryError>> + Send;
+    /// GetRegistrationCode.
+    fn registration_code(
+        &self,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<String, RegistryError>> + Send;
+    /// RegisterCACertificate, active and with auto-registration on; answers the CA's id and
+    /// ARN. A CA registered already is [`RegistryError::AlreadyExists`].
+    fn register_ca_certificate(
+        &self,
+        ca_pem: &str,
+        mode: &CaRegistrationMode,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(String, Option<String>), RegistryError>> + Send;
+    /// ListThingPrincipals: the principals (ARNs) attached to a Thing.
+    fn thing_principals(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+    /// ListPrincipalThings: the Things a principal is attached to.
+    fn principal_things(
+        &self,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+    /// ListAttachedPolicies: the policies attached to a principal.
+    fn attached_policies(
+        &self,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+    /// DetachPolicy.
+    fn detach_policy(
+        &self,
+        policy: &str,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// DetachThingPrincipal.
+    fn detach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// DeleteThing: `true` when deleted, `false` when there was no such Thing.
+    fn delete_thing(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+}
+
+/// A member of the fleet as the directory found it: what the write-back needs to find the
+/// device again without a second lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetMember {
+    /// The device.
+    pub device: DeviceId,
+    /// The directory's own handle for it (balena's numeric device id), when it has one.
+    pub handle: Option<u64>,
+}
+
 /// Whether a device belongs to the fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Membership {
     /// In the fleet and active.
-    Member,
+    Member(FleetMember),
     /// In the fleet but deactivated.
     Inactive,
     /// Not in the fleet (proven, not merely unseen).
@@ -204,36 +370,20 @@ pub enum Membership {
 }
 
 /// A fleet check that could not be answered. Always transient: the certificate stays
-/// pending and the check runs again.
-#[derive(Debug, thiserror::Error)]
-pub enum FleetError {
-    /// The API key was refused (401/403).
-    #[error("fleet API refused the API key (HTTP {status})")]
-    Unauthorized { status: u16 },
-    /// 429 with a Retry-After beyond the invocation's deadline.
-    #[error("fleet API rate limited us (retry after {retry_after:?})")]
-    RateLimited { retry_after: Duration },
-    /// 5xx or an unexpected status.
-    #[error("fleet API answered HTTP {status}")]
-    Status { status: u16 },
-    /// No answer in time.
-    #[error("fleet API did not answer in time")]
-    Timeout,
-    /// Connection failure.
-    #[error("fleet API unreachable")]
-    Transport(#[source] Cause),
-    /// An answer we cannot read.
-    #[error("fleet API answer unreadable")]
-    Unparsable(#[source] Cause),
-    /// The key cannot see the fleet, so an empty answer proves nothing.
-    #[error("the API key cannot see fleet {fleet}: an empty answer proves nothing")]
-    FleetNotVisible { fleet: String },
-    /// More than one device with one UUID.
-    #[error("fleet API returned {rows} devices for one UUID")]
-    Ambiguous { rows: usize },
-    /// The API key could not be fetched.
-    #[error("cannot fetch the balena API key")]
-    Secret(#[source] Cause),
+/// pending and the check runs again. Displays as its cause.
+#[derive(Debug)]
+pub struct FleetError(pub Cause);
+
+impl fmt::Display for FleetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for FleetError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// The fleet a device must belong to.
@@ -246,16 +396,16 @@ pub trait FleetDirectory: Send + Sync {
     ) -> impl Future<Output = Result<Membership, FleetError>> + Send;
     /// A short name for the fleet, recorded on the Thing (`fleet` attribute).
     fn label(&self) -> String;
-    /// Records on the fleet side that `device` was activated with `certificate` (balena: device
+    /// Records on the fleet side that `member` was activated with `certificate` (balena: device
     /// tags). Best effort, after activation: a failure is logged and changes nothing. The
     /// default records nothing.
     fn record_activation(
         &self,
-        device: &DeviceId,
+        member: &FleetMember,
         certificate: &CertificateId,
         deadline: Instant,
     ) -> impl Future<Output = Result<(), Cause>> + Send {
-        let _ = (device, certificate, deadline);
+        let _ = (member, certificate, deadline);
         std::future::ready(Ok(()))
     }
 }

@@ -6,16 +6,15 @@
 
 use std::time::Duration;
 
-use activator::balena::{BalenaClient, BalenaDirectory, TAG_CERTIFICATE_ID, TAG_THING};
-use activator::{aws::AwsIotRegistry, Activator, ApiKey, Outcome, RegisteredEvent, WriteBack};
+use activator::fleet::{BalenaDirectory, TAG_CERTIFICATE_ID, TAG_THING};
+use activator::{aws::AwsIotRegistry, Activator, Outcome, RegisteredEvent, WriteBack};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
-use factory_ca::{DeviceId, IdFormat};
-use testkit::balena::{FakeBalena, Fault};
+use testkit::balena::Fault;
 use testkit::iot;
 
 mod common;
 
-use common::{deadline, uuid, world, World, FLEET, KEY};
+use common::{deadline, uuid, world, World, FLEET};
 
 impl World {
     fn activator(&self, write_back: WriteBack) -> Activator<AwsIotRegistry, BalenaDirectory> {
@@ -159,43 +158,4 @@ async fn without_write_back_nothing_is_written_and_rejections_never_write() {
         .unwrap();
     assert_eq!(d.outcome, Outcome::Rejected);
     assert!(w.writes().is_empty(), "{:?}", w.writes());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_client_finds_devices_by_uuid_and_upserts_variables() {
-    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
-        .await
-        .unwrap()
-        .unwrap();
-    balena.add_fleet(FLEET, "acme/sensors");
-    let device = uuid(5);
-    let numeric = balena.add_device(FLEET, &device, true);
-    let client = BalenaClient::new(&balena.url(), ApiKey::new(KEY.into())).unwrap();
-    let id = |s: &str| DeviceId::parse(s, IdFormat::BalenaUuid).unwrap();
-
-    assert_eq!(
-        client.device_id(&id(&device), deadline()).await.unwrap(),
-        Some(numeric)
-    );
-    assert_eq!(
-        client.device_id(&id(&uuid(6)), deadline()).await.unwrap(),
-        None
-    );
-    use activator::balena::{DeviceField, Upserted};
-    let set = |value: &'static str| {
-        client.upsert(DeviceField::EnvVar, numeric, "AWS_CERT", value, deadline())
-    };
-    assert_eq!(set("one").await.unwrap(), Upserted::Created);
-    assert_eq!(set("two").await.unwrap(), Upserted::Updated);
-    assert_eq!(
-        balena.env_vars(numeric),
-        vec![("AWS_CERT".to_owned(), "two".to_owned())]
-    );
-
-    let refused = BalenaClient::new(&balena.url(), ApiKey::new("wrong".into())).unwrap();
-    let err = refused
-        .upsert(DeviceField::EnvVar, numeric, "AWS_CERT", "x", deadline())
-        .await
-        .unwrap_err();
-    assert_eq!(err.to_string(), "balena API refused the API key (HTTP 401)");
 }

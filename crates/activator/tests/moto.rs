@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use activator::aws::RetryPolicy;
-use activator::balena::{BalenaDirectory, KeySource};
+use activator::fleet::{BalenaDirectory, KeySource};
 use activator::{
-    aws::AwsIotRegistry, ActivationError, Activator, CertificateDescription, CertificateId,
-    CertificatePage, CertificateStatus, FleetDirectory, FleetId, IotRegistry, Outcome,
-    RegistryError, RejectAction, ThingSpec,
+    aws::AwsIotRegistry, ActivationError, Activator, CaDescription, CertificateDescription,
+    CertificateId, CertificatePage, CertificateStatus, FleetDirectory, FleetId, IotRegistry,
+    Outcome, RegistryError, RejectAction, ThingSpec,
 };
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use testkit::balena::Fault;
@@ -462,13 +462,13 @@ impl IotRegistry for CrashAt<'_> {
         self.check("DescribeCertificate")?;
         self.inner.describe_certificate(id, deadline).await
     }
-    async fn ca_certificate_pem(
+    async fn describe_ca_certificate(
         &self,
         id: &CertificateId,
         deadline: Instant,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<CaDescription, RegistryError> {
         self.check("DescribeCACertificate")?;
-        self.inner.ca_certificate_pem(id, deadline).await
+        self.inner.describe_ca_certificate(id, deadline).await
     }
     async fn create_thing(
         &self,
@@ -655,7 +655,7 @@ fn fleet_directory_is_labelled_by_its_numeric_id() {
     let fleet = BalenaDirectory::new(
         "http://127.0.0.1:9",
         FleetId::parse("42").unwrap(),
-        KeySource::Literal(activator::ApiKey::new("k".into())),
+        KeySource::Literal(balena::ApiKey::new("k".into())),
     )
     .unwrap();
     assert_eq!(fleet.label(), "balena fleet 42");

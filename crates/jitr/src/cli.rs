@@ -26,8 +26,6 @@ pub(crate) enum Command {
     Inspect(InspectArgs),
     /// Print the AWS IoT data endpoint (ATS) that devices connect to.
     Endpoint(EndpointArgs),
-    /// Run the whole JITR loop locally: moto for AWS IoT, the real bootstrap Lambda.
-    Demo(DemoArgs),
     /// Sweep certificates left PENDING_ACTIVATION through the activator's own decision.
     Reconcile(ReconcileArgs),
     /// Revoke a device's certificate(s): REVOKED, policy and principal detached.
@@ -62,6 +60,14 @@ pub(crate) struct CaDirArgs {
     /// File holding the CA key passphrase (else JITR_CA_PASSPHRASE, else a prompt on a terminal).
     #[arg(long, value_name = "FILE")]
     pub(crate) passphrase_file: Option<PathBuf>,
+}
+
+/// How results are printed.
+#[derive(Debug, Args)]
+pub(crate) struct OutputArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 /// Which AWS region and endpoint to use, over the standard chain (AWS_PROFILE, AWS_REGION,
@@ -101,9 +107,8 @@ pub(crate) struct CaInitArgs {
     /// Store the CA keys unencrypted (never do this for a production CA).
     #[arg(long)]
     pub(crate) insecure_plaintext_key: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -127,18 +132,16 @@ pub(crate) struct CaRegisterArgs {
     pub(crate) sni_only: bool,
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct EndpointArgs {
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -172,9 +175,8 @@ pub(crate) struct IssueArgs {
     pub(crate) force: bool,
     #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
-    /// Print the manifest lines of the issued devices as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 /// Delivery of the issued credentials to balena devices as the environment variables that
@@ -229,9 +231,8 @@ pub(crate) struct SignCsrArgs {
     pub(crate) force: bool,
     #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
-    /// Print the manifest line as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -244,9 +245,8 @@ pub(crate) struct InspectArgs {
     /// Accepted ids: balena-uuid or any.
     #[arg(long, value_name = "FORMAT", default_value = "balena-uuid")]
     pub(crate) id_format: IdFormat,
-    /// Print the findings as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 /// `jitr reconcile` reads the activator's configuration from the same environment variables
@@ -265,9 +265,8 @@ pub(crate) struct ReconcileArgs {
     /// Decisions run at once (AWS IoT API quotas are low).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub(crate) concurrency: usize,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
 }
@@ -308,9 +307,8 @@ pub(crate) struct RevokeArgs {
     /// Delete the Thing too.
     #[arg(long)]
     pub(crate) delete_thing: bool,
-    /// Print what was done as JSON.
-    #[arg(long)]
-    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
 }
@@ -336,22 +334,6 @@ pub(crate) struct DeviceConnectArgs {
     /// Give up when not connected after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub(crate) deadline: u64,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct DemoArgs {
-    /// How many devices to issue and connect.
-    #[arg(long, default_value_t = 10, value_name = "N")]
-    pub(crate) devices: usize,
-    /// Use this AWS IoT endpoint (e.g. a running moto server) instead of starting moto.
-    #[arg(long, value_name = "URL", value_parser = crate::aws::parse_endpoint_url)]
-    pub(crate) endpoint_url: Option<String>,
-    /// The `bootstrap` binary [default: next to this jitr].
-    #[arg(long, value_name = "FILE")]
-    pub(crate) bootstrap: Option<PathBuf>,
-    /// Concurrent Lambda instances (bootstrap processes).
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    pub(crate) concurrency: usize,
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ fn main() -> ExitCode {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,
         Ok(commands::Outcome::Failed) => ExitCode::from(1),
         Err(err) => {
-            eprintln!("jitr: error: {err:#}");
+            // One line; a cause whose text the line already holds is not repeated.
+            eprintln!("jitr: error: {}", activator::error_chain(err.as_ref()));
             ExitCode::from(1)
         }
     }

@@ -45,6 +45,19 @@ pub enum Fault {
     /// Answer every write (POST, PATCH) with this status, serve reads: a key that may read
     /// but not write, or a write path in trouble.
     WriteStatus(u16),
+    /// Answer every read with HTTP 200 and a JSON-looking body of this many bytes (a proxy
+    /// gone wrong, or a query that matched far too much).
+    Body {
+        /// The body's size.
+        bytes: usize,
+    },
+    /// Answer every read's headers at once, then trickle its body over this long.
+    SlowBody(Duration),
+    /// Answer every device read as if the fleet filter were ignored: rows of this fleet.
+    ForeignRow {
+        /// The fleet the rows name.
+        fleet: u64,
+    },
 }
 
 /// One request as the fake received it (the API key itself is never stored).
@@ -442,6 +455,11 @@ async fn handle(
             return text(status, status.canonical_reason().unwrap_or("Error"));
         }
         (Fault::WriteStatus(_), authorized) => authorized,
+        (Fault::Body { bytes }, _) if method == Method::GET => return oversized(bytes),
+        (Fault::SlowBody(over), _) if method == Method::GET => return trickled(over),
+        (Fault::Body { .. } | Fault::SlowBody(_) | Fault::ForeignRow { .. }, authorized) => {
+            authorized
+        }
         (Fault::Status(code), _) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return text(status, status.canonical_reason().unwrap_or("Error"));
@@ -491,12 +509,74 @@ async fn handle(
     };
 
     let mut db = lock();
+    if let (Fault::ForeignRow { fleet }, Resource::Device) = (&db.fault, resource) {
+        if method == Method::GET {
+            let fleet = *fleet;
+            return foreign_rows(&db, fleet);
+        }
+    }
     match method {
         Method::GET => get(&db, resource, key, &options),
         Method::POST if key.is_none() => post(&mut db, resource, &body),
         Method::PATCH => patch(&mut db, resource, key, &options, &body),
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
     }
+}
+
+/// HTTP 200 with a body of `bytes` bytes that starts like an OData answer.
+fn oversized(bytes: usize) -> Response {
+    let mut body = String::with_capacity(bytes);
+    body.push_str("{\"d\":[");
+    while body.len() < bytes {
+        body.push(' ');
+    }
+    json_text(body)
+}
+
+/// HTTP 200 whose body arrives in ten pieces spread over `over`.
+fn trickled(over: Duration) -> Response {
+    let pieces = futures::stream::unfold(0u32, move |n| async move {
+        if n == 10 {
+            return None;
+        }
+        tokio::time::sleep(over / 10).await;
+        let piece = if n == 0 {
+            "{\"d\":["
+        } else if n == 9 {
+            "]}"
+        } else {
+            " "
+        };
+        Some((Ok::<_, std::io::Error>(Bytes::from(piece)), n + 1))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        axum::body::Body::from_stream(pieces),
+    )
+        .into_response()
+}
+
+/// Every device the key can see, each claimed to be in `fleet`.
+fn foreign_rows(db: &Db, fleet: u64) -> Response {
+    let rows: Vec<Value> = db
+        .devices
+        .iter()
+        .map(|(id, d)| {
+            json!({"id": id, "uuid": d.uuid, "is_active": d.is_active,
+                   "belongs_to__application": {"__id": fleet}})
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "d": rows }))
+}
+
+fn json_text(body: String) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// The OData query options the fake understands.

@@ -5,11 +5,12 @@
 
 use std::time::Duration;
 
-use activator::balena::{BalenaDirectory, KeySource};
+use activator::fleet::{BalenaDirectory, KeySource};
 use activator::{
-    aws::AwsIotRegistry, ApiKey, CertificateId, FleetId, Policy, RegisteredEvent, RejectAction,
+    aws::AwsIotRegistry, CertificateId, FleetId, Policy, RegisteredEvent, RejectAction,
 };
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
+use balena::ApiKey;
 use factory_ca::IdFormat;
 use testkit::balena::FakeBalena;
 use testkit::certs::TestCa;

@@ -1,23 +1,21 @@
 //! `--balena-env FILE` and `--push-balena`: issued credentials delivered to balena devices as
 //! the variables balena's cloud-relay block reads. The rendering and the API client live in
-//! `activator::balena`, next to the fleet check that shares the API's conventions.
+//! the `balena` crate; every device pushed to is looked up in the pinned fleet
+//! (`BALENA_FLEET_ID`), so a key that sees several fleets never writes outside it.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use activator::balena::delivery::DeliveryVariables;
-use activator::balena::{BalenaClient, DeviceField, Upserted};
-use activator::ApiKey;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use balena::delivery::DeliveryVariables;
+use balena::{Fleet, Scope, Upserted};
 use factory_ca::DeviceId;
 use futures::StreamExt;
 
 use crate::cli::BalenaDeliveryArgs;
 
-/// balenaCloud's API, unless `BALENA_API_URL` says otherwise.
-const DEFAULT_API_URL: &str = "https://api.balena-cloud.com";
 /// Devices pushed at once: the API rate-limits, and each device is a few requests.
 const PUSH_CONCURRENCY: usize = 4;
 /// Longest one device's push may take, 429 waits included.
@@ -27,7 +25,7 @@ const PUSH_DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub(crate) struct Delivery {
     env_file: Option<PathBuf>,
-    push: Option<(BalenaClient, String)>,
+    push: Option<Fleet>,
     endpoint: Option<String>,
 }
 
@@ -36,21 +34,9 @@ impl Delivery {
     /// a missing key fails the command before any certificate is issued.
     pub(crate) fn from_args(args: &BalenaDeliveryArgs) -> Result<Delivery> {
         let push = if args.push_balena {
-            let env = |name: &str| {
-                std::env::var(name)
-                    .ok()
-                    .map(|v| v.trim().to_owned())
-                    .filter(|v| !v.is_empty())
-            };
-            let Some(key) = env("BALENA_API_KEY") else {
-                bail!("--push-balena needs BALENA_API_KEY: a balena API key that may write device variables");
-            };
-            let url = env("BALENA_API_URL").unwrap_or_else(|| DEFAULT_API_URL.to_owned());
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                bail!("BALENA_API_URL is invalid: expected an http(s):// URL");
-            }
-            let client = BalenaClient::new(&url, ApiKey::new(key)).context("balena API client")?;
-            Some((client, url))
+            Some(activator::balena_fleet_from_env().context(
+                "--push-balena needs BALENA_API_KEY and BALENA_FLEET_ID (BALENA_API_URL for another API)",
+            )?)
         } else {
             None
         };
@@ -87,12 +73,12 @@ impl Delivery {
                 path.display()
             );
         }
-        let Some((client, url)) = &self.push else {
+        let Some(fleet) = &self.push else {
             return Ok(true);
         };
         let results = crate::aws::runtime()?.block_on(async {
             futures::stream::iter(devices)
-                .map(|device| async move { (device, push(client, device).await) })
+                .map(|device| async move { (device, push(fleet, device).await) })
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .collect::<Vec<_>>()
                 .await
@@ -117,9 +103,11 @@ impl Delivery {
             }
         }
         eprintln!(
-            "pushed the variables to {} of {} device(s) through {url}{}",
+            "pushed the variables to {} of {} device(s) of fleet {} through {}{}",
             results.len() - failed,
             results.len(),
+            fleet.id(),
+            fleet.client().api_url(),
             if failed == 0 {
                 String::new()
             } else {
@@ -132,23 +120,24 @@ impl Delivery {
 
 /// Sets every variable of one device; the error names the variable that failed.
 async fn push(
-    client: &BalenaClient,
+    fleet: &Fleet,
     device: &DeliveryVariables,
 ) -> Result<Vec<(&'static str, Upserted)>, String> {
     let deadline = tokio::time::Instant::now() + PUSH_DEADLINE;
-    let id = match client.device_id(device.device(), deadline).await {
-        Ok(Some(id)) => id,
+    let target = match fleet.device(device.device(), deadline).await {
+        Ok(Some(target)) => target,
         Ok(None) => {
-            return Err(
-                "not found in balena (no such device, or the API key cannot see it)".to_owned(),
-            )
+            return Err(format!(
+                "not found in balena fleet {} (no such device there, or the API key cannot see it)",
+                fleet.id()
+            ))
         }
         Err(e) => return Err(format!("device lookup: {}", activator::error_chain(&e))),
     };
     let mut done = Vec::new();
     for (name, value) in device.iter() {
-        match client
-            .upsert(DeviceField::EnvVar, id, name, value, deadline)
+        match fleet
+            .set_env_var(&target, &Scope::Device, name, value, deadline)
             .await
         {
             Ok(how) => done.push((name, how)),

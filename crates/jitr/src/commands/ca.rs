@@ -1,16 +1,16 @@
+//! `jitr ca init`, `ca verification-cert` and `ca register`.
+
 use std::path::Path;
 
+use activator::registration::{register_ca, Registration};
+use activator::CertificateId;
 use anyhow::{bail, Context, Result};
-use aws_sdk_iot::operation::register_ca_certificate::RegisterCACertificateError;
-use aws_sdk_iot::types::CertificateMode;
 use factory_ca::{
-    certificate_id, certificates_from_pem_or_der, Ca, CaInit, IssuingCa, Profile, Subject,
-    CA_CERT_FILE,
+    certificate_id, certificates_from_pem_or_der, CaInit, IssuingCa, Profile, Subject, CA_CERT_FILE,
 };
 use time::OffsetDateTime;
 
 use super::{print_json, Outcome};
-use crate::aws::{self, Aws};
 use crate::cli::{CaInitArgs, CaRegisterArgs, VerificationCertArgs};
 use crate::passphrase;
 
@@ -52,7 +52,7 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
     let files = init.run(OffsetDateTime::now_utc())?;
     let ca_der = factory_ca::read_certificate(&files.ca_cert)?;
     let ca_id = certificate_id(&ca_der);
-    if args.json {
+    if args.output.json {
         print_json(&serde_json::json!({
             "ca_cert": files.ca_cert,
             "ca_key": files.ca_key,
@@ -92,21 +92,6 @@ pub(crate) fn verification_cert(args: VerificationCertArgs) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-/// What AWS IoT holds for the CA once `ca register` is done.
-#[derive(Debug)]
-pub(crate) struct Registration {
-    /// The caCertificateId.
-    pub(crate) id: String,
-    /// The CA certificate's ARN, when AWS said it.
-    arn: Option<String>,
-    /// True when the CA was registered before this run.
-    already: bool,
-    /// ACTIVE / INACTIVE, when known.
-    status: Option<String>,
-    /// ENABLE / DISABLE, when known.
-    auto_registration: Option<String>,
-}
-
 /// The CA certificate exactly as `ca.crt` holds it (AWS IoT and moto compare PEM text when
 /// linking device certificates to their CA) and its DER.
 pub(crate) fn read_ca_pem(dir: &Path) -> Result<(String, Vec<u8>)> {
@@ -141,12 +126,27 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
             args.ca.passphrase_file.as_deref(),
         )?)
     };
-    let expected_id = certificate_id(&ca_der);
-    let registration = aws::runtime()?.block_on(async {
-        let aws = Aws::load(&args.aws).await?;
-        register_in_aws(&aws, ca.as_ref(), &ca_pem, &expected_id).await
+    let expected_id = CertificateId::parse(&certificate_id(&ca_der))
+        .map_err(|reason| anyhow::anyhow!("the CA's certificate id: {reason}"))?;
+    let registration = crate::aws::runtime()?.block_on(async {
+        let registry = crate::aws::session(&args.aws).await?.registry();
+        let deadline = tokio::time::Instant::now() + REGISTRATION_TIME;
+        anyhow::Ok(register_ca(&registry, ca.as_ref(), &ca_pem, &expected_id, deadline).await?)
     })?;
+    report_registration(&args, &registration, expected_id.as_str())?;
+    Ok(Outcome::Success)
+}
 
+/// The longest `ca register` may take in all (four calls at most).
+const REGISTRATION_TIME: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Writes ca/aws-ca-id and says what AWS IoT now holds, with a warning when devices would
+/// not be registered.
+fn report_registration(
+    args: &CaRegisterArgs,
+    registration: &Registration,
+    expected_id: &str,
+) -> Result<()> {
     let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
     factory_ca::write_file_atomic(
         &id_file,
@@ -156,7 +156,7 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     )?;
     let topic = format!("$aws/events/certificates/registered/{}", registration.id);
     let mode = if args.sni_only { "SNI_ONLY" } else { "DEFAULT" };
-    if args.json {
+    if args.output.json {
         print_json(&serde_json::json!({
             "ca_certificate_id": registration.id,
             "ca_certificate_arn": registration.arn,
@@ -206,93 +206,5 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
             registration.id
         );
     }
-    Ok(Outcome::Success)
-}
-
-/// DescribeCACertificate first (already there: report it), else GetRegistrationCode and
-/// RegisterCACertificate; a registration that races another still ends as "already registered".
-pub(crate) async fn register_in_aws(
-    aws: &Aws,
-    ca: Option<&Ca>,
-    ca_pem: &str,
-    expected_id: &str,
-) -> Result<Registration> {
-    let iot = aws.iot();
-
-    match iot
-        .describe_ca_certificate()
-        .certificate_id(expected_id)
-        .send()
-        .await
-    {
-        Ok(answer) => {
-            let description = answer.certificate_description();
-            return Ok(Registration {
-                id: description
-                    .and_then(|d| d.certificate_id())
-                    .unwrap_or(expected_id)
-                    .to_owned(),
-                arn: description
-                    .and_then(|d| d.certificate_arn())
-                    .map(str::to_owned),
-                already: true,
-                status: description
-                    .and_then(|d| d.status())
-                    .map(|s| s.as_str().to_owned()),
-                auto_registration: description
-                    .and_then(|d| d.auto_registration_status())
-                    .map(|s| s.as_str().to_owned()),
-            });
-        }
-        Err(err)
-            if err
-                .as_service_error()
-                .is_some_and(|e| e.is_resource_not_found_exception()) => {}
-        Err(err) => return Err(aws.call_error("DescribeCACertificate", err)),
-    }
-
-    let mut request = iot
-        .register_ca_certificate()
-        .ca_certificate(ca_pem)
-        .set_as_active(true)
-        .allow_auto_registration(true);
-    match ca {
-        // SNI_ONLY needs no proof of key possession.
-        None => request = request.certificate_mode(CertificateMode::SniOnly),
-        Some(ca) => {
-            let code = iot
-                .get_registration_code()
-                .send()
-                .await
-                .map_err(|err| aws.call_error("GetRegistrationCode", err))?;
-            let code = code
-                .registration_code()
-                .context("AWS IoT GetRegistrationCode answered without a registrationCode")?;
-            let verification = ca
-                .verification_certificate(code, OffsetDateTime::now_utc())
-                .context("cannot build the verification certificate")?;
-            request = request.verification_certificate(verification);
-        }
-    }
-    match request.send().await {
-        Ok(answer) => Ok(Registration {
-            id: answer.certificate_id().unwrap_or(expected_id).to_owned(),
-            arn: answer.certificate_arn().map(str::to_owned),
-            already: false,
-            status: Some("ACTIVE".to_owned()),
-            auto_registration: Some("ENABLE".to_owned()),
-        }),
-        Err(err) => match err.as_service_error() {
-            Some(RegisterCACertificateError::ResourceAlreadyExistsException(exists)) => {
-                Ok(Registration {
-                    id: exists.resource_id().unwrap_or(expected_id).to_owned(),
-                    arn: None,
-                    already: true,
-                    status: None,
-                    auto_registration: None,
-                })
-            }
-            _ => Err(aws.call_error("RegisterCACertificate", err)),
-        },
-    }
+    Ok(())
 }

@@ -1,28 +1,21 @@
-use anyhow::{Context, Result};
+//! `jitr endpoint`: the AWS IoT data endpoint (ATS) devices connect to.
+
+use activator::IotAdmin;
+use anyhow::Result;
 
 use super::{print_json, Outcome};
-use crate::aws::{self, Aws};
 use crate::cli::EndpointArgs;
 
 /// The endpoint type devices use: the Amazon Trust Services signed data endpoint.
 const ENDPOINT_TYPE: &str = "iot:Data-ATS";
 
 pub(crate) fn endpoint(args: EndpointArgs) -> Result<Outcome> {
-    let address = aws::runtime()?.block_on(async {
-        let aws = Aws::load(&args.aws).await?;
-        let answer = aws
-            .iot()
-            .describe_endpoint()
-            .endpoint_type(ENDPOINT_TYPE)
-            .send()
-            .await
-            .map_err(|err| aws.call_error("DescribeEndpoint", err))?;
-        answer
-            .endpoint_address()
-            .map(str::to_owned)
-            .context("AWS IoT DescribeEndpoint answered without an endpointAddress")
+    let address = crate::aws::runtime()?.block_on(async {
+        let registry = crate::aws::session(&args.aws).await?.registry();
+        let deadline = tokio::time::Instant::now() + activator::OPERATOR_CALL_TIME;
+        anyhow::Ok(registry.describe_endpoint(ENDPOINT_TYPE, deadline).await?)
     })?;
-    if args.json {
+    if args.output.json {
         print_json(&serde_json::json!({
             "endpoint_address": address,
             "endpoint_type": ENDPOINT_TYPE,

@@ -22,7 +22,7 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<Outcome> {
         now: OffsetDateTime::now_utc(),
     };
     let inspection = inspect_device_certificate(&der, &opts);
-    if args.json {
+    if args.output.json {
         print_json(&inspection)?;
     } else {
         println!(

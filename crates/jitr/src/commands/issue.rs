@@ -77,7 +77,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let report = issue_batch(&ca, &ids, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();
 
-    if args.json {
+    if args.output.json {
         for entry in &report.issued {
             print_json(entry)?;
         }
@@ -144,7 +144,7 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
             .sign_csr_into(&csr, &args.devices, days, args.force, now)
             .with_context(|| args.csr.display().to_string())?,
     };
-    if args.json {
+    if args.output.json {
         print_json(&issued.entry)?;
     } else {
         let place = match &args.out {

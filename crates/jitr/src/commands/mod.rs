@@ -1,8 +1,7 @@
-//! One function per command; the logic lives in the libraries.
+//! One thin function per command; the logic lives in the libraries.
 
 mod balena;
 mod ca;
-mod demo;
 mod device;
 mod endpoint;
 mod inspect;
@@ -33,7 +32,6 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::SignCsr(args) => issue::sign_csr(args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Endpoint(args) => endpoint::endpoint(args),
-        Command::Demo(args) => demo::demo(args),
         Command::Reconcile(args) => reconcile::reconcile(args),
         Command::Revoke(args) => revoke::revoke(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),

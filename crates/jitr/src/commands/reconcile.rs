@@ -1,8 +1,10 @@
+//! `jitr reconcile`: the Lambda's sweep, run from an operator's shell with the Lambda's
+//! configuration.
+
 use activator::{CertificateId, Config, SweepReport};
 use anyhow::{bail, Context, Result};
 
 use super::{print_json, Outcome};
-use crate::aws::{self, Aws};
 use crate::cli::ReconcileArgs;
 
 /// Far enough ahead to never matter for one run of the command.
@@ -24,9 +26,9 @@ pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
         ids
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let reports = aws::runtime()?.block_on(async {
-        let aws = Aws::load(&args.aws).await?;
-        let activator = activator::build_with_sdk(config, &aws.config)?;
+    let reports = crate::aws::runtime()?.block_on(async {
+        let session = crate::aws::session(&args.aws).await?;
+        let activator = activator::build_with_sdk(config, session.config())?;
         let mut reports = Vec::new();
         for ca in &ca_ids {
             let report = activator
@@ -48,7 +50,7 @@ pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
     })?;
 
     let failing: usize = reports.iter().map(|(_, r)| r.failing.len()).sum();
-    if args.json {
+    if args.output.json {
         let list: Vec<_> = reports
             .iter()
             .map(|(ca, r)| serde_json::json!({"ca_certificate_id": ca, "report": r}))

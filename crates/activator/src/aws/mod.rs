@@ -1,4 +1,6 @@
-//! The [`IotRegistry`] adapter over aws-sdk-iot. Nothing above this module sees SDK types.
+//! The adapters over aws-sdk-iot: [`AwsIotRegistry`] implements [`IotRegistry`] and
+//! [`crate::IotAdmin`]; [`Session`] loads the operator's configuration. Nothing above this
+//! module sees SDK types.
 //!
 //! AWS IoT's control plane throttles at low rates (DescribeCertificate and UpdateCertificate
 //! at 10 requests per second by default), so this adapter owns the retrying: a throttled or
@@ -20,11 +22,16 @@ use aws_sdk_iot::types::{AttributePayload, CertificateStatus as SdkStatus};
 use aws_sdk_iot::Client;
 use tokio::time::Instant;
 
-use crate::ports::Cause;
+use crate::ports::{CaDescription, Cause};
 use crate::{
     CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotRegistry,
     ListedCertificate, RegistryError, ThingSpec,
 };
+
+mod admin;
+mod session;
+
+pub use session::{Session, SessionError};
 
 /// Loads the standard AWS configuration chain (AWS_REGION, AWS_ENDPOINT_URL, credentials...)
 /// with per-attempt timeouts that keep a call well inside a Lambda invocation.
@@ -84,6 +91,8 @@ impl RetryPolicy {
 pub struct AwsIotRegistry {
     client: Client,
     retry: RetryPolicy,
+    /// Where calls go, for "cannot reach" messages.
+    endpoint: String,
 }
 
 impl AwsIotRegistry {
@@ -92,9 +101,15 @@ impl AwsIotRegistry {
         let config = aws_sdk_iot::config::Builder::from(sdk)
             .retry_config(RetryConfig::disabled())
             .build();
+        let endpoint = match (sdk.endpoint_url(), sdk.region()) {
+            (Some(url), _) => url.to_owned(),
+            (None, Some(region)) => format!("https://iot.{region}.amazonaws.com"),
+            (None, None) => "AWS IoT (no region)".to_owned(),
+        };
         AwsIotRegistry {
             client: Client::from_conf(config),
             retry: RetryPolicy::default(),
+            endpoint,
         }
     }
 
@@ -104,9 +119,9 @@ impl AwsIotRegistry {
         self
     }
 
-    /// The underlying client (it does not retry by itself).
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The endpoint calls go to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room for
@@ -141,7 +156,7 @@ impl AwsIotRegistry {
                 Ok(Err(error)) => return Err(error),
                 Err(_elapsed) => RegistryError::Unavailable {
                     op,
-                    source: "no answer before the deadline".into(),
+                    source: format!("no answer from {} before the deadline", self.endpoint).into(),
                 },
             };
             let wait = self.retry.backoff(attempts);
@@ -158,43 +173,108 @@ impl AwsIotRegistry {
     }
 }
 
-/// Maps an SDK error to ours by its AWS error code and HTTP status.
-fn classify<E>(
-    op: &'static str,
-    err: SdkError<E, aws_sdk_iot::config::http::HttpResponse>,
-) -> RegistryError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let (code, status) = match &err {
-        SdkError::ServiceError(se) => (
-            se.err().code().map(str::to_owned),
-            Some(se.raw().status().as_u16()),
-        ),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            return RegistryError::Unavailable {
-                op,
-                source: Box::new(err),
-            };
-        }
-        _ => (None, None),
-    };
-    let source: Cause = Box::new(err);
-    match code.as_deref() {
-        Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },
-        Some("ThrottlingException" | "TooManyRequestsException") => {
-            RegistryError::Throttled { op, source }
-        }
-        // A hard limit (HTTP 410, say too many policies on one certificate): waiting does not
-        // lift it, so it is not retried.
-        Some("LimitExceededException") => RegistryError::Failed { op, source },
-        Some("ServiceUnavailableException" | "InternalFailureException" | "InternalException") => {
-            RegistryError::Unavailable { op, source }
-        }
-        _ if status == Some(429) => RegistryError::Throttled { op, source },
-        _ if status.is_some_and(|s| s >= 500) => RegistryError::Unavailable { op, source },
-        _ => RegistryError::Failed { op, source },
+/// One line saying why a call failed, in AWS's words or the network's: what an operator reads.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Detail(String);
+
+/// The innermost cause (for a failed connection: the OS's reason, e.g. "Connection refused").
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut last = error;
+    while let Some(cause) = last.source() {
+        last = cause;
     }
+    last.to_string()
+}
+
+impl AwsIotRegistry {
+    /// Maps an SDK error to ours by its AWS error code and HTTP status; nothing above this
+    /// module sees SDK types.
+    fn classify<E>(
+        &self,
+        op: &'static str,
+        err: SdkError<E, aws_sdk_iot::config::http::HttpResponse>,
+    ) -> RegistryError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let service = match &err {
+            SdkError::ServiceError(se) => se,
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => {
+                let detail = format!(
+                    "cannot reach AWS IoT at {}: {}",
+                    self.endpoint,
+                    root_cause(&err)
+                );
+                return RegistryError::Unavailable {
+                    op,
+                    source: Box::new(Detail(detail)),
+                };
+            }
+            _ => {
+                return RegistryError::Failed {
+                    op,
+                    source: Box::new(Detail(crate::error_chain(&err))),
+                }
+            }
+        };
+        let status = service.raw().status().as_u16();
+        let error = service.err();
+        let code = error.code().map(str::to_owned);
+        let detail = match (error.code(), error.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => format!("{code} (HTTP {status})"),
+            (None, Some(message)) => format!("HTTP {status}: {message}"),
+            (None, None) => format!("HTTP {status}"),
+        };
+        let source: Cause = Box::new(Detail(detail));
+        match code.as_deref() {
+            Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },
+            Some("ResourceAlreadyExistsException") => RegistryError::AlreadyExists {
+                op,
+                resource_id: resource_id_of(service.raw().body().bytes()),
+                source,
+            },
+            Some("ThrottlingException" | "TooManyRequestsException") => {
+                RegistryError::Throttled { op, source }
+            }
+            // A hard limit (HTTP 410, say too many policies on one certificate): waiting does
+            // not lift it, so it is not retried.
+            Some("LimitExceededException") => RegistryError::Failed { op, source },
+            Some(
+                "ServiceUnavailableException" | "InternalFailureException" | "InternalException",
+            ) => RegistryError::Unavailable { op, source },
+            _ if status == 429 => RegistryError::Throttled { op, source },
+            _ if status >= 500 => RegistryError::Unavailable { op, source },
+            _ => RegistryError::Failed { op, source },
+        }
+    }
+
+    /// One call with the adapter's retrying, its error classified.
+    async fn send<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+        send: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, aws_sdk_iot::config::http::HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.call(op, deadline, || async {
+            send().await.map_err(|e| self.classify(op, e))
+        })
+        .await
+    }
+}
+
+/// `resourceId` from a ResourceAlreadyExistsException body.
+fn resource_id_of(body: Option<&[u8]>) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body?).ok()?;
+    value.get("resourceId")?.as_str().map(str::to_owned)
 }
 
 fn status_from_sdk(s: Option<&SdkStatus>) -> CertificateStatus {
@@ -208,20 +288,15 @@ fn status_from_sdk(s: Option<&SdkStatus>) -> CertificateStatus {
     }
 }
 
-fn status_to_sdk(s: &CertificateStatus) -> SdkStatus {
-    match s {
-        CertificateStatus::Active => SdkStatus::Active,
-        CertificateStatus::PendingActivation => SdkStatus::PendingActivation,
-        CertificateStatus::Inactive => SdkStatus::Inactive,
-        CertificateStatus::Revoked => SdkStatus::Revoked,
-        CertificateStatus::Other(s) => SdkStatus::from(s.as_str()),
-    }
+fn malformed(op: &'static str, what: &'static str) -> RegistryError {
+    RegistryError::failed(op, format!("the answer lacks {what}"))
 }
 
-fn malformed(op: &'static str, what: &'static str) -> RegistryError {
-    RegistryError::Failed {
-        op,
-        source: format!("the answer lacks {what}").into(),
+/// An "already exists" answer counts as success: the write is idempotent.
+fn existing_is_fine(result: Result<(), RegistryError>) -> Result<(), RegistryError> {
+    match result {
+        Err(RegistryError::AlreadyExists { .. }) => Ok(()),
+        other => other,
     }
 }
 
@@ -233,13 +308,11 @@ impl IotRegistry for AwsIotRegistry {
     ) -> Result<CertificateDescription, RegistryError> {
         const OP: &str = "DescribeCertificate";
         let out = self
-            .call(OP, deadline, || async {
+            .send(OP, deadline, || {
                 self.client
                     .describe_certificate()
                     .certificate_id(id.as_str())
                     .send()
-                    .await
-                    .map_err(|e| classify(OP, e))
             })
             .await?;
         let d = out
@@ -262,26 +335,36 @@ impl IotRegistry for AwsIotRegistry {
         })
     }
 
-    async fn ca_certificate_pem(
+    async fn describe_ca_certificate(
         &self,
         id: &CertificateId,
         deadline: Instant,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<CaDescription, RegistryError> {
         const OP: &str = "DescribeCACertificate";
         let out = self
-            .call(OP, deadline, || async {
+            .send(OP, deadline, || {
                 self.client
                     .describe_ca_certificate()
                     .certificate_id(id.as_str())
                     .send()
-                    .await
-                    .map_err(|e| classify(OP, e))
             })
             .await?;
-        out.certificate_description()
-            .and_then(|d| d.certificate_pem())
-            .map(str::to_owned)
-            .ok_or_else(|| malformed(OP, "certificatePem"))
+        let d = out
+            .certificate_description()
+            .ok_or_else(|| malformed(OP, "certificateDescription"))?;
+        Ok(CaDescription {
+            id: d
+                .certificate_id()
+                .and_then(|c| CertificateId::parse(c).ok())
+                .unwrap_or_else(|| id.clone()),
+            arn: d.certificate_arn().map(str::to_owned),
+            status: d.status().map(|s| s.as_str().to_owned()),
+            auto_registration: d.auto_registration_status().map(|s| s.as_str().to_owned()),
+            pem: d
+                .certificate_pem()
+                .ok_or_else(|| malformed(OP, "certificatePem"))?
+                .to_owned(),
+        })
     }
 
     async fn create_thing(
@@ -289,35 +372,25 @@ impl IotRegistry for AwsIotRegistry {
         thing: &ThingSpec,
         deadline: Instant,
     ) -> Result<(), RegistryError> {
-        const OP: &str = "CreateThing";
         let mut attributes = AttributePayload::builder();
         for (k, v) in &thing.attributes {
             attributes = attributes.attributes(k, v);
         }
         let attributes = attributes.build();
-        self.call(OP, deadline, || async {
-            let result = self
-                .client
-                .create_thing()
-                .thing_name(&thing.name)
-                .set_thing_type_name(thing.thing_type.clone())
-                .attribute_payload(attributes.clone())
-                .send()
-                .await;
-            match result {
-                Ok(_) => Ok(()),
-                // A Thing of that name exists (a rerun, a retry whose answer was lost, or a
-                // reissued device): it is the one we want.
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_resource_already_exists_exception()) =>
-                {
-                    Ok(())
-                }
-                Err(e) => Err(classify(OP, e)),
-            }
-        })
-        .await
+        // A Thing of that name exists (a rerun, a retry whose answer was lost, or a reissued
+        // device): it is the one we want.
+        existing_is_fine(
+            self.send("CreateThing", deadline, || {
+                self.client
+                    .create_thing()
+                    .thing_name(&thing.name)
+                    .set_thing_type_name(thing.thing_type.clone())
+                    .attribute_payload(attributes.clone())
+                    .send()
+            })
+            .await
+            .map(|_| ()),
+        )
     }
 
     async fn add_thing_to_group(
@@ -326,18 +399,15 @@ impl IotRegistry for AwsIotRegistry {
         group: &str,
         deadline: Instant,
     ) -> Result<(), RegistryError> {
-        const OP: &str = "AddThingToThingGroup";
-        self.call(OP, deadline, || async {
+        self.send("AddThingToThingGroup", deadline, || {
             self.client
                 .add_thing_to_thing_group()
                 .thing_name(thing)
                 .thing_group_name(group)
                 .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(OP, e))
         })
         .await
+        .map(|_| ())
     }
 
     async fn attach_policy(
@@ -346,18 +416,15 @@ impl IotRegistry for AwsIotRegistry {
         certificate_arn: &str,
         deadline: Instant,
     ) -> Result<(), RegistryError> {
-        const OP: &str = "AttachPolicy";
-        self.call(OP, deadline, || async {
+        self.send("AttachPolicy", deadline, || {
             self.client
                 .attach_policy()
                 .policy_name(policy)
                 .target(certificate_arn)
                 .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(OP, e))
         })
         .await
+        .map(|_| ())
     }
 
     async fn attach_thing_principal(
@@ -366,18 +433,15 @@ impl IotRegistry for AwsIotRegistry {
         certificate_arn: &str,
         deadline: Instant,
     ) -> Result<(), RegistryError> {
-        const OP: &str = "AttachThingPrincipal";
-        self.call(OP, deadline, || async {
+        self.send("AttachThingPrincipal", deadline, || {
             self.client
                 .attach_thing_principal()
                 .thing_name(thing)
                 .principal(certificate_arn)
                 .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(OP, e))
         })
         .await
+        .map(|_| ())
     }
 
     async fn set_certificate_status(
@@ -386,19 +450,16 @@ impl IotRegistry for AwsIotRegistry {
         status: CertificateStatus,
         deadline: Instant,
     ) -> Result<(), RegistryError> {
-        const OP: &str = "UpdateCertificate";
-        let status = status_to_sdk(&status);
-        self.call(OP, deadline, || async {
+        let status = SdkStatus::from(status.as_str());
+        self.send("UpdateCertificate", deadline, || {
             self.client
                 .update_certificate()
                 .certificate_id(id.as_str())
                 .new_status(status.clone())
                 .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify(OP, e))
         })
         .await
+        .map(|_| ())
     }
 
     async fn list_certificates_by_ca(
@@ -407,17 +468,14 @@ impl IotRegistry for AwsIotRegistry {
         marker: Option<String>,
         deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
-        const OP: &str = "ListCertificatesByCA";
         let out = self
-            .call(OP, deadline, || async {
+            .send("ListCertificatesByCA", deadline, || {
                 self.client
                     .list_certificates_by_ca()
                     .ca_certificate_id(ca.as_str())
                     .set_marker(marker.clone())
                     .page_size(250)
                     .send()
-                    .await
-                    .map_err(|e| classify(OP, e))
             })
             .await?;
         let certificates = out

@@ -1,0 +1,272 @@
+//! Configuration from the environment, read once at start (docs/design.md, "Activator
+//! contract"): [`policy`] holds the decision's rules, [`fleet`] the fleet backend; this module
+//! assembles them and names the variable behind every error.
+
+use std::path::PathBuf;
+
+mod fleet;
+mod policy;
+
+pub use fleet::{ApiKeySource, FleetConfig, WriteBack};
+pub use policy::{Policy, RejectAction};
+
+/// A configuration problem, naming the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required variable is not set.
+    #[error("{var} is not set: {hint}")]
+    Missing {
+        /// The variable.
+        var: &'static str,
+        /// What it should hold.
+        hint: &'static str,
+    },
+    /// A variable has an unusable value.
+    #[error("{var} is invalid: {reason}")]
+    Invalid {
+        /// The variable.
+        var: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A file named by a variable cannot be used.
+    #[error("{var}: cannot read {}", path.display())]
+    File {
+        /// The variable.
+        var: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The balena client could not be built.
+    #[error("cannot set up the balena API client")]
+    Balena(#[from] balena::Error),
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(var: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            var,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Everything the activator reads from the environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Decision rules.
+    pub policy: Policy,
+    /// Fleet backend.
+    pub fleet: FleetConfig,
+    /// How old a pending certificate must be before a scheduled sweep decides it
+    /// (`JITR_SWEEP_MIN_AGE_SECONDS`, default 300): younger ones belong to their own event.
+    pub sweep_min_age: std::time::Duration,
+}
+
+/// The variables, trimmed, an empty one counting as unset.
+pub(crate) struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    pub(crate) fn get(&self, var: &str) -> Option<String> {
+        (self.lookup)(var)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub(crate) fn required(
+        &self,
+        var: &'static str,
+        hint: &'static str,
+    ) -> Result<String, ConfigError> {
+        self.get(var).ok_or(ConfigError::Missing { var, hint })
+    }
+}
+
+/// An AWS IoT name: `[a-zA-Z0-9:_-]`, 1 to `max` characters.
+pub(crate) fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":_-".contains(&b))
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let env = Env { lookup: &get };
+        let policy = Policy::read(&env)?;
+        let fleet = FleetConfig::read(&env, policy.id_format)?;
+        let sweep_min_age = match env.get("JITR_SWEEP_MIN_AGE_SECONDS") {
+            None => std::time::Duration::from_secs(300),
+            Some(v) => std::time::Duration::from_secs(v.parse().map_err(|_| {
+                ConfigError::invalid(
+                    "JITR_SWEEP_MIN_AGE_SECONDS",
+                    "expected a whole number of seconds",
+                )
+            })?),
+        };
+        Ok(Config {
+            policy,
+            fleet,
+            sweep_min_age,
+        })
+    }
+}
+
+/// The pinned balena fleet the operator's commands write to, from `BALENA_API_URL`,
+/// `BALENA_FLEET_ID` and `BALENA_API_KEY`: every device they touch is looked up in it.
+pub fn balena_fleet_from_env() -> Result<balena::Fleet, ConfigError> {
+    let get = |name: &str| std::env::var(name).ok();
+    let env = Env { lookup: &get };
+    let api_url = fleet::balena_api_url(&env)?;
+    let fleet_id = fleet::balena_fleet_id(&env)?;
+    let key = env.required(
+        "BALENA_API_KEY",
+        "a balena API key that may write device variables",
+    )?;
+    let client = balena::Client::new(&api_url, balena::ApiKey::new(key))?;
+    Ok(balena::Fleet::new(client, fleet_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const CA: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+
+    #[test]
+    fn balena_is_the_default_backend() {
+        let c = Config::from_lookup(lookup(&[
+            ("JITR_TRUSTED_CA_IDS", CA),
+            ("JITR_POLICY_NAME", "jitr-device"),
+            ("BALENA_FLEET_ID", "1234567"),
+            ("BALENA_API_KEY", "secret"),
+        ]))
+        .unwrap();
+        assert_eq!(c.policy.reject_action, RejectAction::Revoke);
+        match c.fleet {
+            FleetConfig::Balena {
+                api_url,
+                fleet_id,
+                api_key,
+                write_back,
+            } => {
+                assert_eq!(api_url, "https://api.balena-cloud.com");
+                assert_eq!(write_back, WriteBack::Off);
+                assert_eq!(fleet_id.get(), 1234567);
+                assert_eq!(format!("{api_key:?}"), "Literal(ApiKey(<redacted>))");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_error_names_its_variable() {
+        let base = [
+            ("JITR_TRUSTED_CA_IDS", CA),
+            ("JITR_POLICY_NAME", "p"),
+            ("BALENA_FLEET_ID", "1"),
+            ("BALENA_API_KEY", "k"),
+        ];
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (vec![], "JITR_TRUSTED_CA_IDS is not set"),
+            (
+                vec![("JITR_TRUSTED_CA_IDS", "abc")],
+                "JITR_TRUSTED_CA_IDS is invalid",
+            ),
+            (
+                vec![("JITR_POLICY_NAME", "")],
+                "JITR_POLICY_NAME is not set",
+            ),
+            (
+                vec![("JITR_POLICY_NAME", "has space")],
+                "JITR_POLICY_NAME is invalid",
+            ),
+            (
+                vec![("BALENA_FLEET_ID", "my-fleet")],
+                "BALENA_FLEET_ID is invalid",
+            ),
+            (vec![("BALENA_FLEET_ID", "")], "BALENA_FLEET_ID is not set"),
+            (vec![("BALENA_API_KEY", "")], "BALENA_API_KEY is not set"),
+            (
+                vec![("JITR_REJECT_ACTION", "delete")],
+                "JITR_REJECT_ACTION is invalid",
+            ),
+            (
+                vec![("JITR_FLEET_BACKEND", "ldap")],
+                "JITR_FLEET_BACKEND is invalid",
+            ),
+            (
+                vec![("JITR_FLEET_BACKEND", "allowlist")],
+                "JITR_ALLOWLIST is not set",
+            ),
+            (
+                vec![("BALENA_API_URL", "api.balena-cloud.com")],
+                "BALENA_API_URL is invalid",
+            ),
+            (
+                vec![("JITR_BALENA_WRITE_BACK", "env")],
+                "JITR_BALENA_WRITE_BACK is invalid",
+            ),
+            (
+                vec![
+                    ("JITR_FLEET_BACKEND", "allowlist"),
+                    ("JITR_ALLOWLIST", "/dev/null"),
+                    ("JITR_BALENA_WRITE_BACK", "tag"),
+                ],
+                "JITR_BALENA_WRITE_BACK is invalid",
+            ),
+        ];
+        for (overrides, want) in cases {
+            let mut pairs: Vec<(&str, &str)> = if want.starts_with("JITR_TRUSTED_CA_IDS is not") {
+                vec![]
+            } else {
+                base.to_vec()
+            };
+            for (k, v) in overrides {
+                pairs.retain(|(key, _)| *key != k);
+                pairs.push((k, v));
+            }
+            let err = Config::from_lookup(lookup(&pairs)).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn write_back_tag_is_read_for_the_balena_backend() {
+        let c = Config::from_lookup(lookup(&[
+            ("JITR_TRUSTED_CA_IDS", CA),
+            ("JITR_POLICY_NAME", "p"),
+            ("BALENA_FLEET_ID", "1"),
+            ("BALENA_API_KEY", "k"),
+            ("JITR_BALENA_WRITE_BACK", "tag"),
+        ]))
+        .unwrap();
+        assert!(matches!(
+            c.fleet,
+            FleetConfig::Balena {
+                write_back: WriteBack::Tags,
+                ..
+            }
+        ));
+    }
+}

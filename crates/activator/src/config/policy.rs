@@ -1,0 +1,96 @@
+//! The decision's rules: `JITR_TRUSTED_CA_IDS`, `JITR_POLICY_NAME`, `JITR_REJECT_ACTION`,
+//! `JITR_THING_TYPE`, `JITR_THING_GROUP`, `JITR_ID_FORMAT`.
+
+use factory_ca::IdFormat;
+
+use super::{valid_name, Env};
+use crate::{CertificateId, ConfigError};
+
+/// What happens to a rejected certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectAction {
+    /// UpdateCertificate REVOKED (default): it can never be activated again.
+    Revoke,
+    /// UpdateCertificate INACTIVE: an operator may still activate it by hand.
+    Deactivate,
+}
+
+/// The decision's rules.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// CA ids whose certificates may be activated.
+    pub trusted_ca_ids: Vec<CertificateId>,
+    /// IoT policy attached to every activated certificate.
+    pub policy_name: String,
+    /// What to do with a rejected certificate.
+    pub reject_action: RejectAction,
+    /// Optional thing type.
+    pub thing_type: Option<String>,
+    /// Optional thing group.
+    pub thing_group: Option<String>,
+    /// Accepted device ids.
+    pub id_format: IdFormat,
+}
+
+impl Policy {
+    /// Reads the rules.
+    pub(super) fn read(env: &Env<'_>) -> Result<Policy, ConfigError> {
+        let trusted = env.required(
+            "JITR_TRUSTED_CA_IDS",
+            "comma-separated caCertificateIds (`jitr ca register` prints it)",
+        )?;
+        let trusted_ca_ids = trusted
+            .split(',')
+            .map(|id| {
+                CertificateId::parse(id.trim()).map_err(|r| {
+                    ConfigError::invalid("JITR_TRUSTED_CA_IDS", format!("{:?}: {r}", id.trim()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let policy_name = env.required(
+            "JITR_POLICY_NAME",
+            "the IoT policy attached to every activated certificate",
+        )?;
+        if !valid_name(&policy_name, 128) {
+            return Err(ConfigError::invalid(
+                "JITR_POLICY_NAME",
+                "an IoT policy name uses [a-zA-Z0-9:_-], 1 to 128 characters",
+            ));
+        }
+        let reject_action = match env.get("JITR_REJECT_ACTION").as_deref() {
+            None | Some("revoke") => RejectAction::Revoke,
+            Some("deactivate") => RejectAction::Deactivate,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    "JITR_REJECT_ACTION",
+                    format!("{other:?}: expected revoke or deactivate"),
+                ))
+            }
+        };
+        let named = |var: &'static str, what: &str| -> Result<Option<String>, ConfigError> {
+            match env.get(var) {
+                Some(name) if !valid_name(&name, 128) => Err(ConfigError::invalid(
+                    var,
+                    format!("a {what} name uses [a-zA-Z0-9:_-], 1 to 128 characters"),
+                )),
+                other => Ok(other),
+            }
+        };
+        let thing_type = named("JITR_THING_TYPE", "thing type")?;
+        let thing_group = named("JITR_THING_GROUP", "thing group")?;
+        let id_format = match env.get("JITR_ID_FORMAT") {
+            None => IdFormat::BalenaUuid,
+            Some(f) => f
+                .parse()
+                .map_err(|e: String| ConfigError::invalid("JITR_ID_FORMAT", e))?,
+        };
+        Ok(Policy {
+            trusted_ca_ids,
+            policy_name,
+            reject_action,
+            thing_type,
+            thing_group,
+            id_format,
+        })
+    }
+}

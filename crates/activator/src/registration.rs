@@ -1,0 +1,95 @@
+//! Registering the fleet CA in AWS IoT (`jitr ca register`): DescribeCACertificate first (a CA
+//! registered before is reported, not an error), else GetRegistrationCode, the verification
+//! certificate signed by the CA's key, and RegisterCACertificate, active and with
+//! auto-registration on. A registration that races another still ends "already registered".
+
+use factory_ca::Ca;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::ports::CaRegistrationMode;
+use crate::{call_deadline, CertificateId, IotAdmin, RegistryError};
+
+/// What AWS IoT holds for the CA once registration is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The caCertificateId.
+    pub id: String,
+    /// The CA certificate's ARN, when AWS said it.
+    pub arn: Option<String>,
+    /// True when the CA was registered before this run.
+    pub already: bool,
+    /// ACTIVE / INACTIVE, when known.
+    pub status: Option<String>,
+    /// ENABLE / DISABLE, when known.
+    pub auto_registration: Option<String>,
+}
+
+/// Why registration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    /// An AWS IoT call failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The verification certificate could not be made.
+    #[error("cannot build the verification certificate")]
+    Verification(#[source] factory_ca::Error),
+}
+
+/// Registers `ca_pem` (whose SHA-256 id is `expected_id`). With `ca`, in DEFAULT mode with a
+/// verification certificate signed by its key; without, SNI_ONLY. Each call is bounded by
+/// [`crate::OPERATOR_CALL_TIME`] and the whole by `deadline`.
+pub async fn register_ca<A: IotAdmin>(
+    iot: &A,
+    ca: Option<&Ca>,
+    ca_pem: &str,
+    expected_id: &CertificateId,
+    deadline: Instant,
+) -> Result<Registration, RegistrationError> {
+    match iot
+        .describe_ca_certificate(expected_id, call_deadline(deadline))
+        .await
+    {
+        Ok(described) => {
+            return Ok(Registration {
+                id: described.id.to_string(),
+                arn: described.arn,
+                already: true,
+                status: described.status,
+                auto_registration: described.auto_registration,
+            })
+        }
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mode = match ca {
+        None => CaRegistrationMode::SniOnly,
+        Some(ca) => {
+            let code = iot.registration_code(call_deadline(deadline)).await?;
+            let verification_pem = ca
+                .verification_certificate(&code, OffsetDateTime::now_utc())
+                .map_err(RegistrationError::Verification)?;
+            CaRegistrationMode::Verified { verification_pem }
+        }
+    };
+    match iot
+        .register_ca_certificate(ca_pem, &mode, call_deadline(deadline))
+        .await
+    {
+        Ok((id, arn)) => Ok(Registration {
+            id,
+            arn,
+            already: false,
+            status: Some("ACTIVE".to_owned()),
+            auto_registration: Some("ENABLE".to_owned()),
+        }),
+        Err(RegistryError::AlreadyExists { resource_id, .. }) => Ok(Registration {
+            id: resource_id.unwrap_or_else(|| expected_id.to_string()),
+            arn: None,
+            already: true,
+            status: None,
+            auto_registration: None,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,107 @@
+//! Revoking a device's certificates (`jitr revoke`): REVOKED first, so whatever fails later
+//! the certificate can no longer connect; then every policy and Thing detached, and the
+//! Things deleted on request. Idempotent: a second run finds nothing left to do.
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+
+/// What to revoke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every certificate attached to this Thing (the device id).
+    Device(String),
+    /// One certificate.
+    Certificate(CertificateId),
+}
+
+/// What was done to one certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Revoked {
+    /// The certificate.
+    pub certificate_id: String,
+    /// Policies detached from it.
+    pub policies_detached: Vec<String>,
+    /// Things it was detached from.
+    pub things_detached: Vec<String>,
+}
+
+/// What a revoke did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RevokeReport {
+    /// Each certificate revoked.
+    pub revoked: Vec<Revoked>,
+    /// Things deleted.
+    pub things_deleted: Vec<String>,
+}
+
+/// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).
+pub fn id_from_arn(arn: &str) -> Option<&str> {
+    arn.rsplit_once("cert/").map(|(_, id)| id)
+}
+
+/// Revokes `target`; with `delete_things`, deletes the Things involved. Each call is bounded by
+/// [`crate::OPERATOR_CALL_TIME`] and the whole by `deadline`.
+pub async fn revoke<A: IotAdmin>(
+    iot: &A,
+    target: &Target,
+    delete_things: bool,
+    deadline: Instant,
+) -> Result<RevokeReport, RegistryError> {
+    let d = || call_deadline(deadline);
+    let (arns, mut things) = match target {
+        Target::Device(thing) => match iot.thing_principals(thing, d()).await {
+            Ok(principals) => (
+                principals
+                    .into_iter()
+                    .filter(|p| id_from_arn(p).is_some())
+                    .collect(),
+                vec![thing.clone()],
+            ),
+            Err(e) if e.is_not_found() => (Vec::new(), Vec::new()),
+            Err(e) => return Err(e),
+        },
+        Target::Certificate(id) => {
+            let arn = iot.describe_certificate(id, d()).await?.arn;
+            let things = iot.principal_things(&arn, d()).await?;
+            (vec![arn], things)
+        }
+    };
+    let mut report = RevokeReport::default();
+    for arn in &arns {
+        let id = id_from_arn(arn).unwrap_or_default();
+        let certificate = CertificateId::parse(id).map_err(|reason| {
+            RegistryError::failed("UpdateCertificate", format!("{arn}: {reason}"))
+        })?;
+        // Revoke first: from here on the certificate cannot connect, whatever else fails.
+        iot.set_certificate_status(&certificate, CertificateStatus::Revoked, d())
+            .await?;
+        let mut policies_detached = Vec::new();
+        for policy in iot.attached_policies(arn, d()).await? {
+            iot.detach_policy(&policy, arn, d()).await?;
+            policies_detached.push(policy);
+        }
+        let mut things_detached = Vec::new();
+        for thing in iot.principal_things(arn, d()).await? {
+            iot.detach_thing_principal(&thing, arn, d()).await?;
+            if !things.contains(&thing) {
+                things.push(thing.clone());
+            }
+            things_detached.push(thing);
+        }
+        report.revoked.push(Revoked {
+            certificate_id: id.to_owned(),
+            policies_detached,
+            things_detached,
+        });
+    }
+    if delete_things {
+        for thing in things {
+            if iot.delete_thing(&thing, d()).await? {
+                report.things_deleted.push(thing);
+            }
+        }
+    }
+    Ok(report)
+}
