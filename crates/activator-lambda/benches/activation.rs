@@ -1,7 +1,7 @@
 //! Activation benchmark: `cargo bench -p activator-lambda --bench activation`.
 //!
 //! Runs the real `bootstrap` (release build) through the Lambda Runtime API emulator against a
-//! moto server (AWS IoT) and the fake balena API, each behind a `testkit::proxy::LatencyProxy`
+//! moto server (AWS IoT) and the fake balena API, each behind a `testkit::proxy::Proxy` adding latency
 //! that adds JITR_BENCH_LATENCY_MS (default 50) to every request, and prints:
 //! - per-activation time, warm (median and p90 of JITR_BENCH_ACTIVATIONS, default 20, minus the
 //!   first, which opens connections and fetches the CA certificate), with the requests seen by
@@ -37,7 +37,7 @@ use testkit::iot;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
 use testkit::proc::KillOnDrop;
-use testkit::proxy::{LatencyProxy, ProxiedRequest};
+use testkit::proxy::{FaultPlan, ProxiedRequest, Proxy};
 
 const FLEET: u64 = 1234567;
 const KEY: &str = "bench-balena-key";
@@ -91,8 +91,8 @@ struct World {
     rt: tokio::runtime::Runtime,
     _moto: MotoServer,
     balena: FakeBalena,
-    moto_proxy: LatencyProxy,
-    balena_proxy: LatencyProxy,
+    moto_proxy: Proxy,
+    balena_proxy: Proxy,
     ca: TestCa,
     ca_id: String,
     /// Talks to moto directly, not through the proxy: setup and checks.
@@ -126,8 +126,12 @@ impl World {
         let moto = MotoServer::start().unwrap();
         let balena = FakeBalena::start(KEY).unwrap();
         balena.add_fleet(FLEET, "acme/sensors");
-        let moto_proxy = LatencyProxy::start(moto.addr(), latency).unwrap();
-        let balena_proxy = LatencyProxy::for_url(&balena.url(), latency).unwrap();
+        let plan = FaultPlan {
+            latency,
+            ..FaultPlan::default()
+        };
+        let moto_proxy = Proxy::start(moto.addr(), plan.clone()).unwrap();
+        let balena_proxy = Proxy::for_url(&balena.url(), plan).unwrap();
         let direct = rt.block_on(iot::client(&moto));
         let ca = TestCa::new("jitr bench CA").unwrap();
         let ca_id = rt.block_on(async {

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use testkit::burst::{BurstWorld, Standing};
-use testkit::faults::{FaultPlan, Quotas};
+use testkit::proxy::{FaultPlan, Quotas};
 
 /// The operations every decision makes once (a rejection skips the middle three).
 const PER_EVENT: [&str; 5] = [

@@ -1,3 +1,5 @@
+//! The certificate-registered event AWS IoT publishes, validated before any AWS call.
+
 use serde_json::Value;
 
 use crate::{AccountId, CertificateId};
@@ -107,7 +109,7 @@ mod tests {
 
     fn fixture() -> Value {
         serde_json::from_str(include_str!(
-            "../tests/fixtures/certificate-registered.json"
+            "../../../testdata/aws/certificate-registered.json"
         ))
         .unwrap()
     }

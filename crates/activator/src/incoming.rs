@@ -88,7 +88,7 @@ mod tests {
 
     fn event() -> Value {
         serde_json::from_str(include_str!(
-            "../tests/fixtures/certificate-registered.json"
+            "../../../testdata/aws/certificate-registered.json"
         ))
         .unwrap()
     }

@@ -481,7 +481,10 @@ fn uuid(n: u32) -> String {
 }
 
 fn fixture_event() -> Value {
-    serde_json::from_str(include_str!("fixtures/certificate-registered.json")).unwrap()
+    serde_json::from_str(include_str!(
+        "../../../testdata/aws/certificate-registered.json"
+    ))
+    .unwrap()
 }
 
 fn event_with(field: &str, value: Value) -> Value {

@@ -16,8 +16,8 @@ use activator::{
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use testkit::balena::Fault;
 use testkit::certs::{certificate_id_of, device_params, TestCa};
-use testkit::faults::{FaultPlan, FaultProxy, Quotas};
 use testkit::iot;
+use testkit::proxy::{FaultPlan, Proxy, Quotas};
 use tokio::time::Instant;
 
 mod common;
@@ -589,7 +589,7 @@ async fn throttled_to_the_deadline_it_gives_up_retryably_and_the_next_run_comple
         server_error: 0.1,
         ..FaultPlan::default()
     };
-    let proxy = FaultProxy::for_url(
+    let proxy = Proxy::for_url(
         &w.moto.endpoint(),
         FaultPlan {
             quotas: Some(Quotas::default().with("UpdateCertificate", 0.0, 0.0)),

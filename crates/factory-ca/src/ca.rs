@@ -1,3 +1,6 @@
+//! The CA: creation (`jitr ca init`, optionally an offline root above an issuing CA),
+//! loading with its key, and the verification certificate AWS IoT asks for at registration.
+
 use std::path::{Path, PathBuf};
 
 use rcgen::{

@@ -1,3 +1,5 @@
+//! Signing a device's CSR: the device keeps its key; the CSR's CN is the device id.
+
 use std::path::Path;
 
 use time::OffsetDateTime;

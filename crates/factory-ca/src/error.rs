@@ -1,3 +1,5 @@
+//! Everything that can go wrong while running the CA, one variant per cause.
+
 use std::io;
 use std::path::PathBuf;
 

@@ -1,3 +1,5 @@
+//! Device ids: balena UUIDs by default, any AWS IoT Thing name on request.
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -1,4 +1,4 @@
-//! Checks a certificate against the device profile (DESIGN.md), one finding per rule.
+//! Checks a certificate against the device profile (docs/design.md), one finding per rule.
 //!
 //! The operator's `jitr inspect` prints these findings; the activator refuses to activate
 //! a certificate with any failing finding, quoting the first as the reason.

@@ -1,3 +1,6 @@
+//! Device issuance: a key and a certificate per device, written as one complete folder,
+//! in parallel batches that record each device in the manifest once its files are in place.
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};

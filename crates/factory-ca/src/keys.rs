@@ -1,3 +1,5 @@
+//! Key types, CA key files (encrypted PKCS#8, mode 0600) and device key generation.
+
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;

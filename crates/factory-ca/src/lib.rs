@@ -2,7 +2,7 @@
 //!
 //! Creates the fleet owner's CA (optionally an offline root above an issuing CA), the
 //! verification certificate AWS IoT asks for when the CA is registered, and device
-//! certificates (key generated here, or a device's CSR signed) to the profile in DESIGN.md.
+//! certificates (key generated here, or a device's CSR signed) to the profile in docs/design.md.
 //! [`inspect`] checks any certificate against that profile; the activator uses the same
 //! checks before it activates anything.
 

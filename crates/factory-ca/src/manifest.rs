@@ -1,3 +1,5 @@
+//! The issuance manifest (`manifest.jsonl`): one line per issued certificate.
+
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};

@@ -1,3 +1,5 @@
+//! The CA profile (`ca/profile.toml`): subjects, key types, validity and id format.
+
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;

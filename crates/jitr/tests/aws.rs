@@ -1,59 +1,20 @@
-//! `jitr ca register` and `jitr endpoint` against moto, and against a scripted AWS IoT for the
-//! answers moto never gives (a racing registration's 409, a rejected CA).
+//! `jitr ca register` and `jitr endpoint` against moto, with the test kit's proxy answering
+//! what moto never gives (a racing registration's 409, a rejected CA, a verification check).
 
 // Test helpers panic on a failed setup step: that is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use testkit::http::HttpRequest;
 use testkit::moto::{routing_authorization, MotoServer};
+use testkit::proxy::{Canned, FaultPlan, Proxy};
 
-const PASS: &str = "aws test passphrase";
+mod common;
 
-/// Runs `jitr` in `dir` with only the given environment for AWS: nothing leaks in from the
-/// host (no ~/.aws, no instance metadata, no AWS_* variables of the person running the tests).
-fn jitr(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_jitr"));
-    command.args(args).current_dir(dir).stdin(Stdio::null());
-    for var in [
-        "JITR_CA_PASSPHRASE",
-        "AWS_PROFILE",
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_IOT",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    ] {
-        command.env_remove(var);
-    }
-    command
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_EC2_METADATA_DISABLED", "true");
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    command.output().unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{jitr, stderr, stdout};
 
 /// Credentials and region for a scripted endpoint given with `--endpoint-url`.
 fn test_credentials() -> Vec<(&'static str, String)> {
@@ -66,17 +27,11 @@ fn test_credentials() -> Vec<(&'static str, String)> {
 
 /// A folder with a CA in `ca/`: encrypted with the passphrase in `pass`, or plaintext.
 fn with_ca(encrypted: bool) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("pass"), format!("{PASS}\n")).unwrap();
-    let mut args = vec!["ca", "init", "--subject", "O=Acme,CN=Acme fleet CA"];
-    if encrypted {
-        args.extend(["--passphrase-file", "pass"]);
+    common::with_ca(if encrypted {
+        &[]
     } else {
-        args.push("--insecure-plaintext-key");
-    }
-    let out = jitr(tmp.path(), &args, &[]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    tmp
+        &["--insecure-plaintext-key"]
+    })
 }
 
 /// The lowercase hex SHA-256 of the DER in `ca/ca.crt`, computed independently of jitr.
@@ -265,8 +220,12 @@ fn an_unreachable_endpoint_fails_fast_with_one_line() {
         assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         let message = stderr(&out);
         assert_eq!(message.lines().count(), 1, "{message}");
+        // The call is retried until its time is up; the message names the endpoint and the
+        // last error.
         assert!(
-            message.starts_with("jitr: error: cannot reach AWS IoT at http://127.0.0.1:9"),
+            message.starts_with("jitr: error: AWS IoT ")
+                && message
+                    .contains("cannot reach AWS IoT at http://127.0.0.1:9: Connection refused"),
             "{message}"
         );
     }
@@ -318,126 +277,21 @@ fn a_bad_endpoint_url_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
-/// One request the scripted AWS IoT received.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    target: String,
-    body: String,
+/// AWS IoT as the tests below need it: moto behind the test kit's proxy, which answers the
+/// calls a test scripts (a registration code, a race, a refusal) and records every request.
+fn scripted_iot() -> (MotoServer, Proxy) {
+    let moto = MotoServer::start().unwrap();
+    let proxy = Proxy::for_url(&moto.endpoint(), FaultPlan::default()).unwrap();
+    (moto, proxy)
 }
 
-/// A canned REST-JSON answer.
-struct Answer {
-    status: u16,
-    error_type: Option<&'static str>,
-    body: String,
-}
-
-impl Answer {
-    fn ok(body: serde_json::Value) -> Self {
-        Answer {
-            status: 200,
-            error_type: None,
-            body: body.to_string(),
-        }
-    }
-
-    fn error(status: u16, error_type: &'static str, body: serde_json::Value) -> Self {
-        Answer {
-            status,
-            error_type: Some(error_type),
-            body: body.to_string(),
-        }
-    }
-
-    /// As in ../shared/fixtures/aws/iot-error-not-found.txt.
-    fn not_found() -> Self {
-        Answer::error(
-            404,
-            "ResourceNotFoundException",
-            serde_json::json!({"message": "The certificate given in the request does not exist"}),
-        )
-    }
-}
-
-/// A scripted AWS IoT on a loopback port: answers each request with `route(method, target)`
-/// and records it. One request per connection (`Connection: close`); the accept thread ends
-/// with the test process.
-struct ScriptedIot {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-impl ScriptedIot {
-    fn start(route: impl Fn(&str, &str) -> Answer + Send + 'static) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                Self::answer(stream, &route, &log);
-            }
-        });
-        ScriptedIot { addr, seen }
-    }
-
-    /// Reads one request, records it, then answers (so `seen` is complete once jitr exits).
-    fn answer(
-        stream: TcpStream,
-        route: &impl Fn(&str, &str) -> Answer,
-        log: &Mutex<Vec<Seen>>,
-    ) -> Option<()> {
-        let mut reader = BufReader::new(stream.try_clone().ok()?);
-        let mut line = String::new();
-        reader.read_line(&mut line).ok()?;
-        let mut parts = line.split_whitespace();
-        let method = parts.next()?.to_owned();
-        let target = parts.next()?.to_owned();
-        let mut length = 0;
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header).ok()?;
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().ok()?;
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).ok()?;
-        let answer = route(&method, &target);
-        log.lock().unwrap().push(Seen {
-            method,
-            target,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
-        let mut head = format!(
-            "HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            answer.status,
-            answer.body.len()
-        );
-        if let Some(error_type) = answer.error_type {
-            head.push_str(&format!("x-amzn-ErrorType: {error_type}\r\n"));
-        }
-        let mut stream = stream;
-        stream
-            .write_all(format!("{head}\r\n{}", answer.body).as_bytes())
-            .ok()
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
+/// `METHOD target` of every request the proxy saw.
+fn calls(proxy: &Proxy) -> Vec<String> {
+    proxy
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.target))
+        .collect()
 }
 
 /// An AWS-shaped registration code: 64 hex digits.
@@ -446,18 +300,15 @@ const CODE: &str = "a3f1c2d4e5b60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e
 #[test]
 fn register_proves_key_possession_with_a_verification_certificate() {
     let tmp = with_ca(true);
-    let iot = ScriptedIot::start(|method, target| match (method, target) {
-        ("GET", t) if t.starts_with("/cacertificate/") => Answer::not_found(),
-        ("GET", "/registrationcode") => Answer::ok(serde_json::json!({"registrationCode": CODE})),
-        ("POST", t) if t.starts_with("/cacertificate") => Answer::ok(serde_json::json!({
+    let (_moto, iot) = scripted_iot();
+    iot.answer("GetRegistrationCode", |_| {
+        Some(Canned::ok(serde_json::json!({"registrationCode": CODE})))
+    });
+    iot.answer("RegisterCACertificate", |_| {
+        Some(Canned::ok(serde_json::json!({
             "certificateId": "f".repeat(64),
             "certificateArn": format!("arn:aws:iot:us-east-1:123456789012:cacert/{}", "f".repeat(64)),
-        })),
-        _ => Answer::error(
-            400,
-            "InvalidRequestException",
-            serde_json::json!({"message": "?"}),
-        ),
+        })))
     });
     let out = jitr(
         tmp.path(),
@@ -467,7 +318,7 @@ fn register_proves_key_possession_with_a_verification_certificate() {
             "--passphrase-file",
             "pass",
             "--endpoint-url",
-            &iot.endpoint(),
+            &iot.url(),
             "--json",
         ],
         &test_credentials(),
@@ -485,14 +336,10 @@ fn register_proves_key_possession_with_a_verification_certificate() {
         format!("{aws_id}\n")
     );
 
-    let seen = iot.seen();
-    let calls: Vec<_> = seen
-        .iter()
-        .map(|s| format!("{} {}", s.method, s.target))
-        .collect();
+    let seen = iot.requests();
     let id = sha256_of_ca_der(tmp.path());
     assert_eq!(
-        calls,
+        calls(&iot),
         [
             format!("GET /cacertificate/{id}"),
             "GET /registrationcode".to_owned(),
@@ -527,24 +374,20 @@ fn register_proves_key_possession_with_a_verification_certificate() {
 #[test]
 fn register_sni_only_sends_no_verification_certificate() {
     let tmp = with_ca(true);
-    let iot = ScriptedIot::start(|method, target| match (method, target) {
-        ("GET", _) => Answer::not_found(),
-        _ => Answer::ok(serde_json::json!({"certificateId": "e".repeat(64)})),
+    let (_moto, iot) = scripted_iot();
+    iot.answer("RegisterCACertificate", |_| {
+        Some(Canned::ok(
+            serde_json::json!({"certificateId": "e".repeat(64)}),
+        ))
     });
     // Encrypted key, no passphrase anywhere: SNI_ONLY must not ask for it.
     let out = jitr(
         tmp.path(),
-        &[
-            "ca",
-            "register",
-            "--sni-only",
-            "--endpoint-url",
-            &iot.endpoint(),
-        ],
+        &["ca", "register", "--sni-only", "--endpoint-url", &iot.url()],
         &test_credentials(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let seen = iot.seen();
+    let seen = iot.requests();
     assert_eq!(seen.len(), 2, "{seen:?}");
     let body: serde_json::Value = serde_json::from_str(&seen[1].body).unwrap();
     assert_eq!(body["certificateMode"], "SNI_ONLY");
@@ -554,10 +397,11 @@ fn register_sni_only_sends_no_verification_certificate() {
 #[test]
 fn a_registration_that_races_another_reports_already_registered() {
     let tmp = with_ca(false);
-    let iot = ScriptedIot::start(|method, target| match (method, target) {
-        ("GET", _) => Answer::not_found(),
-        // The shape of ../shared/fixtures/aws/iot-error-already-exists.txt.
-        _ => Answer::error(
+    let (_moto, iot) = scripted_iot();
+    // Registered by someone else between our DescribeCACertificate and RegisterCACertificate:
+    // the shape of testdata/aws/iot-error-already-exists.txt.
+    iot.answer("RegisterCACertificate", |_| {
+        Some(Canned::error(
             409,
             "ResourceAlreadyExistsException",
             serde_json::json!({
@@ -565,17 +409,11 @@ fn a_registration_that_races_another_reports_already_registered() {
                 "resourceId": "d".repeat(64),
                 "resourceArn": format!("arn:aws:iot:us-east-1:123456789012:cacert/{}", "d".repeat(64)),
             }),
-        ),
+        ))
     });
     let out = jitr(
         tmp.path(),
-        &[
-            "ca",
-            "register",
-            "--sni-only",
-            "--endpoint-url",
-            &iot.endpoint(),
-        ],
+        &["ca", "register", "--sni-only", "--endpoint-url", &iot.url()],
         &test_credentials(),
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -591,18 +429,20 @@ fn a_registration_that_races_another_reports_already_registered() {
 #[test]
 fn a_rejected_ca_fails_with_aws_reason_on_one_line() {
     let tmp = with_ca(false);
-    let iot = ScriptedIot::start(|method, target| match (method, target) {
-        ("GET", "/registrationcode") => Answer::ok(serde_json::json!({"registrationCode": CODE})),
-        ("GET", _) => Answer::not_found(),
-        _ => Answer::error(
+    let (_moto, iot) = scripted_iot();
+    iot.answer("GetRegistrationCode", |_| {
+        Some(Canned::ok(serde_json::json!({"registrationCode": CODE})))
+    });
+    iot.answer("RegisterCACertificate", |_| {
+        Some(Canned::error(
             400,
             "CertificateValidationException",
             serde_json::json!({"message": "The certificate is not a valid CA certificate"}),
-        ),
+        ))
     });
     let out = jitr(
         tmp.path(),
-        &["ca", "register", "--endpoint-url", &iot.endpoint()],
+        &["ca", "register", "--endpoint-url", &iot.url()],
         &test_credentials(),
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -618,7 +458,7 @@ fn a_rejected_ca_fails_with_aws_reason_on_one_line() {
 fn a_wrong_passphrase_fails_before_any_aws_call() {
     let tmp = with_ca(true);
     std::fs::write(tmp.path().join("wrong"), "not the passphrase\n").unwrap();
-    let iot = ScriptedIot::start(|_, _| Answer::not_found());
+    let (_moto, iot) = scripted_iot();
     let out = jitr(
         tmp.path(),
         &[
@@ -627,10 +467,10 @@ fn a_wrong_passphrase_fails_before_any_aws_call() {
             "--passphrase-file",
             "wrong",
             "--endpoint-url",
-            &iot.endpoint(),
+            &iot.url(),
         ],
         &test_credentials(),
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(iot.seen().is_empty(), "{:?}", iot.seen());
+    assert!(iot.requests().is_empty(), "{:?}", calls(&iot));
 }

@@ -6,58 +6,39 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use base64::Engine;
 use testkit::balena::FakeBalena;
 
-const PASS: &str = "balena test passphrase";
+mod common;
+
+use common::uuid;
+
 const KEY: &str = "balena-test-api-key";
 const FLEET: u64 = 1234567;
+const OTHER_FLEET: u64 = 7654321;
 const ENDPOINT: &str = "abc123example-ats.iot.eu-west-1.amazonaws.com";
 
-fn uuid(n: usize) -> String {
-    format!("{n:032x}")
+/// `jitr` in `dir`, with the balena settings pointing at `balena` when given.
+fn jitr(dir: &Path, args: &[&str], balena: Option<&FakeBalena>) -> Output {
+    let env = match balena {
+        Some(balena) => vec![
+            ("BALENA_API_KEY", KEY.to_owned()),
+            ("BALENA_API_URL", balena.url()),
+            ("BALENA_FLEET_ID", FLEET.to_string()),
+        ],
+        None => Vec::new(),
+    };
+    common::jitr(dir, args, &env)
 }
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `jitr` in `dir`, with the balena settings pointing at `balena` when given.
-fn jitr(dir: &Path, args: &[&str], balena: Option<&FakeBalena>) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_jitr"));
-    command
-        .args(args)
-        .current_dir(dir)
-        .env_remove("JITR_CA_PASSPHRASE")
-        .env_remove("BALENA_API_KEY")
-        .env_remove("BALENA_API_URL")
-        .stdin(Stdio::null());
-    if let Some(balena) = balena {
-        command
-            .env("BALENA_API_KEY", KEY)
-            .env("BALENA_API_URL", balena.url());
-    }
-    command.output().unwrap()
-}
-
 fn with_ca() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("pass"), PASS).unwrap();
-    let out = jitr(
-        tmp.path(),
-        &[
-            "ca",
-            "init",
-            "--with-issuing-ca",
-            "--passphrase-file",
-            "pass",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    tmp
+    common::with_ca(&["--with-issuing-ca"])
 }
 
 fn b64(s: &str) -> String {
@@ -233,9 +214,12 @@ fn push_balena_sets_device_variables_updates_them_and_names_unknown_devices() {
     )));
     let requests = balena.requests();
     assert!(requests.iter().all(|r| r.authorized));
-    assert!(requests.iter().any(
-        |r| r.path == "/v7/device" && r.query == format!("$select=id&$filter=uuid eq '{one}'")
-    ));
+    // Every lookup is pinned to the fleet.
+    assert!(requests.iter().any(|r| r.path == "/v7/device"
+        && r.query
+            == format!(
+                "$select=id,uuid,is_active,belongs_to__application&$filter=uuid eq '{one}' and belongs_to__application eq {FLEET}"
+            )));
 
     // Issued again: the second push updates the variables in place (409, then PATCH).
     balena.clear_requests();
@@ -268,17 +252,25 @@ fn push_balena_sets_device_variables_updates_them_and_names_unknown_devices() {
     );
     assert!(stderr.contains("AWS_CERT updated"), "{stderr}");
 
-    // A device balena does not know fails on its own; the others are still delivered.
-    let (stranger, three) = (uuid(3), uuid(4));
+    // A device balena does not know, and one of another fleet the same key can see, fail on
+    // their own (nothing is written to the other fleet); the others are still delivered.
+    let (stranger, three, elsewhere) = (uuid(3), uuid(4), uuid(5));
     let device_three = balena.add_device(FLEET, &three, true);
-    let out = issue(&[&stranger, &three], &[]);
+    balena.add_fleet(OTHER_FLEET, "acme/other");
+    let device_elsewhere = balena.add_device(OTHER_FLEET, &elsewhere, true);
+    let out = issue(&[&stranger, &three, &elsewhere], &[]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(&format!("jitr: balena: {stranger}: not found in balena")),
-        "{stderr}"
-    );
-    assert!(stderr.contains("1 failed"), "{stderr}");
+    for id in [&stranger, &elsewhere] {
+        assert!(
+            stderr.contains(&format!(
+                "jitr: balena: {id}: not found in balena fleet {FLEET}"
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(stderr.contains("2 failed"), "{stderr}");
+    assert!(balena.env_vars(device_elsewhere).is_empty());
     assert_eq!(
         vars(&balena, device_three).len(),
         2,

@@ -17,8 +17,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::burst::{BurstWorld, Standing};
-use testkit::faults::{FaultPlan, FaultStats};
 use testkit::lambda::Invocation;
+use testkit::proxy::{FaultPlan, FaultStats};
 
 /// Lambda instances running at once.
 const RUNTIMES: usize = 8;

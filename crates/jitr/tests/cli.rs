@@ -5,46 +5,19 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-const PASS: &str = "cli test passphrase";
+mod common;
+
+use common::{stderr, uuid, PASS};
 
 fn jitr(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_jitr"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("JITR_CA_PASSPHRASE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn uuid(n: usize) -> String {
-    format!("{n:032x}")
+    common::jitr(dir, args, &[])
 }
 
 /// A folder with an encrypted CA and its passphrase file.
 fn with_ca(issuing: bool) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("pass"), format!("{PASS}\n")).unwrap();
-    let mut args = vec![
-        "ca",
-        "init",
-        "--passphrase-file",
-        "pass",
-        "--subject",
-        "O=Acme,CN=Acme fleet CA",
-    ];
-    if issuing {
-        args.push("--with-issuing-ca");
-    }
-    let out = jitr(tmp.path(), &args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    tmp
+    common::with_ca(if issuing { &["--with-issuing-ca"] } else { &[] })
 }
 
 #[test]
@@ -118,13 +91,11 @@ fn issue_from_an_ids_file_writes_private_keys_chains_and_manifest() {
 #[test]
 fn passphrase_from_the_environment_and_wrong_passphrase() {
     let tmp = with_ca(false);
-    let ok = Command::new(env!("CARGO_BIN_EXE_jitr"))
-        .args(["issue", "--id", &uuid(1)])
-        .current_dir(tmp.path())
-        .env("JITR_CA_PASSPHRASE", PASS)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let ok = common::jitr(
+        tmp.path(),
+        &["issue", "--id", &uuid(1)],
+        &[("JITR_CA_PASSPHRASE", PASS.to_owned())],
+    );
     assert!(ok.status.success(), "{}", stderr(&ok));
     std::fs::write(tmp.path().join("wrong"), "nope").unwrap();
     let out = jitr(

@@ -20,14 +20,10 @@ use testkit::proc::KillOnDrop;
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const UUID: &str = "00000000000000000000000000c0ffee";
 
+mod common;
+
 fn jitr(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_jitr"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("JITR_CA_PASSPHRASE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+    common::jitr(dir, args, &[])
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -1,7 +1,7 @@
 //! A fake of the balena API v7 (pinejs/OData) for the calls jitr makes, errors included.
 //!
 //! Modelled resources: `application` (fleets), `device`, `device_environment_variable` and
-//! `device_tag`. Answers follow `shared/fixtures/balena/`: every read is HTTP 200 `{"d":[...]}`
+//! `device_tag`. Answers follow `testdata/balena/`: every read is HTTP 200 `{"d":[...]}`
 //! (empty when nothing matches *or* the key cannot see it), a navigation property is
 //! `{"__id": N}`, each row carries `__metadata.uri`. Errors are plain text, as pinejs sends them:
 //! 401 `Unauthorized`, 400 for a query it cannot parse, 409 for a unique-key violation, 429 with

@@ -3,7 +3,7 @@
 //!
 //! [`BurstWorld::start`] brings up moto with a jitr CA registered and the device policy made,
 //! the fake balena API with a fleet, `n` device certificates registered PENDING_ACTIVATION
-//! (what AWS IoT does on each first connect), a [`FaultProxy`] in front of moto, and the Lambda
+//! (what AWS IoT does on each first connect), a [`Proxy`] in front of moto, and the Lambda
 //! Runtime API emulator. [`BurstWorld::start_runtimes`] runs the real `bootstrap` processes
 //! against the proxy; [`BurstWorld::registry`] reads back what AWS IoT holds, straight from
 //! moto, and [`RegistryState::check`] says whether every device ended where it must.
@@ -20,10 +20,10 @@ use serde_json::Value;
 
 use crate::balena::FakeBalena;
 use crate::certs::TestCa;
-use crate::faults::{FaultPlan, FaultProxy};
 use crate::lambda::RuntimeEmulator;
 use crate::moto::MotoServer;
 use crate::proc::KillOnDrop;
+use crate::proxy::{FaultPlan, Proxy};
 
 /// The device policy every activated certificate gets.
 pub const POLICY: &str = "jitr-device";
@@ -73,7 +73,7 @@ pub struct BurstWorld {
     /// Every device, in creation order.
     pub devices: Vec<Device>,
     /// The faults between the activator and moto.
-    pub proxy: FaultProxy,
+    pub proxy: Proxy,
     /// Where `bootstrap` gets its events.
     pub emulator: RuntimeEmulator,
     runtimes: Vec<KillOnDrop>,
@@ -133,7 +133,7 @@ impl BurstWorld {
         for (device, id) in devices.iter_mut().zip(ids) {
             device.certificate_id = id?;
         }
-        let proxy = FaultProxy::for_url(&moto.endpoint(), plan)?;
+        let proxy = Proxy::for_url(&moto.endpoint(), plan)?;
         let emulator = RuntimeEmulator::start()?;
         Ok(BurstWorld {
             rt,

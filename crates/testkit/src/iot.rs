@@ -92,7 +92,7 @@ pub async fn status(client: &Client, certificate_id: &str) -> Result<Certificate
 }
 
 /// The event AWS IoT publishes on `$aws/events/certificates/registered/<caId>` (the shape of
-/// `shared/fixtures/aws/certificate-registered.json`), which the topic rule hands to the Lambda.
+/// `testdata/aws/certificate-registered.json`), which the topic rule hands to the Lambda.
 pub fn registered_event(certificate_id: &str, ca_certificate_id: &str) -> serde_json::Value {
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
     serde_json::json!({

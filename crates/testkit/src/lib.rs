@@ -4,9 +4,9 @@
 //! - [`balena::FakeBalena`]: the balena API v7 calls jitr makes, with fault injection.
 //! - [`lambda::RuntimeEmulator`]: the AWS Lambda Runtime API, to run the real `bootstrap`.
 //! - [`iot`]: an AWS IoT client for moto and the steps every scenario repeats.
-//! - [`proxy::LatencyProxy`]: adds latency to every HTTP request and counts them.
-//! - [`faults::FaultProxy`]: AWS IoT throttling, 5xx, dropped connections, slow answers and
-//!   per-operation quotas, injected in front of moto.
+//! - [`proxy::Proxy`]: the one HTTP proxy, in front of moto or the fake balena API: latency,
+//!   AWS IoT throttling, 5xx, dropped connections, slow answers, per-operation quotas, and
+//!   answers of its own for chosen operations; every request recorded.
 //! - [`burst::BurstWorld`]: thousands of devices' first connects at once, through faults,
 //!   and a check of what the registry holds afterwards.
 //! - [`certs::TestCa`]: a jitr CA with good and hostile device certificates.
@@ -18,7 +18,6 @@
 pub mod balena;
 pub mod burst;
 pub mod certs;
-pub mod faults;
 pub mod http;
 pub mod iot;
 pub mod lambda;

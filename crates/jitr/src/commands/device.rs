@@ -1,3 +1,5 @@
+//! `jitr device connect`: a device's first connect, retried with backoff until accepted.
+
 use std::time::Duration;
 
 use anyhow::{bail, Result};

@@ -1,3 +1,5 @@
+//! `jitr inspect`: a certificate against the device profile and its CA's signature.
+
 use anyhow::{bail, Context, Result};
 use factory_ca::{certificates_from_pem_or_der, inspect_device_certificate, InspectOptions};
 use time::OffsetDateTime;

@@ -1,3 +1,5 @@
+//! `jitr issue` and `jitr sign-csr`: device certificates, and their delivery to balena.
+
 use std::collections::HashSet;
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;

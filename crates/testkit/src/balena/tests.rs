@@ -1,3 +1,5 @@
+//! The fake balena API answers as the real one does, errors included.
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;

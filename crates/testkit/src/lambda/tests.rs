@@ -1,3 +1,5 @@
+//! The Runtime API emulator against a hand-written runtime client.
+
 use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

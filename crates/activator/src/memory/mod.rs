@@ -6,14 +6,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use factory_ca::DeviceId;
 use tokio::time::Instant;
+
+mod fleet;
+
+pub use fleet::{MemoryFleet, Standing};
 
 use crate::ports::{CaDescription, CaRegistrationMode};
 use crate::{
-    Cause, CertificateDescription, CertificateId, CertificatePage, CertificateStatus,
-    FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry, ListedCertificate, Membership,
-    RegistryError, ThingSpec,
+    Cause, CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotAdmin,
+    IotRegistry, ListedCertificate, RegistryError, ThingSpec,
 };
 
 /// The account and region of the ARNs [`MemoryIot`] makes.
@@ -529,88 +531,5 @@ impl IotAdmin for MemoryIot {
             ));
         }
         Ok(state.things.remove(thing).is_some())
-    }
-}
-
-/// Where a device stands in a [`MemoryFleet`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
-    /// An active member.
-    Member,
-    /// In the fleet, deactivated.
-    Inactive,
-}
-
-#[derive(Debug, Default)]
-struct FleetState {
-    devices: HashMap<String, Standing>,
-    unavailable: bool,
-    recorded: Vec<(String, String)>,
-}
-
-/// A fleet of chosen devices; every other device is not a member. Clones share the state.
-#[derive(Debug, Clone, Default)]
-pub struct MemoryFleet(Arc<Mutex<FleetState>>);
-
-impl MemoryFleet {
-    /// An empty fleet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn state(&self) -> MutexGuard<'_, FleetState> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Puts a device in the fleet.
-    pub fn add(&self, device: &str, standing: Standing) {
-        self.state().devices.insert(device.to_owned(), standing);
-    }
-
-    /// While `true`, every membership check fails (the fleet API is down).
-    pub fn set_unavailable(&self, unavailable: bool) {
-        self.state().unavailable = unavailable;
-    }
-
-    /// The activations recorded: (device, certificate id).
-    pub fn recorded(&self) -> Vec<(String, String)> {
-        self.state().recorded.clone()
-    }
-}
-
-impl FleetDirectory for MemoryFleet {
-    async fn membership(
-        &self,
-        device: &DeviceId,
-        _deadline: Instant,
-    ) -> Result<Membership, FleetError> {
-        let state = self.state();
-        if state.unavailable {
-            return Err(FleetError("the fleet API is down (MemoryFleet)".into()));
-        }
-        Ok(match state.devices.get(device.as_str()) {
-            Some(Standing::Member) => Membership::Member(FleetMember {
-                device: device.clone(),
-                handle: None,
-            }),
-            Some(Standing::Inactive) => Membership::Inactive,
-            None => Membership::NotMember,
-        })
-    }
-
-    fn label(&self) -> String {
-        "the memory fleet".into()
-    }
-
-    async fn record_activation(
-        &self,
-        member: &FleetMember,
-        certificate: &CertificateId,
-        _deadline: Instant,
-    ) -> Result<(), Cause> {
-        self.state()
-            .recorded
-            .push((member.device.to_string(), certificate.to_string()));
-        Ok(())
     }
 }

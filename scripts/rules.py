@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""rules/ is the one source of the device policy, the activator's IAM policy and the topic rule;
+infra/template.yaml takes them from there.
+
+    scripts/rules.py render      rewrite the template's generated blocks from rules/
+    scripts/rules.py check       the blocks match rules/, and the security properties hold
+    scripts/rules.py self-test   break copies on purpose: every break must be caught
+
+A generated block in the template starts with `# rules: FILE [| VAR: EXPR]...` on the line
+before its key and ends with `# end rules: FILE`. Rendering turns rules/' JSON into YAML:
+strings holding `${...}` become `!Sub`, IoT policy variables are escaped as `${!iot:...}`,
+placeholders become the template's names (ALIASES), a `| VAR: EXPR` becomes a Fn::Sub
+variable, and the topic rule's keys are capitalised as CloudFormation spells them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = "infra/template.yaml"
+ALIASES = {"FunctionArn": "ActivatorFunction.Arn", "FailureQueueUrl": "FailureQueue",
+           "FailureQueueArn": "FailureQueue.Arn", "RuleErrorRoleArn": "RuleErrorActionRole.Arn",
+           "LogGroupName": "ActivatorLogGroup", "DeadLetterQueueArn": "DeadLetterQueue.Arn"}
+BLOCK = re.compile(r"^(?P<indent> *)# rules: (?P<file>[\w.-]+)(?P<vars>(?: \| [^\n]*)?)\n"
+                   r"(?P=indent)(?P<key>\w+):\n(?P<body>.*?)^(?P=indent)# end rules: (?P=file)\n",
+                   re.M | re.S)
+THING = "${iot:Connection.Thing.ThingName}"
+IOT_ARN = "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:"
+DEVICE_ACTIONS = {"iot:Connect", "iot:Publish", "iot:Receive", "iot:Subscribe"}
+# The activator's grants: action -> the only resources it may have.
+ACTIVATOR = {
+    **{a: {IOT_ARN + "cert/*"} for a in ("iot:DescribeCertificate", "iot:UpdateCertificate",
+                                         "iot:AttachPolicy", "iot:AttachThingPrincipal")},
+    "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
+    "iot:CreateThing": {IOT_ARN + "thing/*"}, "iot:DescribeThing": {IOT_ARN + "thing/*"},
+    "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
+    # No resource-level permissions exist for this one: IAM honours only "*".
+    "iot:ListCertificatesByCA": {"*"},
+    "secretsmanager:GetSecretValue": {"${BalenaApiKeySecretArn}"},
+    "logs:CreateLogStream": {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${LogGroupName}:*"},
+    "logs:PutLogEvents": {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${LogGroupName}:*"},
+    "sqs:SendMessage": {"${FailureQueueArn}"},
+}
+
+
+def q(text: str) -> str:
+    return json.dumps(text)
+
+
+def scalar(value, variables: dict[str, str]) -> str:
+    if not isinstance(value, str):
+        return json.dumps(value)
+    if "${" not in value:
+        return q(value)
+    text = re.sub(r"\$\{(\w+(?:::\w+)?)\}", lambda m: "${" + ALIASES.get(m[1], m[1]) + "}",
+                  value.replace("${iot:", "${!iot:"))
+    local = {v: e for v, e in variables.items() if "${" + v + "}" in text}
+    if not local:
+        return f"!Sub {q(text)}"
+    return f"!Sub [{q(text)}, {{{', '.join(f'{v}: {e}' for v, e in local.items())}}}]"
+
+
+def to_yaml(node, indent: int, variables: dict[str, str], capitalise: bool) -> list[str]:
+    pad, lines = " " * indent, []
+    items = node.items() if isinstance(node, dict) else ((None, v) for v in node)
+    for key, value in items:
+        if key is not None and capitalise:
+            key = key[:1].upper() + key[1:]
+        head = f"{pad}{key}:" if key is not None else f"{pad}-"
+        if isinstance(value, (dict, list)) and value:
+            if key is None and isinstance(value, dict):
+                inner = to_yaml(value, indent + 2, variables, capitalise)
+                lines.append(f"{pad}- {inner[0].lstrip()}")
+                lines += inner[1:]
+            else:
+                lines.append(head)
+                lines += to_yaml(value, indent + 2, variables, capitalise)
+        else:
+            lines.append(f"{head} {scalar(value, variables)}")
+    return lines
+
+
+def render(text: str, rules: Path) -> str:
+    def block(m: re.Match) -> str:
+        variables = dict(v.split(": ", 1) for v in m["vars"].split(" | ")[1:])
+        document = json.loads((rules / m["file"]).read_text())
+        body = to_yaml(document, len(m["indent"]) + 2, variables, m["file"] == "topic-rule.json")
+        return (f"{m['indent']}# rules: {m['file']}{m['vars']}\n{m['indent']}{m['key']}:\n"
+                + "\n".join(body) + f"\n{m['indent']}# end rules: {m['file']}\n")
+    return BLOCK.sub(block, text)
+
+
+def allows(policy: dict) -> list[dict]:
+    return [s for s in policy["Statement"] if s.get("Effect") == "Allow"]
+
+
+def listed(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def check(root: Path) -> list[str]:
+    """Prints each property as ok or FAIL; returns the failures, each `name: reason`."""
+    rules, out = root / "rules", []
+    template = (root / TEMPLATE).read_text()
+    device = json.loads((rules / "device-policy.json").read_text())
+    activator = json.loads((rules / "activator-policy.json").read_text())
+    rule = json.loads((rules / "topic-rule.json").read_text())
+
+    def prop(name: str, problem):
+        print(f"{'FAIL' if problem else 'ok  '} {name}{': ' + problem if problem else ''}")
+        if problem:
+            out.append(f"{name}: {problem}")
+
+    found = {m["file"] for m in BLOCK.finditer(template)}
+    prop("template: a generated block for each rules/ file",
+         None if found == {"device-policy.json", "activator-policy.json", "topic-rule.json"}
+         else f"blocks for {sorted(found)}")
+    prop("template: generated blocks match rules/ (run scripts/rules.py render)",
+         None if render(template, rules) == template else "the template differs from its rendering")
+
+    actions = [a for s in allows(device) for a in listed(s["Action"])]
+    prop("device policy: only connect, publish, receive, subscribe; no wildcard",
+         None if set(actions) <= DEVICE_ACTIONS else f"actions {sorted(set(actions) - DEVICE_ACTIONS)}")
+    resources = [r for s in allows(device) for r in listed(s["Resource"])]
+    prop("device policy: no bare '*' resource, no MQTT wildcard",
+         next((f"resource {r}" for r in resources if r == "*" or "+" in r or "#" in r), None))
+    connect = [s for s in allows(device) if "iot:Connect" in listed(s["Action"])]
+    prop("device policy: connect only as its own attached Thing",
+         None if connect and all(listed(s["Resource"]) == [IOT_ARN + "client/" + THING]
+                                 and s.get("Condition", {}).get("Bool", {}).get(
+                                     "iot:Connection.Thing.IsAttached") == "true" for s in connect)
+         else "iot:Connect is not limited to client/<thing> with IsAttached true")
+    roots = [IOT_ARN + kind + "/" + root for kind in ("topic", "topicfilter")
+             for root in ("${TopicPrefix}/" + THING + "/", "$aws/things/" + THING + "/shadow/")]
+    topical = [r for s in allows(device) if set(listed(s["Action"])) - {"iot:Connect"}
+               for r in listed(s["Resource"])]
+    prop("device policy: topics only under <prefix>/<thing>/ and its own shadow",
+         next((f"resource {r}" for r in topical if not any(r.startswith(x) for x in roots)), None))
+
+    granted: dict[str, set[str]] = {}
+    for s in allows(activator):
+        for a in listed(s["Action"]):
+            granted.setdefault(a, set()).update(listed(s["Resource"]))
+    prop("activator policy: only the actions it calls",
+         None if set(granted) <= set(ACTIVATOR) else f"extra {sorted(set(granted) - set(ACTIVATOR))}")
+    prop("activator policy: every grant on its own resources only",
+         next((f"{a} on {sorted(r - ACTIVATOR[a])}" for a, r in granted.items()
+               if a in ACTIVATOR and r - ACTIVATOR[a]), None))
+    prop("activator policy: no NotAction or NotResource",
+         next((f"statement {s.get('Sid')}" for s in activator["Statement"]
+               if "NotAction" in s or "NotResource" in s), None))
+
+    prop("topic rule: SQL selects exactly the trusted CA's registered events",
+         None if rule["sql"] == "SELECT * FROM '$aws/events/certificates/registered/${CaCertificateId}'"
+         else rule["sql"])
+    prop("topic rule: one Lambda action and an SQS error action",
+         None if [list(a) for a in rule["actions"]] == [["lambda"]] and "sqs" in rule.get("errorAction", {})
+         else "actions or error action changed")
+
+    for name, needle in [("lambda permission: SourceAccount", "\n      SourceAccount: !Ref AWS::AccountId"),
+                         ("lambda permission: SourceArn of the rule", ":rule/${RuleName}\""),
+                         ("event invoke config: MaximumEventAgeInSeconds", "MaximumEventAgeInSeconds:"),
+                         ("event invoke config: failures to the failure queue",
+                          "OnFailure:\n          Destination: !GetAtt FailureQueue.Arn")]:
+        prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
+    prop("template: no managed policy on any role",
+         "ManagedPolicyArns found" if "ManagedPolicyArns" in template else None)
+    return out
+
+
+MUTATIONS = [  # (what, file, old, new, the property that must fail)
+    ("iot:* in the activator policy", "rules/activator-policy.json", '"iot:DescribeCertificate",',
+     '"iot:*", "iot:DescribeCertificate",', "activator policy: only the actions"),
+    ("iot:DeleteThing in the activator policy", "rules/activator-policy.json", '"iot:DescribeThing"',
+     '"iot:DescribeThing", "iot:DeleteThing"', "activator policy: only the actions"),
+    ("certificate actions on '*'", "rules/activator-policy.json",
+     '"Resource": "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:cert/*"', '"Resource": "*"',
+     "activator policy: every grant"),
+    ("secret grant widened", "rules/activator-policy.json", '"Resource": "${BalenaApiKeySecretArn}"',
+     '"Resource": "*"', "activator policy: every grant"),
+    ("iot:* in the device policy", "rules/device-policy.json", '"Action": "iot:Subscribe"',
+     '"Action": ["iot:Subscribe", "iot:*"]', "device policy: only connect"),
+    ("bare '*' resource in the device policy", "rules/device-policy.json",
+     '"Action": "iot:Subscribe",\n      "Resource": [', '"Action": "iot:Subscribe",\n      "Resource": [\n        "*",',
+     "device policy: no bare"),
+    ("connect as any client", "rules/device-policy.json", ":client/${iot:Connection.Thing.ThingName}",
+     ":client/*", "device policy: connect only"),
+    ("IsAttached dropped", "rules/device-policy.json", '"iot:Connection.Thing.IsAttached": "true"',
+     '"iot:Connection.Thing.IsAttached": "false"', "device policy: connect only"),
+    ("another device's topics", "rules/device-policy.json",
+     ":topic/${TopicPrefix}/${iot:Connection.Thing.ThingName}/*", ":topic/${TopicPrefix}/*",
+     "device policy: topics only"),
+    ("rule on every CA", "rules/topic-rule.json", "registered/${CaCertificateId}'", "registered/+'",
+     "topic rule: SQL"),
+    ("rule error action dropped", "rules/topic-rule.json", '"errorAction"', '"errorActionGone"',
+     "topic rule: one Lambda"),
+    ("template drifts from rules/", TEMPLATE, "\"SubscribeToItsOwnTopics\"", "\"SubscribeAnywhere\"",
+     "template: generated blocks match"),
+    ("a generated block removed", TEMPLATE, "# rules: topic-rule.json", "# was rules: topic-rule.json",
+     "template: a generated block"),
+    ("permission without SourceAccount", TEMPLATE, "SourceAccount: !Ref AWS::AccountId\n", "",
+     "template: lambda permission: SourceAccount"),
+    ("no failure destination", TEMPLATE, "OnFailure:\n          Destination: !GetAtt FailureQueue.Arn",
+     "OnFailure: {}", "template: event invoke config: failures"),
+    ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
+     "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
+     "        - PolicyName: jitr-activator", "template: no managed policy"),
+]
+
+
+def self_test() -> int:
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (what, rel, old, new, expected) in enumerate(MUTATIONS):
+            work = Path(tmp) / str(i)
+            for part in ("rules", "infra"):
+                shutil.copytree(REPO / part, work / part)
+            target = work / rel
+            text = target.read_text()
+            if old not in text:
+                print(f"FAIL mutation '{what}': {old!r} is no longer in {rel}")
+                failed += 1
+                continue
+            target.write_text(text.replace(old, new, 1))
+            if rel.startswith("rules/") and not expected.startswith("template"):
+                # A change made in rules/ and rendered: only the property can catch it.
+                tpl = work / TEMPLATE
+                tpl.write_text(render(tpl.read_text(), work / "rules"))
+            caught = [f for f in quiet(check, work) if f.startswith(expected)]
+            print(f"{'ok  ' if caught else 'FAIL'} mutation '{what}' caught by '{expected}'")
+            failed += not caught
+    print(f"{len(MUTATIONS) - failed} caught, {failed} missed")
+    return 1 if failed else 0
+
+
+def quiet(fn, *args):
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def main() -> int:
+    command = sys.argv[1] if len(sys.argv) == 2 else ""
+    if command == "render":
+        path = REPO / TEMPLATE
+        path.write_text(render(path.read_text(), REPO / "rules"))
+        return 0
+    if command == "check":
+        failures = check(REPO)
+        print(f"{len(failures)} failed")
+        return 1 if failures else 0
+    if command == "self-test":
+        return self_test()
+    print(__doc__.strip(), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
