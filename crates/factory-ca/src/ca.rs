@@ -10,7 +10,8 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::keys::{generate_ca_key, load_private_key, random_bytes, store_private_key, DeviceKey};
+use crate::keys::{generate_ca_key, load_private_key, store_private_key, DeviceKey};
+use crate::random::random_bytes;
 use crate::write::{create_dir, write_file_atomic};
 use crate::{Error, KeyAlgorithm, KeyProtection, Passphrase, Profile, Subject};
 

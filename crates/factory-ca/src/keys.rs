@@ -4,7 +4,6 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
     EcdsaKeyPair, EcdsaSigningAlgorithm, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
     ECDSA_P384_SHA384_ASN1_SIGNING,
@@ -220,14 +219,6 @@ impl PublicKeyData for DeviceKey {
     fn algorithm(&self) -> &'static SignatureAlgorithm {
         self.alg.rcgen()
     }
-}
-
-/// Fills `buf` from the OS CSPRNG.
-pub(crate) fn random_bytes(buf: &mut [u8]) -> Result<(), Error> {
-    use aws_lc_rs::rand::SecureRandom;
-    SystemRandom::new()
-        .fill(buf)
-        .map_err(|_| Error::Crypto { op: "random" })
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod issue;
 mod keys;
 mod manifest;
 mod profile;
+mod random;
 mod write;
 
 pub use ca::{

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::keys::random_bytes;
+use crate::random::random_bytes;
 use crate::Error;
 
 fn temp_sibling(path: &Path, tag: &str) -> Result<PathBuf, Error> {

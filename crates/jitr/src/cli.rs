@@ -78,7 +78,7 @@ pub(crate) struct AwsArgs {
     #[arg(long, value_name = "REGION")]
     pub(crate) region: Option<String>,
     /// AWS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's own].
-    #[arg(long, value_name = "URL", value_parser = crate::aws::parse_endpoint_url)]
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint_url)]
     pub(crate) endpoint_url: Option<String>,
 }
 
@@ -194,6 +194,17 @@ pub(crate) struct BalenaDeliveryArgs {
     /// The AWS IoT data endpoint for AWS_DATA_ENDPOINT (`jitr endpoint` prints it).
     #[arg(long, value_name = "HOST", value_parser = parse_host)]
     pub(crate) endpoint: Option<String>,
+}
+
+/// `clap` value parser for `--endpoint-url`: an absolute http(s) URL.
+pub(crate) fn parse_endpoint_url(value: &str) -> Result<String, String> {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(value.to_owned()),
+        _ => Err("expected an http:// or https:// URL with a host".to_owned()),
+    }
 }
 
 /// `clap` value parser for a bare host name (no scheme, port or path).
@@ -344,6 +355,15 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn endpoint_urls_must_be_http_or_https_with_a_host() {
+        assert!(parse_endpoint_url("http://127.0.0.1:5000").is_ok());
+        assert!(parse_endpoint_url("https://iot.eu-west-1.amazonaws.com").is_ok());
+        assert!(parse_endpoint_url("127.0.0.1:5000").is_err());
+        assert!(parse_endpoint_url("http://").is_err());
+        assert!(parse_endpoint_url("ftp://host").is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! [`IotAdmin`] over aws-sdk-iot: what only the operator's commands call. Listings follow
 //! `nextToken`/`nextMarker` through every page.
 
+use std::future::Future;
+
 use aws_sdk_iot::types::CertificateMode;
 use tokio::time::Instant;
 
@@ -10,6 +12,24 @@ use crate::{IotAdmin, RegistryError};
 
 /// Items asked for per page of a listing (the APIs' maximum).
 const PAGE_SIZE: i32 = 250;
+
+/// Every item of a paged listing: `page(token)` answers one page and the next token.
+async fn every_page<T, F, Fut>(mut page: F) -> Result<Vec<T>, RegistryError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, Option<String>), RegistryError>>,
+{
+    let mut all = Vec::new();
+    let mut token = None;
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        match next {
+            Some(next) if !next.is_empty() => token = Some(next),
+            _ => return Ok(all),
+        }
+    }
+}
 
 impl IotAdmin for AwsIotRegistry {
     async fn describe_endpoint(
@@ -79,9 +99,7 @@ impl IotAdmin for AwsIotRegistry {
         thing: &str,
         deadline: Instant,
     ) -> Result<Vec<String>, RegistryError> {
-        let mut all = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        every_page(|token| async move {
             let out = self
                 .send("ListThingPrincipals", deadline, || {
                     self.client
@@ -92,12 +110,12 @@ impl IotAdmin for AwsIotRegistry {
                         .send()
                 })
                 .await?;
-            all.extend(out.principals().iter().cloned());
-            match out.next_token() {
-                Some(next) if !next.is_empty() => token = Some(next.to_owned()),
-                _ => return Ok(all),
-            }
-        }
+            Ok((
+                out.principals().to_vec(),
+                out.next_token().map(str::to_owned),
+            ))
+        })
+        .await
     }
 
     async fn principal_things(
@@ -105,9 +123,7 @@ impl IotAdmin for AwsIotRegistry {
         certificate_arn: &str,
         deadline: Instant,
     ) -> Result<Vec<String>, RegistryError> {
-        let mut all = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
+        every_page(|token| async move {
             let out = self
                 .send("ListPrincipalThings", deadline, || {
                     self.client
@@ -118,12 +134,9 @@ impl IotAdmin for AwsIotRegistry {
                         .send()
                 })
                 .await?;
-            all.extend(out.things().iter().cloned());
-            match out.next_token() {
-                Some(next) if !next.is_empty() => token = Some(next.to_owned()),
-                _ => return Ok(all),
-            }
-        }
+            Ok((out.things().to_vec(), out.next_token().map(str::to_owned)))
+        })
+        .await
     }
 
     async fn attached_policies(
@@ -131,9 +144,7 @@ impl IotAdmin for AwsIotRegistry {
         certificate_arn: &str,
         deadline: Instant,
     ) -> Result<Vec<String>, RegistryError> {
-        let mut all = Vec::new();
-        let mut marker: Option<String> = None;
-        loop {
+        every_page(|marker| async move {
             let out = self
                 .send("ListAttachedPolicies", deadline, || {
                     self.client
@@ -144,16 +155,14 @@ impl IotAdmin for AwsIotRegistry {
                         .send()
                 })
                 .await?;
-            all.extend(
-                out.policies()
-                    .iter()
-                    .filter_map(|p| p.policy_name().map(str::to_owned)),
-            );
-            match out.next_marker() {
-                Some(next) if !next.is_empty() => marker = Some(next.to_owned()),
-                _ => return Ok(all),
-            }
-        }
+            let names = out
+                .policies()
+                .iter()
+                .filter_map(|p| p.policy_name().map(str::to_owned))
+                .collect();
+            Ok((names, out.next_marker().map(str::to_owned)))
+        })
+        .await
     }
 
     async fn detach_policy(
