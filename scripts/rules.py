@@ -36,9 +36,11 @@ DEVICE_ACTIONS = {"iot:Connect", "iot:Publish", "iot:Receive", "iot:Subscribe"}
 # The activator's grants: action -> the only resources it may have.
 ACTIVATOR = {
     **{a: {IOT_ARN + "cert/*"} for a in ("iot:DescribeCertificate", "iot:UpdateCertificate",
-                                         "iot:AttachPolicy", "iot:AttachThingPrincipal")},
+                                         "iot:AttachPolicy", "iot:AttachThingPrincipal",
+                                         "iot:DetachThingPrincipal")},
     "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
-    "iot:CreateThing": {IOT_ARN + "thing/*"}, "iot:DescribeThing": {IOT_ARN + "thing/*"},
+    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:DescribeThing",
+                                          "iot:ListThingPrincipals")},
     "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
     # No resource-level permissions exist for this one: IAM honours only "*".
     "iot:ListCertificatesByCA": {"*"},

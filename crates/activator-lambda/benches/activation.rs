@@ -479,6 +479,7 @@ async fn sequential_handler(
             id_format: IdFormat::BalenaUuid,
             ca_der: Some(&ca_der[0]),
             now: time::OffsetDateTime::now_utc(),
+            max_validity_days: None,
         },
     );
     if let Some(f) = inspection.first_failure() {

@@ -1,20 +1,21 @@
 //! The activation decision: verify, check the fleet, provision, activate last.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Mutex;
 use std::time::Instant as StdInstant;
 
-use factory_ca::{
-    certificates_from_pem_or_der, inspect_device_certificate, DeviceId, InspectOptions,
-};
+use factory_ca::DeviceId;
 use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::error::error_chain;
+use crate::ownership::{Owners, Retire};
+use crate::trust::{CaCache, Verdict};
 use crate::{
-    AccountId, ActivationError, CertificateId, CertificateStatus, FleetDirectory, IotRegistry,
-    Membership, Policy, RegisteredEvent, RegistryError, RejectAction, ThingSpec,
+    AccountId, ActivationError, CertificateDescription, CertificateId, CertificateStatus,
+    FleetDirectory, FleetMember, IotRegistry, Membership, Policy, RegisteredEvent, RegistryError,
+    RejectAction, ThingSpec,
 };
 
 /// How an invocation ended.
@@ -25,6 +26,9 @@ pub enum Outcome {
     Activated,
     /// It was active already; nothing written.
     AlreadyActive,
+    /// Left PENDING_ACTIVATION on purpose: another certificate is the device's identity
+    /// (`jitr approve` can make this one it).
+    Held,
     /// Refused; the certificate was revoked (or deactivated).
     Rejected,
     /// Not ours to act on (revoked, inactive, gone, or a mismatched event); nothing written.
@@ -37,6 +41,7 @@ impl Outcome {
         match self {
             Outcome::Activated => "activated",
             Outcome::AlreadyActive => "already-active",
+            Outcome::Held => "held",
             Outcome::Rejected => "rejected",
             Outcome::Skipped => "skipped",
         }
@@ -63,18 +68,28 @@ pub struct Activator<R, F> {
     pub(crate) registry: R,
     fleet: F,
     pub(crate) policy: Policy,
-    /// CA certificates (DER) by id, fetched once per container.
-    ca_cache: Mutex<HashMap<CertificateId, Arc<Vec<u8>>>>,
-    clock: fn() -> OffsetDateTime,
+    /// CA descriptions by id, each trusted for [`crate::trust::CA_CACHE_TIME`].
+    pub(crate) ca_cache: CaCache,
+    pub(crate) clock: fn() -> OffsetDateTime,
 }
 
-/// The verdict on a certificate before anything is written.
-enum Verdict {
-    Accept(DeviceId),
-    Reject {
-        thing: Option<DeviceId>,
-        reason: String,
-    },
+/// Who asks for the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// An event, a replay or a sweep: a certificate that is not the device's only identity
+    /// is held.
+    Automatic,
+    /// An operator's `jitr approve`: the certificate replaces the device's identity.
+    Approve(Retire),
+}
+
+/// What an approval did beyond the decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Approval {
+    /// The decision on the approved certificate.
+    pub decision: Decision,
+    /// The certificates it replaced, retired as asked.
+    pub retired: Vec<String>,
 }
 
 impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
@@ -144,10 +159,35 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         event_ca: Option<&CertificateId>,
         deadline: Instant,
     ) -> Result<Decision, ActivationError> {
+        self.logged(id, self.decide(id, event_ca, Mode::Automatic, deadline))
+            .await
+            .map(|(decision, _)| decision)
+    }
+
+    /// `jitr approve`: the same checks as any decision, but a certificate that another one
+    /// holds the device's place for is activated, and the other retired as `retire` says
+    /// (after the new one is active, so the device is never without a usable certificate).
+    pub async fn approve(
+        &self,
+        id: &CertificateId,
+        retire: Retire,
+        deadline: Instant,
+    ) -> Result<Approval, ActivationError> {
+        let (decision, retired) = self
+            .logged(id, self.decide(id, None, Mode::Approve(retire), deadline))
+            .await?;
+        Ok(Approval { decision, retired })
+    }
+
+    /// Logs how a decision ended: one line per decision, a warning for a failure or a hold.
+    async fn logged(
+        &self,
+        id: &CertificateId,
+        decision: impl std::future::Future<Output = Result<(Decision, Vec<String>), ActivationError>>,
+    ) -> Result<(Decision, Vec<String>), ActivationError> {
         let started = StdInstant::now();
-        let result = self.decide(id, event_ca, deadline).await;
-        match result {
-            Ok(decision) => Ok(self.log(decision, started)),
+        match decision.await {
+            Ok((decision, retired)) => Ok((self.log(decision, started), retired)),
             Err(error) => {
                 tracing::warn!(
                     certificate_id = %id,
@@ -162,72 +202,82 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
     }
 
     pub(crate) fn log(&self, decision: Decision, started: StdInstant) -> Decision {
-        tracing::info!(
-            certificate_id = %decision.certificate_id,
-            device_id = decision.thing_name.as_deref().unwrap_or(""),
-            outcome = decision.outcome.as_str(),
-            reason = %decision.reason,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "decision"
-        );
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let device_id = decision.thing_name.as_deref().unwrap_or("");
+        if decision.outcome == Outcome::Held {
+            tracing::warn!(
+                certificate_id = %decision.certificate_id,
+                device_id,
+                outcome = decision.outcome.as_str(),
+                reason = %decision.reason,
+                duration_ms,
+                "decision"
+            );
+        } else {
+            tracing::info!(
+                certificate_id = %decision.certificate_id,
+                device_id,
+                outcome = decision.outcome.as_str(),
+                reason = %decision.reason,
+                duration_ms,
+                "decision"
+            );
+        }
         decision
     }
 
+    /// The decision, in at most five sequential round trips when nothing else is attached to
+    /// the device's Thing: DescribeCertificate; the fleet check alongside the Thing's
+    /// principals; CreateThing alongside AttachPolicy; AttachThingPrincipal alongside the
+    /// certificate's status read again and the principals read again; UpdateCertificate
+    /// ACTIVE, always last. The CA's description is cached, so only a cold start pays for it.
     async fn decide(
         &self,
         id: &CertificateId,
         event_ca: Option<&CertificateId>,
+        mode: Mode,
         deadline: Instant,
-    ) -> Result<Decision, ActivationError> {
-        let decision = |thing: Option<&DeviceId>, outcome, reason: String| Decision {
-            certificate_id: id.to_string(),
-            thing_name: thing.map(|t| t.to_string()),
-            outcome,
-            reason,
+    ) -> Result<(Decision, Vec<String>), ActivationError> {
+        let done = |thing: Option<&DeviceId>, outcome, reason: String| {
+            Ok((decision(id, thing, outcome, reason), Vec::new()))
         };
         let cert = match self.registry.describe_certificate(id, deadline).await {
             Ok(cert) => cert,
-            Err(RegistryError::NotFound { .. }) => {
-                return Ok(decision(
+            Err(e) if e.is_not_found() => {
+                return done(
                     None,
                     Outcome::Skipped,
                     "the certificate is not registered".into(),
-                ));
+                )
             }
             Err(e) => return Err(e.into()),
         };
         match &cert.status {
             CertificateStatus::PendingActivation => {}
             CertificateStatus::Active => {
-                return Ok(decision(
+                return done(
                     None,
                     Outcome::AlreadyActive,
                     "the certificate is already active".into(),
-                ))
+                )
             }
             other => {
-                return Ok(decision(
+                return done(
                     None,
                     Outcome::Skipped,
-                    format!("the certificate is {other:?}, never reactivated"),
-                ))
+                    format!("the certificate is {other}, never reactivated"),
+                )
             }
         }
         if let (Some(event_ca), Some(registered_ca)) = (event_ca, &cert.ca_certificate_id) {
             if event_ca != registered_ca {
-                return Ok(decision(None, Outcome::Skipped, format!("the event names CA {event_ca}, the certificate is registered under {registered_ca}")));
+                return done(None, Outcome::Skipped, format!("the event names CA {event_ca}, the certificate is registered under {registered_ca}"));
             }
         }
-        let ca_id = cert.ca_certificate_id.as_ref().or(event_ca);
-
-        let verdict = match ca_id {
+        let verdict = match cert.ca_certificate_id.as_ref().or(event_ca) {
             None => Verdict::Reject {
                 thing: None,
                 reason: "the certificate is not registered under any CA".into(),
-            },
-            Some(ca_id) if !self.policy.trusted_ca_ids.contains(ca_id) => Verdict::Reject {
-                thing: None,
-                reason: format!("CA {ca_id} is not in JITR_TRUSTED_CA_IDS"),
             },
             Some(ca_id) => self.verify(id, &cert.pem, ca_id, deadline).await?,
         };
@@ -237,8 +287,11 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 return self.reject(id, thing.as_ref(), reason, deadline).await
             }
         };
-
-        let member = match self.fleet.membership(&device, deadline).await? {
+        let (membership, owners) = tokio::join!(
+            self.fleet.membership(&device, deadline),
+            self.owners(device.as_str(), &cert.arn, deadline)
+        );
+        let member = match membership? {
             Membership::Member(member) => member,
             Membership::NotMember => {
                 let reason = format!("device {device} is not in {}", self.fleet.label());
@@ -249,14 +302,83 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 return self.reject(id, Some(&device), reason, deadline).await;
             }
         };
+        let owners = owners?;
+        if mode == Mode::Automatic && !owners.contenders.is_empty() {
+            return done(
+                Some(&device),
+                Outcome::Held,
+                owners.held_reason(device.as_str()),
+            );
+        }
+        self.activate_member(id, &cert, &device, &member, owners, mode, deadline)
+            .await
+    }
 
-        self.provision(&device, &cert.arn, deadline).await?;
+    /// Provisions and activates a certificate the checks accepted, then tidies up.
+    #[allow(clippy::too_many_arguments)] // the decision's state, passed down once
+    async fn activate_member(
+        &self,
+        id: &CertificateId,
+        cert: &CertificateDescription,
+        device: &DeviceId,
+        member: &FleetMember,
+        owners: Owners,
+        mode: Mode,
+        deadline: Instant,
+    ) -> Result<(Decision, Vec<String>), ActivationError> {
+        self.provision(device, &cert.arn, deadline).await?;
+        let (attached, status, principals) = tokio::join!(
+            self.registry
+                .attach_thing_principal(device.as_str(), &cert.arn, deadline),
+            self.registry.describe_certificate(id, deadline),
+            self.attached(device.as_str(), deadline)
+        );
+        attached?;
+        let status = status?.status;
+        if status != CertificateStatus::PendingActivation {
+            // An operator (or another decision) acted meanwhile: their word stands.
+            return Ok((
+                decision(
+                    id,
+                    Some(device),
+                    Outcome::Skipped,
+                    format!("the certificate became {status} while being decided; not activated"),
+                ),
+                Vec::new(),
+            ));
+        }
+        if mode == Mode::Automatic {
+            let known: Vec<&str> = owners.leftovers.iter().map(|(_, a)| a.as_str()).collect();
+            if let Some(rival) = principals?
+                .into_iter()
+                .find(|arn| *arn != cert.arn && !known.contains(&arn.as_str()))
+            {
+                // Another certificate for this device was attached while this one was being
+                // decided: neither goes live on its own.
+                let reason = format!(
+                    "another certificate ({rival}) was attached to Thing {device} at the same time: approve one with `jitr approve --certificate-id`"
+                );
+                return Ok((
+                    decision(id, Some(device), Outcome::Held, reason),
+                    Vec::new(),
+                ));
+            }
+        }
         // Always last: until here the certificate cannot connect, whatever failed.
         self.registry
             .set_certificate_status(id, CertificateStatus::Active, deadline)
             .await?;
+        self.detach_leftovers(device.as_str(), &owners, deadline)
+            .await;
+        let retired = match mode {
+            Mode::Approve(retire) => {
+                self.retire(device.as_str(), &owners, retire, deadline)
+                    .await?
+            }
+            Mode::Automatic => Vec::new(),
+        };
         // The device is active whatever happens here: a failed write-back is only reported.
-        if let Err(error) = self.fleet.record_activation(&member, id, deadline).await {
+        if let Err(error) = self.fleet.record_activation(member, id, deadline).await {
             tracing::warn!(
                 certificate_id = %id,
                 device_id = %device,
@@ -264,98 +386,14 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 "fleet write-back failed; the device is activated all the same"
             );
         }
-        Ok(decision(
-            Some(&device),
-            Outcome::Activated,
-            format!("device {device} is in {}", self.fleet.label()),
+        let reason = format!("device {device} is in {}", self.fleet.label());
+        Ok((
+            decision(id, Some(device), Outcome::Activated, reason),
+            retired,
         ))
     }
 
-    /// Proves the certificate is ours: one certificate, the id is its hash, signed by the
-    /// trusted CA, valid now, to the device profile, CN a device id.
-    async fn verify(
-        &self,
-        id: &CertificateId,
-        pem: &str,
-        ca_id: &CertificateId,
-        deadline: Instant,
-    ) -> Result<Verdict, ActivationError> {
-        let reject = |reason: String| {
-            Ok(Verdict::Reject {
-                thing: None,
-                reason,
-            })
-        };
-        let der = match certificates_from_pem_or_der(pem.as_bytes()) {
-            Ok(certs) if certs.len() == 1 => certs.into_iter().next().unwrap_or_default(),
-            Ok(certs) => {
-                return reject(format!(
-                    "the registered PEM holds {} certificates",
-                    certs.len()
-                ))
-            }
-            Err(e) => return reject(format!("the registered PEM does not parse: {e}")),
-        };
-        if factory_ca::certificate_id(&der) != id.as_str() {
-            return reject("the registered certificate does not hash to its id".into());
-        }
-        let ca_der = self.ca_certificate(ca_id, deadline).await?;
-        let inspection = inspect_device_certificate(
-            &der,
-            &InspectOptions {
-                id_format: self.policy.id_format,
-                ca_der: Some(&ca_der),
-                now: (self.clock)(),
-            },
-        );
-        match inspection.first_failure() {
-            None => match inspection.device_id {
-                Some(device) => Ok(Verdict::Accept(device)),
-                None => reject("no device id".into()),
-            },
-            Some(f) => Ok(Verdict::Reject {
-                thing: inspection.device_id.clone(),
-                reason: format!("{}: {}", f.check, f.detail),
-            }),
-        }
-    }
-
-    async fn ca_certificate(
-        &self,
-        ca_id: &CertificateId,
-        deadline: Instant,
-    ) -> Result<Arc<Vec<u8>>, ActivationError> {
-        if let Some(der) = self
-            .ca_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(ca_id)
-        {
-            return Ok(der.clone());
-        }
-        let pem = self
-            .registry
-            .describe_ca_certificate(ca_id, deadline)
-            .await?
-            .pem;
-        let der = certificates_from_pem_or_der(pem.as_bytes())
-            .ok()
-            .and_then(|certs| certs.into_iter().next())
-            .ok_or_else(|| {
-                RegistryError::failed(
-                    "DescribeCACertificate",
-                    "the CA certificate PEM does not parse",
-                )
-            })?;
-        let der = Arc::new(der);
-        self.ca_cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(ca_id.clone(), der.clone());
-        Ok(der)
-    }
-
-    /// CreateThing (then the group) alongside AttachPolicy, then AttachThingPrincipal.
+    /// CreateThing (then the group) alongside AttachPolicy.
     async fn provision(
         &self,
         device: &DeviceId,
@@ -379,10 +417,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let attach =
             self.registry
                 .attach_policy(&self.policy.policy_name, certificate_arn, deadline);
-        tokio::try_join!(create, attach)?;
-        self.registry
-            .attach_thing_principal(&thing.name, certificate_arn, deadline)
-            .await
+        tokio::try_join!(create, attach).map(|_| ())
     }
 
     async fn reject(
@@ -391,7 +426,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         thing: Option<&DeviceId>,
         reason: String,
         deadline: Instant,
-    ) -> Result<Decision, ActivationError> {
+    ) -> Result<(Decision, Vec<String>), ActivationError> {
         let status = match self.policy.reject_action {
             RejectAction::Revoke => CertificateStatus::Revoked,
             RejectAction::Deactivate => CertificateStatus::Inactive,
@@ -399,12 +434,22 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         self.registry
             .set_certificate_status(id, status, deadline)
             .await?;
-        Ok(Decision {
-            certificate_id: id.to_string(),
-            thing_name: thing.map(|t| t.to_string()),
-            outcome: Outcome::Rejected,
-            reason,
-        })
+        Ok((decision(id, thing, Outcome::Rejected, reason), Vec::new()))
+    }
+}
+
+/// A decision on `id`.
+fn decision(
+    id: &CertificateId,
+    thing: Option<&DeviceId>,
+    outcome: Outcome,
+    reason: String,
+) -> Decision {
+    Decision {
+        certificate_id: id.to_string(),
+        thing_name: thing.map(|t| t.to_string()),
+        outcome,
+        reason,
     }
 }
 

@@ -14,6 +14,15 @@ pub enum ActivationError {
     /// The fleet check could not be answered.
     #[error("fleet check failed")]
     Fleet(#[from] FleetError),
+    /// The certificate is not valid yet, by less than the allowed clock skew: a device clock
+    /// (or ours) a little off, waited out rather than rejected for good.
+    #[error("the certificate is not valid before {not_before} ({seconds} s from now, within JITR_CLOCK_SKEW_SECONDS): left pending")]
+    NotYetValid {
+        /// notBefore, RFC 3339.
+        not_before: String,
+        /// How far ahead it is.
+        seconds: i64,
+    },
 }
 
 impl ActivationError {
@@ -22,7 +31,7 @@ impl ActivationError {
         match self {
             ActivationError::Event(_) => false,
             ActivationError::Registry(e) => e.is_retryable(),
-            ActivationError::Fleet(_) => true,
+            ActivationError::Fleet(_) | ActivationError::NotYetValid { .. } => true,
         }
     }
 

@@ -22,27 +22,31 @@ mod ids;
 mod incoming;
 #[cfg(feature = "testing")]
 pub mod memory;
+mod ownership;
 mod ports;
 pub mod registration;
 pub mod revoke;
 mod sweep;
+mod trust;
 
 pub use balena::FleetId;
 pub use config::{
     balena_fleet_from_env, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction,
     WriteBack,
 };
-pub use decision::{Activator, Decision, Outcome};
+pub use decision::{Activator, Approval, Decision, Outcome};
 pub use error::{error_chain, ActivationError};
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId};
 pub use incoming::{Incoming, ReplayRecord};
+pub use ownership::Retire;
 pub use ports::{
     CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
     CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry,
     ListedCertificate, Membership, RegistryError, ThingSpec,
 };
 pub use sweep::{SweepReport, SWEEP_DECISION_TIME};
+pub use trust::CA_CACHE_TIME;
 
 #[cfg(feature = "adapters")]
 pub use deployed::{build, build_with_sdk, DeployedActivator, FleetBackend};

@@ -277,6 +277,19 @@ pub trait IotRegistry: Send + Sync {
         status: CertificateStatus,
         deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// ListThingPrincipals: the principals (ARNs) attached to a Thing.
+    fn thing_principals(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+    /// DetachThingPrincipal.
+    fn detach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// ListCertificatesByCA, one page.
     fn list_certificates_by_ca(
         &self,
@@ -308,12 +321,6 @@ pub trait IotAdmin: IotRegistry {
         mode: &CaRegistrationMode,
         deadline: Instant,
     ) -> impl Future<Output = Result<(String, Option<String>), RegistryError>> + Send;
-    /// ListThingPrincipals: the principals (ARNs) attached to a Thing.
-    fn thing_principals(
-        &self,
-        thing: &str,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
     /// ListPrincipalThings: the Things a principal is attached to.
     fn principal_things(
         &self,
@@ -330,13 +337,6 @@ pub trait IotAdmin: IotRegistry {
     fn detach_policy(
         &self,
         policy: &str,
-        certificate_arn: &str,
-        deadline: Instant,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    /// DetachThingPrincipal.
-    fn detach_thing_principal(
-        &self,
-        thing: &str,
         certificate_arn: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;

@@ -21,6 +21,8 @@ pub struct SweepReport {
     pub activated: usize,
     /// Rejected now (revoked or deactivated).
     pub rejected: usize,
+    /// Held: another certificate is the device's identity (`jitr approve` decides).
+    pub held: usize,
     /// Skipped or found already active by the time their turn came.
     pub skipped: usize,
     /// Certificates whose decision failed (still pending): id and reason.
@@ -109,6 +111,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                     match decision.outcome {
                         Outcome::Activated => report.activated += 1,
                         Outcome::Rejected => report.rejected += 1,
+                        Outcome::Held => report.held += 1,
                         Outcome::AlreadyActive | Outcome::Skipped => report.skipped += 1,
                     }
                     report.decisions.push(decision);

@@ -1391,6 +1391,8 @@ fn policy(pki: &Pki) -> Policy {
         thing_type: None,
         thing_group: Some("devices".into()),
         id_format: factory_ca::IdFormat::BalenaUuid,
+        clock_skew: time::Duration::minutes(5),
+        max_validity_days: factory_ca::DEFAULT_MAX_DEVICE_DAYS,
     }
 }
 

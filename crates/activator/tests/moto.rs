@@ -454,6 +454,25 @@ impl CrashAt<'_> {
 }
 
 impl IotRegistry for CrashAt<'_> {
+    async fn thing_principals(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> Result<Vec<String>, RegistryError> {
+        self.check("ListThingPrincipals")?;
+        self.inner.thing_principals(thing, deadline).await
+    }
+    async fn detach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        self.check("DetachThingPrincipal")?;
+        self.inner
+            .detach_thing_principal(thing, certificate_arn, deadline)
+            .await
+    }
     async fn describe_certificate(
         &self,
         id: &CertificateId,

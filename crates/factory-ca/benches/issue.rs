@@ -145,6 +145,7 @@ fn main() {
             days: 1826,
         }),
         protection: KeyProtection::InsecurePlaintext,
+        root_protection: None,
     }
     .run(OffsetDateTime::now_utc())
     .expect("ca init");

@@ -10,7 +10,9 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::keys::{generate_ca_key, load_private_key, store_private_key, DeviceKey};
+use zeroize::Zeroizing;
+
+use crate::keys::{generate_ca_key, load_private_key, store_private_key, DeviceKey, KeyRole};
 use crate::random::random_bytes;
 use crate::write::{create_dir, write_file_atomic};
 use crate::{Error, KeyAlgorithm, KeyProtection, Passphrase, Profile, Subject};
@@ -40,8 +42,11 @@ pub struct CaInit {
     pub root_days: u32,
     /// With `Some`, an issuing CA below the root signs the devices.
     pub issuing: Option<IssuingCa>,
-    /// How the private keys are stored.
+    /// How the key of the CA that signs devices is stored.
     pub protection: KeyProtection,
+    /// How the offline root's key is stored (required with an issuing CA): a passphrase of
+    /// its own, never the issuing CA's.
+    pub root_protection: Option<KeyProtection>,
 }
 
 /// Subject, key and validity of the issuing CA.
@@ -110,6 +115,17 @@ impl CaInit {
     pub fn run(&self, now: OffsetDateTime) -> Result<CaFiles, Error> {
         let ca_key_path = self.dir.join(CA_KEY_FILE);
         let root_key_path = self.dir.join(ROOT_KEY_FILE);
+        if self.issuing.is_some() {
+            match (&self.protection, &self.root_protection) {
+                (_, None) => return Err(Error::RootPassphraseRequired),
+                (KeyProtection::Encrypted(ca), Some(KeyProtection::Encrypted(root)))
+                    if ca.expose() == root.expose() =>
+                {
+                    return Err(Error::RootPassphraseRequired)
+                }
+                _ => {}
+            }
+        }
         for path in [&ca_key_path, &root_key_path] {
             if path.exists() {
                 return Err(Error::CaExists { path: path.clone() });
@@ -126,7 +142,8 @@ impl CaInit {
         match &self.issuing {
             None => {
                 write_file_atomic(&ca_cert_path, root_cert.pem().as_bytes(), 0o644, true)?;
-                store_private_key(&ca_key_path, &root_key.serialize_der(), &self.protection)?;
+                let der = Zeroizing::new(root_key.serialize_der());
+                store_private_key(&ca_key_path, &der, &self.protection, KeyRole::SigningCa)?;
                 Ok(CaFiles {
                     ca_cert: ca_cert_path,
                     ca_key: ca_key_path,
@@ -142,8 +159,19 @@ impl CaInit {
                 let root_cert_path = self.dir.join(ROOT_CERT_FILE);
                 write_file_atomic(&root_cert_path, root_cert.pem().as_bytes(), 0o644, true)?;
                 write_file_atomic(&ca_cert_path, cert.pem().as_bytes(), 0o644, true)?;
-                store_private_key(&root_key_path, &root_key.serialize_der(), &self.protection)?;
-                store_private_key(&ca_key_path, &key.serialize_der(), &self.protection)?;
+                let root_protection = self
+                    .root_protection
+                    .as_ref()
+                    .ok_or(Error::RootPassphraseRequired)?;
+                let root_der = Zeroizing::new(root_key.serialize_der());
+                store_private_key(
+                    &root_key_path,
+                    &root_der,
+                    root_protection,
+                    KeyRole::OfflineRoot,
+                )?;
+                let der = Zeroizing::new(key.serialize_der());
+                store_private_key(&ca_key_path, &der, &self.protection, KeyRole::SigningCa)?;
                 Ok(CaFiles {
                     ca_cert: ca_cert_path,
                     ca_key: ca_key_path,
@@ -161,6 +189,8 @@ pub struct Ca {
     pub(crate) cert_pem: String,
     pub(crate) cert_der: Vec<u8>,
     pub(crate) profile: Profile,
+    /// The CA certificate's notAfter: no device it signs may outlive it.
+    pub(crate) not_after: OffsetDateTime,
 }
 
 impl std::fmt::Debug for Ca {
@@ -218,6 +248,7 @@ impl Ca {
                 key_path.display()
             )));
         }
+        let not_after = cert.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)?;
         let cert_pem = pem_encode("CERTIFICATE", &cert_der);
         Ok(Ca {
@@ -226,6 +257,7 @@ impl Ca {
             cert_pem,
             cert_der,
             profile,
+            not_after,
         })
     }
 
@@ -247,6 +279,11 @@ impl Ca {
     /// The folder this CA was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CA certificate's notAfter.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
     }
 
     /// The verification certificate AWS IoT asks for: CN = the registration code, signed by

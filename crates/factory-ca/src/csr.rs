@@ -10,6 +10,23 @@ use crate::issue::{check_new_ids, write_device};
 use crate::write::create_dir;
 use crate::{Ca, DeviceId, Error, IdFormat, IssuedDevice, Manifest};
 
+/// How [`Ca::sign_csr_recorded`] signs and records.
+#[derive(Debug, Clone)]
+pub struct CsrOptions<'a> {
+    /// The folder holding `manifest.jsonl` (and `<id>/` with `write_folder`).
+    pub devices: &'a Path,
+    /// Write `devices/<id>/{device.crt, chain.pem}`.
+    pub write_folder: bool,
+    /// Validity in days.
+    pub days: u32,
+    /// Sign again for an id the manifest holds.
+    pub force: bool,
+    /// The device id the CSR must name.
+    pub expect_id: Option<&'a DeviceId>,
+    /// Issuance time.
+    pub now: OffsetDateTime,
+}
+
 /// Parses a PEM or DER CSR, checks its self-signature and key, and returns the device id
 /// (its CN) and its SubjectPublicKeyInfo DER.
 fn parse_csr(bytes: &[u8], format: IdFormat) -> Result<(DeviceId, Vec<u8>), Error> {
@@ -62,22 +79,31 @@ impl Ca {
         self.sign_device(&id, &public_key, days, now, None)
     }
 
-    /// Signs a CSR and records it like `issue` does: `out/<id>/{device.crt, chain.pem}` and a
-    /// manifest line; refuses an id already issued unless `force`.
-    pub fn sign_csr_into(
+    /// Signs a CSR and records it like `issue` does, in `opts.devices/manifest.jsonl` (and,
+    /// with `opts.write_folder`, `devices/<id>/{device.crt, chain.pem}`); refuses an id already
+    /// issued unless `opts.force`, and a CSR whose CN is not `opts.expect_id` when given.
+    /// Nothing is written when a check fails.
+    pub fn sign_csr_recorded(
         &self,
         csr: &[u8],
-        out: &Path,
-        days: u32,
-        force: bool,
-        now: OffsetDateTime,
+        opts: &CsrOptions<'_>,
     ) -> Result<IssuedDevice, Error> {
-        let issued = self.sign_csr(csr, days, now)?;
-        create_dir(out)?;
-        let mut manifest = Manifest::open(out)?;
-        let id = DeviceId::parse(&issued.entry.id, crate::IdFormat::Any)?;
-        check_new_ids([&id], &manifest, force)?;
-        write_device(out, &issued)?;
+        let (id, _) = parse_csr(csr, self.profile.device.id_format)?;
+        if let Some(expected) = opts.expect_id {
+            if *expected != id {
+                return Err(Error::UnexpectedCsrId {
+                    expected: expected.to_string(),
+                    found: id.to_string(),
+                });
+            }
+        }
+        create_dir(opts.devices)?;
+        let mut manifest = Manifest::open(opts.devices)?;
+        check_new_ids([&id], &manifest, opts.force)?;
+        let issued = self.sign_csr(csr, opts.days, opts.now)?;
+        if opts.write_folder {
+            write_device(opts.devices, &issued)?;
+        }
         manifest.append(&issued.entry)?;
         manifest.flush()?;
         Ok(issued)

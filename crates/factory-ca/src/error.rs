@@ -57,6 +57,9 @@ pub enum Error {
     /// A CSR's self-signature does not verify with its own key.
     #[error("CSR signature does not verify with the key it carries")]
     CsrSignature,
+    /// A CSR naming another device than the one expected.
+    #[error("the CSR is for device {found}, not {expected}")]
+    UnexpectedCsrId { expected: String, found: String },
     /// The id is already in the manifest.
     #[error("device {id} was already issued (in {}); use --force to issue it again", manifest.display())]
     AlreadyIssued { id: String, manifest: PathBuf },
@@ -84,6 +87,18 @@ pub enum Error {
         subject: String,
         reason: &'static str,
     },
+    /// The CA can sign nothing any more.
+    #[error("the CA expired at {not_after}: it can sign no device")]
+    CaExpired { not_after: String },
+    /// A validity longer than the profile allows.
+    #[error("{days} days is longer than the profile's maximum device validity of {max} days")]
+    ValidityTooLong { days: u32, max: u32 },
+    /// A passphrase too short for a new key.
+    #[error("a CA key passphrase needs at least {min} characters")]
+    WeakPassphrase { min: usize },
+    /// An issuing CA without a root passphrase of its own.
+    #[error("the offline root needs its own passphrase, different from the issuing CA's")]
+    RootPassphraseRequired,
     /// A validity period is out of range.
     #[error("invalid validity: {reason}")]
     Validity { reason: &'static str },

@@ -88,6 +88,12 @@ pub struct Inspection {
     pub device_id: Option<DeviceId>,
     /// Lowercase hex SHA-256 of the DER (the AWS IoT certificate id).
     pub certificate_id: String,
+    /// notBefore, when the certificate parses.
+    #[serde(skip)]
+    pub not_before: Option<OffsetDateTime>,
+    /// notAfter, when the certificate parses.
+    #[serde(skip)]
+    pub not_after: Option<OffsetDateTime>,
 }
 
 fn ser_id<S: serde::Serializer>(id: &Option<DeviceId>, s: S) -> Result<S::Ok, S::Error> {
@@ -118,6 +124,8 @@ pub struct InspectOptions<'a> {
     pub ca_der: Option<&'a [u8]>,
     /// The time validity is judged at.
     pub now: OffsetDateTime,
+    /// The longest validity (notBefore to notAfter) the profile allows, in days.
+    pub max_validity_days: Option<u32>,
 }
 
 struct Findings(Vec<Finding>);
@@ -159,6 +167,8 @@ pub fn inspect_device_certificate(der: &[u8], opts: &InspectOptions<'_>) -> Insp
                 findings: out.0,
                 device_id: None,
                 certificate_id,
+                not_before: None,
+                not_after: None,
             };
         }
     };
@@ -177,17 +187,22 @@ pub fn inspect_device_certificate(der: &[u8], opts: &InspectOptions<'_>) -> Insp
     out.push(Check::KeyUsage, key_usage(&cert));
     out.push(Check::ExtendedKeyUsage, extended_key_usage(&cert));
     out.push(Check::CriticalExtensions, critical_extensions(&cert));
-    out.push(Check::Validity, validity(&cert, opts.now));
+    out.push(
+        Check::Validity,
+        validity(&cert, opts.now, opts.max_validity_days),
+    );
     let (cn_result, device_id) = common_name(&cert, opts.id_format);
     out.push(Check::CommonName, cn_result);
     out.push(Check::Serial, serial(cert.raw_serial()));
     if let Some(ca_der) = opts.ca_der {
-        out.push(Check::Issuer, issued_by(&cert, ca_der));
+        out.push(Check::Issuer, issued_by(&cert, ca_der, opts.now));
     }
     Inspection {
         findings: out.0,
         device_id,
         certificate_id,
+        not_before: Some(cert.validity().not_before.to_datetime()),
+        not_after: Some(cert.validity().not_after.to_datetime()),
     }
 }
 
@@ -334,16 +349,29 @@ fn critical_extensions(cert: &X509Certificate<'_>) -> Result<String, String> {
     }
 }
 
-fn validity(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<String, String> {
+/// A time as RFC 3339 text.
+pub fn show_time(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+fn validity(
+    cert: &X509Certificate<'_>,
+    now: OffsetDateTime,
+    max_days: Option<u32>,
+) -> Result<String, String> {
     let v = cert.validity();
     let (nb, na) = (v.not_before.to_datetime(), v.not_after.to_datetime());
-    let show = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_else(|_| t.to_string());
+    let days = (na - nb).whole_days();
     if now < nb {
-        Err(format!("not valid before {}", show(nb)))
+        Err(format!("not valid before {}", show_time(nb)))
     } else if now > na {
-        Err(format!("expired at {}", show(na)))
+        Err(format!("expired at {}", show_time(na)))
+    } else if let Some(max) = max_days.filter(|max| days > i64::from(*max)) {
+        Err(format!(
+            "valid for {days} days, longer than the profile's maximum of {max}"
+        ))
     } else {
-        Ok(format!("{} to {}", show(nb), show(na)))
+        Ok(format!("{} to {}", show_time(nb), show_time(na)))
     }
 }
 
@@ -403,11 +431,34 @@ fn extension_key_id<'a>(cert: &'a X509Certificate<'_>, oid: &Oid<'_>) -> Option<
     }
 }
 
-fn issued_by(cert: &X509Certificate<'_>, ca_der: &[u8]) -> Result<String, String> {
+fn issued_by(
+    cert: &X509Certificate<'_>,
+    ca_der: &[u8],
+    now: OffsetDateTime,
+) -> Result<String, String> {
     let (_, ca) = X509Certificate::from_der(ca_der)
         .map_err(|e| format!("the CA certificate does not parse: {e}"))?;
     if !ca.is_ca() {
         return Err("the given CA certificate is not a CA".into());
+    }
+    let ca_validity = ca.validity();
+    let ca_not_after = ca_validity.not_after.to_datetime();
+    if now > ca_not_after {
+        return Err(format!("the CA expired at {}", show_time(ca_not_after)));
+    }
+    if now < ca_validity.not_before.to_datetime() {
+        return Err(format!(
+            "the CA is not valid before {}",
+            show_time(ca_validity.not_before.to_datetime())
+        ));
+    }
+    let device_not_after = cert.validity().not_after.to_datetime();
+    if device_not_after > ca_not_after {
+        return Err(format!(
+            "it outlives its CA: notAfter {} is after the CA's {}",
+            show_time(device_not_after),
+            show_time(ca_not_after)
+        ));
     }
     if cert.issuer().as_raw() != ca.subject().as_raw() {
         return Err(format!(

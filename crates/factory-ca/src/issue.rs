@@ -30,6 +30,9 @@ pub struct IssuedDevice {
     pub chain_pem: String,
     /// The manifest line.
     pub entry: ManifestEntry,
+    /// Set when the validity asked for would have outlived the CA: notAfter was cut to the
+    /// CA's own, this date.
+    pub capped_at: Option<OffsetDateTime>,
 }
 
 impl std::fmt::Debug for IssuedDevice {
@@ -64,7 +67,23 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
+        if days > self.profile.device.max_days {
+            return Err(Error::ValidityTooLong {
+                days,
+                max: self.profile.device.max_days,
+            });
+        }
+        if now >= self.not_after {
+            return Err(Error::CaExpired {
+                not_after: rfc3339(self.not_after),
+            });
+        }
         (params.not_before, params.not_after) = validity(now, days)?;
+        // A device never outlives the CA that vouches for it.
+        let capped_at = (params.not_after > self.not_after).then_some(self.not_after);
+        if let Some(cap) = capped_at {
+            params.not_after = cap;
+        }
         let serial = random_serial()?;
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
@@ -87,6 +106,7 @@ impl Ca {
             cert_pem,
             chain_pem,
             entry,
+            capped_at,
         })
     }
 
@@ -167,6 +187,9 @@ pub struct BatchReport {
     pub issued: Vec<ManifestEntry>,
     /// Devices that failed; nothing was written for them.
     pub failures: Vec<DeviceFailure>,
+    /// Set when notAfter was cut to the CA's own (this date) because the validity asked for
+    /// would have outlived it.
+    pub capped_at: Option<OffsetDateTime>,
 }
 
 /// Refuses duplicates within `ids` and, unless `force`, ids the manifest already holds.
@@ -208,6 +231,7 @@ fn record(
         }
         Ok(issued) => match manifest.append(&issued.entry) {
             Ok(()) => {
+                report.capped_at = report.capped_at.or(issued.capped_at);
                 report.issued.push(issued.entry);
                 return;
             }

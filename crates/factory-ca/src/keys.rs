@@ -14,6 +14,7 @@ use rcgen::{PublicKeyData, SignatureAlgorithm};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::random::random_bytes;
 use crate::write::write_file_atomic;
 use crate::Error;
 
@@ -69,8 +70,23 @@ impl fmt::Display for KeyAlgorithm {
 #[derive(Clone)]
 pub struct Passphrase(Zeroizing<String>);
 
+/// The shortest passphrase a new CA key may be encrypted with.
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
+
 impl Passphrase {
-    /// Wraps a passphrase, rejecting empty ones.
+    /// A passphrase for a new key: at least [`MIN_PASSPHRASE_CHARS`] characters.
+    pub fn for_new_key(secret: String) -> Result<Self, Error> {
+        let pass = Passphrase::new(secret)?;
+        if pass.0.chars().count() < MIN_PASSPHRASE_CHARS {
+            return Err(Error::WeakPassphrase {
+                min: MIN_PASSPHRASE_CHARS,
+            });
+        }
+        Ok(pass)
+    }
+
+    /// Wraps a passphrase, rejecting empty ones (a key written by an earlier version may have
+    /// a shorter one: it still unlocks).
     pub fn new(secret: String) -> Result<Self, Error> {
         let secret = Zeroizing::new(secret);
         // A trailing newline is an artefact of `echo pass > file`, not part of the secret.
@@ -100,10 +116,33 @@ impl fmt::Debug for Passphrase {
 /// How a CA private key is stored on disk.
 #[derive(Debug, Clone)]
 pub enum KeyProtection {
-    /// Encrypted PKCS#8 (PBES2: scrypt + AES-256-CBC).
+    /// Encrypted PKCS#8: PBES2 with PBKDF2-HMAC-SHA256 and AES-256-CBC, which OpenSSL 3 reads
+    /// (`openssl pkey`); the iteration count follows the key's [`KeyRole`].
     Encrypted(Passphrase),
     /// Plain PKCS#8; only on the operator's explicit request.
     InsecurePlaintext,
+}
+
+/// Which CA a key belongs to, which sets how hard its passphrase is to guess at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRole {
+    /// The CA that signs devices: PBKDF2 at OWASP's 600,000 iterations (2023 advice for
+    /// PBKDF2-HMAC-SHA256), unlocked for every batch.
+    SigningCa,
+    /// The offline root: unlocked rarely, so a much higher cost.
+    OfflineRoot,
+}
+
+impl KeyRole {
+    /// PBKDF2-HMAC-SHA256 iterations for this role. (scrypt would be stronger per second, but
+    /// OpenSSL 3 caps scrypt at 32 MiB, so anything above N=2^14 could not be read by
+    /// `openssl pkey`.)
+    pub fn pbkdf2_iterations(self) -> u32 {
+        match self {
+            KeyRole::SigningCa => 600_000,
+            KeyRole::OfflineRoot => 2_000_000,
+        }
+    }
 }
 
 const ENCRYPTED_LABEL: &str = "ENCRYPTED PRIVATE KEY";
@@ -114,15 +153,30 @@ pub(crate) fn store_private_key(
     path: &Path,
     pkcs8_der: &[u8],
     protection: &KeyProtection,
+    role: KeyRole,
 ) -> Result<(), Error> {
     let pem = match protection {
         KeyProtection::Encrypted(pass) => {
             let info = PrivateKeyInfoRef::try_from(pkcs8_der).map_err(|_| Error::Crypto {
                 op: "encode PKCS#8",
             })?;
-            let doc = info.encrypt(pass.bytes()).map_err(|_| Error::Crypto {
-                op: "encrypt PKCS#8",
+            let mut salt = [0u8; 16];
+            let mut iv = [0u8; 16];
+            random_bytes(&mut salt)?;
+            random_bytes(&mut iv)?;
+            let params = pkcs8::pkcs5::pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(
+                role.pbkdf2_iterations(),
+                &salt,
+                iv,
+            )
+            .map_err(|_| Error::Crypto {
+                op: "PBES2 parameters",
             })?;
+            let doc = info
+                .encrypt_with_params(params, pass.bytes())
+                .map_err(|_| Error::Crypto {
+                    op: "encrypt PKCS#8",
+                })?;
             Zeroizing::new(
                 pkcs8::der::pem::encode_string(ENCRYPTED_LABEL, LineEnding::LF, doc.as_bytes())
                     .map_err(|_| Error::Crypto { op: "PEM encode" })?,
@@ -235,6 +289,7 @@ mod tests {
             &path,
             &key.serialize_der(),
             &KeyProtection::Encrypted(pass.clone()),
+            KeyRole::SigningCa,
         )
         .unwrap();
 
@@ -264,6 +319,7 @@ mod tests {
             &path,
             &key.serialize_der(),
             &KeyProtection::InsecurePlaintext,
+            KeyRole::SigningCa,
         )
         .unwrap();
         assert_eq!(
@@ -271,6 +327,79 @@ mod tests {
             0o600
         );
         assert!(load_private_key(&path, None).is_ok());
+    }
+
+    #[test]
+    fn keys_are_wrapped_with_pbkdf2_at_the_roles_cost_and_openssl_reads_them() {
+        use pkcs8::pkcs5::pbes2;
+        let dir = tempfile::tempdir().unwrap();
+        let pass = Passphrase::for_new_key("correct horse battery".into()).unwrap();
+        std::fs::write(dir.path().join("pass"), "correct horse battery").unwrap();
+        for (role, iterations) in [
+            (KeyRole::SigningCa, 600_000),
+            (KeyRole::OfflineRoot, 2_000_000),
+        ] {
+            let path = dir.path().join(format!("{role:?}.key"));
+            let key = generate_ca_key(KeyAlgorithm::P256).unwrap();
+            store_private_key(
+                &path,
+                &key.serialize_der(),
+                &KeyProtection::Encrypted(pass.clone()),
+                role,
+            )
+            .unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let (_, doc) = pkcs8::SecretDocument::from_pem(&text).unwrap();
+            let info = pkcs8::EncryptedPrivateKeyInfoRef::try_from(doc.as_bytes()).unwrap();
+            let params = info.encryption_algorithm.pbes2().expect("PBES2");
+            let kdf = params.kdf.pbkdf2().expect("PBKDF2");
+            assert_eq!(kdf.iteration_count, iterations);
+            assert!(matches!(
+                params.encryption,
+                pbes2::EncryptionScheme::Aes256Cbc { .. }
+            ));
+            // OpenSSL 3 (what `openssl pkey` runs) reads it with the passphrase.
+            let out = std::process::Command::new("openssl")
+                .args(["pkey", "-noout", "-passin"])
+                .arg(format!("file:{}", dir.path().join("pass").display()))
+                .arg("-in")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn keys_written_by_earlier_versions_with_scrypt_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.key");
+        let key = generate_ca_key(KeyAlgorithm::P256).unwrap();
+        let der = key.serialize_der();
+        // What jitr wrote before: pkcs8's default PBES2, scrypt N=2^14 with AES-256-CBC.
+        let doc = PrivateKeyInfoRef::try_from(der.as_slice())
+            .unwrap()
+            .encrypt("short".as_bytes())
+            .unwrap();
+        let pem = pkcs8::der::pem::encode_string(ENCRYPTED_LABEL, LineEnding::LF, doc.as_bytes())
+            .unwrap();
+        std::fs::write(&path, pem).unwrap();
+        let pass = Passphrase::new("short".into()).unwrap();
+        let loaded = load_private_key(&path, Some(&pass)).unwrap();
+        assert_eq!(loaded.public_key_raw(), key.public_key_raw());
+    }
+
+    #[test]
+    fn new_keys_need_a_passphrase_of_twelve_characters() {
+        assert!(matches!(
+            Passphrase::for_new_key("eleven char".into()),
+            Err(Error::WeakPassphrase { min: 12 })
+        ));
+        assert!(Passphrase::for_new_key("twelve chars".into()).is_ok());
     }
 
     #[test]

@@ -22,16 +22,17 @@ pub use ca::{
     read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE,
     ROOT_KEY_FILE,
 };
+pub use csr::CsrOptions;
 pub use error::Error;
 pub use id::{DeviceId, IdFormat};
 pub use inspect::{
-    certificates_from_pem_or_der, inspect_device_certificate, Check, Finding, InspectOptions,
-    Inspection,
+    certificates_from_pem_or_der, inspect_device_certificate, show_time, Check, Finding,
+    InspectOptions, Inspection,
 };
 pub use issue::{issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDevice};
-pub use keys::{KeyAlgorithm, KeyProtection, Passphrase};
+pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
 pub use manifest::{certificate_id, Manifest, ManifestEntry, MANIFEST_FILE};
-pub use profile::{Profile, Subject, PROFILE_FILE};
+pub use profile::{Profile, Subject, DEFAULT_MAX_DEVICE_DAYS, PROFILE_FILE};
 pub use write::write_file_atomic;
 
 /// Result alias for this crate.

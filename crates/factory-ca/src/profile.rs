@@ -12,6 +12,10 @@ use crate::{Error, IdFormat, KeyAlgorithm};
 /// Name of the profile file inside a CA folder.
 pub const PROFILE_FILE: &str = "profile.toml";
 
+/// The longest device validity unless the profile says otherwise: ten years (and the two leap
+/// days in them), the default validity.
+pub const DEFAULT_MAX_DEVICE_DAYS: u32 = 10 * 365 + 2;
+
 /// Defaults for subjects, key types and validity, read from `ca/profile.toml` when present.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Profile {
@@ -41,6 +45,9 @@ pub struct DeviceProfile {
     pub key: KeyAlgorithm,
     /// Validity in days.
     pub days: u32,
+    /// The longest validity a device certificate may have, in days: issuance refuses more and
+    /// inspection (and so the activator) rejects a certificate valid for longer.
+    pub max_days: u32,
     /// Accepted device ids.
     pub id_format: IdFormat,
 }
@@ -61,6 +68,7 @@ impl Default for Profile {
             device: DeviceProfile {
                 key: KeyAlgorithm::P256,
                 days: 10 * 365 + 2,
+                max_days: DEFAULT_MAX_DEVICE_DAYS,
                 id_format: IdFormat::BalenaUuid,
             },
         }
@@ -84,6 +92,7 @@ impl Profile {
         let d = file.device;
         profile.device.key = d.key.unwrap_or(profile.device.key);
         profile.device.days = d.days.unwrap_or(profile.device.days);
+        profile.device.max_days = d.max_days.unwrap_or(profile.device.max_days);
         profile.device.id_format = d.id_format.unwrap_or(profile.device.id_format);
         Subject::from_str(&profile.root.subject)?;
         Subject::from_str(&profile.issuing_ca.subject)?;
@@ -121,6 +130,7 @@ impl CaSection {
 struct DeviceSection {
     key: Option<KeyAlgorithm>,
     days: Option<u32>,
+    max_days: Option<u32>,
     id_format: Option<IdFormat>,
 }
 

@@ -12,8 +12,8 @@ use std::process::Command;
 use ::time::{Duration, OffsetDateTime};
 use factory_ca::{
     certificate_id, certificates_from_pem_or_der, inspect_device_certificate, issue_batch,
-    BatchOptions, Ca, CaInit, DeviceId, IdFormat, InspectOptions, IssuingCa, KeyAlgorithm,
-    KeyProtection, ManifestEntry, Passphrase,
+    BatchOptions, Ca, CaInit, Check, CsrOptions, DeviceId, Error, IdFormat, InspectOptions,
+    IssuingCa, KeyAlgorithm, KeyProtection, ManifestEntry, Passphrase, DEFAULT_MAX_DEVICE_DAYS,
 };
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::oid_registry::{OID_EC_P256, OID_NIST_EC_P384};
@@ -37,6 +37,9 @@ fn init(dir: &Path, issuing: bool) -> CaInit {
             days: 1826,
         }),
         protection: KeyProtection::Encrypted(pass()),
+        root_protection: Some(KeyProtection::Encrypted(
+            Passphrase::new(format!("{PASS} for the root")).unwrap(),
+        )),
     }
 }
 
@@ -210,9 +213,13 @@ fn single_ca_matches_the_root_profile_and_its_key_is_encrypted_pkcs8() {
         "-noout",
     ]);
     assert!(!ok);
+    // PBES2: PBKDF2-HMAC-SHA256 at 600,000 iterations (0x927C0), AES-256-CBC.
     let (ok, text) = openssl(&["asn1parse", "-in", path_str(&files.ca_key)]);
     assert!(
-        ok && text.contains(":scrypt") && text.contains("aes-256-cbc"),
+        ok && text.contains(":PBKDF2")
+            && text.contains(":0927C0")
+            && text.contains("hmacWithSHA256")
+            && text.contains("aes-256-cbc"),
         "{text}"
     );
 
@@ -323,7 +330,13 @@ fn check_device_dir(
     assert!(ski(&cert).is_some());
     assert_eq!(aki(&cert), ski(ca));
     assert_eq!(curve(&cert), "P-256");
-    assert_validity(&cert, 3652, now);
+    // Ten years, unless the CA ends sooner: a device never outlives it.
+    let ca_end = ca.validity().not_after.to_datetime();
+    if now + Duration::days(3652) <= ca_end {
+        assert_validity(&cert, 3652, now);
+    } else {
+        assert_eq!(cert.validity().not_after.to_datetime(), ca_end);
+    }
     cert.verify_signature(Some(ca.public_key())).unwrap();
 
     // The key file is PKCS#8 and belongs to the certificate.
@@ -383,6 +396,7 @@ fn device_certificates_match_the_profile_and_verify_with_openssl() {
                 id_format: IdFormat::BalenaUuid,
                 ca_der: Some(&ca_der),
                 now,
+                max_validity_days: Some(factory_ca::DEFAULT_MAX_DEVICE_DAYS),
             },
         );
         assert!(inspection.passed(), "{:?}", inspection.first_failure());
@@ -584,6 +598,7 @@ fn csr_path_signs_the_devices_own_key_and_rejects_weak_or_forged_requests() {
                 id_format: IdFormat::BalenaUuid,
                 ca_der: Some(&ca_der),
                 now,
+                max_validity_days: Some(factory_ca::DEFAULT_MAX_DEVICE_DAYS),
             },
         );
         assert!(inspection.passed(), "{:?}", inspection.first_failure());
@@ -636,7 +651,7 @@ fn csr_path_signs_the_devices_own_key_and_rejects_weak_or_forged_requests() {
 }
 
 #[test]
-fn csr_into_devices_records_the_manifest_and_refuses_duplicates() {
+fn every_csr_signing_is_recorded_and_a_second_one_for_an_id_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     init(tmp.path(), false)
         .run(OffsetDateTime::now_utc())
@@ -649,23 +664,112 @@ fn csr_into_devices_records_the_manifest_and_refuses_duplicates() {
         &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
         &uuid(9),
     );
+    let opts = |write_folder, force, expect_id| CsrOptions {
+        devices: &out,
+        write_folder,
+        days: 365,
+        force,
+        expect_id,
+        now: OffsetDateTime::now_utc(),
+    };
     let issued = ca
-        .sign_csr_into(&csr, &out, 365, false, OffsetDateTime::now_utc())
+        .sign_csr_recorded(&csr, &opts(true, false, None))
         .unwrap();
     assert!(!out.join(uuid(9)).join("device.key").exists());
     assert_eq!(
         certificate_id(&der_of(&out.join(uuid(9)).join("device.crt"))),
         issued.entry.certificate_id
     );
-    assert_eq!(manifest(&out), vec![issued.entry]);
-    assert!(ca
-        .sign_csr_into(&csr, &out, 365, false, OffsetDateTime::now_utc())
-        .unwrap_err()
-        .to_string()
-        .contains("already issued"));
-    assert!(ca
-        .sign_csr_into(&csr, &out, 365, true, OffsetDateTime::now_utc())
-        .is_ok());
+    assert_eq!(manifest(&out), vec![issued.entry.clone()]);
+    // Written elsewhere (`--out`) or to the folder, an id issued before is refused...
+    for write_folder in [false, true] {
+        assert!(ca
+            .sign_csr_recorded(&csr, &opts(write_folder, false, None))
+            .unwrap_err()
+            .to_string()
+            .contains("already issued"));
+    }
+    // ...unless forced, and then recorded too, even without a folder.
+    let again = ca
+        .sign_csr_recorded(&csr, &opts(false, true, None))
+        .unwrap();
+    assert_eq!(manifest(&out), vec![issued.entry, again.entry]);
+
+    // A CSR for another device than the one expected: refused, nothing written.
+    let other = DeviceId::parse(&uuid(10), IdFormat::BalenaUuid).unwrap();
+    let csr10 = openssl_csr(
+        tmp.path(),
+        "e",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        &uuid(11),
+    );
+    let err = ca
+        .sign_csr_recorded(&csr10, &opts(true, false, Some(&other)))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("the CSR is for device {}, not {}", uuid(11), uuid(10))
+    );
+    assert_eq!(manifest(&out).len(), 2);
+    assert!(!out.join(uuid(11)).exists());
+}
+
+#[test]
+fn devices_never_outlive_their_ca_nor_the_profiles_maximum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut short = init(tmp.path(), false);
+    short.root_days = 30;
+    short.run(OffsetDateTime::now_utc()).unwrap();
+    let ca = Ca::load(tmp.path(), Some(&pass())).unwrap();
+    let id = DeviceId::parse(&uuid(1), IdFormat::BalenaUuid).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let issued = ca.issue_device(&id, KeyAlgorithm::P256, 365, now).unwrap();
+    assert_eq!(issued.capped_at, Some(ca.not_after()));
+    let (_, cert) = X509Certificate::from_der(&issued.cert_der).unwrap();
+    assert_eq!(cert.validity().not_after.to_datetime(), ca.not_after());
+
+    let err = ca
+        .issue_device(&id, KeyAlgorithm::P256, DEFAULT_MAX_DEVICE_DAYS + 1, now)
+        .unwrap_err();
+    assert!(matches!(err, Error::ValidityTooLong { .. }), "{err}");
+
+    // Past the CA's end: nothing is signed.
+    let later = ca.not_after() + Duration::days(1);
+    let err = ca
+        .issue_device(&id, KeyAlgorithm::P256, 10, later)
+        .unwrap_err();
+    assert!(matches!(err, Error::CaExpired { .. }), "{err}");
+
+    // Inspection says the same of certificates made elsewhere.
+    let ca_der = ca.cert_der().to_vec();
+    let inspect = |der: &[u8], now, max| {
+        inspect_device_certificate(
+            der,
+            &InspectOptions {
+                id_format: IdFormat::BalenaUuid,
+                ca_der: Some(&ca_der),
+                now,
+                max_validity_days: max,
+            },
+        )
+    };
+    let capped = inspect(&issued.cert_der, now, Some(DEFAULT_MAX_DEVICE_DAYS));
+    assert!(capped.passed(), "{:?}", capped.first_failure());
+    let too_long = inspect(&issued.cert_der, now, Some(10));
+    assert_eq!(too_long.first_failure().unwrap().check, Check::Validity);
+    assert!(too_long
+        .first_failure()
+        .unwrap()
+        .detail
+        .contains("longer than the profile's maximum"));
+    let after_ca = inspect(&issued.cert_der, later, None);
+    let failures: Vec<_> = after_ca
+        .findings
+        .iter()
+        .filter(|f| !f.ok)
+        .map(|f| f.check)
+        .collect();
+    assert!(failures.contains(&Check::Issuer), "{failures:?}");
 }
 
 #[test]

@@ -369,6 +369,7 @@ fn make_ca(dir: &Path) -> Result<Ca> {
         root_days: 365,
         issuing: None,
         protection: KeyProtection::InsecurePlaintext,
+        root_protection: None,
     }
     .run(OffsetDateTime::now_utc())?;
     Ok(Ca::load(&ca_dir, None)?)

@@ -30,6 +30,8 @@ pub(crate) enum Command {
     Reconcile(ReconcileArgs),
     /// Revoke a device's certificate(s): REVOKED, policy and principal detached.
     Revoke(RevokeArgs),
+    /// Activate a held certificate (another one was the device's identity) and retire the old.
+    Approve(ApproveArgs),
     /// Act as a device: connect to AWS IoT (or any MQTT broker) with its certificate.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -92,6 +94,10 @@ pub(crate) struct CaInitArgs {
     /// Put an issuing CA (ca.crt, P-256, 5 years) below an offline root (root.crt).
     #[arg(long)]
     pub(crate) with_issuing_ca: bool,
+    /// File holding the offline root's own passphrase (with --with-issuing-ca; else
+    /// JITR_ROOT_PASSPHRASE, else a prompt on a terminal). Never the issuing CA's.
+    #[arg(long, value_name = "FILE", requires = "with_issuing_ca")]
+    pub(crate) root_passphrase_file: Option<PathBuf>,
     /// Subject of the top CA, e.g. "O=Acme,CN=Acme fleet CA".
     #[arg(long)]
     pub(crate) subject: Option<String>,
@@ -228,7 +234,11 @@ pub(crate) struct SignCsrArgs {
     /// The CSR (PEM or DER); its CN is the device id.
     #[arg(long, value_name = "FILE")]
     pub(crate) csr: PathBuf,
-    /// Write chain.pem (device certificate + CA) here instead of devices/<id>/.
+    /// Refuse the CSR unless its CN is this device id.
+    #[arg(long, value_name = "ID")]
+    pub(crate) expect_id: Option<String>,
+    /// Write chain.pem (device certificate + CA) here instead of devices/<id>/ (the manifest
+    /// records the signing either way).
     #[arg(long, value_name = "FILE")]
     pub(crate) out: Option<PathBuf>,
     /// Folder holding devices/<id>/ and the manifest.
@@ -318,6 +328,23 @@ pub(crate) struct RevokeArgs {
     /// Delete the Thing too.
     #[arg(long)]
     pub(crate) delete_thing: bool,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+}
+
+/// `jitr approve` reads the activator's configuration from the same environment variables as
+/// the Lambda (JITR_TRUSTED_CA_IDS, JITR_POLICY_NAME, JITR_FLEET_BACKEND, BALENA_*...) and runs
+/// the same checks before it activates anything.
+#[derive(Debug, Args)]
+pub(crate) struct ApproveArgs {
+    /// The held certificate.
+    #[arg(long, value_name = "ID")]
+    pub(crate) certificate_id: String,
+    /// What happens to the certificate(s) it replaces, once it is active.
+    #[arg(long, value_name = "revoke|deactivate|keep", default_value = "revoke")]
+    pub(crate) retire: activator::Retire,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
     #[command(flatten)]

@@ -56,6 +56,7 @@ impl TestCa {
             root_days: 3650,
             issuing: None,
             protection: KeyProtection::InsecurePlaintext,
+            root_protection: None,
         }
         .run(OffsetDateTime::now_utc())?;
         let ca = Ca::load(dir.path(), None)?;

@@ -1,35 +1,12 @@
 //! [`IotAdmin`] over aws-sdk-iot: what only the operator's commands call. Listings follow
 //! `nextToken`/`nextMarker` through every page.
 
-use std::future::Future;
-
 use aws_sdk_iot::types::CertificateMode;
 use tokio::time::Instant;
 
-use super::{malformed, AwsIotRegistry};
+use super::{every_page, malformed, AwsIotRegistry, PAGE_SIZE};
 use crate::ports::CaRegistrationMode;
 use crate::{IotAdmin, RegistryError};
-
-/// Items asked for per page of a listing (the APIs' maximum).
-const PAGE_SIZE: i32 = 250;
-
-/// Every item of a paged listing: `page(token)` answers one page and the next token.
-async fn every_page<T, F, Fut>(mut page: F) -> Result<Vec<T>, RegistryError>
-where
-    F: FnMut(Option<String>) -> Fut,
-    Fut: Future<Output = Result<(Vec<T>, Option<String>), RegistryError>>,
-{
-    let mut all = Vec::new();
-    let mut token = None;
-    loop {
-        let (items, next) = page(token).await?;
-        all.extend(items);
-        match next {
-            Some(next) if !next.is_empty() => token = Some(next),
-            _ => return Ok(all),
-        }
-    }
-}
 
 impl IotAdmin for AwsIotRegistry {
     async fn describe_endpoint(
@@ -94,30 +71,6 @@ impl IotAdmin for AwsIotRegistry {
         Ok((id.to_owned(), out.certificate_arn().map(str::to_owned)))
     }
 
-    async fn thing_principals(
-        &self,
-        thing: &str,
-        deadline: Instant,
-    ) -> Result<Vec<String>, RegistryError> {
-        every_page(|token| async move {
-            let out = self
-                .send("ListThingPrincipals", deadline, || {
-                    self.client
-                        .list_thing_principals()
-                        .thing_name(thing)
-                        .max_results(PAGE_SIZE)
-                        .set_next_token(token.clone())
-                        .send()
-                })
-                .await?;
-            Ok((
-                out.principals().to_vec(),
-                out.next_token().map(str::to_owned),
-            ))
-        })
-        .await
-    }
-
     async fn principal_things(
         &self,
         certificate_arn: &str,
@@ -176,23 +129,6 @@ impl IotAdmin for AwsIotRegistry {
                 .detach_policy()
                 .policy_name(policy)
                 .target(certificate_arn)
-                .send()
-        })
-        .await
-        .map(|_| ())
-    }
-
-    async fn detach_thing_principal(
-        &self,
-        thing: &str,
-        certificate_arn: &str,
-        deadline: Instant,
-    ) -> Result<(), RegistryError> {
-        self.send("DetachThingPrincipal", deadline, || {
-            self.client
-                .detach_thing_principal()
-                .thing_name(thing)
-                .principal(certificate_arn)
                 .send()
         })
         .await

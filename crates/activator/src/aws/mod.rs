@@ -300,6 +300,27 @@ fn existing_is_fine(result: Result<(), RegistryError>) -> Result<(), RegistryErr
     }
 }
 
+/// Items asked for per page of a listing (the APIs' maximum).
+pub(super) const PAGE_SIZE: i32 = 250;
+
+/// Every item of a paged listing: `page(token)` answers one page and the next token.
+pub(super) async fn every_page<T, F, Fut>(mut page: F) -> Result<Vec<T>, RegistryError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, Option<String>), RegistryError>>,
+{
+    let mut all = Vec::new();
+    let mut token = None;
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        match next {
+            Some(next) if !next.is_empty() => token = Some(next),
+            _ => return Ok(all),
+        }
+    }
+}
+
 impl IotRegistry for AwsIotRegistry {
     async fn describe_certificate(
         &self,
@@ -456,6 +477,47 @@ impl IotRegistry for AwsIotRegistry {
                 .update_certificate()
                 .certificate_id(id.as_str())
                 .new_status(status.clone())
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn thing_principals(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> Result<Vec<String>, RegistryError> {
+        every_page(|token| async move {
+            let out = self
+                .send("ListThingPrincipals", deadline, || {
+                    self.client
+                        .list_thing_principals()
+                        .thing_name(thing)
+                        .max_results(PAGE_SIZE)
+                        .set_next_token(token.clone())
+                        .send()
+                })
+                .await?;
+            Ok((
+                out.principals().to_vec(),
+                out.next_token().map(str::to_owned),
+            ))
+        })
+        .await
+    }
+
+    async fn detach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        self.send("DetachThingPrincipal", deadline, || {
+            self.client
+                .detach_thing_principal()
+                .thing_name(thing)
+                .principal(certificate_arn)
                 .send()
         })
         .await

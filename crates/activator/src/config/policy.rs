@@ -30,6 +30,12 @@ pub struct Policy {
     pub thing_group: Option<String>,
     /// Accepted device ids.
     pub id_format: IdFormat,
+    /// How far ahead of our clock a certificate's notBefore may be and still wait rather than
+    /// be rejected (`JITR_CLOCK_SKEW_SECONDS`, default 300).
+    pub clock_skew: time::Duration,
+    /// The longest device validity accepted, in days (`JITR_MAX_DEVICE_VALIDITY_DAYS`, default
+    /// the CA profile's default maximum).
+    pub max_validity_days: u32,
 }
 
 impl Policy {
@@ -84,6 +90,24 @@ impl Policy {
                 .parse()
                 .map_err(|e: String| ConfigError::invalid("JITR_ID_FORMAT", e))?,
         };
+        let clock_skew = match env.get("JITR_CLOCK_SKEW_SECONDS") {
+            None => 300,
+            Some(v) => v.parse::<u32>().map_err(|_| {
+                ConfigError::invalid(
+                    "JITR_CLOCK_SKEW_SECONDS",
+                    "expected a whole number of seconds",
+                )
+            })?,
+        };
+        let max_validity_days = match env.get("JITR_MAX_DEVICE_VALIDITY_DAYS") {
+            None => factory_ca::DEFAULT_MAX_DEVICE_DAYS,
+            Some(v) => v.parse::<u32>().ok().filter(|d| *d > 0).ok_or_else(|| {
+                ConfigError::invalid(
+                    "JITR_MAX_DEVICE_VALIDITY_DAYS",
+                    "expected a positive number of days",
+                )
+            })?,
+        };
         Ok(Policy {
             trusted_ca_ids,
             policy_name,
@@ -91,6 +115,8 @@ impl Policy {
             thing_type,
             thing_group,
             id_format,
+            clock_skew: time::Duration::seconds(i64::from(clock_skew)),
+            max_validity_days,
         })
     }
 }

@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 
 use super::*;
 use crate::memory::{Fault, MemoryFleet, MemoryIot, Standing};
+use crate::Retire;
 
 const MEMBER: &str = "0123456789abcdef0123456789abcdef";
 const STRANGER: &str = "fedcba9876543210fedcba9876543210";
@@ -30,6 +31,7 @@ impl World {
             root_days: 30,
             issuing: None,
             protection: KeyProtection::InsecurePlaintext,
+            root_protection: None,
         }
         .run(OffsetDateTime::now_utc())
         .unwrap();
@@ -55,6 +57,8 @@ impl World {
             thing_type: None,
             thing_group: None,
             id_format: IdFormat::BalenaUuid,
+            clock_skew: time::Duration::minutes(5),
+            max_validity_days: factory_ca::DEFAULT_MAX_DEVICE_DAYS,
         }
     }
 
@@ -68,10 +72,15 @@ impl World {
 
     /// A device's first connect: its certificate registered PENDING_ACTIVATION.
     fn connect(&self, device: &str) -> CertificateId {
+        self.connect_issued_at(device, OffsetDateTime::now_utc())
+    }
+
+    /// The same with a certificate issued at `at` (notBefore a minute before it).
+    fn connect_issued_at(&self, device: &str, at: OffsetDateTime) -> CertificateId {
         let id = DeviceId::parse(device, IdFormat::BalenaUuid).unwrap();
         let issued = self
             .ca
-            .issue_device(&id, KeyAlgorithm::P256, 30, OffsetDateTime::now_utc())
+            .issue_device(&id, KeyAlgorithm::P256, 30, at)
             .unwrap();
         self.iot.add_certificate(
             &issued.cert_pem,
@@ -206,4 +215,237 @@ async fn transient_failures_leave_the_certificate_pending_and_a_retry_completes_
         .unwrap();
     assert_eq!(decision.outcome, Outcome::Activated);
     assert_eq!(world.iot.principals_of(MEMBER), vec![cert.to_string()]);
+}
+
+/// A device with an ACTIVE certificate, activated by the decision.
+async fn active_device(world: &World) -> CertificateId {
+    let first = world.connect(MEMBER);
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&first, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Activated);
+    world.iot.clear_calls();
+    first
+}
+
+#[tokio::test]
+async fn a_second_certificate_for_an_active_device_is_held_and_nothing_is_attached() {
+    let world = World::new();
+    let first = active_device(&world).await;
+    let second = world.connect(MEMBER);
+    let activator = world.activator(RejectAction::Revoke);
+    for _ in 0..2 {
+        // A re-fired event or a sweep decides `held` again, and writes nothing.
+        let decision = activator
+            .activate(&second, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Held, "{decision:?}");
+        assert!(
+            decision.reason.contains(first.as_str()),
+            "{}",
+            decision.reason
+        );
+        assert!(world.iot.writes().is_empty(), "{:?}", world.iot.writes());
+    }
+    assert_eq!(
+        world.iot.status(second.as_str()),
+        Some(CertificateStatus::PendingActivation)
+    );
+    assert_eq!(world.iot.principals_of(MEMBER), vec![first.to_string()]);
+}
+
+#[tokio::test]
+async fn a_device_reflashed_after_a_revocation_is_activated_and_the_old_one_detached() {
+    for old_status in [CertificateStatus::Revoked, CertificateStatus::Inactive] {
+        let world = World::new();
+        let first = active_device(&world).await;
+        world.iot.change_status_before(
+            "DescribeCertificate",
+            1,
+            first.as_str(),
+            old_status.clone(),
+        );
+        let second = world.connect(MEMBER);
+        let decision = world
+            .activator(RejectAction::Revoke)
+            .activate(&second, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated, "{decision:?}");
+        assert_eq!(world.iot.principals_of(MEMBER), vec![second.to_string()]);
+        assert_eq!(world.iot.status(first.as_str()), Some(old_status));
+        let writes = world.iot.writes();
+        let activation = writes
+            .iter()
+            .position(|w| *w == "UpdateCertificate")
+            .unwrap();
+        let detach = writes
+            .iter()
+            .position(|w| *w == "DetachThingPrincipal")
+            .unwrap();
+        assert!(
+            activation < detach,
+            "activated first, then tidied: {writes:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn approve_activates_a_held_certificate_and_retires_the_old_one_as_asked() {
+    for (retire, old_status, old_attached) in [
+        (Retire::Revoke, CertificateStatus::Revoked, false),
+        (Retire::Deactivate, CertificateStatus::Inactive, false),
+        (Retire::Keep, CertificateStatus::Active, true),
+    ] {
+        let world = World::new();
+        let first = active_device(&world).await;
+        let second = world.connect(MEMBER);
+        let approval = world
+            .activator(RejectAction::Revoke)
+            .approve(&second, retire, deadline())
+            .await
+            .unwrap();
+        assert_eq!(approval.decision.outcome, Outcome::Activated);
+        assert_eq!(
+            world.iot.status(second.as_str()),
+            Some(CertificateStatus::Active)
+        );
+        assert_eq!(world.iot.status(first.as_str()), Some(old_status));
+        assert_eq!(
+            world.iot.principals_of(MEMBER).contains(&first.to_string()),
+            old_attached,
+            "{retire:?}"
+        );
+        let writes = world.iot.writes();
+        let activated = writes
+            .iter()
+            .position(|w| *w == "UpdateCertificate")
+            .unwrap();
+        assert!(
+            writes[..activated]
+                .iter()
+                .all(|w| *w != "DetachThingPrincipal"),
+            "the new one is active before the old one goes: {writes:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_operators_deactivation_during_the_decision_is_not_undone() {
+    let world = World::new();
+    let cert = world.connect(MEMBER);
+    // The second DescribeCertificate is the re-read right before activation.
+    world.iot.change_status_before(
+        "DescribeCertificate",
+        2,
+        cert.as_str(),
+        CertificateStatus::Inactive,
+    );
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&cert, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Skipped, "{decision:?}");
+    assert!(
+        decision.reason.contains("became INACTIVE"),
+        "{}",
+        decision.reason
+    );
+    assert_eq!(
+        world.iot.status(cert.as_str()),
+        Some(CertificateStatus::Inactive)
+    );
+    assert!(!world.iot.writes().contains(&"UpdateCertificate"));
+}
+
+#[tokio::test]
+async fn a_certificate_attached_by_a_racing_decision_holds_this_one() {
+    let world = World::new();
+    let cert = world.connect(MEMBER);
+    let rival = world.connect(MEMBER);
+    // The rival's own decision attaches it after our first read of the Thing's principals
+    // (nothing there) and before the second, made alongside our attach.
+    world
+        .iot
+        .attach_before("ListThingPrincipals", 2, MEMBER, rival.as_str());
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&cert, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Held, "{decision:?}");
+    assert!(
+        decision.reason.contains("at the same time"),
+        "{}",
+        decision.reason
+    );
+    assert_eq!(
+        world.iot.status(cert.as_str()),
+        Some(CertificateStatus::PendingActivation)
+    );
+    // The rival's decision, seeing this one attached and pending, holds too: neither goes
+    // live on its own; `jitr approve` picks one.
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&rival, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Held, "{decision:?}");
+}
+
+#[tokio::test]
+async fn a_deactivated_ca_is_trusted_no_more() {
+    let world = World::new();
+    world.iot.set_ca_status(&world.ca_id, "INACTIVE");
+    let cert = world.connect(MEMBER);
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&cert, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Rejected);
+    assert!(
+        decision.reason.contains("INACTIVE in AWS IoT"),
+        "{}",
+        decision.reason
+    );
+}
+
+#[tokio::test]
+async fn a_clock_a_little_behind_waits_and_one_far_behind_rejects() {
+    let world = World::new();
+    let activator = world.activator(RejectAction::Revoke);
+    // notBefore a minute before issuance: issued 3 minutes ahead is 2 minutes early.
+    let soon = world.connect_issued_at(
+        MEMBER,
+        OffsetDateTime::now_utc() + time::Duration::minutes(3),
+    );
+    let err = activator
+        .activate(&soon, Some(&world.ca_id), deadline())
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(matches!(err, ActivationError::NotYetValid { .. }), "{err}");
+    assert_eq!(
+        world.iot.status(soon.as_str()),
+        Some(CertificateStatus::PendingActivation)
+    );
+    let far = world.connect_issued_at(
+        STRANGER,
+        OffsetDateTime::now_utc() + time::Duration::hours(2),
+    );
+    let decision = activator
+        .activate(&far, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Rejected);
+    assert!(
+        decision.reason.contains("not valid before"),
+        "{}",
+        decision.reason
+    );
 }

@@ -66,6 +66,16 @@ struct State {
     calls: Vec<&'static str>,
     faults: HashMap<&'static str, VecDeque<Fault>>,
     registration_code: Option<String>,
+    /// Changes made just before the n-th call of an operation (an operator, or another
+    /// decision, acting while one is under way).
+    changes: Vec<(&'static str, usize, Change)>,
+}
+
+/// Something another actor does to the registry.
+#[derive(Debug, Clone)]
+enum Change {
+    Status(String, CertificateStatus),
+    Attach { thing: String, id: String },
 }
 
 /// AWS IoT's control plane in memory. Cheap to clone: clones share the state.
@@ -204,6 +214,50 @@ impl MemoryIot {
         self.state().calls.clear();
     }
 
+    /// Sets certificate `id` to `status` just before the `nth` call of `op` (counted from the
+    /// first call ever made), as an operator acting during a decision would.
+    pub fn change_status_before(
+        &self,
+        op: &'static str,
+        nth: usize,
+        id: &str,
+        status: CertificateStatus,
+    ) {
+        self.state()
+            .changes
+            .push((op, nth, Change::Status(id.to_owned(), status)));
+    }
+
+    /// Attaches certificate `id` to the existing Thing `thing` just before the `nth` call of
+    /// `op`, as a racing decision would.
+    pub fn attach_before(&self, op: &'static str, nth: usize, thing: &str, id: &str) {
+        self.state().changes.push((
+            op,
+            nth,
+            Change::Attach {
+                thing: thing.to_owned(),
+                id: id.to_owned(),
+            },
+        ));
+    }
+
+    /// Attaches certificate `id` to `thing` (creating the Thing), as an earlier activation
+    /// or an operator would have.
+    pub fn attach(&self, thing: &str, id: &str) {
+        let mut state = self.state();
+        state
+            .things
+            .entry(thing.to_owned())
+            .or_insert_with(|| ThingSpec {
+                name: thing.to_owned(),
+                thing_type: None,
+                attributes: Vec::new(),
+            });
+        state
+            .principals
+            .insert((thing.to_owned(), certificate_arn(id)));
+    }
+
     /// Makes the next call of `op` fail with `fault` (queued: call again for more).
     pub fn fail_next(&self, op: &'static str, fault: Fault) {
         self.state().faults.entry(op).or_default().push_back(fault);
@@ -213,6 +267,25 @@ impl MemoryIot {
     fn enter(&self, op: &'static str) -> Result<MutexGuard<'_, State>, RegistryError> {
         let mut state = self.state();
         state.calls.push(op);
+        let nth = state.calls.iter().filter(|c| **c == op).count();
+        let due: Vec<Change> = state
+            .changes
+            .iter()
+            .filter(|(o, n, _)| *o == op && *n == nth)
+            .map(|(_, _, change)| change.clone())
+            .collect();
+        for change in due {
+            match change {
+                Change::Status(id, status) => {
+                    if let Some(cert) = state.certificates.get_mut(&id) {
+                        cert.status = status;
+                    }
+                }
+                Change::Attach { thing, id } => {
+                    state.principals.insert((thing, certificate_arn(&id)));
+                }
+            }
+        }
         let fault = state.faults.get_mut(op).and_then(VecDeque::pop_front);
         let source: Cause = "injected by MemoryIot".into();
         match fault {
@@ -360,6 +433,37 @@ impl IotRegistry for MemoryIot {
         Ok(())
     }
 
+    async fn thing_principals(
+        &self,
+        thing: &str,
+        _deadline: Instant,
+    ) -> Result<Vec<String>, RegistryError> {
+        const OP: &str = "ListThingPrincipals";
+        let state = self.enter(OP)?;
+        if !state.things.contains_key(thing) {
+            return Err(RegistryError::not_found(OP, "no such Thing"));
+        }
+        Ok(state
+            .principals
+            .iter()
+            .filter(|(t, _)| t == thing)
+            .map(|(_, arn)| arn.clone())
+            .collect())
+    }
+
+    async fn detach_thing_principal(
+        &self,
+        thing: &str,
+        certificate_arn: &str,
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        let mut state = self.enter("DetachThingPrincipal")?;
+        state
+            .principals
+            .remove(&(thing.to_owned(), certificate_arn.to_owned()));
+        Ok(())
+    }
+
     async fn list_certificates_by_ca(
         &self,
         ca: &CertificateId,
@@ -449,24 +553,6 @@ impl IotAdmin for MemoryIot {
         Ok((id.to_string(), Some(format!("{ARN_PREFIX}:cacert/{id}"))))
     }
 
-    async fn thing_principals(
-        &self,
-        thing: &str,
-        _deadline: Instant,
-    ) -> Result<Vec<String>, RegistryError> {
-        const OP: &str = "ListThingPrincipals";
-        let state = self.enter(OP)?;
-        if !state.things.contains_key(thing) {
-            return Err(RegistryError::not_found(OP, "no such Thing"));
-        }
-        Ok(state
-            .principals
-            .iter()
-            .filter(|(t, _)| t == thing)
-            .map(|(_, arn)| arn.clone())
-            .collect())
-    }
-
     async fn principal_things(
         &self,
         certificate_arn: &str,
@@ -505,19 +591,6 @@ impl IotAdmin for MemoryIot {
         state
             .policies
             .remove(&(policy.to_owned(), certificate_arn.to_owned()));
-        Ok(())
-    }
-
-    async fn detach_thing_principal(
-        &self,
-        thing: &str,
-        certificate_arn: &str,
-        _deadline: Instant,
-    ) -> Result<(), RegistryError> {
-        let mut state = self.enter("DetachThingPrincipal")?;
-        state
-            .principals
-            .remove(&(thing.to_owned(), certificate_arn.to_owned()));
         Ok(())
     }
 

@@ -81,6 +81,8 @@ impl World {
             thing_type: None,
             thing_group: None,
             id_format: IdFormat::BalenaUuid,
+            clock_skew: time::Duration::minutes(5),
+            max_validity_days: factory_ca::DEFAULT_MAX_DEVICE_DAYS,
         }
     }
 

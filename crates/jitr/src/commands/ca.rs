@@ -41,6 +41,15 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         args.ca.passphrase_file.as_deref(),
         args.insecure_plaintext_key,
     )?;
+    let root_protection = if args.with_issuing_ca {
+        Some(passphrase::root_for_new_key(
+            args.root_passphrase_file.as_deref(),
+            args.insecure_plaintext_key,
+            &protection,
+        )?)
+    } else {
+        None
+    };
     let init = CaInit {
         dir: args.ca.dir.clone(),
         root_subject: subject,
@@ -48,6 +57,7 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         root_days: args.days.unwrap_or(profile.root.days),
         issuing,
         protection,
+        root_protection,
     };
     let files = init.run(OffsetDateTime::now_utc())?;
     let ca_der = factory_ca::read_certificate(&files.ca_cert)?;

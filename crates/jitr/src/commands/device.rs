@@ -28,6 +28,7 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
                 id_format: IdFormat::Any,
                 ca_der: None,
                 now: time::OffsetDateTime::now_utc(),
+                max_validity_days: None,
             };
             match inspect_device_certificate(leaf, &opts).device_id {
                 Some(id) => id.to_string(),

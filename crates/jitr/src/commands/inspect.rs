@@ -22,6 +22,7 @@ pub(crate) fn inspect(args: InspectArgs) -> Result<Outcome> {
         id_format: args.id_format,
         ca_der: ca_der.as_deref(),
         now: OffsetDateTime::now_utc(),
+        max_validity_days: None,
     };
     let inspection = inspect_device_certificate(&der, &opts);
     if args.output.json {

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use factory_ca::{issue_batch, BatchOptions, DeviceId, IdFormat};
+use factory_ca::{issue_batch, BatchOptions, CsrOptions, DeviceId, IdFormat};
 use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -14,6 +14,7 @@ use super::balena::Delivery;
 use super::{print_json, Outcome};
 use crate::cli::{IssueArgs, SignCsrArgs};
 use crate::passphrase;
+use crate::UsageError;
 
 /// Batches smaller than this finish before a progress bar would be worth drawing.
 const PROGRESS_THRESHOLD: usize = 200;
@@ -70,7 +71,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let opts = BatchOptions {
         out_dir: args.out.clone(),
         key: args.key.unwrap_or(device.key),
-        days: args.days.unwrap_or(device.days),
+        days: validity_days(args.days, ca.profile())?,
         jobs: args.jobs,
         force: args.force,
         now: OffsetDateTime::now_utc(),
@@ -78,6 +79,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let bar = progress_bar(ids.len());
     let report = issue_batch(&ca, &ids, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();
+    warn_if_capped(report.capped_at);
 
     if args.output.json {
         for entry in &report.issued {
@@ -126,26 +128,58 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     })
 }
 
+/// `--days` (else the profile's), refused (exit 2) past the profile's maximum.
+fn validity_days(days: Option<u32>, profile: &factory_ca::Profile) -> Result<u32> {
+    let days = days.unwrap_or(profile.device.days);
+    if days > profile.device.max_days {
+        return Err(UsageError(format!(
+            "--days {days} is longer than the profile's maximum device validity of {} days ([device] max_days in profile.toml)",
+            profile.device.max_days
+        ))
+        .into());
+    }
+    Ok(days)
+}
+
+/// Says when a device's validity was cut to its CA's own notAfter.
+fn warn_if_capped(capped_at: Option<time::OffsetDateTime>) {
+    if let Some(at) = capped_at {
+        eprintln!(
+            "warning: the validity asked for outlives the CA: device certificates end with it, at {}",
+            factory_ca::show_time(at)
+        );
+    }
+}
+
 pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
     let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
     let csr =
         std::fs::read(&args.csr).with_context(|| format!("cannot read {}", args.csr.display()))?;
-    let days = args.days.unwrap_or(ca.profile().device.days);
-    let now = OffsetDateTime::now_utc();
-    let issued = match &args.out {
-        Some(out) => {
-            let issued = ca
-                .sign_csr(&csr, days, now)
-                .with_context(|| args.csr.display().to_string())?;
-            std::fs::write(out, &issued.chain_pem)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            issued
-        }
-        None => ca
-            .sign_csr_into(&csr, &args.devices, days, args.force, now)
-            .with_context(|| args.csr.display().to_string())?,
-    };
+    let days = validity_days(args.days, ca.profile())?;
+    let expect_id = args
+        .expect_id
+        .as_deref()
+        .map(|id| DeviceId::parse(id, IdFormat::Any))
+        .transpose()?;
+    // Every signing is in the manifest, whether the chain goes to --out or devices/<id>/.
+    let issued = ca
+        .sign_csr_recorded(
+            &csr,
+            &CsrOptions {
+                devices: &args.devices,
+                write_folder: args.out.is_none(),
+                days,
+                force: args.force,
+                expect_id: expect_id.as_ref(),
+                now: OffsetDateTime::now_utc(),
+            },
+        )
+        .with_context(|| args.csr.display().to_string())?;
+    warn_if_capped(issued.capped_at);
+    if let Some(out) = &args.out {
+        factory_ca::write_file_atomic(out, issued.chain_pem.as_bytes(), 0o644, true)?;
+    }
     if args.output.json {
         print_json(&issued.entry)?;
     } else {
@@ -161,7 +195,8 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
     if delivery.wanted() {
         // The CSR's CN was validated as a device id when it was signed.
         let id = DeviceId::parse(&issued.entry.id, IdFormat::Any)?;
-        // The device kept its key: only the chain (and endpoint) are delivered.
+        // The device kept its key: the chain and the endpoint are delivered, the device must
+        // provide AWS_PRIVATE_KEY from its own key.
         let devices = [delivery.variables(&id, &issued.chain_pem, None)];
         if !delivery.deliver(&devices)? {
             return Ok(Outcome::Failed);

@@ -1,5 +1,6 @@
 //! One thin function per command; the logic lives in the libraries.
 
+mod approve;
 mod balena;
 mod ca;
 mod device;
@@ -34,6 +35,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Endpoint(args) => endpoint::endpoint(args),
         Command::Reconcile(args) => reconcile::reconcile(args),
         Command::Revoke(args) => revoke::revoke(args),
+        Command::Approve(args) => approve::approve(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
     }
 }

@@ -1,0 +1,161 @@
+//! One device, one identity: who else is attached to the device's Thing, and what happens to
+//! them. Another certificate that is ACTIVE (or PENDING_ACTIVATION and attached, a decision
+//! under way or cut short) keeps its place: a new one is `held` until an operator approves it.
+//! INACTIVE or REVOKED ones are left-overs: detached once the new one is active, so a device
+//! re-flashed after a revocation needs no human.
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::revoke::id_from_arn;
+use crate::{
+    Activator, CertificateId, CertificateStatus, FleetDirectory, IotRegistry, RegistryError,
+};
+
+/// What `jitr approve` does to the certificates a held one replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Retire {
+    /// REVOKED and detached (default): the old identity can never connect again.
+    Revoke,
+    /// INACTIVE and detached: an operator may still bring it back.
+    Deactivate,
+    /// Left ACTIVE and attached: both can connect until someone decides.
+    Keep,
+}
+
+impl std::str::FromStr for Retire {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "revoke" => Ok(Retire::Revoke),
+            "deactivate" => Ok(Retire::Deactivate),
+            "keep" => Ok(Retire::Keep),
+            other => Err(format!("{other:?}: expected revoke, deactivate or keep")),
+        }
+    }
+}
+
+/// The other certificates attached to a device's Thing, by what they mean for a new one.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Owners {
+    /// ACTIVE or PENDING_ACTIVATION: the device's identity, or a claim to it.
+    pub(crate) contenders: Vec<(CertificateId, String, CertificateStatus)>,
+    /// INACTIVE, REVOKED or gone: to detach.
+    pub(crate) leftovers: Vec<(CertificateId, String)>,
+}
+
+impl Owners {
+    /// The reason a new certificate is held, naming who holds the place.
+    pub(crate) fn held_reason(&self, thing: &str) -> String {
+        let names: Vec<String> = self
+            .contenders
+            .iter()
+            .map(|(id, _, status)| format!("{id} ({status})"))
+            .collect();
+        format!(
+            "Thing {thing} already has certificate {}: approve this one with `jitr approve --certificate-id`",
+            names.join(", ")
+        )
+    }
+}
+
+impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
+    /// The certificates other than `own_arn` attached to `thing` (none when it does not
+    /// exist), with their statuses (read alongside each other).
+    pub(crate) async fn owners(
+        &self,
+        thing: &str,
+        own_arn: &str,
+        deadline: Instant,
+    ) -> Result<Owners, RegistryError> {
+        let principals = self.attached(thing, deadline).await?;
+        let others: Vec<(CertificateId, String)> = principals
+            .into_iter()
+            .filter(|arn| arn != own_arn)
+            .filter_map(|arn| {
+                let id = CertificateId::parse(id_from_arn(&arn)?).ok()?;
+                Some((id, arn))
+            })
+            .collect();
+        let statuses = futures::future::join_all(
+            others
+                .iter()
+                .map(|(id, _)| self.registry.describe_certificate(id, deadline)),
+        )
+        .await;
+        let mut owners = Owners::default();
+        for ((id, arn), described) in others.into_iter().zip(statuses) {
+            match described {
+                Ok(d) => match d.status {
+                    CertificateStatus::Active | CertificateStatus::PendingActivation => {
+                        owners.contenders.push((id, arn, d.status))
+                    }
+                    _ => owners.leftovers.push((id, arn)),
+                },
+                Err(e) if e.is_not_found() => owners.leftovers.push((id, arn)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(owners)
+    }
+
+    /// The principals attached to `thing`; none when the Thing does not exist.
+    pub(crate) async fn attached(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> Result<Vec<String>, RegistryError> {
+        match self.registry.thing_principals(thing, deadline).await {
+            Ok(principals) => Ok(principals),
+            Err(e) if e.is_not_found() => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Detaches the left-overs from `thing`, after the new certificate is active. A failure
+    /// is logged and left to the next decision: the device is active either way.
+    pub(crate) async fn detach_leftovers(&self, thing: &str, owners: &Owners, deadline: Instant) {
+        for (id, arn) in &owners.leftovers {
+            if let Err(e) = self
+                .registry
+                .detach_thing_principal(thing, arn, deadline)
+                .await
+            {
+                tracing::warn!(
+                    device_id = thing,
+                    certificate_id = %id,
+                    error = %crate::error_chain(&e),
+                    "could not detach an old certificate from the Thing"
+                );
+            }
+        }
+    }
+
+    /// Retires the contenders an approved certificate replaces: per `retire`, their status
+    /// set and they detached. Errors are returned: the operator must hear of them.
+    pub(crate) async fn retire(
+        &self,
+        thing: &str,
+        owners: &Owners,
+        retire: Retire,
+        deadline: Instant,
+    ) -> Result<Vec<String>, RegistryError> {
+        let status = match retire {
+            Retire::Keep => return Ok(Vec::new()),
+            Retire::Revoke => CertificateStatus::Revoked,
+            Retire::Deactivate => CertificateStatus::Inactive,
+        };
+        let mut retired = Vec::new();
+        for (id, arn, _) in &owners.contenders {
+            self.registry
+                .set_certificate_status(id, status.clone(), deadline)
+                .await?;
+            self.registry
+                .detach_thing_principal(thing, arn, deadline)
+                .await?;
+            retired.push(id.to_string());
+        }
+        Ok(retired)
+    }
+}

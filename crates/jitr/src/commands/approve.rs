@@ -1,0 +1,46 @@
+//! `jitr approve`: a held certificate made the device's identity, after the same checks as
+//! any decision; the certificate(s) it replaces retired once it is active.
+
+use activator::{CertificateId, Config, Outcome as DecisionOutcome};
+use anyhow::{Context, Result};
+
+use super::{print_json, Outcome};
+use crate::cli::ApproveArgs;
+
+/// The longest one approval may take (a decision, then the retirements).
+const APPROVE_TIME: std::time::Duration = std::time::Duration::from_secs(60);
+
+pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
+    let id = CertificateId::parse(&args.certificate_id).map_err(|reason| {
+        anyhow::anyhow!("--certificate-id {:?}: {reason}", args.certificate_id)
+    })?;
+    // The Lambda's configuration, read the Lambda's way: the same checks, the same rules.
+    let config = Config::from_env().context("activator configuration")?;
+    let approval = crate::aws::runtime()?.block_on(async {
+        let session = crate::aws::session(&args.aws).await?;
+        let activator = activator::build_with_sdk(config, session.config())?;
+        let deadline = tokio::time::Instant::now() + APPROVE_TIME;
+        anyhow::Ok(activator.approve(&id, args.retire, deadline).await?)
+    })?;
+    if args.output.json {
+        print_json(&approval)?;
+    } else {
+        let d = &approval.decision;
+        println!("{}  {}  {}", d.certificate_id, d.outcome.as_str(), d.reason);
+        for old in &approval.retired {
+            println!("retired {old} ({})", retire_word(args.retire));
+        }
+    }
+    Ok(match approval.decision.outcome {
+        DecisionOutcome::Activated | DecisionOutcome::AlreadyActive => Outcome::Success,
+        _ => Outcome::Failed,
+    })
+}
+
+fn retire_word(retire: activator::Retire) -> &'static str {
+    match retire {
+        activator::Retire::Revoke => "revoked and detached",
+        activator::Retire::Deactivate => "deactivated and detached",
+        activator::Retire::Keep => "kept",
+    }
+}
