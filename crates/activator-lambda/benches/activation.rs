@@ -5,7 +5,9 @@
 //! that adds JITR_BENCH_LATENCY_MS (default 50) to every request, and prints:
 //! - per-activation time, warm (median and p90 of JITR_BENCH_ACTIVATIONS, default 20, minus the
 //!   first, which opens connections and fetches the CA certificate), with the requests seen by
-//!   the proxies and the sequential round trips they form (target: <= 5 round trips, <= 300 ms);
+//!   the proxies and the sequential round trips they form (target: <= 5 round trips, <= 300 ms,
+//!   with the device's Thing principals read before attaching and the certificate's status
+//!   read again before activating);
 //! - the same activations done by a fully sequential 7-call handler in this process
 //!   (DescribeCertificate, DescribeCACertificate, fleet GET, CreateThing, AttachPolicy,
 //!   AttachThingPrincipal, UpdateCertificate, one after another, no cache: what the sample JITR
@@ -346,6 +348,7 @@ fn operation(service: &str, r: &ProxiedRequest) -> String {
         ("iot", "POST", ["things", _]) => "CreateThing",
         ("iot", "PUT", ["target-policies", _]) => "AttachPolicy",
         ("iot", "PUT", ["things", _, "principals"]) => "AttachThingPrincipal",
+        ("iot", "GET", ["things", _, "principals"]) => "ListThingPrincipals",
         ("iot", "PUT", ["certificates", _]) => "UpdateCertificate",
         ("balena", "GET", ["v7", "device"]) => "GET balena device",
         ("balena", "GET", ["v7", app]) if app.starts_with("application") => {

@@ -3,133 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+mod common;
 
 use aws_sdk_iot::types::CertificateStatus;
+use common::{response, world, Bootstrap, FLEET, INVOKE, KEY};
 use serde_json::{json, Value};
-use testkit::balena::{FakeBalena, Fault};
-use testkit::certs::TestCa;
-use testkit::iot;
+use testkit::balena::Fault;
 use testkit::lambda::{Invocation, RuntimeEmulator};
-use testkit::moto::MotoServer;
-use testkit::proc::KillOnDrop;
-
-const FLEET: u64 = 424242;
-const KEY: &str = "bootstrap-test-balena-key-do-not-log";
-const POLICY: &str = "jitr-device";
-const INVOKE: Duration = Duration::from_secs(30);
-
-struct Bootstrap {
-    child: KillOnDrop,
-    log: tempfile::NamedTempFile,
-}
-
-impl Bootstrap {
-    fn spawn(env: &[(&str, String)]) -> Bootstrap {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bootstrap"))
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(log.reopen().unwrap())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Bootstrap {
-            child: KillOnDrop(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap()
-    }
-}
-
-struct World {
-    rt: tokio::runtime::Runtime,
-    moto: MotoServer,
-    balena: FakeBalena,
-    ca: TestCa,
-    ca_id: String,
-    client: aws_sdk_iot::Client,
-}
-
-fn world() -> World {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(iot::client(&moto));
-    let ca = TestCa::new("bootstrap test CA").unwrap();
-    let ca_id = rt.block_on(async {
-        iot::create_policy(&client, POLICY).await.unwrap();
-        iot::register_ca(&client, &ca.cert_pem).await.unwrap()
-    });
-    let balena = FakeBalena::start(KEY).unwrap();
-    balena.add_fleet(FLEET, "acme/fleet");
-    World {
-        rt,
-        moto,
-        balena,
-        ca,
-        ca_id,
-        client,
-    }
-}
-
-impl World {
-    fn env(&self, emulator: &RuntimeEmulator) -> Vec<(&'static str, String)> {
-        let mut env = emulator.lambda_env();
-        env.extend(self.moto.aws_env());
-        env.extend([
-            ("JITR_TRUSTED_CA_IDS", self.ca_id.clone()),
-            ("JITR_POLICY_NAME", POLICY.to_owned()),
-            ("BALENA_FLEET_ID", FLEET.to_string()),
-            ("BALENA_API_KEY", KEY.to_owned()),
-            ("BALENA_API_URL", self.balena.url()),
-            // moto answers bad input with HTTP 500; one attempt keeps failures fast.
-            ("AWS_MAX_ATTEMPTS", "1".to_owned()),
-        ]);
-        env
-    }
-
-    fn first_connect(&self, device: &str) -> String {
-        let pem = self.ca.device_pem(device).unwrap();
-        self.rt
-            .block_on(iot::first_connect(&self.client, &pem, &self.ca.cert_pem))
-            .unwrap()
-    }
-
-    fn status(&self, id: &str) -> CertificateStatus {
-        self.rt.block_on(iot::status(&self.client, id)).unwrap()
-    }
-
-    fn things(&self) -> Vec<String> {
-        self.rt.block_on(async {
-            let out = self.client.list_things().send().await.unwrap();
-            out.things()
-                .iter()
-                .filter_map(|t| t.thing_name().map(str::to_owned))
-                .collect()
-        })
-    }
-
-    fn event(&self, certificate_id: &str) -> Value {
-        testkit::iot::registered_event(certificate_id, &self.ca_id)
-    }
-}
-
-fn response(invocation: Invocation) -> Value {
-    match invocation {
-        Invocation::Response(v) => v,
-        Invocation::Error {
-            error_type,
-            error_message,
-        } => panic!("{error_type}: {error_message}"),
-    }
-}
 
 #[test]
 fn bootstrap_activates_members_rejects_strangers_and_retries_on_outages() {

@@ -1132,7 +1132,7 @@ fn certificate_cases(pki: &Pki) -> Vec<Case> {
             ..registration(good)
         }),
         Want::Skipped,
-        "Revoked, never reactivated",
+        "REVOKED, never reactivated",
     );
     let good = pki.ca.device_pem(&id()).unwrap();
     case(
@@ -1142,7 +1142,7 @@ fn certificate_cases(pki: &Pki) -> Vec<Case> {
             ..registration(good)
         }),
         Want::Skipped,
-        "Inactive, never reactivated",
+        "INACTIVE, never reactivated",
     );
     let good = pki.ca.device_pem(&id()).unwrap();
     case(
@@ -1717,5 +1717,160 @@ async fn good_certificates_built_the_same_way_are_activated() {
             assert!(iot.calls().contains(&step), "{name}: {step}");
         }
         assert_eq!(fleet.recorded().len(), 1, "{name}: fleet write-back");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Good certificates in a hostile world: the device's Thing already has a certificate, or
+// the fleet answer cannot be trusted.
+
+/// A good pending certificate for `device`, registered in `iot`; its id.
+fn pending_good(pki: &Pki, iot: &MemoryIot, device: &str) -> String {
+    let pem = pki.ca.device_pem(device).unwrap();
+    let ca = CertificateId::parse(&pki.ca_id).unwrap();
+    iot.add_certificate(&pem, CertificateStatus::PendingActivation, Some(&ca), 0)
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thing_that_already_has_a_certificate_decides_what_a_new_one_gets() {
+    let pki = Pki::new();
+    let cases = [
+        (
+            "an ACTIVE other certificate",
+            CertificateStatus::Active,
+            Outcome::Held,
+        ),
+        (
+            "an INACTIVE other certificate",
+            CertificateStatus::Inactive,
+            Outcome::Activated,
+        ),
+        (
+            "a REVOKED other certificate",
+            CertificateStatus::Revoked,
+            Outcome::Activated,
+        ),
+    ];
+    for (n, (name, other_status, want)) in cases.into_iter().enumerate() {
+        let iot = registry(&pki);
+        let fleet = EveryDevice::default();
+        let activator = Activator::new(iot.clone(), fleet, policy(&pki));
+        let device = uuid(900 + n as u32);
+        let other = pending_good(&pki, &iot, &device);
+        iot.change_status_before("DescribeCertificate", 1, &other, other_status.clone());
+        iot.attach(&device, &other);
+        let new = pending_good(&pki, &iot, &device);
+        let id = CertificateId::parse(&new).unwrap();
+        let ca = CertificateId::parse(&pki.ca_id).unwrap();
+        let decision = activator
+            .activate(&id, Some(&ca), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, want, "{name}: {decision:?}");
+        let attached = iot.principals_of(&device);
+        match want {
+            Outcome::Held => {
+                assert_eq!(attached, vec![other.clone()], "{name}");
+                assert_eq!(iot.status(&new), Some(CertificateStatus::PendingActivation));
+            }
+            _ => {
+                assert_eq!(attached, vec![new.clone()], "{name}: the old one detached");
+                assert_eq!(iot.status(&new), Some(CertificateStatus::Active));
+            }
+        }
+        assert_eq!(
+            iot.status(&other),
+            Some(other_status),
+            "{name}: left as it was"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_answers_that_prove_nothing_never_activate_or_revoke() {
+    use activator::fleet::{BalenaDirectory, KeySource};
+    use testkit::balena::{FakeBalena, Fault};
+
+    const FLEET: u64 = 31337;
+    const KEY: &str = "hostile-fleet-key";
+    let pki = Pki::new();
+    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
+        .await
+        .unwrap()
+        .unwrap();
+    balena.add_fleet(FLEET, "acme/hostile");
+    balena.add_fleet(FLEET + 1, "acme/elsewhere");
+    let (member, inactive, elsewhere) = (uuid(950), uuid(951), uuid(952));
+    balena.add_device(FLEET, &member, true);
+    balena.add_device(FLEET, &inactive, false);
+    balena.add_device(FLEET + 1, &elsewhere, true);
+    let iot = registry(&pki);
+    // One directory for the whole test: a warm container.
+    let fleet = BalenaDirectory::new(
+        &balena.url(),
+        activator::FleetId::parse(&FLEET.to_string()).unwrap(),
+        KeySource::Literal(balena::ApiKey::new(KEY.into())),
+    )
+    .unwrap()
+    .with_request_timeout(StdDuration::from_millis(500));
+    let activator = Activator::new(iot.clone(), fleet, policy(&pki));
+    let ca = CertificateId::parse(&pki.ca_id).unwrap();
+    let decide = |device: String| {
+        let iot = iot.clone();
+        let activator = &activator;
+        let ca = ca.clone();
+        let pki = &pki;
+        async move {
+            let id = pending_good(pki, &iot, &device);
+            let cert = CertificateId::parse(&id).unwrap();
+            let result = activator.activate(&cert, Some(&ca), deadline()).await;
+            (id, result)
+        }
+    };
+
+    // Proven answers decide.
+    for (name, device, want) in [
+        ("a stranger", uuid(953), Outcome::Rejected),
+        ("an inactive device", inactive.clone(), Outcome::Rejected),
+        (
+            "a device of another fleet the key sees",
+            elsewhere.clone(),
+            Outcome::Rejected,
+        ),
+    ] {
+        let (_, result) = decide(device).await;
+        assert_eq!(result.unwrap().outcome, want, "{name}");
+    }
+    // Answers that prove nothing leave the certificate pending, nothing written.
+    let faults = [
+        (
+            "a row of another fleet",
+            Fault::ForeignRow { fleet: FLEET + 1 },
+        ),
+        (
+            "an oversized body",
+            Fault::Body {
+                bytes: 10 * 1024 * 1024,
+            },
+        ),
+        ("a slow body", Fault::SlowBody(StdDuration::from_secs(3))),
+        ("the fleet hidden from the key", Fault::None),
+    ];
+    for (name, fault) in faults {
+        if name == "the fleet hidden from the key" {
+            balena.hide_fleet_from_key(FLEET);
+        }
+        balena.set_fault(fault);
+        iot.clear_calls();
+        let (id, result) = decide(member.clone()).await;
+        let err = result.expect_err(name);
+        assert!(err.is_retryable(), "{name}: {err}");
+        assert_eq!(
+            iot.status(&id),
+            Some(CertificateStatus::PendingActivation),
+            "{name}"
+        );
+        assert!(iot.writes().is_empty(), "{name}: {:?}", iot.writes());
     }
 }

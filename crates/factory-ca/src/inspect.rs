@@ -441,25 +441,6 @@ fn issued_by(
     if !ca.is_ca() {
         return Err("the given CA certificate is not a CA".into());
     }
-    let ca_validity = ca.validity();
-    let ca_not_after = ca_validity.not_after.to_datetime();
-    if now > ca_not_after {
-        return Err(format!("the CA expired at {}", show_time(ca_not_after)));
-    }
-    if now < ca_validity.not_before.to_datetime() {
-        return Err(format!(
-            "the CA is not valid before {}",
-            show_time(ca_validity.not_before.to_datetime())
-        ));
-    }
-    let device_not_after = cert.validity().not_after.to_datetime();
-    if device_not_after > ca_not_after {
-        return Err(format!(
-            "it outlives its CA: notAfter {} is after the CA's {}",
-            show_time(device_not_after),
-            show_time(ca_not_after)
-        ));
-    }
     if cert.issuer().as_raw() != ca.subject().as_raw() {
         return Err(format!(
             "issuer {} is not the CA {}",
@@ -480,6 +461,26 @@ fn issued_by(
     }
     cert.verify_signature(Some(ca.public_key()))
         .map_err(|_| "the signature does not verify with the CA's public key".to_owned())?;
+    // Signed by it, and covered by it: the CA valid now and the device not outliving it.
+    let ca_validity = ca.validity();
+    let ca_not_after = ca_validity.not_after.to_datetime();
+    if now > ca_not_after {
+        return Err(format!("the CA expired at {}", show_time(ca_not_after)));
+    }
+    if now < ca_validity.not_before.to_datetime() {
+        return Err(format!(
+            "the CA is not valid before {}",
+            show_time(ca_validity.not_before.to_datetime())
+        ));
+    }
+    let device_not_after = cert.validity().not_after.to_datetime();
+    if device_not_after > ca_not_after {
+        return Err(format!(
+            "it outlives its CA: notAfter {} is after the CA's {}",
+            show_time(device_not_after),
+            show_time(ca_not_after)
+        ));
+    }
     Ok(format!("signed by {}", ca.subject()))
 }
 

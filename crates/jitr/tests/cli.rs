@@ -211,8 +211,10 @@ fn bad_input_is_named_and_leaves_nothing_behind() {
     let out = jitr(tmp.path(), &["ca", "init", "--passphrase-file", "pass"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("refusing to overwrite a CA key"));
+    // No passphrase anywhere and no terminal to ask on: a usage error, like a missing root
+    // passphrase.
     let out = jitr(tmp.path(), &["ca", "init", "--dir", "other"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("no CA passphrase"),
         "{}",
@@ -361,4 +363,248 @@ fn inspect_refuses_files_without_a_certificate_instead_of_crashing() {
             stderr(&out)
         );
     }
+}
+
+/// `openssl req` makes a CSR for `id` in `dir` (key `NAME.key`, CSR `NAME.csr`).
+fn openssl_csr(dir: &Path, name: &str, id: &str) {
+    let out = Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-keyout", &format!("{name}.key")])
+        .args([
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={id}"),
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn manifest_lines(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("devices/manifest.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sign_csr_records_every_signing_and_checks_the_expected_id() {
+    let tmp = with_ca(false);
+    let dir = tmp.path();
+    let id = uuid(78);
+    openssl_csr(dir, "d", &id);
+    let sign = |extra: &[&str]| {
+        let mut args = vec!["sign-csr", "--csr", "d.csr", "--passphrase-file", "pass"];
+        args.extend(extra);
+        jitr(dir, &args)
+    };
+    // --out writes the chain elsewhere and the manifest still records it.
+    let out = sign(&["--out", "chain.pem", "--expect-id", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(dir.join("chain.pem").exists());
+    assert!(!dir.join("devices").join(&id).exists());
+    assert_eq!(manifest_lines(dir), 1);
+    // A second signing for the id is refused, with or without --out, unless forced.
+    for extra in [&["--out", "again.pem"][..], &[]] {
+        let out = sign(extra);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("already issued"), "{}", stderr(&out));
+    }
+    assert!(!dir.join("again.pem").exists());
+    assert!(sign(&["--force", "--out", "again.pem"]).status.success());
+    assert_eq!(manifest_lines(dir), 2);
+    // A CSR for another device than expected: refused, nothing written.
+    openssl_csr(dir, "e", &uuid(79));
+    let out = jitr(
+        dir,
+        &["sign-csr", "--csr", "e.csr", "--passphrase-file", "pass"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    openssl_csr(dir, "f", &uuid(80));
+    let out = jitr(
+        dir,
+        &[
+            "sign-csr",
+            "--csr",
+            "f.csr",
+            "--passphrase-file",
+            "pass",
+            "--expect-id",
+            &uuid(81),
+            "--out",
+            "f.pem",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the CSR is for device {}, not {}",
+            uuid(80),
+            uuid(81)
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.join("f.pem").exists());
+    assert_eq!(manifest_lines(dir), 3);
+}
+
+#[test]
+fn new_ca_keys_need_strong_and_separate_passphrases() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("short"), "eleven char\n").unwrap();
+    std::fs::write(dir.join("pass"), format!("{PASS}\n")).unwrap();
+    std::fs::write(dir.join("root"), "an offline root passphrase\n").unwrap();
+    let init = |args: &[&str], env: &[(&str, String)]| {
+        let mut all = vec!["ca", "init"];
+        all.extend(args);
+        common::jitr(dir, &all, env)
+    };
+    let out = init(&["--passphrase-file", "short"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("at least 12 characters"),
+        "{}",
+        stderr(&out)
+    );
+    // The offline root needs its own passphrase: none given and no terminal to ask on.
+    let out = init(&["--with-issuing-ca", "--passphrase-file", "pass"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--root-passphrase-file"),
+        "{}",
+        stderr(&out)
+    );
+    let out = init(
+        &[
+            "--with-issuing-ca",
+            "--passphrase-file",
+            "pass",
+            "--root-passphrase-file",
+            "pass",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("must differ"), "{}", stderr(&out));
+    assert!(!dir.join("ca").exists(), "nothing written");
+
+    let out = init(
+        &["--with-issuing-ca", "--passphrase-file", "pass"],
+        &[(
+            "JITR_ROOT_PASSPHRASE",
+            "an offline root passphrase".to_owned(),
+        )],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // OpenSSL 3 reads both keys, each with its own passphrase, and the root costs more.
+    for (key, pass, iterations) in [
+        ("ca/ca.key", "pass", "0927C0"),
+        ("ca/root.key", "root", "1E8480"),
+    ] {
+        let pkey = Command::new("openssl")
+            .args([
+                "pkey",
+                "-noout",
+                "-in",
+                key,
+                "-passin",
+                &format!("file:{pass}"),
+            ])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            pkey.status.success(),
+            "{key}: {}",
+            String::from_utf8_lossy(&pkey.stderr)
+        );
+        let parsed = Command::new("openssl")
+            .args(["asn1parse", "-in", key])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&parsed.stdout);
+        assert!(
+            text.contains(":PBKDF2") && text.contains(&format!(":{iterations}")),
+            "{text}"
+        );
+    }
+    let wrong = Command::new("openssl")
+        .args([
+            "pkey",
+            "-noout",
+            "-in",
+            "ca/root.key",
+            "-passin",
+            "file:pass",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        !wrong.status.success(),
+        "the CA's passphrase does not open the root"
+    );
+}
+
+#[test]
+fn issuance_never_outlives_the_ca_nor_the_profiles_maximum() {
+    let tmp = with_ca(false);
+    let dir = tmp.path();
+    let out = jitr(
+        dir,
+        &[
+            "issue",
+            "--id",
+            &uuid(1),
+            "--passphrase-file",
+            "pass",
+            "--days",
+            "3653",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("maximum device validity"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.join("devices").exists());
+}
+
+#[test]
+fn a_ca_that_ends_sooner_caps_its_devices_and_says_so() {
+    let tmp = common::with_ca(&["--days", "30"]);
+    let dir = tmp.path();
+    let out = jitr(
+        dir,
+        &["issue", "--id", &uuid(2), "--passphrase-file", "pass"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the validity asked for outlives the CA"),
+        "{}",
+        stderr(&out)
+    );
+    let check = jitr(
+        dir,
+        &[
+            "inspect",
+            &format!("devices/{}/device.crt", uuid(2)),
+            "--ca",
+            "ca/ca.crt",
+        ],
+    );
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 }

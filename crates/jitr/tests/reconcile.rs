@@ -115,7 +115,7 @@ fn sweeps_pending_certificates_with_the_lambdas_decision() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("3 pending, 2 activated, 1 rejected, 0 skipped, 0 still failing"),
+        text.contains("3 pending, 2 activated, 1 rejected, 0 held, 0 skipped, 0 still failing"),
         "{text}"
     );
     assert_eq!(w.status(&member), CertificateStatus::Active);
@@ -220,4 +220,49 @@ fn revoke_undoes_an_activation_and_is_idempotent() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("no certificate to revoke"));
     let out = w.jitr(&["revoke"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_held_certificate_goes_live_only_by_approval_which_retires_the_old_one() {
+    let w = world(true);
+    let owner = w.register(&uuid(1));
+    assert!(w
+        .jitr(&["reconcile", "--older-than", "0s"])
+        .status
+        .success());
+    assert_eq!(w.status(&owner), CertificateStatus::Active);
+
+    // The device comes back with a new certificate (re-issued with --force, say).
+    let newer = w.register(&uuid(1));
+    let out = w.jitr(&["reconcile", "--older-than", "0s"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 held"), "{text}");
+    assert!(text.contains("jitr approve --certificate-id"), "{text}");
+    assert_eq!(w.status(&newer), CertificateStatus::PendingActivation);
+
+    let bad = w.jitr(&["approve", "--certificate-id", "not-an-id"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let out = w.jitr(&["approve", "--certificate-id", &newer, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let approval: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(approval["decision"]["outcome"], "activated");
+    assert_eq!(approval["retired"], json!([owner]));
+    assert_eq!(w.status(&newer), CertificateStatus::Active);
+    assert_eq!(w.status(&owner), CertificateStatus::Revoked);
+    let principals = w.rt.block_on(async {
+        w.client
+            .list_thing_principals()
+            .thing_name(uuid(1))
+            .send()
+            .await
+            .unwrap()
+            .principals()
+            .len()
+    });
+    assert_eq!(principals, 1, "only the approved certificate is attached");
 }

@@ -523,14 +523,29 @@ async fn handle(
     }
 }
 
-/// HTTP 200 with a body of `bytes` bytes that starts like an OData answer.
+/// HTTP 200 with a body of `bytes` bytes that starts like an OData answer, streamed in
+/// 64 KiB chunks without a Content-Length (so only a client that counts stops it early).
 fn oversized(bytes: usize) -> Response {
-    let mut body = String::with_capacity(bytes);
-    body.push_str("{\"d\":[");
-    while body.len() < bytes {
-        body.push(' ');
-    }
-    json_text(body)
+    const CHUNK: usize = 64 * 1024;
+    let pieces = futures::stream::unfold(0usize, move |sent| async move {
+        if sent >= bytes {
+            return None;
+        }
+        let len = CHUNK.min(bytes - sent);
+        let mut piece = vec![b' '; len];
+        if sent == 0 {
+            let head = b"{\"d\":[";
+            let n = head.len().min(len);
+            piece[..n].copy_from_slice(&head[..n]);
+        }
+        Some((Ok::<_, std::io::Error>(Bytes::from(piece)), sent + len))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        axum::body::Body::from_stream(pieces),
+    )
+        .into_response()
 }
 
 /// HTTP 200 whose body arrives in ten pieces spread over `over`.
@@ -568,15 +583,6 @@ fn foreign_rows(db: &Db, fleet: u64) -> Response {
         })
         .collect();
     json_response(StatusCode::OK, &json!({ "d": rows }))
-}
-
-fn json_text(body: String) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-        body,
-    )
-        .into_response()
 }
 
 /// The OData query options the fake understands.

@@ -88,11 +88,15 @@ fn print_report(ca: &str, r: &SweepReport, dry_run: bool) {
         println!("  {id}  {:<14} {error}", "still-failing");
     }
     println!(
-        "CA {ca}: {} pending, {} activated, {} rejected, {} skipped, {} still failing",
+        "CA {ca}: {} pending, {} activated, {} rejected, {} held, {} skipped, {} still failing",
         r.pending,
         r.activated,
         r.rejected,
+        r.held,
         r.skipped,
         r.failing.len()
     );
+    if r.held > 0 {
+        println!("held certificates wait for an operator: jitr approve --certificate-id ID");
+    }
 }

@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 
 /// The passphrase every test CA is encrypted with.
 pub(crate) const PASS: &str = "jitr test passphrase";
+/// The offline root's own passphrase (with `--with-issuing-ca`).
+pub(crate) const ROOT_PASS: &str = "jitr test root passphrase";
 
 /// Runs `jitr args` in `dir` with only `env` set beyond `PATH` and `HOME`.
 pub(crate) fn jitr(dir: &Path, args: &[&str], env: &[(&str, String)]) -> Output {
@@ -47,14 +49,19 @@ pub(crate) fn uuid(n: usize) -> String {
     format!("{n:032x}")
 }
 
-/// A folder with `pass` (the passphrase) and a CA made by `jitr ca init` with `extra` flags
-/// (`--passphrase-file pass` unless `--insecure-plaintext-key` is among them).
+/// A folder with `pass` and `root-pass` (the passphrases) and a CA made by `jitr ca init` with
+/// `extra` flags (`--passphrase-file pass`, and `--root-passphrase-file root-pass` with
+/// `--with-issuing-ca`, unless `--insecure-plaintext-key` is among them).
 pub(crate) fn with_ca(extra: &[&str]) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("pass"), format!("{PASS}\n")).unwrap();
+    std::fs::write(tmp.path().join("root-pass"), format!("{ROOT_PASS}\n")).unwrap();
     let mut args = vec!["ca", "init", "--subject", "O=Acme,CN=Acme fleet CA"];
     if !extra.contains(&"--insecure-plaintext-key") {
         args.extend(["--passphrase-file", "pass"]);
+        if extra.contains(&"--with-issuing-ca") {
+            args.extend(["--root-passphrase-file", "root-pass"]);
+        }
     }
     args.extend(extra);
     let out = jitr(tmp.path(), &args, &[]);
