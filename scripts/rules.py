@@ -47,7 +47,8 @@ ACTIVATOR = {
     "secretsmanager:GetSecretValue": {"${BalenaApiKeySecretArn}"},
     "logs:CreateLogStream": {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${LogGroupName}:*"},
     "logs:PutLogEvents": {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${LogGroupName}:*"},
-    "sqs:SendMessage": {"${FailureQueueArn}"},
+    **{a: {"${FailureQueueArn}"} for a in ("sqs:SendMessage", "sqs:ReceiveMessage",
+                                           "sqs:DeleteMessage", "sqs:GetQueueAttributes")},
 }
 
 
@@ -173,6 +174,17 @@ def check(root: Path) -> list[str]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
     prop("template: no managed policy on any role",
          "ManagedPolicyArns found" if "ManagedPolicyArns" in template else None)
+    for name, needle in [
+            ("the function drains the failure queue with partial batch responses",
+             "Queue: !GetAtt FailureQueue.Arn\n            BatchSize: 10\n            FunctionResponseTypes:\n"
+             "              - ReportBatchItemFailures"),
+            ("the queue's reader has bounded concurrency", "MaximumConcurrency: 2"),
+            ("failed replays move to a dead-letter queue",
+             "deadLetterTargetArn: !GetAtt DeadLetterQueue.Arn\n        maxReceiveCount:"),
+            ("the dead-letter queue has its own alarm", "Value: !GetAtt DeadLetterQueue.QueueName"),
+            ("alarms on give-ups and a rejection spike", "MetricName: AwsGiveUps"),
+            ("a rejection-spike alarm", "Value: rejected")]:
+        prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
     return out
 
 
@@ -210,6 +222,13 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "template: lambda permission: SourceAccount"),
     ("no failure destination", TEMPLATE, "OnFailure:\n          Destination: !GetAtt FailureQueue.Arn",
      "OnFailure: {}", "template: event invoke config: failures"),
+    ("queue read on every queue", "rules/activator-policy.json",
+     '"sqs:GetQueueAttributes"\n      ],\n      "Resource": "${FailureQueueArn}"',
+     '"sqs:GetQueueAttributes"\n      ],\n      "Resource": "*"', "activator policy: every grant"),
+    ("the failure queue not drained", TEMPLATE, "Queue: !GetAtt FailureQueue.Arn", "Queue: !GetAtt DeadLetterQueue.Arn",
+     "template: the function drains"),
+    ("no dead-letter queue", TEMPLATE, "deadLetterTargetArn: !GetAtt DeadLetterQueue.Arn", "deadLetterTargetArn: none",
+     "template: failed replays"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),

@@ -1,14 +1,17 @@
 //! `bootstrap`: the AWS Lambda custom runtime around the jitr activator.
 //!
 //! Reads configuration once (a bad variable fails the cold start, naming it), builds the
-//! SDK and HTTP clients once, then serves certificate-registered events. Logs are JSON
-//! lines on stdout; one per decision.
+//! SDK and HTTP clients once, then serves certificate-registered events, scheduled sweeps and
+//! failure-queue replays. Logs are JSON lines on stdout, one per decision; beside them,
+//! CloudWatch Embedded Metric Format lines carry the metrics (no API calls).
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use activator::metrics;
 use activator::{
-    AccountId, ActivationError, Activator, Config, FleetDirectory, Incoming, IotRegistry,
+    AccountId, ActivationError, Activator, Config, Decision, FleetDirectory, Incoming, IotRegistry,
+    SweepEvent, SweepOptions,
 };
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
@@ -19,8 +22,8 @@ use tokio::time::Instant;
 enum InvocationError {
     /// One event's decision failed.
     Activation(ActivationError),
-    /// A scheduled sweep left certificates pending.
-    SweepIncomplete { failing: usize },
+    /// A scheduled sweep left work for the next one.
+    SweepIncomplete { failing: usize, cas: usize },
 }
 
 impl From<ActivationError> for InvocationError {
@@ -36,9 +39,11 @@ impl From<InvocationError> for Diagnostic {
                 error_type: e.error_type().to_owned(),
                 error_message: activator::error_chain(&e),
             },
-            InvocationError::SweepIncomplete { failing } => Diagnostic {
+            InvocationError::SweepIncomplete { failing, cas } => Diagnostic {
                 error_type: "Retryable".to_owned(),
-                error_message: format!("sweep left {failing} certificate(s) pending; see the log"),
+                error_message: format!(
+                    "sweep left {failing} certificate(s) pending and {cas} CA listing(s) unfinished; see the log"
+                ),
             },
         }
     }
@@ -47,19 +52,66 @@ impl From<InvocationError> for Diagnostic {
 /// Decisions a scheduled sweep runs at once, well inside AWS IoT's default API quotas.
 const SWEEP_CONCURRENCY: usize = 4;
 
+/// What the handler needs besides the activator.
+struct Context {
+    sweep_min_age: Duration,
+    sweep_window: Duration,
+    /// The function's name, the `Function` dimension of every metric.
+    function: String,
+}
+
+fn epoch_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// The invocation deadline as a tokio instant.
 fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = epoch_ms() as u64;
     Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}
+
+/// Prints one decision's metrics line.
+fn decision_metrics(ctx: &Context, outcome: &str, started: Instant) {
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "{}",
+        metrics::emf_line(
+            &ctx.function,
+            epoch_ms(),
+            &[("Outcome", outcome)],
+            &[
+                ("Decisions", "Count", 1.0),
+                ("DecisionDuration", "Milliseconds", ms)
+            ],
+        )
+    );
+}
+
+/// One decision for an event, with its metrics line.
+async fn decide<R: IotRegistry, F: FleetDirectory>(
+    activator: &Activator<R, F>,
+    ctx: &Context,
+    event: &activator::RegisteredEvent,
+    account: Option<&AccountId>,
+    deadline: Instant,
+) -> Result<Decision, ActivationError> {
+    let started = Instant::now();
+    let result = activator.handle_event(event, account, deadline).await;
+    let outcome = match &result {
+        Ok(decision) => decision.outcome.as_str(),
+        Err(_) => "failed",
+    };
+    decision_metrics(ctx, outcome, started);
+    result
 }
 
 /// One invocation, whatever its kind; generic over the activator's ports so the same code
 /// serves the deployed adapters and any other.
 async fn handle<R: IotRegistry, F: FleetDirectory>(
     activator: &Activator<R, F>,
-    sweep_min_age: Duration,
+    ctx: &Context,
     event: LambdaEvent<Value>,
 ) -> Result<Value, InvocationError> {
     let (payload, context) = event.into_parts();
@@ -68,17 +120,18 @@ async fn handle<R: IotRegistry, F: FleetDirectory>(
     let incoming = Incoming::from_value(&payload).map_err(|e| {
         tracing::warn!(error = %e, "event refused");
         InvocationError::from(ActivationError::from(e))
-    })?;
-    match incoming {
-        Incoming::Registered(event) => {
-            let decision = activator
-                .handle_event(&event, account.as_ref(), deadline)
-                .await?;
-            // A Decision is plain strings and an enum: it always serializes.
-            Ok(serde_json::to_value(&decision).unwrap_or(Value::Null))
+    });
+    let result = match incoming {
+        Err(e) => Err(e),
+        Ok(Incoming::Registered(event)) => {
+            decide(activator, ctx, &event, account.as_ref(), deadline)
+                .await
+                // A Decision is plain strings and an enum: it always serializes.
+                .map(|d| serde_json::to_value(&d).unwrap_or(Value::Null))
+                .map_err(InvocationError::from)
         }
-        Incoming::Sweep => sweep(activator, sweep_min_age, deadline).await,
-        Incoming::Replay(records) => {
+        Ok(Incoming::Sweep) => sweep(activator, ctx, deadline).await,
+        Ok(Incoming::Replay(records)) => {
             // SQS partial batch response: only records worth retrying go back to the queue.
             let mut failures = Vec::new();
             for record in records {
@@ -86,57 +139,96 @@ async fn handle<R: IotRegistry, F: FleetDirectory>(
                     Err(e) => {
                         tracing::warn!(message_id = %record.message_id, error = %e, "replay record dropped")
                     }
-                    Ok(event) => match activator
-                        .handle_event(&event, account.as_ref(), deadline)
-                        .await
-                    {
-                        Err(e) if e.is_retryable() => {
-                            failures.push(serde_json::json!({"itemIdentifier": record.message_id}));
+                    Ok(event) => {
+                        match decide(activator, ctx, &event, account.as_ref(), deadline).await {
+                            Err(e) if e.is_retryable() => failures
+                                .push(serde_json::json!({"itemIdentifier": record.message_id})),
+                            // Decided, or failed for good (logged by the activator): not retried.
+                            _ => {}
                         }
-                        // Decided, or failed for good (logged by the activator): not retried.
-                        _ => {}
-                    },
+                    }
                 }
             }
             Ok(serde_json::json!({"batchItemFailures": failures}))
         }
-    }
+    };
+    println!(
+        "{}",
+        metrics::counters_line(&ctx.function, epoch_ms(), metrics::take())
+    );
+    result
 }
 
-/// The scheduled sweep over every trusted CA, inside the invocation's deadline; an error
-/// while anything is left failing (the next scheduled sweep picks it up).
+/// The scheduled sweep over every trusted CA, each on its own and with its own share of the
+/// invocation; an error while anything is left (the next scheduled sweep picks it up).
 async fn sweep<R: IotRegistry, F: FleetDirectory>(
     activator: &Activator<R, F>,
-    min_age: Duration,
+    ctx: &Context,
     deadline: Instant,
 ) -> Result<Value, InvocationError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let mut reports = Vec::new();
-    let mut failing = 0;
-    for ca in &activator.policy().trusted_ca_ids {
-        let r = activator
-            .sweep(ca, min_age, now, false, SWEEP_CONCURRENCY, deadline)
-            .await?;
+    let opts = SweepOptions {
+        min_age: ctx.sweep_min_age,
+        window: Some(ctx.sweep_window),
+        now: epoch_ms() / 1000,
+        dry_run: false,
+        concurrency: SWEEP_CONCURRENCY,
+    };
+    // Per-decision lines come from the activator's own log; metrics count decisions here.
+    let count_decision = |event: SweepEvent<'_>| match event {
+        SweepEvent::Decided(d) => decision_metrics(ctx, d.outcome.as_str(), Instant::now()),
+        SweepEvent::Failed { .. } => decision_metrics(ctx, "failed", Instant::now()),
+        SweepEvent::Page { .. } => {}
+    };
+    let reports = activator
+        .sweep_all(
+            &activator.policy().trusted_ca_ids,
+            &opts,
+            deadline,
+            &count_decision,
+        )
+        .await;
+    let (mut failing, mut unfinished) = (0, 0);
+    for r in &reports {
         tracing::info!(
-            ca_certificate_id = %ca,
+            ca_certificate_id = %r.ca_certificate_id,
+            pages = r.pages,
+            listed = r.listed,
             pending = r.pending,
             activated = r.activated,
             rejected = r.rejected,
+            held = r.held,
             failing = r.failing.len(),
+            incomplete = r.incomplete.as_deref().unwrap_or(""),
             "sweep"
         );
+        println!(
+            "{}",
+            metrics::emf_line(
+                &ctx.function,
+                epoch_ms(),
+                &[],
+                &[
+                    ("SweepPages", "Count", r.pages as f64),
+                    ("SweepPending", "Count", r.pending as f64),
+                    ("SweepFailing", "Count", r.failing.len() as f64),
+                    (
+                        "SweepIncomplete",
+                        "Count",
+                        f64::from(u8::from(r.incomplete.is_some()))
+                    ),
+                ],
+            )
+        );
         failing += r.failing.len();
-        reports.push(serde_json::json!({
-            "caCertificateId": ca.as_str(), "pending": r.pending, "activated": r.activated,
-            "rejected": r.rejected, "skipped": r.skipped, "failing": r.failing.len(),
-        }));
+        unfinished += usize::from(r.incomplete.is_some());
     }
-    if failing > 0 {
-        return Err(InvocationError::SweepIncomplete { failing });
+    if failing > 0 || unfinished > 0 {
+        return Err(InvocationError::SweepIncomplete {
+            failing,
+            cas: unfinished,
+        });
     }
-    Ok(Value::Array(reports))
+    Ok(serde_json::to_value(&reports).unwrap_or(Value::Null))
 }
 
 fn init_logging() {
@@ -164,7 +256,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let sweep_min_age = config.sweep_min_age;
+    let ctx = Context {
+        sweep_min_age: config.sweep_min_age,
+        sweep_window: config.sweep_window,
+        function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "jitr".into()),
+    };
     let activator = match activator::build(config).await {
         Ok(a) => a,
         Err(e) => {
@@ -173,11 +269,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let activator = &activator;
+    let (activator, ctx) = (&activator, &ctx);
     // Boxed: the handler's future type, nested in the runtime's, is otherwise too deep for
     // the compiler's layout computation.
     match lambda_runtime::run(service_fn(move |event| {
-        Box::pin(handle(activator, sweep_min_age, event))
+        Box::pin(handle(activator, ctx, event))
     }))
     .await
     {

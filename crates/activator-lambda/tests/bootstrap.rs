@@ -182,3 +182,86 @@ fn scheduled_sweeps_and_failure_queue_replays_finish_what_events_missed() {
     }
     assert_eq!(w.status(&stuck_id), CertificateStatus::PendingActivation);
 }
+
+#[test]
+fn each_ca_is_swept_on_its_own_and_the_metrics_are_in_the_log() {
+    use testkit::proxy::{Canned, FaultPlan, Proxy};
+
+    let w = world();
+    // A second trusted CA whose listing AWS refuses (a permission gone wrong, say).
+    let broken = "ab".repeat(32);
+    let proxy = Proxy::for_url(&w.moto.endpoint(), FaultPlan::default()).unwrap();
+    let refused = broken.clone();
+    proxy.answer("ListCertificatesByCA", move |request| {
+        request.target.contains(&refused).then(|| {
+            Canned::error(
+                403,
+                "AccessDeniedException",
+                json!({"message": "not authorized to list this CA"}),
+            )
+        })
+    });
+    let emulator = RuntimeEmulator::start().unwrap();
+    let mut env = w.env(&emulator);
+    for (name, value) in env.iter_mut() {
+        match *name {
+            "AWS_ENDPOINT_URL" => *value = proxy.url(),
+            "JITR_TRUSTED_CA_IDS" => *value = format!("{broken},{}", w.ca_id),
+            _ => {}
+        }
+    }
+    env.push(("JITR_SWEEP_MIN_AGE_SECONDS", "0".to_owned()));
+    env.push(("AWS_LAMBDA_FUNCTION_NAME", "jitr-activator".to_owned()));
+    let bootstrap = Bootstrap::spawn(&env);
+    let member = format!("{:032x}", 21);
+    w.balena.add_device(FLEET, &member, true);
+    let member_id = w.first_connect(&member);
+
+    let scheduled = json!({"source": "aws.events", "detail-type": "Scheduled Event", "detail": {}});
+    match emulator.invoke(scheduled, INVOKE).unwrap() {
+        Invocation::Error {
+            error_type,
+            error_message,
+        } => {
+            assert_eq!(error_type, "Retryable");
+            assert!(
+                error_message.contains("1 CA listing(s) unfinished"),
+                "{error_message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // The refused CA did not stop the trusted one.
+    assert_eq!(w.status(&member_id), CertificateStatus::Active);
+    let log = bootstrap.log();
+    let sweep_lines: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "sweep")
+        .collect();
+    assert_eq!(sweep_lines.len(), 2, "{log}");
+    assert!(sweep_lines[0]["incomplete"]
+        .as_str()
+        .unwrap()
+        .contains("AccessDeniedException"));
+    assert_eq!(sweep_lines[1]["activated"], 1);
+
+    // Embedded Metric Format: the decision by outcome, the counters, the sweeps.
+    let metrics: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l.get("_aws").is_some())
+        .collect();
+    let activated = metrics
+        .iter()
+        .find(|m| m["Outcome"] == "activated")
+        .unwrap_or_else(|| panic!("no decision metric in\n{log}"));
+    assert_eq!(activated["Function"], "jitr-activator");
+    assert_eq!(activated["Decisions"], 1.0);
+    assert_eq!(
+        activated["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+        json!([["Function", "Outcome"]])
+    );
+    assert!(metrics.iter().any(|m| m["SweepIncomplete"] == 1.0));
+    assert!(metrics.iter().any(|m| m.get("AwsGiveUps").is_some()));
+}

@@ -291,6 +291,9 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             self.fleet.membership(&device, deadline),
             self.owners(device.as_str(), &cert.arn, deadline)
         );
+        if membership.is_err() {
+            crate::metrics::fleet_error();
+        }
         let member = match membership? {
             Membership::Member(member) => member,
             Membership::NotMember => {

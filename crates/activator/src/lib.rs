@@ -22,6 +22,7 @@ mod ids;
 mod incoming;
 #[cfg(feature = "testing")]
 pub mod memory;
+pub mod metrics;
 mod ownership;
 mod ports;
 pub mod registration;
@@ -31,8 +32,8 @@ mod trust;
 
 pub use balena::FleetId;
 pub use config::{
-    balena_fleet_from_env, ApiKeySource, Config, ConfigError, FleetConfig, Policy, RejectAction,
-    WriteBack,
+    balena_fleet_from_env, parse_duration, ApiKeySource, Config, ConfigError, FleetConfig, Policy,
+    RejectAction, WriteBack,
 };
 pub use decision::{Activator, Approval, Decision, Outcome};
 pub use error::{error_chain, ActivationError};
@@ -45,7 +46,9 @@ pub use ports::{
     CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry,
     ListedCertificate, Membership, RegistryError, ThingSpec,
 };
-pub use sweep::{SweepReport, SWEEP_DECISION_TIME};
+pub use sweep::{
+    Progress, SweepEvent, SweepOptions, SweepReport, SWEEP_DECISION_TIME, SWEEP_PAGE_TIME,
+};
 pub use trust::CA_CACHE_TIME;
 
 #[cfg(feature = "adapters")]

@@ -290,11 +290,12 @@ pub trait IotRegistry: Send + Sync {
         certificate_arn: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    /// ListCertificatesByCA, one page.
+    /// ListCertificatesByCA, one page, newest first or oldest first.
     fn list_certificates_by_ca(
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        newest_first: bool,
         deadline: Instant,
     ) -> impl Future<Output = Result<CertificatePage, RegistryError>> + Send;
 }

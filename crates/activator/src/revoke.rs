@@ -32,6 +32,8 @@ pub struct Revoked {
 pub struct RevokeReport {
     /// Each certificate revoked.
     pub revoked: Vec<Revoked>,
+    /// Certificates named (by the manifest) that AWS IoT never registered: nothing to revoke.
+    pub not_registered: Vec<String>,
     /// Things deleted.
     pub things_deleted: Vec<String>,
 }
@@ -41,16 +43,20 @@ pub fn id_from_arn(arn: &str) -> Option<&str> {
     arn.rsplit_once("cert/").map(|(_, id)| id)
 }
 
-/// Revokes `target`; with `delete_things`, deletes the Things involved. Each call is bounded by
-/// [`crate::OPERATOR_CALL_TIME`] and the whole by `deadline`.
+/// Revokes `target` and the certificates `also` names (from the manifest: a device's
+/// certificates that never got a Thing, registered or still pending); with `delete_things`,
+/// deletes the Things involved. Each call is bounded by [`crate::OPERATOR_CALL_TIME`] and the
+/// whole by `deadline`; every listing is read to its last page.
 pub async fn revoke<A: IotAdmin>(
     iot: &A,
     target: &Target,
+    also: &[CertificateId],
     delete_things: bool,
     deadline: Instant,
 ) -> Result<RevokeReport, RegistryError> {
     let d = || call_deadline(deadline);
-    let (arns, mut things) = match target {
+    let mut report = RevokeReport::default();
+    let (mut arns, mut things) = match target {
         Target::Device(thing) => match iot.thing_principals(thing, d()).await {
             Ok(principals) => (
                 principals
@@ -68,7 +74,16 @@ pub async fn revoke<A: IotAdmin>(
             (vec![arn], things)
         }
     };
-    let mut report = RevokeReport::default();
+    for id in also {
+        if arns.iter().any(|arn| id_from_arn(arn) == Some(id.as_str())) {
+            continue;
+        }
+        match iot.describe_certificate(id, d()).await {
+            Ok(described) => arns.push(described.arn),
+            Err(e) if e.is_not_found() => report.not_registered.push(id.to_string()),
+            Err(e) => return Err(e),
+        }
+    }
     for arn in &arns {
         let id = id_from_arn(arn).unwrap_or_default();
         let certificate = CertificateId::parse(id).map_err(|reason| {

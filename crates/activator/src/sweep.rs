@@ -1,20 +1,61 @@
 //! The sweep that catches certificates whose events were lost: every certificate under a CA
 //! still PENDING_ACTIVATION (and old enough) goes through the same decision as an event.
+//!
+//! Its cost follows the work, not the fleet: listings go newest first and stop at the window
+//! (`JITR_SWEEP_WINDOW`, 48 h: anything older was swept many times already), decisions start as
+//! soon as a page names a pending certificate, every page and every decision has a deadline of
+//! its own, and each CA gets its own share of the time, so one CA whose listing keeps failing
+//! neither stops nor starves the others.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::error::error_chain;
 use crate::{
     ActivationError, Activator, CertificateId, CertificateStatus, Decision, FleetDirectory,
-    IotRegistry, Outcome,
+    IotRegistry, ListedCertificate, Outcome,
 };
 
-/// What a reconcile sweep found and did.
+/// The time one decision of a sweep may take (the Lambda's own events get the invocation's).
+pub const SWEEP_DECISION_TIME: Duration = Duration::from_secs(20);
+
+/// The longest one page of a listing may take, retries included: an unreachable endpoint
+/// fails a CA's listing in this time, not at the sweep's deadline.
+pub const SWEEP_PAGE_TIME: Duration = Duration::from_secs(15);
+
+/// A sweep starts no decision with less time than this left before its deadline: the fleet
+/// check alone wants 3 s left when it starts (time for what follows it), the registry keeps
+/// 0.5 s to answer, and the calls themselves take some.
+const SWEEP_DECISION_MIN_TIME: Duration = Duration::from_secs(5);
+
+/// What to sweep and how.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// Leave certificates registered less than this ago to their own event.
+    pub min_age: Duration,
+    /// Look back this far, newest first; `None` lists the whole history, oldest first.
+    pub window: Option<Duration>,
+    /// The time the ages are measured from, epoch seconds.
+    pub now: i64,
+    /// Only list what would be decided.
+    pub dry_run: bool,
+    /// Decisions at once.
+    pub concurrency: usize,
+}
+
+/// What a sweep of one CA found and did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SweepReport {
+    /// The CA swept.
+    pub ca_certificate_id: String,
+    /// Pages of ListCertificatesByCA read.
+    pub pages: usize,
+    /// Certificates listed.
+    pub listed: usize,
     /// Certificates still PENDING_ACTIVATION (and old enough) when listed.
     pub pending: usize,
     /// Activated now.
@@ -31,15 +72,45 @@ pub struct SweepReport {
     pub decisions: Vec<Decision>,
     /// Pending certificate ids (what a dry run would act on).
     pub pending_ids: Vec<String>,
+    /// Why the listing ended early, if it did (a failure, or no time left): the next sweep
+    /// goes on from the newest again.
+    pub incomplete: Option<String>,
 }
 
-/// The time one decision of a sweep may take (the Lambda's own events get the invocation's).
-pub const SWEEP_DECISION_TIME: Duration = Duration::from_secs(20);
+impl SweepReport {
+    /// Whether anything is left for another sweep: failing decisions or an unfinished listing.
+    pub fn is_complete(&self) -> bool {
+        self.failing.is_empty() && self.incomplete.is_none()
+    }
+}
 
-/// A sweep starts no decision with less time than this left before its deadline: the fleet
-/// check alone wants 3 s left when it starts (time for what follows it), the registry keeps
-/// 0.5 s to answer, and the calls themselves take some.
-const SWEEP_DECISION_MIN_TIME: Duration = Duration::from_secs(5);
+/// What a sweep reports as it goes, for progress on a terminal or in a log.
+#[derive(Debug)]
+pub enum SweepEvent<'a> {
+    /// A page was read.
+    Page {
+        /// The CA.
+        ca: &'a CertificateId,
+        /// Pages so far.
+        pages: usize,
+        /// Certificates listed so far.
+        listed: usize,
+        /// Pending ones found so far.
+        pending: usize,
+    },
+    /// A decision was reached.
+    Decided(&'a Decision),
+    /// A decision failed; the certificate stays pending.
+    Failed {
+        /// The certificate.
+        id: &'a str,
+        /// Why.
+        reason: &'a str,
+    },
+}
+
+/// Where sweep progress goes.
+pub type Progress<'a> = &'a (dyn Fn(SweepEvent<'_>) + Sync);
 
 /// Why a sweep did not decide a certificate.
 enum SweepSkip {
@@ -47,82 +118,226 @@ enum SweepSkip {
     OutOfTime,
 }
 
+/// The listing of one CA as it goes.
+struct Listing {
+    marker: Option<String>,
+    done: bool,
+    pages: usize,
+    listed: usize,
+    pending: usize,
+    incomplete: Option<String>,
+}
+
 impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
-    /// Runs the decision for every certificate under `ca` still PENDING_ACTIVATION and
-    /// registered at least `min_age` before `now` (epoch seconds): the sweep that catches
-    /// events Lambda dropped. With `dry_run`, only lists them. Each decision gets
-    /// [`SWEEP_DECISION_TIME`], and none starts once `deadline` is too near to finish it:
-    /// those are reported failing, to be picked up by the next sweep.
+    /// Sweeps every CA in `cas`, one after another, each with an equal share of the time left
+    /// (time a CA does not use goes to the ones after it). A CA whose listing fails is reported
+    /// and the next one swept all the same.
+    pub async fn sweep_all(
+        &self,
+        cas: &[CertificateId],
+        opts: &SweepOptions,
+        deadline: Instant,
+        progress: Progress<'_>,
+    ) -> Vec<SweepReport> {
+        let mut reports = Vec::with_capacity(cas.len());
+        for (n, ca) in cas.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = left / u32::try_from(cas.len() - n).unwrap_or(u32::MAX);
+            let report = self.sweep(ca, opts, Instant::now() + share, progress).await;
+            reports.push(report);
+        }
+        reports
+    }
+
+    /// Runs the decision for every certificate under `ca` still PENDING_ACTIVATION and old
+    /// enough, listing and deciding at once; with `opts.dry_run`, only lists them. Each
+    /// decision gets [`SWEEP_DECISION_TIME`] and each page [`SWEEP_PAGE_TIME`]; nothing starts
+    /// once `deadline` is too near to finish it, and the report says how far it got.
     pub async fn sweep(
         &self,
         ca: &CertificateId,
-        min_age: Duration,
-        now: i64,
-        dry_run: bool,
-        concurrency: usize,
+        opts: &SweepOptions,
         deadline: Instant,
-    ) -> Result<SweepReport, ActivationError> {
-        use futures::StreamExt;
-
-        let cutoff = now.saturating_sub(i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX));
-        let mut pending = Vec::new();
-        let mut marker = None;
-        loop {
-            let page = self
-                .registry
-                .list_certificates_by_ca(ca, marker, deadline)
-                .await?;
-            pending.extend(
-                page.certificates
+        progress: Progress<'_>,
+    ) -> SweepReport {
+        let cutoff = opts
+            .now
+            .saturating_sub(i64::try_from(opts.min_age.as_secs()).unwrap_or(i64::MAX));
+        let oldest = opts.window.map(|w| {
+            opts.now
+                .saturating_sub(i64::try_from(w.as_secs()).unwrap_or(i64::MAX))
+        });
+        let listing = Mutex::new(Listing {
+            marker: None,
+            done: false,
+            pages: 0,
+            listed: 0,
+            pending: 0,
+            incomplete: None,
+        });
+        let listing_ref = &listing;
+        let pages = futures::stream::unfold((), move |()| async move {
+            let listing = listing_ref;
+            let page = self.next_page(ca, opts, oldest, listing, deadline).await?;
+            let found = {
+                let mut state = listing.lock().unwrap_or_else(|e| e.into_inner());
+                let pending: Vec<CertificateId> = page
                     .into_iter()
                     .filter(|c| c.status == CertificateStatus::PendingActivation)
                     .filter(|c| c.created.is_none_or(|t| t <= cutoff))
-                    .map(|c| c.id),
-            );
-            match page.next_marker {
-                Some(next) if !next.is_empty() => marker = Some(next),
-                _ => break,
-            }
-        }
+                    .map(|c| c.id)
+                    .collect();
+                state.pending += pending.len();
+                progress(SweepEvent::Page {
+                    ca,
+                    pages: state.pages,
+                    listed: state.listed,
+                    pending: state.pending,
+                });
+                pending
+            };
+            Some((futures::stream::iter(found), ()))
+        })
+        .flatten();
         let mut report = SweepReport {
-            pending: pending.len(),
-            pending_ids: pending.iter().map(|id| id.to_string()).collect(),
+            ca_certificate_id: ca.to_string(),
             ..SweepReport::default()
         };
-        if dry_run {
-            return Ok(report);
-        }
-        let results: Vec<_> = futures::stream::iter(pending)
-            .map(|id| async move {
-                let started = Instant::now();
-                if started + SWEEP_DECISION_MIN_TIME > deadline {
-                    return (id, Err(SweepSkip::OutOfTime));
-                }
-                let own_deadline = (started + SWEEP_DECISION_TIME).min(deadline);
-                let result = self.activate(&id, Some(ca), own_deadline).await;
-                (id, result.map_err(SweepSkip::Failed))
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        for (id, result) in results {
-            match result {
-                Ok(decision) => {
-                    match decision.outcome {
-                        Outcome::Activated => report.activated += 1,
-                        Outcome::Rejected => report.rejected += 1,
-                        Outcome::Held => report.held += 1,
-                        Outcome::AlreadyActive | Outcome::Skipped => report.skipped += 1,
-                    }
-                    report.decisions.push(decision);
-                }
-                Err(SweepSkip::Failed(e)) => report.failing.push((id.to_string(), error_chain(&e))),
-                Err(SweepSkip::OutOfTime) => report.failing.push((
-                    id.to_string(),
-                    "not reached before the deadline; the next sweep takes it".to_owned(),
-                )),
+        if opts.dry_run {
+            report.pending_ids = pages.map(|id| id.to_string()).collect().await;
+        } else {
+            let results: Vec<_> = pages
+                .map(|id| self.sweep_one(id, ca, deadline))
+                .buffer_unordered(opts.concurrency.max(1))
+                .collect()
+                .await;
+            for (id, result) in results {
+                report.record(&id, result, progress);
             }
         }
-        Ok(report)
+        let listing = listing.into_inner().unwrap_or_else(|e| e.into_inner());
+        report.pages = listing.pages;
+        report.listed = listing.listed;
+        report.pending = listing.pending;
+        report.incomplete = listing.incomplete;
+        report
+    }
+
+    /// The next page of `ca`'s listing, or `None` at its end, at the window, out of time or
+    /// on a failure (noted in `listing`).
+    async fn next_page(
+        &self,
+        ca: &CertificateId,
+        opts: &SweepOptions,
+        oldest: Option<i64>,
+        listing: &Mutex<Listing>,
+        deadline: Instant,
+    ) -> Option<Vec<ListedCertificate>> {
+        let marker = {
+            let state = listing.lock().unwrap_or_else(|e| e.into_inner());
+            if state.done {
+                return None;
+            }
+            state.marker.clone()
+        };
+        let stop = |why: Option<String>| {
+            let mut state = listing.lock().unwrap_or_else(|e| e.into_inner());
+            state.done = true;
+            state.incomplete = why;
+        };
+        if Instant::now() + Duration::from_secs(1) >= deadline {
+            let pages = listing.lock().unwrap_or_else(|e| e.into_inner()).pages;
+            stop(Some(format!(
+                "no time left to list more than {pages} page(s); the next sweep starts from the newest again"
+            )));
+            return None;
+        }
+        let page_deadline = deadline.min(Instant::now() + SWEEP_PAGE_TIME);
+        let newest_first = opts.window.is_some();
+        match self
+            .registry
+            .list_certificates_by_ca(ca, marker, newest_first, page_deadline)
+            .await
+        {
+            Err(e) => {
+                stop(Some(format!("listing failed: {}", error_chain(&e))));
+                None
+            }
+            Ok(page) => {
+                let mut state = listing.lock().unwrap_or_else(|e| e.into_inner());
+                state.pages += 1;
+                state.listed += page.certificates.len();
+                let past_window = oldest.is_some_and(|oldest| {
+                    page.certificates
+                        .iter()
+                        .filter_map(|c| c.created)
+                        .any(|t| t < oldest)
+                });
+                match page.next_marker {
+                    Some(next) if !next.is_empty() && !past_window => state.marker = Some(next),
+                    _ => state.done = true,
+                }
+                let certificates = page
+                    .certificates
+                    .into_iter()
+                    .filter(|c| oldest.is_none_or(|o| c.created.is_none_or(|t| t >= o)))
+                    .collect();
+                Some(certificates)
+            }
+        }
+    }
+
+    /// One decision of a sweep, within its own time, unless too little is left.
+    async fn sweep_one(
+        &self,
+        id: CertificateId,
+        ca: &CertificateId,
+        deadline: Instant,
+    ) -> (CertificateId, Result<Decision, SweepSkip>) {
+        let started = Instant::now();
+        if started + SWEEP_DECISION_MIN_TIME > deadline {
+            return (id, Err(SweepSkip::OutOfTime));
+        }
+        let own_deadline = (started + SWEEP_DECISION_TIME).min(deadline);
+        let result = self.activate(&id, Some(ca), own_deadline).await;
+        (id, result.map_err(SweepSkip::Failed))
     }
 }
+
+impl SweepReport {
+    fn record(
+        &mut self,
+        id: &CertificateId,
+        result: Result<Decision, SweepSkip>,
+        progress: Progress<'_>,
+    ) {
+        match result {
+            Ok(decision) => {
+                match decision.outcome {
+                    Outcome::Activated => self.activated += 1,
+                    Outcome::Rejected => self.rejected += 1,
+                    Outcome::Held => self.held += 1,
+                    Outcome::AlreadyActive | Outcome::Skipped => self.skipped += 1,
+                }
+                progress(SweepEvent::Decided(&decision));
+                self.decisions.push(decision);
+            }
+            Err(skip) => {
+                let reason = match skip {
+                    SweepSkip::Failed(e) => error_chain(&e),
+                    SweepSkip::OutOfTime => {
+                        "not reached before the deadline; the next sweep takes it".to_owned()
+                    }
+                };
+                progress(SweepEvent::Failed {
+                    id: id.as_str(),
+                    reason: &reason,
+                });
+                self.failing.push((id.to_string(), reason));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

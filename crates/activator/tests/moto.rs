@@ -540,10 +540,11 @@ impl IotRegistry for CrashAt<'_> {
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        newest_first: bool,
         deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
         self.inner
-            .list_certificates_by_ca(ca, marker, deadline)
+            .list_certificates_by_ca(ca, marker, newest_first, deadline)
             .await
     }
 }

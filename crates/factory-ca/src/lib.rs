@@ -31,7 +31,7 @@ pub use inspect::{
 };
 pub use issue::{issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDevice};
 pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
-pub use manifest::{certificate_id, Manifest, ManifestEntry, MANIFEST_FILE};
+pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIFEST_FILE};
 pub use profile::{Profile, Subject, DEFAULT_MAX_DEVICE_DAYS, PROFILE_FILE};
 pub use write::write_file_atomic;
 

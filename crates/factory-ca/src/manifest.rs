@@ -32,6 +32,25 @@ pub fn certificate_id(der: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
 }
 
+/// Every entry of a manifest file, in order.
+pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| {
+            serde_json::from_str(line).map_err(|source| Error::Manifest {
+                path: path.to_owned(),
+                line: n + 1,
+                source,
+            })
+        })
+        .collect()
+}
+
 /// The manifest of an output folder: what was issued before, and where new lines go.
 #[derive(Debug)]
 pub struct Manifest {

@@ -82,6 +82,17 @@ pub(crate) struct AwsArgs {
     /// AWS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's own].
     #[arg(long, value_name = "URL", value_parser = parse_endpoint_url)]
     pub(crate) endpoint_url: Option<String>,
+    /// Give up after this long in all, e.g. 30s, 10m [default: the command's own; one call
+    /// never waits more than 10s].
+    #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
+    pub(crate) timeout: Option<std::time::Duration>,
+}
+
+impl AwsArgs {
+    /// The command's deadline: `--timeout`, else `default`, from now.
+    pub(crate) fn deadline(&self, default: std::time::Duration) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.timeout.unwrap_or(default)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +211,9 @@ pub(crate) struct BalenaDeliveryArgs {
     /// The AWS IoT data endpoint for AWS_DATA_ENDPOINT (`jitr endpoint` prints it).
     #[arg(long, value_name = "HOST", value_parser = parse_host)]
     pub(crate) endpoint: Option<String>,
+    /// Give up pushing to balena after this long in all, e.g. 30s, 10m [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
+    pub(crate) timeout: Option<std::time::Duration>,
 }
 
 /// `clap` value parser for `--endpoint-url`: an absolute http(s) URL.
@@ -278,8 +292,12 @@ pub(crate) struct ReconcileArgs {
     #[arg(long, value_name = "ID")]
     pub(crate) ca_id: Vec<String>,
     /// Only certificates registered at least this long ago, e.g. 30s, 10m, 2h, 1d.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = activator::parse_duration)]
     pub(crate) older_than: std::time::Duration,
+    /// Look at the whole history, oldest first [default: newest first, back to
+    /// JITR_SWEEP_WINDOW (48h), as the scheduled sweep does].
+    #[arg(long)]
+    pub(crate) all: bool,
     /// List what would be decided, change nothing.
     #[arg(long)]
     pub(crate) dry_run: bool,
@@ -290,30 +308,6 @@ pub(crate) struct ReconcileArgs {
     pub(crate) output: OutputArgs,
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
-}
-
-/// `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
-fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a duration like 30s, 10m, 2h, 1d"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => {
-            return Err(format!(
-                "{value:?}: unknown unit {unit:?} (use s, m, h or d)"
-            ))
-        }
-    };
-    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +322,10 @@ pub(crate) struct RevokeArgs {
     /// Delete the Thing too.
     #[arg(long)]
     pub(crate) delete_thing: bool,
+    /// With --id: also revoke the certificates this manifest lists for the device (those
+    /// that never got a Thing, registered or still pending), e.g. devices/manifest.jsonl.
+    #[arg(long, value_name = "FILE", requires = "id")]
+    pub(crate) manifest: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
     #[command(flatten)]

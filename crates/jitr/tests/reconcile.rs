@@ -266,3 +266,128 @@ fn a_held_certificate_goes_live_only_by_approval_which_retires_the_old_one() {
     });
     assert_eq!(principals, 1, "only the approved certificate is attached");
 }
+
+#[test]
+fn an_unreachable_endpoint_ends_within_a_minute_naming_it_and_the_last_error() {
+    let w = world(true);
+    let started = std::time::Instant::now();
+    let out = w.jitr(&["reconcile", "--endpoint-url", "http://127.0.0.1:9"]);
+    let took = started.elapsed();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(took < std::time::Duration::from_secs(60), "{took:?}");
+    assert!(
+        stdout.contains("incomplete after 0 page(s): listing failed")
+            && stdout.contains("cannot reach AWS IoT at http://127.0.0.1:9"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_ca_that_is_not_trusted_is_refused_not_swept() {
+    let w = world(true);
+    let untrusted = "ab".repeat(32);
+    let out = w.jitr(&["reconcile", "--ca-id", &untrusted]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not in JITR_TRUSTED_CA_IDS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn reconcile_shows_its_progress_and_looks_back_as_far_as_asked() {
+    let w = world(true);
+    let member = w.register(&uuid(1));
+    let out = w.jitr(&["reconcile", "--older-than", "0s", "--all"]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("page 1, 1 listed, 1 pending"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.status(&member), CertificateStatus::Active);
+}
+
+#[test]
+fn revoke_reads_every_page_and_the_manifests_certificates_without_a_thing() {
+    use testkit::proxy::{Canned, FaultPlan, Proxy};
+
+    let w = world(true);
+    let device = uuid(1);
+    let first = w.register(&device);
+    assert!(w
+        .jitr(&["reconcile", "--older-than", "0s"])
+        .status
+        .success());
+    // A second certificate attached to the same Thing by hand (an operator's console click).
+    let second = w.register(&device);
+    let arn = |id: &str| format!("arn:aws:iot:us-east-1:123456789012:cert/{id}");
+    w.rt.block_on(
+        w.client
+            .attach_thing_principal()
+            .thing_name(&device)
+            .principal(arn(&second))
+            .send(),
+    )
+    .unwrap();
+    // AWS answers ListThingPrincipals a page at a time; moto never does: the proxy does.
+    let proxy = Proxy::for_url(&w.moto.endpoint(), FaultPlan::default()).unwrap();
+    let (a, b) = (arn(&first), arn(&second));
+    proxy.answer("ListThingPrincipals", move |request| {
+        Some(if request.target.contains("nextToken=page-2") {
+            Canned::ok(json!({"principals": [b.clone()]}))
+        } else {
+            Canned::ok(json!({"principals": [a.clone()], "nextToken": "page-2"}))
+        })
+    });
+    // A third certificate of the device, pending, that never got a Thing; and one the
+    // factory issued that never connected.
+    let pending = w.register(&device);
+    let never = "cd".repeat(32);
+    let manifest = tempfile::NamedTempFile::new().unwrap();
+    let line = |id: &str| {
+        json!({"id": device, "serial": "01", "not_before": "2026-01-01T00:00:00Z",
+               "not_after": "2027-01-01T00:00:00Z", "certificate_id": id})
+        .to_string()
+    };
+    std::fs::write(
+        manifest.path(),
+        format!("{}\n{}\n{}\n", line(&first), line(&pending), line(&never)),
+    )
+    .unwrap();
+    let out = w.jitr(&[
+        "revoke",
+        "--id",
+        &device,
+        "--manifest",
+        manifest.path().to_str().unwrap(),
+        "--endpoint-url",
+        &proxy.url(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let revoked: Vec<_> = report["revoked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["certificate_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        revoked,
+        vec![first.clone(), second.clone(), pending.clone()]
+    );
+    assert_eq!(report["not_registered"], json!([never]));
+    for id in [&first, &second, &pending] {
+        assert_eq!(w.status(id), CertificateStatus::Revoked);
+    }
+}

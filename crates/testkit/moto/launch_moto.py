@@ -10,10 +10,13 @@ Fixes applied before the server starts (moto 5.x):
   3. GetRegistrationCode answers 64 hex digits like AWS IoT (moto returns a UUID with
      hyphens, which is not a valid certificate CN for the verification certificate).
 
+  4. ListCertificatesByCA honours pageSize (1 to 250), marker and ascendingOrder (by
+     creation date, as AWS IoT does): moto answers every certificate at once, oldest first.
+
 And two changes for speed only, with the same answers:
-  4. The server lists moto's service packages once, not on every request (its dispatcher
+  5. The server lists moto's service packages once, not on every request (its dispatcher
      walks the package folder per request: nearly half of its time under load).
-  5. DescribeCertificate and the certificate principal lookup behind AttachPolicy and
+  6. DescribeCertificate and the certificate principal lookup behind AttachPolicy and
      AttachThingPrincipal find a certificate by its id (the key moto stores it under), and
      DescribeThing and ListThingPrincipals find a Thing by its ARN (likewise), instead of
      scanning every certificate or Thing (the burst test makes 10,000 and 8,500).
@@ -24,7 +27,9 @@ import sys
 
 import moto.backends
 import moto.core.config
+import moto.core.responses
 import moto.iot.models
+import moto.iot.responses
 import moto.server
 
 
@@ -51,6 +56,25 @@ def describe_certificate_with_ca_id() -> None:
 
 def aws_shaped_registration_codes() -> None:
     moto.iot.models.IoTBackend.get_registration_code = lambda self: secrets.token_hex(32)
+
+
+def certificates_by_ca_paged() -> None:
+    def list_certificates_by_ca(self):
+        ca_certificate_id = self._get_param("caCertificateId")
+        certificates = sorted(
+            self.iot_backend.list_certificates_by_ca(ca_certificate_id),
+            key=lambda c: (c.creation_date, c.certificate_id),
+        )
+        if str(self._get_param("isAscendingOrder")).lower() == "false":
+            certificates.reverse()
+        size = min(max(self._get_int_param("pageSize") or 250, 1), 250)
+        start = int(self._get_param("marker") or 0)
+        result = {"certificates": [c.to_dict() for c in certificates[start : start + size]]}
+        if start + size < len(certificates):
+            result["nextMarker"] = str(start + size)
+        return moto.core.responses.ActionResult(result)
+
+    moto.iot.responses.IoTResponse.list_certificates_by_ca = list_certificates_by_ca
 
 
 def service_packages_listed_once() -> None:
@@ -112,6 +136,7 @@ def main() -> None:
     use_der_certificate_ids()
     describe_certificate_with_ca_id()
     aws_shaped_registration_codes()
+    certificates_by_ca_paged()
     service_packages_listed_once()
     certificates_looked_up_by_id()
     things_looked_up_by_arn()

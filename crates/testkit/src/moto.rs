@@ -9,7 +9,9 @@
 //!    answers `caCertificateId` when the certificate has one (moto 5.2 keeps the field but only
 //!    puts it in `to_dict`);
 //! 3. answers GetRegistrationCode with 64 hex digits, as AWS IoT does;
-//! 4. (speed only, same answers) lists moto's service packages once instead of per request,
+//! 4. pages ListCertificatesByCA by `pageSize` and `marker`, ordered by creation date as
+//!    `ascendingOrder` asks (moto answers everything at once, oldest first);
+//! 5. (speed only, same answers) lists moto's service packages once instead of per request,
 //!    and finds a certificate by its id (DescribeCertificate, the principal lookup of
 //!    AttachPolicy/AttachThingPrincipal) and a Thing by its ARN (DescribeThing,
 //!    ListThingPrincipals) instead of scanning them all.
@@ -332,6 +334,64 @@ mod tests {
             .push(DnType::CommonName, "0123456789abcdef0123456789abcdef");
         let device = device_params.signed_by(&device_key, &issuer).unwrap();
         (ca_cert.pem(), device.pem(), device.der().to_vec())
+    }
+
+    #[test]
+    fn certificates_by_ca_come_in_pages_newest_first_when_asked() {
+        let moto = MotoServer::start().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let certs = crate::certs::TestCa::new("paging CA").unwrap();
+        let ids = rt.block_on(async {
+            let client = crate::iot::client(&moto).await;
+            crate::iot::register_ca(&client, &certs.cert_pem)
+                .await
+                .unwrap();
+            let mut ids = Vec::new();
+            for n in 0..5 {
+                let pem = certs.device_pem(&format!("{n:032x}")).unwrap();
+                ids.push(
+                    crate::iot::first_connect(&client, &pem, &certs.cert_pem)
+                        .await
+                        .unwrap(),
+                );
+            }
+            ids
+        });
+        let ca_id = factory_ca::certificate_id(certs.ca.cert_der());
+        let listed = |ascending: bool| {
+            rt.block_on(async {
+                let client = crate::iot::client(&moto).await;
+                let (mut all, mut pages, mut marker) = (Vec::new(), 0, None::<String>);
+                loop {
+                    let out = client
+                        .list_certificates_by_ca()
+                        .ca_certificate_id(&ca_id)
+                        .page_size(2)
+                        .ascending_order(ascending)
+                        .set_marker(marker.clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    pages += 1;
+                    all.extend(
+                        out.certificates()
+                            .iter()
+                            .map(|c| c.certificate_id().unwrap().to_owned()),
+                    );
+                    match out.next_marker() {
+                        Some(next) => marker = Some(next.to_owned()),
+                        None => return (all, pages),
+                    }
+                }
+            })
+        };
+        assert_eq!(listed(true), (ids.clone(), 3));
+        let mut newest_first = ids;
+        newest_first.reverse();
+        assert_eq!(listed(false), (newest_first, 3));
     }
 
     #[test]

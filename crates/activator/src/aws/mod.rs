@@ -140,6 +140,7 @@ impl AwsIotRegistry {
         let mut attempts = 0;
         loop {
             if Instant::now() >= usable {
+                crate::metrics::aws_give_up();
                 return Err(RegistryError::GaveUp {
                     op,
                     attempts,
@@ -161,12 +162,14 @@ impl AwsIotRegistry {
             };
             let wait = self.retry.backoff(attempts);
             if Instant::now() + wait >= usable {
+                crate::metrics::aws_give_up();
                 return Err(RegistryError::GaveUp {
                     op,
                     attempts,
                     last: Box::new(error),
                 });
             }
+            crate::metrics::aws_retry();
             tracing::debug!(op, attempts, wait_ms = wait.as_millis() as u64, error = %crate::error_chain(&error), "retrying");
             tokio::time::sleep(wait).await;
         }
@@ -528,6 +531,7 @@ impl IotRegistry for AwsIotRegistry {
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        newest_first: bool,
         deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
         let out = self
@@ -536,7 +540,8 @@ impl IotRegistry for AwsIotRegistry {
                     .list_certificates_by_ca()
                     .ca_certificate_id(ca.as_str())
                     .set_marker(marker.clone())
-                    .page_size(250)
+                    .page_size(PAGE_SIZE)
+                    .ascending_order(!newest_first)
                     .send()
             })
             .await?;

@@ -64,6 +64,32 @@ pub struct Config {
     /// How old a pending certificate must be before a scheduled sweep decides it
     /// (`JITR_SWEEP_MIN_AGE_SECONDS`, default 300): younger ones belong to their own event.
     pub sweep_min_age: std::time::Duration,
+    /// How far back a sweep looks, newest first (`JITR_SWEEP_WINDOW`, default 48h).
+    pub sweep_window: std::time::Duration,
+}
+
+/// A duration as operators write one: `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 30s, 10m, 2h, 1d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "{value:?}: unknown unit {unit:?} (use s, m, h or d)"
+            ))
+        }
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
 }
 
 /// The variables, trimmed, an empty one counting as unset.
@@ -115,10 +141,20 @@ impl Config {
                 )
             })?),
         };
+        let sweep_window = match env.get("JITR_SWEEP_WINDOW") {
+            None => std::time::Duration::from_secs(48 * 3600),
+            Some(v) => parse_duration(&v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::invalid("JITR_SWEEP_WINDOW", "expected a duration like 48h or 2d")
+                })?,
+        };
         Ok(Config {
             policy,
             fleet,
             sweep_min_age,
+            sweep_window,
         })
     }
 }

@@ -468,16 +468,21 @@ impl IotRegistry for MemoryIot {
         &self,
         ca: &CertificateId,
         marker: Option<String>,
+        newest_first: bool,
         _deadline: Instant,
     ) -> Result<CertificatePage, RegistryError> {
         const PAGE: usize = 250;
         let state = self.enter("ListCertificatesByCA")?;
         let start: usize = marker.and_then(|m| m.parse().ok()).unwrap_or(0);
-        let all: Vec<_> = state
+        let mut all: Vec<_> = state
             .certificates
             .iter()
             .filter(|(_, c)| c.ca.as_ref() == Some(ca))
             .collect();
+        all.sort_by_key(|(id, c)| (c.created, (*id).clone()));
+        if newest_first {
+            all.reverse();
+        }
         let certificates = all
             .iter()
             .skip(start)

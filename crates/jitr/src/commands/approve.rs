@@ -19,7 +19,7 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
     let approval = crate::aws::runtime()?.block_on(async {
         let session = crate::aws::session(&args.aws).await?;
         let activator = activator::build_with_sdk(config, session.config())?;
-        let deadline = tokio::time::Instant::now() + APPROVE_TIME;
+        let deadline = args.aws.deadline(APPROVE_TIME);
         anyhow::Ok(activator.approve(&id, args.retire, deadline).await?)
     })?;
     if args.output.json {

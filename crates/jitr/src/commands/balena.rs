@@ -27,7 +27,11 @@ pub(crate) struct Delivery {
     env_file: Option<PathBuf>,
     push: Option<Fleet>,
     endpoint: Option<String>,
+    timeout: Duration,
 }
+
+/// How long a whole push may take unless `--timeout` says otherwise.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Delivery {
     /// Reads the flags and, for `--push-balena`, the balena settings from the environment, so
@@ -44,6 +48,7 @@ impl Delivery {
             env_file: args.balena_env.clone(),
             push,
             endpoint: args.endpoint.clone(),
+            timeout: args.timeout.unwrap_or(PUSH_TIMEOUT),
         })
     }
 
@@ -76,9 +81,10 @@ impl Delivery {
         let Some(fleet) = &self.push else {
             return Ok(true);
         };
+        let overall = tokio::time::Instant::now() + self.timeout;
         let results = crate::aws::runtime()?.block_on(async {
             futures::stream::iter(devices)
-                .map(|device| async move { (device, push(fleet, device).await) })
+                .map(|device| async move { (device, push(fleet, device, overall).await) })
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .collect::<Vec<_>>()
                 .await
@@ -122,8 +128,12 @@ impl Delivery {
 async fn push(
     fleet: &Fleet,
     device: &DeliveryVariables,
+    overall: tokio::time::Instant,
 ) -> Result<Vec<(&'static str, Upserted)>, String> {
-    let deadline = tokio::time::Instant::now() + PUSH_DEADLINE;
+    if tokio::time::Instant::now() >= overall {
+        return Err("not pushed: --timeout reached before its turn (push again)".to_owned());
+    }
+    let deadline = overall.min(tokio::time::Instant::now() + PUSH_DEADLINE);
     let target = match fleet.device(device.device(), deadline).await {
         Ok(Some(target)) => target,
         Ok(None) => {

@@ -140,7 +140,7 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
         .map_err(|reason| anyhow::anyhow!("the CA's certificate id: {reason}"))?;
     let registration = crate::aws::runtime()?.block_on(async {
         let registry = crate::aws::session(&args.aws).await?.registry();
-        let deadline = tokio::time::Instant::now() + REGISTRATION_TIME;
+        let deadline = args.aws.deadline(REGISTRATION_TIME);
         anyhow::Ok(register_ca(&registry, ca.as_ref(), &ca_pem, &expected_id, deadline).await?)
     })?;
     report_registration(&args, &registration, expected_id.as_str())?;

@@ -12,7 +12,7 @@ const ENDPOINT_TYPE: &str = "iot:Data-ATS";
 pub(crate) fn endpoint(args: EndpointArgs) -> Result<Outcome> {
     let address = crate::aws::runtime()?.block_on(async {
         let registry = crate::aws::session(&args.aws).await?.registry();
-        let deadline = tokio::time::Instant::now() + activator::OPERATOR_CALL_TIME;
+        let deadline = activator::call_deadline(args.aws.deadline(activator::OPERATOR_CALL_TIME));
         anyhow::Ok(registry.describe_endpoint(ENDPOINT_TYPE, deadline).await?)
     })?;
     if args.output.json {

@@ -1,102 +1,134 @@
 //! `jitr reconcile`: the Lambda's sweep, run from an operator's shell with the Lambda's
-//! configuration.
+//! configuration, every CA on its own, bounded by `--timeout` (10 minutes), with progress on
+//! standard error and a summary per CA.
 
-use activator::{CertificateId, Config, SweepReport};
-use anyhow::{bail, Context, Result};
+use std::time::Duration;
+
+use activator::{CertificateId, Config, SweepEvent, SweepOptions, SweepReport};
+use anyhow::{Context, Result};
 
 use super::{print_json, Outcome};
 use crate::cli::ReconcileArgs;
+use crate::UsageError;
 
-/// Far enough ahead to never matter for one run of the command.
-const NO_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// How long a reconcile may take unless `--timeout` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
     // The Lambda's configuration, read the Lambda's way: the same decision, the same rules.
     let config = Config::from_env().context("activator configuration")?;
-    let ca_ids = if args.ca_id.is_empty() {
-        config.policy.trusted_ca_ids.clone()
-    } else {
-        let mut ids = Vec::new();
-        for id in &args.ca_id {
-            match CertificateId::parse(id) {
-                Ok(id) => ids.push(id),
-                Err(reason) => bail!("--ca-id {id:?}: {reason}"),
-            }
-        }
-        ids
+    let ca_ids = chosen_cas(&args.ca_id, &config.policy.trusted_ca_ids)?;
+    let opts = SweepOptions {
+        min_age: args.older_than,
+        window: (!args.all).then_some(config.sweep_window),
+        now: time::OffsetDateTime::now_utc().unix_timestamp(),
+        dry_run: args.dry_run,
+        concurrency: args.concurrency,
     };
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let deadline = args.aws.deadline(DEFAULT_TIMEOUT);
     let reports = crate::aws::runtime()?.block_on(async {
         let session = crate::aws::session(&args.aws).await?;
         let activator = activator::build_with_sdk(config, session.config())?;
-        let mut reports = Vec::new();
-        for ca in &ca_ids {
-            let report = activator
-                // No invocation deadline here: each decision gets its own time and the
-                // sweep runs to the end.
-                .sweep(
-                    ca,
-                    args.older_than,
-                    now,
-                    args.dry_run,
-                    args.concurrency,
-                    tokio::time::Instant::now() + NO_DEADLINE,
-                )
-                .await
-                .with_context(|| format!("sweeping CA {ca}"))?;
-            reports.push((ca.to_string(), report));
-        }
-        anyhow::Ok(reports)
+        anyhow::Ok(
+            activator
+                .sweep_all(&ca_ids, &opts, deadline, &show_progress)
+                .await,
+        )
     })?;
 
-    let failing: usize = reports.iter().map(|(_, r)| r.failing.len()).sum();
     if args.output.json {
         let list: Vec<_> = reports
             .iter()
-            .map(|(ca, r)| serde_json::json!({"ca_certificate_id": ca, "report": r}))
+            .map(|r| serde_json::json!({"ca_certificate_id": r.ca_certificate_id, "report": r}))
             .collect();
         print_json(&list)?;
     } else {
-        for (ca, report) in &reports {
-            print_report(ca, report, args.dry_run);
+        for report in &reports {
+            print_report(report, args.dry_run);
         }
     }
-    Ok(if failing == 0 {
+    Ok(if reports.iter().all(SweepReport::is_complete) {
         Outcome::Success
     } else {
         Outcome::Failed
     })
 }
 
-fn print_report(ca: &str, r: &SweepReport, dry_run: bool) {
+/// The CAs to sweep: `--ca-id` values, each one trusted by the configuration (a CA that is
+/// not is "not ours to touch": sweeping it would revoke its certificates), else every trusted
+/// one.
+fn chosen_cas(given: &[String], trusted: &[CertificateId]) -> Result<Vec<CertificateId>> {
+    if given.is_empty() {
+        return Ok(trusted.to_vec());
+    }
+    given
+        .iter()
+        .map(|id| {
+            let id = CertificateId::parse(id)
+                .map_err(|reason| UsageError(format!("--ca-id {id:?}: {reason}")))?;
+            if !trusted.contains(&id) {
+                return Err(UsageError(format!(
+                    "--ca-id {id} is not in JITR_TRUSTED_CA_IDS: its certificates are not ours to decide"
+                ))
+                .into());
+            }
+            Ok(id)
+        })
+        .collect()
+}
+
+/// Progress on standard error: pages as they are read, failures as they happen.
+fn show_progress(event: SweepEvent<'_>) {
+    match event {
+        SweepEvent::Page {
+            ca,
+            pages,
+            listed,
+            pending,
+        } => eprintln!(
+            "reconcile: CA {}…: page {pages}, {listed} listed, {pending} pending",
+            &ca.as_str()[..12]
+        ),
+        SweepEvent::Decided(_) => {}
+        SweepEvent::Failed { id, reason } => {
+            eprintln!("reconcile: {id}: still failing: {reason}");
+        }
+    }
+}
+
+fn print_report(r: &SweepReport, dry_run: bool) {
+    let ca = &r.ca_certificate_id;
     if dry_run {
         println!("CA {ca}: {} certificate(s) pending", r.pending);
         for id in &r.pending_ids {
             println!("  would decide {id}");
         }
-        return;
-    }
-    for d in &r.decisions {
+    } else {
+        for d in &r.decisions {
+            println!(
+                "  {}  {:<14} {}",
+                d.certificate_id,
+                d.outcome.as_str(),
+                d.reason
+            );
+        }
+        for (id, error) in &r.failing {
+            println!("  {id}  {:<14} {error}", "still-failing");
+        }
         println!(
-            "  {}  {:<14} {}",
-            d.certificate_id,
-            d.outcome.as_str(),
-            d.reason
+            "CA {ca}: {} pending, {} activated, {} rejected, {} held, {} skipped, {} still failing",
+            r.pending,
+            r.activated,
+            r.rejected,
+            r.held,
+            r.skipped,
+            r.failing.len()
         );
+        if r.held > 0 {
+            println!("held certificates wait for an operator: jitr approve --certificate-id ID");
+        }
     }
-    for (id, error) in &r.failing {
-        println!("  {id}  {:<14} {error}", "still-failing");
-    }
-    println!(
-        "CA {ca}: {} pending, {} activated, {} rejected, {} held, {} skipped, {} still failing",
-        r.pending,
-        r.activated,
-        r.rejected,
-        r.held,
-        r.skipped,
-        r.failing.len()
-    );
-    if r.held > 0 {
-        println!("held certificates wait for an operator: jitr approve --certificate-id ID");
+    if let Some(why) = &r.incomplete {
+        println!("CA {ca}: incomplete after {} page(s): {why}", r.pages);
     }
 }

@@ -21,10 +21,30 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         ),
         (None, None) => anyhow::bail!("give --id or --certificate-id"),
     };
+    // The manifest names the device's certificates that may never have got a Thing.
+    let also = match (&args.manifest, &target) {
+        (Some(path), Target::Device(device)) => factory_ca::read_manifest(path)?
+            .into_iter()
+            .filter(|entry| entry.id == *device)
+            .map(|entry| {
+                CertificateId::parse(&entry.certificate_id).map_err(|reason| {
+                    anyhow::anyhow!(
+                        "{}: certificate id {:?}: {reason}",
+                        path.display(),
+                        entry.certificate_id
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        (Some(_), Target::Certificate(_)) => {
+            return Err(crate::UsageError("--manifest goes with --id".to_owned()).into())
+        }
+        (None, _) => Vec::new(),
+    };
     let report = crate::aws::runtime()?.block_on(async {
         let registry = crate::aws::session(&args.aws).await?.registry();
-        let deadline = tokio::time::Instant::now() + REVOKE_TIME;
-        anyhow::Ok(revoke_in_aws(&registry, &target, args.delete_thing, deadline).await?)
+        let deadline = args.aws.deadline(REVOKE_TIME);
+        anyhow::Ok(revoke_in_aws(&registry, &target, &also, args.delete_thing, deadline).await?)
     })?;
     if args.output.json {
         print_json(&report)?;
@@ -52,6 +72,9 @@ fn print_report(report: &RevokeReport) {
             list(&r.policies_detached),
             list(&r.things_detached)
         );
+    }
+    for id in &report.not_registered {
+        println!("{id} was never registered in AWS IoT: nothing to revoke");
     }
     for thing in &report.things_deleted {
         println!("deleted Thing {thing}");
