@@ -8,6 +8,11 @@
 //! 10,000 certificates by default; `JITR_BURST_CERTS` sets another count. The counts and
 //! times are printed to stderr (also when the test passes). `bootstrap` is taken from next to
 //! the `jitr` binary, where `cargo test --workspace` builds it.
+//!
+//! The crash test (`JITR_CRASH_CERTS`, default 200) kills `bootstrap` instances with SIGKILL at
+//! random points while they decide, under Lambda's retry rules, then runs one reconcile: every
+//! member ACTIVE with exactly one principal, every stranger revoked, no Thing without its
+//! certificate, nothing pending.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
@@ -280,5 +285,109 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
     ));
     assert_eq!(tally.active, members);
     assert_eq!(tally.revoked, n - members);
+    assert_eq!(tally.pending, 0);
+}
+
+fn crash_size() -> usize {
+    std::env::var("JITR_CRASH_CERTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+#[test]
+fn lambdas_killed_mid_decision_leave_nothing_half_made() {
+    const RUNNING: usize = 4;
+    let n = crash_size();
+    let started = Instant::now();
+    let mut world = BurstWorld::start(n, standing, FaultPlan::default()).unwrap();
+    let deliveries: Vec<_> = world.devices.iter().map(|d| world.event(d)).collect();
+    world.start_runtimes(&bootstrap(), RUNNING).unwrap();
+    world.emulator.set_function_timeout(FUNCTION_TIMEOUT);
+    // A little latency on every AWS IoT call, so a kill lands inside decisions, between
+    // their writes, rather than between events.
+    world.proxy.set_plan(FaultPlan {
+        latency: Duration::from_millis(15),
+        ..FaultPlan::default()
+    });
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let kills = std::sync::atomic::AtomicUsize::new(0);
+    let delivery = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // A fixed sequence of "random" instants and victims: repeatable runs.
+            let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                std::thread::sleep(Duration::from_millis(150 + x % 400));
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                world.crash_runtime(x as usize).unwrap();
+                kills.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let delivery = world.emulator.deliver_async(
+            &deliveries,
+            RUNNING,
+            MAX_RETRIES,
+            // A killed instance never answers: Lambda sees the function time out.
+            FUNCTION_TIMEOUT,
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        delivery
+    });
+    world.stop_runtimes();
+    let kills = kills.into_inner();
+    say(&format!(
+        "crash: {n} events, {kills} SIGKILLs of {RUNNING} running instances; {} runs, {} retries, \
+         {} to the failure queue, in {:.1} s",
+        delivery.invocations,
+        delivery.retries,
+        delivery.failure_queue.len(),
+        delivery.elapsed.as_secs_f64()
+    ));
+    assert!(kills >= 3, "only {kills} kills: the test did not test");
+
+    // A crash between two writes left work half done; it must be invisible from outside:
+    // nothing activated that should not be, and one reconcile finishes the rest.
+    let (statuses, _) = world.certificates().unwrap();
+    let half_done = statuses
+        .values()
+        .filter(|s| **s == aws_sdk_iot::types::CertificateStatus::PendingActivation)
+        .count();
+    let out = Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args([
+            "reconcile",
+            "--older-than",
+            "0s",
+            "--concurrency",
+            "8",
+            "--json",
+        ])
+        .env_clear()
+        .envs(world.activator_env())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "reconcile failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tally = world.registry().unwrap().check(&world.devices).unwrap();
+    say(&format!(
+        "crash: {half_done} pending after the burst, reconcile {} activated {} rejected; \
+         registry {} ACTIVE (one principal each), {} REVOKED, {} pending, {} Things; {:.1} s",
+        report[0]["report"]["activated"],
+        report[0]["report"]["rejected"],
+        tally.active,
+        tally.revoked,
+        tally.pending,
+        tally.things,
+        started.elapsed().as_secs_f64()
+    ));
     assert_eq!(tally.pending, 0);
 }

@@ -76,14 +76,15 @@ pub struct BurstWorld {
     pub proxy: Proxy,
     /// Where `bootstrap` gets its events.
     pub emulator: RuntimeEmulator,
-    runtimes: Vec<KillOnDrop>,
+    runtimes: std::sync::Mutex<Vec<KillOnDrop>>,
+    bootstrap: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BurstWorld {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BurstWorld")
             .field("devices", &self.devices.len())
-            .field("runtimes", &self.runtimes.len())
+            .field("runtimes", &self.runtimes().len())
             .finish_non_exhaustive()
     }
 }
@@ -145,7 +146,8 @@ impl BurstWorld {
             devices,
             proxy,
             emulator,
-            runtimes: Vec::new(),
+            runtimes: std::sync::Mutex::new(Vec::new()),
+            bootstrap: None,
         })
     }
 
@@ -170,25 +172,54 @@ impl BurstWorld {
         env
     }
 
+    fn runtimes(&self) -> std::sync::MutexGuard<'_, Vec<KillOnDrop>> {
+        self.runtimes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn spawn_runtime(&self, bootstrap: &Path) -> Result<KillOnDrop> {
+        let child = Command::new(bootstrap)
+            .env_clear()
+            .envs(self.emulator.lambda_env())
+            .envs(self.activator_env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bootstrap.display()))?;
+        Ok(KillOnDrop(child))
+    }
+
     /// Starts `count` `bootstrap` processes (Lambda instances) polling the emulator.
     pub fn start_runtimes(&mut self, bootstrap: &Path, count: usize) -> Result<()> {
+        self.bootstrap = Some(bootstrap.to_owned());
         for _ in 0..count {
-            let child = Command::new(bootstrap)
-                .env_clear()
-                .envs(self.emulator.lambda_env())
-                .envs(self.activator_env())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", bootstrap.display()))?;
-            self.runtimes.push(KillOnDrop(child));
+            let child = self.spawn_runtime(bootstrap)?;
+            self.runtimes().push(child);
         }
+        Ok(())
+    }
+
+    /// Kills runtime `k` (modulo their number) with SIGKILL, wherever it is in a decision,
+    /// and starts a fresh one in its place, as Lambda replaces a crashed instance. The
+    /// invocation it was running gets no answer: the emulator's timeout and Lambda's retry
+    /// rules take it from there.
+    pub fn crash_runtime(&self, k: usize) -> Result<()> {
+        let bootstrap = self.bootstrap.clone().context("start_runtimes first")?;
+        let fresh = self.spawn_runtime(&bootstrap)?;
+        let mut runtimes = self.runtimes();
+        if runtimes.is_empty() {
+            return Ok(());
+        }
+        let n = k % runtimes.len();
+        // Dropping kills (SIGKILL) and reaps the old process.
+        runtimes[n] = fresh;
         Ok(())
     }
 
     /// Stops every `bootstrap` process.
     pub fn stop_runtimes(&mut self) {
-        self.runtimes.clear();
+        self.runtimes().clear();
     }
 
     /// The certificate-registered event AWS IoT publishes for `device`.
