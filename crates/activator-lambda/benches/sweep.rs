@@ -114,7 +114,7 @@ fn main() {
     let mut env = emulator.lambda_env();
     env.extend(moto.aws_env());
     env.extend([
-        ("JITR_TRUSTED_CA_IDS", ca_id.clone()),
+        ("JITR_TRUSTED_CA_IDS", ca_id),
         ("JITR_POLICY_NAME", POLICY.to_owned()),
         ("BALENA_FLEET_ID", FLEET.to_string()),
         ("BALENA_API_KEY", KEY.to_owned()),
