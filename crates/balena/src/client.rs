@@ -89,6 +89,24 @@ pub enum Error {
         /// The fleet the row names.
         found: u64,
     },
+    /// The fleet has no service of that name.
+    #[error("fleet {fleet} has no service {service:?}")]
+    NoService {
+        /// The service asked for.
+        service: String,
+        /// The pinned fleet.
+        fleet: u64,
+    },
+    /// The device does not run that service (yet): balena has no place for its variables.
+    #[error(
+        "device {device} has no service {service:?} installed (has it run a release with it?)"
+    )]
+    NotInstalled {
+        /// The service asked for.
+        service: String,
+        /// The device.
+        device: String,
+    },
     /// The key cannot see the fleet, so an empty answer proves nothing.
     #[error("the API key cannot see fleet {fleet}: an empty answer proves nothing")]
     FleetNotVisible {

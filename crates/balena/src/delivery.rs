@@ -1,5 +1,12 @@
 //! The device environment variables balena's cloud-relay block reads to reach AWS IoT:
 //! what `jitr issue --balena-env` writes to a file and `--push-balena` sets on each device.
+//!
+//! cloud-relay base64-decodes `AWS_CERT` and `AWS_PRIVATE_KEY` (PEM inside), connects to
+//! `AWS_DATA_ENDPOINT` on 8883 with its device UUID as client id, and publishes what it relays
+//! to `CLOUD_CONSUMER_TOPIC` exactly as given (default `sensors`, which no device policy
+//! allows). So the topic is delivered too, inside the device's own tree that the policy allows:
+//! `<topic prefix>/<uuid>/sensors`, the prefix the template's `TopicPrefix` and the CLI's
+//! `--topic-prefix` (`JITR_TOPIC_PREFIX`) both default to [`DEFAULT_TOPIC_PREFIX`].
 
 use base64::Engine;
 use factory_ca::DeviceId;
@@ -12,6 +19,44 @@ pub const AWS_CERT: &str = "AWS_CERT";
 pub const AWS_PRIVATE_KEY: &str = "AWS_PRIVATE_KEY";
 /// The AWS IoT data endpoint (ATS) host name.
 pub const AWS_DATA_ENDPOINT: &str = "AWS_DATA_ENDPOINT";
+/// The topic cloud-relay publishes relayed data to.
+pub const CLOUD_CONSUMER_TOPIC: &str = "CLOUD_CONSUMER_TOPIC";
+/// Every variable jitr sets, in the order it sets them (what a cleanup removes).
+pub const ALL: [&str; 4] = [
+    AWS_CERT,
+    AWS_PRIVATE_KEY,
+    AWS_DATA_ENDPOINT,
+    CLOUD_CONSUMER_TOPIC,
+];
+/// The first topic level(s) of every device's tree: the device policy allows
+/// `<prefix>/<thing>/*`. `infra/template.yaml`'s `TopicPrefix` defaults to the same (a rules
+/// check keeps them equal).
+pub const DEFAULT_TOPIC_PREFIX: &str = "balena";
+/// The last level of the topic cloud-relay publishes to, under the device's tree.
+const CONSUMER_LEAF: &str = "sensors";
+
+/// The topic a device's cloud-relay publishes to: `<prefix>/<uuid>/sensors`.
+pub fn consumer_topic(prefix: &str, device: &DeviceId) -> String {
+    format!("{prefix}/{device}/{CONSUMER_LEAF}")
+}
+
+/// Checks a topic prefix: topic levels of letters, digits, `_` or `-`, no wildcards (what
+/// the template's `TopicPrefix` allows).
+pub fn validate_topic_prefix(prefix: &str) -> Result<(), &'static str> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 64
+        && prefix.split('/').all(|level| {
+            !level.is_empty()
+                && level
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err("topic levels of letters, digits, '_' or '-' separated by '/', no wildcards")
+    }
+}
 
 /// One device's delivery variables, in the order they are set.
 pub struct DeliveryVariables {
@@ -32,12 +77,14 @@ impl std::fmt::Debug for DeliveryVariables {
 
 impl DeliveryVariables {
     /// The variables for `device`: `AWS_CERT`, `AWS_PRIVATE_KEY` when the key is at hand
-    /// (not for a device that sent a CSR), `AWS_DATA_ENDPOINT` when known.
+    /// (not for a device that sent a CSR: it provides its own), `AWS_DATA_ENDPOINT` when known,
+    /// and `CLOUD_CONSUMER_TOPIC` under `topic_prefix`.
     pub fn new(
         device: &DeviceId,
         chain_pem: &str,
         key_pem: Option<&str>,
         endpoint: Option<&str>,
+        topic_prefix: &str,
     ) -> Self {
         let b64 =
             |bytes: &[u8]| Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes));
@@ -48,6 +95,10 @@ impl DeliveryVariables {
         if let Some(endpoint) = endpoint {
             vars.push((AWS_DATA_ENDPOINT, Zeroizing::new(endpoint.to_owned())));
         }
+        vars.push((
+            CLOUD_CONSUMER_TOPIC,
+            Zeroizing::new(consumer_topic(topic_prefix, device)),
+        ));
         DeliveryVariables {
             device: device.clone(),
             vars,
@@ -92,12 +143,12 @@ mod tests {
     #[test]
     fn variables_are_base64_of_the_files_and_the_endpoint_verbatim() {
         let id = DeviceId::parse(&"a".repeat(32), IdFormat::BalenaUuid).unwrap();
-        let vars = DeliveryVariables::new(&id, "CHAIN", Some("KEY"), Some("x-ats.iot.aws"));
+        let vars = DeliveryVariables::new(&id, "CHAIN", Some("KEY"), Some("x-ats.iot.aws"), "acme");
         let line = vars.to_json_line();
         assert_eq!(
             line.as_str(),
             format!(
-                r#"{{"id":"{}","AWS_CERT":"Q0hBSU4=","AWS_PRIVATE_KEY":"S0VZ","AWS_DATA_ENDPOINT":"x-ats.iot.aws"}}"#,
+                r#"{{"id":"{0}","AWS_CERT":"Q0hBSU4=","AWS_PRIVATE_KEY":"S0VZ","AWS_DATA_ENDPOINT":"x-ats.iot.aws","CLOUD_CONSUMER_TOPIC":"acme/{0}/sensors"}}"#,
                 "a".repeat(32)
             )
         );
@@ -107,10 +158,20 @@ mod tests {
     #[test]
     fn a_csr_device_has_no_private_key_variable() {
         let id = DeviceId::parse(&"b".repeat(32), IdFormat::BalenaUuid).unwrap();
-        let names: Vec<_> = DeliveryVariables::new(&id, "CHAIN", None, None)
+        let names: Vec<_> = DeliveryVariables::new(&id, "CHAIN", None, None, DEFAULT_TOPIC_PREFIX)
             .iter()
             .map(|(name, _)| name)
             .collect();
-        assert_eq!(names, vec![AWS_CERT]);
+        assert_eq!(names, vec![AWS_CERT, CLOUD_CONSUMER_TOPIC]);
+    }
+
+    #[test]
+    fn topic_prefixes_are_plain_topic_levels() {
+        for ok in ["balena", "acme/fleet-1", "a_b"] {
+            assert!(validate_topic_prefix(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a/+/b", "#", "a//b", "/a", "with space"] {
+            assert!(validate_topic_prefix(bad).is_err(), "{bad}");
+        }
     }
 }

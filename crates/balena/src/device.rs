@@ -1,5 +1,7 @@
-//! Writes to a device of the pinned fleet: environment variables and tags, set by POST and,
-//! when balena answers 409 (the name exists), by PATCHing the existing row.
+//! Writes to a device of the pinned fleet: environment variables (device-wide, or of one
+//! service on it) and tags, set by POST and, when balena answers 409 (the name exists), by
+//! PATCHing the existing row; and removed by DELETE, which balena answers alike whether or not
+//! anything was there (so a removal is idempotent).
 
 use reqwest::{Method, StatusCode};
 use tokio::time::Instant;
@@ -12,14 +14,18 @@ use crate::{Device, Error, Fleet};
 pub enum Scope {
     /// A device environment variable: every service on the device sees it.
     Device,
+    /// A device service variable: only this service (by name) on the device sees it.
+    Service(String),
 }
 
 /// What a device carries that jitr writes: environment variables or tags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
-    /// `device_environment_variable` (`name`, `value`).
+    /// `device_environment_variable` (`device`, `name`, `value`).
     EnvVar,
-    /// `device_tag` (`tag_key`, `value`): shown in the balena dashboard.
+    /// `device_service_environment_variable` (`service_install`, `name`, `value`).
+    ServiceVar,
+    /// `device_tag` (`device`, `tag_key`, `value`): shown in the balena dashboard.
     Tag,
 }
 
@@ -27,16 +33,29 @@ impl Field {
     fn resource(self) -> &'static str {
         match self {
             Field::EnvVar => "device_environment_variable",
+            Field::ServiceVar => "device_service_environment_variable",
             Field::Tag => "device_tag",
         }
     }
 
     fn key_field(self) -> &'static str {
         match self {
-            Field::EnvVar => "name",
+            Field::EnvVar | Field::ServiceVar => "name",
             Field::Tag => "tag_key",
         }
     }
+
+    fn owner_field(self) -> &'static str {
+        match self {
+            Field::ServiceVar => "service_install",
+            Field::EnvVar | Field::Tag => "device",
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct IdRow {
+    id: u64,
 }
 
 /// What a set did.
@@ -60,9 +79,97 @@ impl Fleet {
     ) -> Result<Upserted, Error> {
         match scope {
             Scope::Device => {
-                self.upsert(Field::EnvVar, device, name, value, deadline)
+                self.upsert(Field::EnvVar, device.id, name, value, deadline)
                     .await
             }
+            Scope::Service(service) => {
+                let install = self.service_install(device, service, deadline).await?;
+                self.upsert(Field::ServiceVar, install, name, value, deadline)
+                    .await
+            }
+        }
+    }
+
+    /// Removes the variables `names` from `device`, device-wide and from every service on it.
+    /// Nothing there is no error: a second run does nothing.
+    pub async fn remove_env_vars(
+        &self,
+        device: &Device,
+        names: &[&str],
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let path = format!(
+            "/v7/service_install?$select=id&$filter=device%20eq%20{}",
+            device.id
+        );
+        let installs: Vec<IdRow> = self.client().get_rows(&path, deadline).await?;
+        for name in names {
+            self.delete(Field::EnvVar, device.id, name, deadline)
+                .await?;
+            for install in &installs {
+                self.delete(Field::ServiceVar, install.id, name, deadline)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The id of `service`'s install on `device`: the service must be one of the fleet's, and
+    /// installed on the device (the supervisor installs a release's services).
+    async fn service_install(
+        &self,
+        device: &Device,
+        service: &str,
+        deadline: Instant,
+    ) -> Result<u64, Error> {
+        let path = format!(
+            "/v7/service?$select=id&$filter=application%20eq%20{}%20and%20service_name%20eq%20{}",
+            self.id(),
+            odata_string(service)
+        );
+        let services: Vec<IdRow> = self.client().get_rows(&path, deadline).await?;
+        let [svc] = services.as_slice() else {
+            return Err(Error::NoService {
+                service: service.to_owned(),
+                fleet: self.id().get(),
+            });
+        };
+        let path = format!(
+            "/v7/service_install?$select=id&$filter=device%20eq%20{}%20and%20installs__service%20eq%20{}",
+            device.id, svc.id
+        );
+        let installs: Vec<IdRow> = self.client().get_rows(&path, deadline).await?;
+        match installs.as_slice() {
+            [install] => Ok(install.id),
+            _ => Err(Error::NotInstalled {
+                service: service.to_owned(),
+                device: device.uuid.to_string(),
+            }),
+        }
+    }
+
+    async fn delete(
+        &self,
+        field: Field,
+        owner: u64,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let path = format!(
+            "/v7/{}?$filter={}%20eq%20{owner}%20and%20{}%20eq%20{}",
+            field.resource(),
+            field.owner_field(),
+            field.key_field(),
+            odata_string(name)
+        );
+        let answer = self
+            .client()
+            .send(Method::DELETE, &path, None, deadline)
+            .await?;
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Err(answer.unexpected(None))
         }
     }
 
@@ -74,19 +181,20 @@ impl Fleet {
         value: &str,
         deadline: Instant,
     ) -> Result<Upserted, Error> {
-        self.upsert(Field::Tag, device, key, value, deadline).await
+        self.upsert(Field::Tag, device.id, key, value, deadline)
+            .await
     }
 
     async fn upsert(
         &self,
         field: Field,
-        device: &Device,
+        owner: u64,
         name: &str,
         value: &str,
         deadline: Instant,
     ) -> Result<Upserted, Error> {
         let mut body = serde_json::Map::new();
-        body.insert("device".into(), device.id.into());
+        body.insert(field.owner_field().into(), owner.into());
         body.insert(field.key_field().into(), name.into());
         body.insert("value".into(), value.into());
         let create = serde_json::Value::Object(body);
@@ -101,9 +209,9 @@ impl Fleet {
             _ => return Err(answer.unexpected(Some(value))),
         }
         let path = format!(
-            "/v7/{}?$filter=device%20eq%20{}%20and%20{}%20eq%20{}",
+            "/v7/{}?$filter={}%20eq%20{owner}%20and%20{}%20eq%20{}",
             field.resource(),
-            device.id,
+            field.owner_field(),
             field.key_field(),
             odata_string(name)
         );

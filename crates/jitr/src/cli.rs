@@ -20,7 +20,9 @@ pub(crate) enum Command {
     Ca(CaCommand),
     /// Issue device certificates (a key generated per device) into devices/<id>/.
     Issue(IssueArgs),
-    /// Sign a device's certificate signing request; the device keeps its key.
+    /// Sign a device's certificate signing request; the device keeps its key. Delivered to
+    /// balena: AWS_CERT, AWS_DATA_ENDPOINT and CLOUD_CONSUMER_TOPIC; the device must provide
+    /// AWS_PRIVATE_KEY from its own key.
     SignCsr(SignCsrArgs),
     /// Check a certificate against the device profile (and its CA's signature).
     Inspect(InspectArgs),
@@ -197,17 +199,27 @@ pub(crate) struct IssueArgs {
 }
 
 /// Delivery of the issued credentials to balena devices as the environment variables that
-/// balena's cloud-relay block reads (AWS_CERT, AWS_PRIVATE_KEY, AWS_DATA_ENDPOINT).
+/// balena's cloud-relay block reads (AWS_CERT, AWS_PRIVATE_KEY, AWS_DATA_ENDPOINT,
+/// CLOUD_CONSUMER_TOPIC).
 #[derive(Debug, Args)]
 pub(crate) struct BalenaDeliveryArgs {
-    /// Write each device's balena variables (AWS_CERT, AWS_PRIVATE_KEY, AWS_DATA_ENDPOINT) here,
-    /// one JSON object per line (mode 0600: it holds private keys).
+    /// Write each device's balena variables here, one JSON object per line (mode 0600: it may
+    /// hold private keys): AWS_CERT, AWS_PRIVATE_KEY (only when jitr made the key),
+    /// AWS_DATA_ENDPOINT (with --endpoint) and CLOUD_CONSUMER_TOPIC.
     #[arg(long, value_name = "FILE")]
     pub(crate) balena_env: Option<PathBuf>,
-    /// Set those variables on each device through the balena API (key from BALENA_API_KEY;
-    /// BALENA_API_URL [default: https://api.balena-cloud.com]).
+    /// Set those variables on each device of the fleet through the balena API (BALENA_API_KEY,
+    /// BALENA_FLEET_ID; BALENA_API_URL [default: https://api.balena-cloud.com]).
     #[arg(long)]
     pub(crate) push_balena: bool,
+    /// Set them as service variables of this service only (e.g. the cloud-relay service);
+    /// without it they are device variables, which every service on the device sees.
+    #[arg(long, value_name = "NAME", requires = "push_balena")]
+    pub(crate) balena_service: Option<String>,
+    /// First topic level(s) of the device topics, as the stack's TopicPrefix: cloud-relay
+    /// publishes to <prefix>/<uuid>/sensors, which the device policy allows.
+    #[arg(long, value_name = "PREFIX", env = "JITR_TOPIC_PREFIX", default_value = balena::delivery::DEFAULT_TOPIC_PREFIX, value_parser = parse_topic_prefix)]
+    pub(crate) topic_prefix: String,
     /// The AWS IoT data endpoint for AWS_DATA_ENDPOINT (`jitr endpoint` prints it).
     #[arg(long, value_name = "HOST", value_parser = parse_host)]
     pub(crate) endpoint: Option<String>,
@@ -225,6 +237,13 @@ pub(crate) fn parse_endpoint_url(value: &str) -> Result<String, String> {
         Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(value.to_owned()),
         _ => Err("expected an http:// or https:// URL with a host".to_owned()),
     }
+}
+
+/// `clap` value parser for `--topic-prefix`.
+fn parse_topic_prefix(value: &str) -> Result<String, String> {
+    balena::delivery::validate_topic_prefix(value)
+        .map(|()| value.to_owned())
+        .map_err(str::to_owned)
 }
 
 /// `clap` value parser for a bare host name (no scheme, port or path).
@@ -326,6 +345,10 @@ pub(crate) struct RevokeArgs {
     /// that never got a Thing, registered or still pending), e.g. devices/manifest.jsonl.
     #[arg(long, value_name = "FILE", requires = "id")]
     pub(crate) manifest: Option<std::path::PathBuf>,
+    /// Also remove the variables jitr set on the device in balena (device and service level;
+    /// BALENA_API_KEY, BALENA_FLEET_ID), idempotently.
+    #[arg(long)]
+    pub(crate) balena_cleanup: bool,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
     #[command(flatten)]
@@ -370,6 +393,15 @@ pub(crate) struct DeviceConnectArgs {
     /// Give up when not connected after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub(crate) deadline: u64,
+    /// Once connected, publish MESSAGE to TOPIC (QoS 1) and wait for its acknowledgement; a
+    /// broker that disconnects instead (AWS IoT does, for a topic the policy does not allow)
+    /// fails the command.
+    #[arg(long, num_args = 2, value_names = ["TOPIC", "MESSAGE"])]
+    pub(crate) publish: Option<Vec<String>>,
+    // --json: one report at the end instead of a line per attempt (outcome,
+    // connected_after_ms from the first attempt to the accepting CONNACK, backoff_ms, attempts).
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! A device's MQTT connect, for real: MQTT 3.1.1 CONNECT over TLS, presenting the device's
-//! whole chain, as a balena device does against AWS IoT.
+//! whole chain, as a balena device does against AWS IoT, and optionally one message.
 //!
 //! Packets are rumqttc's MQTT 3.1.1 codec; TLS is tokio-rustls on aws-lc-rs, the workspace's
 //! one crypto stack. rumqttc's own TLS features are off because they pull in `ring` (through
@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet, Publish};
+use rumqttc::mqttbytes::QoS;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -134,8 +135,15 @@ pub(crate) fn tls_config(
 /// How one connection attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Attempt {
-    /// CONNACK accepted the connection (which was then closed cleanly).
-    Connected,
+    /// CONNACK accepted the connection (at `connack`), and the message, if any, was
+    /// acknowledged; it was then closed cleanly.
+    Connected {
+        /// When the accepting CONNACK arrived.
+        connack: tokio::time::Instant,
+    },
+    /// Connected, but the broker closed the connection instead of acknowledging the message:
+    /// the device's policy does not allow the topic (AWS IoT disconnects such a client).
+    PublishRefused(String),
     /// The broker turned the device away: TLS alert, connection closed, or CONNACK refusal.
     /// AWS IoT does this while a JITR certificate is still pending activation.
     Refused(String),
@@ -145,14 +153,25 @@ pub(crate) enum Attempt {
     Fatal(String),
 }
 
-/// One MQTT CONNECT over a new TLS connection, bounded by `timeout`.
+/// A message to publish once connected: topic and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Message {
+    /// The topic.
+    pub(crate) topic: String,
+    /// The payload.
+    pub(crate) payload: String,
+}
+
+/// One MQTT CONNECT over a new TLS connection (then the message, QoS 1, if any), bounded by
+/// `timeout`.
 pub(crate) async fn attempt(
     endpoint: &Endpoint,
     config: Arc<rustls::ClientConfig>,
     client_id: &str,
+    message: Option<&Message>,
     timeout: Duration,
 ) -> Attempt {
-    match tokio::time::timeout(timeout, connect(endpoint, config, client_id)).await {
+    match tokio::time::timeout(timeout, connect(endpoint, config, client_id, message)).await {
         Ok(attempt) => attempt,
         Err(_) => Attempt::Unreachable(format!("no answer within {}s", timeout.as_secs_f32())),
     }
@@ -162,6 +181,7 @@ async fn connect(
     endpoint: &Endpoint,
     config: Arc<rustls::ClientConfig>,
     client_id: &str,
+    message: Option<&Message>,
 ) -> Attempt {
     let tcp = match TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await {
         Ok(tcp) => tcp,
@@ -187,35 +207,92 @@ async fn connect(
     }
 
     let mut incoming = BytesMut::with_capacity(64);
-    let ack = loop {
-        match Packet::read(&mut incoming, MAX_PACKET) {
-            Ok(Packet::ConnAck(ack)) => break ack,
-            Ok(other) => {
-                return Attempt::Refused(format!("expected CONNACK, the broker sent {other:?}"))
-            }
-            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Attempt::Refused(format!("unreadable answer to CONNECT: {e}")),
+    let ack = match next_packet(&mut tls, &mut incoming, "CONNACK").await {
+        Ok(Packet::ConnAck(ack)) => ack,
+        Ok(other) => {
+            return Attempt::Refused(format!("expected CONNACK, the broker sent {other:?}"))
         }
-        match tls.read_buf(&mut incoming).await {
-            Ok(0) => return Attempt::Refused("connection closed before CONNACK".to_owned()),
-            Ok(_) => {}
-            Err(e) => return classify(&e, "waiting for CONNACK"),
-        }
+        Err(attempt) => return attempt,
     };
     match ack {
         ConnAck {
             code: ConnectReturnCode::Success,
             ..
         } => {
+            let connack = tokio::time::Instant::now();
+            if let Some(message) = message {
+                if let Err(refused) = publish(&mut tls, &mut incoming, message).await {
+                    return refused;
+                }
+            }
             // A clean goodbye: DISCONNECT, then TLS close_notify. Failures here change nothing.
             let mut out = BytesMut::new();
             if Packet::Disconnect.write(&mut out, MAX_PACKET).is_ok() {
                 let _ = send(&mut tls, &out).await;
             }
             let _ = tls.shutdown().await;
-            Attempt::Connected
+            Attempt::Connected { connack }
         }
         ConnAck { code, .. } => Attempt::Refused(format!("CONNACK refused: {code:?}")),
+    }
+}
+
+/// Publishes `message` with QoS 1 and waits for its PUBACK; a broker that closes the
+/// connection instead refused it.
+async fn publish(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    incoming: &mut BytesMut,
+    message: &Message,
+) -> Result<(), Attempt> {
+    let mut publish = Publish::new(&message.topic, QoS::AtLeastOnce, message.payload.as_bytes());
+    publish.pkid = 1;
+    let mut out = BytesMut::new();
+    Packet::Publish(publish)
+        .write(&mut out, MAX_PACKET)
+        .map_err(|e| Attempt::Fatal(format!("cannot encode PUBLISH: {e}")))?;
+    send(tls, &out)
+        .await
+        .map_err(|e| Attempt::PublishRefused(format!("sending PUBLISH: {e}")))?;
+    loop {
+        match next_packet(tls, incoming, "PUBACK").await {
+            Ok(Packet::PubAck(ack)) if ack.pkid == 1 => return Ok(()),
+            // Messages for the device's own subscriptions may come first.
+            Ok(_) => {}
+            Err(_) => {
+                return Err(Attempt::PublishRefused(format!(
+                    "the broker closed the connection instead of acknowledging the message to {} (the device policy does not allow that topic)",
+                    message.topic
+                )))
+            }
+        }
+    }
+}
+
+/// The next packet from the broker; the connection's end is a refusal.
+async fn next_packet(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    incoming: &mut BytesMut,
+    waiting_for: &str,
+) -> Result<Packet, Attempt> {
+    loop {
+        match Packet::read(incoming, MAX_PACKET) {
+            Ok(packet) => return Ok(packet),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => {
+                return Err(Attempt::Refused(format!(
+                    "unreadable packet while waiting for {waiting_for}: {e}"
+                )))
+            }
+        }
+        match tls.read_buf(incoming).await {
+            Ok(0) => {
+                return Err(Attempt::Refused(format!(
+                    "connection closed before {waiting_for}"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(classify(&e, &format!("waiting for {waiting_for}"))),
+        }
     }
 }
 

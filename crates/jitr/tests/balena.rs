@@ -1,6 +1,6 @@
 //! Delivery to balena devices: `--balena-env FILE` (the variables balena's cloud-relay block
-//! reads, as JSON lines) and `--push-balena` (device environment variables set through the
-//! balena API, here the fake one).
+//! reads, as JSON lines) and `--push-balena` (device or `--balena-service` variables set
+//! through the balena API, here the fake one).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
@@ -96,7 +96,13 @@ fn balena_env_file_holds_base64_chain_and_key_per_device_readable_by_the_owner_o
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["AWS_CERT", "AWS_DATA_ENDPOINT", "AWS_PRIVATE_KEY", "id"]
+            [
+                "AWS_CERT",
+                "AWS_DATA_ENDPOINT",
+                "AWS_PRIVATE_KEY",
+                "CLOUD_CONSUMER_TOPIC",
+                "id"
+            ]
         );
         assert_eq!(line["id"], id.as_str());
         assert_eq!(
@@ -108,13 +114,16 @@ fn balena_env_file_holds_base64_chain_and_key_per_device_readable_by_the_owner_o
             read(dir, &format!("devices/{id}/device.key"))
         );
         assert_eq!(line["AWS_DATA_ENDPOINT"], ENDPOINT);
+        // cloud-relay publishes there; the device policy allows <prefix>/<thing>/*.
+        assert_eq!(line["CLOUD_CONSUMER_TOPIC"], format!("balena/{id}/sensors"));
     }
     // The chain is what JITR needs: the device certificate, then its CA.
     let chain = read(dir, &format!("devices/{}/chain.pem", ids[0]));
     assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
 
-    // Without --endpoint there is no AWS_DATA_ENDPOINT; the file is replaced whole.
-    let out = jitr(
+    // Without --endpoint there is no AWS_DATA_ENDPOINT; the file is replaced whole; the
+    // topic prefix is the stack's (JITR_TOPIC_PREFIX, or --topic-prefix).
+    let out = common::jitr(
         dir,
         &[
             "issue",
@@ -125,7 +134,7 @@ fn balena_env_file_holds_base64_chain_and_key_per_device_readable_by_the_owner_o
             "--balena-env",
             "balena-env.jsonl",
         ],
-        None,
+        &[("JITR_TOPIC_PREFIX", "acme/fleet-1".to_owned())],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let line: serde_json::Value =
@@ -133,13 +142,40 @@ fn balena_env_file_holds_base64_chain_and_key_per_device_readable_by_the_owner_o
     assert_eq!(line["id"], uuid(3));
     assert!(line.get("AWS_DATA_ENDPOINT").is_none());
     assert_eq!(
+        line["CLOUD_CONSUMER_TOPIC"],
+        format!("acme/fleet-1/{}/sensors", uuid(3))
+    );
+    // A prefix the policy could not hold is a usage error, before anything is issued.
+    let out = jitr(
+        dir,
+        &[
+            "issue",
+            "--id",
+            &uuid(4),
+            "--passphrase-file",
+            "pass",
+            "--balena-env",
+            "x.jsonl",
+            "--topic-prefix",
+            "acme/#",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--topic-prefix"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.join(format!("devices/{}", uuid(4))).exists());
+    assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o600
     );
 }
 
 #[test]
-fn a_device_that_sent_a_csr_gets_no_private_key_variable() {
+fn a_device_that_sent_a_csr_gets_no_private_key_variable_and_is_told_so() {
     use testkit::certs::rcgen::{CertificateParams, DnType, KeyPair};
     let tmp = with_ca();
     let dir = tmp.path();
@@ -160,17 +196,42 @@ fn a_device_that_sent_a_csr_gets_no_private_key_variable() {
             "pass",
             "--balena-env",
             "env.jsonl",
+            "--endpoint",
+            ENDPOINT,
         ],
         None,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let line: serde_json::Value = serde_json::from_str(read(dir, "env.jsonl").trim()).unwrap();
+    let mut keys: Vec<_> = line.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "AWS_CERT",
+            "AWS_DATA_ENDPOINT",
+            "CLOUD_CONSUMER_TOPIC",
+            "id"
+        ]
+    );
     assert_eq!(line["id"], id.as_str());
-    assert!(line.get("AWS_PRIVATE_KEY").is_none(), "{line}");
     assert_eq!(
         b64(line["AWS_CERT"].as_str().unwrap()),
         read(dir, &format!("devices/{id}/chain.pem"))
     );
+    // Without AWS_PRIVATE_KEY cloud-relay stops ("Partially registered"): the operator is
+    // told the device must set it, and the help says what is written.
+    assert!(
+        text(&out.stderr).contains("the device must provide AWS_PRIVATE_KEY"),
+        "{}",
+        text(&out.stderr)
+    );
+    let help = text(&jitr(dir, &["sign-csr", "--help"], None).stdout);
+    assert!(
+        help.contains("AWS_CERT, AWS_DATA_ENDPOINT and CLOUD_CONSUMER_TOPIC"),
+        "{help}"
+    );
+    assert!(help.contains("must provide AWS_PRIVATE_KEY"), "{help}");
 }
 
 #[test]
@@ -198,7 +259,15 @@ fn push_balena_sets_device_variables_updates_them_and_names_unknown_devices() {
     for (id, device) in [(&one, device_one), (&two, device_two)] {
         let got = vars(&balena, device);
         let names: Vec<_> = got.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["AWS_CERT", "AWS_DATA_ENDPOINT", "AWS_PRIVATE_KEY"]);
+        assert_eq!(
+            names,
+            [
+                "AWS_CERT",
+                "AWS_DATA_ENDPOINT",
+                "AWS_PRIVATE_KEY",
+                "CLOUD_CONSUMER_TOPIC"
+            ]
+        );
         assert_eq!(
             b64(&got[0].1),
             read(dir, &format!("devices/{id}/chain.pem"))
@@ -208,10 +277,19 @@ fn push_balena_sets_device_variables_updates_them_and_names_unknown_devices() {
             b64(&got[2].1),
             read(dir, &format!("devices/{id}/device.key"))
         );
+        assert_eq!(got[3].1, format!("balena/{id}/sensors"));
     }
     assert!(stderr.contains(&format!(
-        "balena: {one}: AWS_CERT created, AWS_PRIVATE_KEY created, AWS_DATA_ENDPOINT created"
-    )));
+        "balena: {one}: AWS_CERT created, AWS_PRIVATE_KEY created, AWS_DATA_ENDPOINT created, CLOUD_CONSUMER_TOPIC created"
+    )), "{stderr}");
+    // Device variables reach every service on the device: said once, with the way out.
+    assert_eq!(
+        stderr
+            .matches("every service on the device sees it")
+            .count(),
+        1,
+        "{stderr}"
+    );
     let requests = balena.requests();
     assert!(requests.iter().all(|r| r.authorized));
     // Every lookup is pinned to the fleet.
@@ -228,7 +306,7 @@ fn push_balena_sets_device_variables_updates_them_and_names_unknown_devices() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let new = vars(&balena, device_one);
-    assert_eq!(new.len(), 3, "updated, not duplicated");
+    assert_eq!(new.len(), 4, "updated, not duplicated");
     assert_ne!(new[0].1, old[0].1, "the new chain");
     assert_eq!(
         b64(&new[0].1),
@@ -273,8 +351,8 @@ fn push_balena_sets_device_variables_updates_them_and_names_unknown_devices() {
     assert!(balena.env_vars(device_elsewhere).is_empty());
     assert_eq!(
         vars(&balena, device_three).len(),
-        2,
-        "AWS_CERT, AWS_PRIVATE_KEY"
+        3,
+        "AWS_CERT, AWS_PRIVATE_KEY, CLOUD_CONSUMER_TOPIC"
     );
     assert!(dir.join(format!("devices/{stranger}/chain.pem")).exists());
 
@@ -335,4 +413,106 @@ fn push_balena_without_a_key_issues_nothing_and_api_errors_name_the_variable() {
         "{stderr}"
     );
     assert!(!stderr.contains(KEY));
+}
+
+#[test]
+fn push_balena_to_a_service_sets_service_variables_of_that_device_only() {
+    let tmp = with_ca();
+    let dir = tmp.path();
+    let balena = FakeBalena::start(KEY).unwrap();
+    balena.add_fleet(FLEET, "acme/sensors");
+    let relay = balena.add_service(FLEET, "cloud-relay");
+    let other_service = balena.add_service(FLEET, "sensor");
+    let (one, two, bare) = (uuid(1), uuid(2), uuid(3));
+    let device_one = balena.add_device(FLEET, &one, true);
+    let device_two = balena.add_device(FLEET, &two, true);
+    let device_bare = balena.add_device(FLEET, &bare, true);
+    for device in [device_one, device_two] {
+        balena.install(device, relay);
+        balena.install(device, other_service);
+    }
+    balena.install(device_bare, other_service);
+
+    let issue = |ids: &[&str], service: &str| {
+        let mut args = vec![
+            "issue",
+            "--passphrase-file",
+            "pass",
+            "--push-balena",
+            "--balena-service",
+            service,
+            "--endpoint",
+            ENDPOINT,
+        ];
+        for id in ids {
+            args.extend(["--id", id]);
+        }
+        jitr(dir, &args, Some(&balena))
+    };
+    let out = issue(&[&one], "cloud-relay");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("every service"), "{stderr}");
+    // Only the relay service of that device holds them; no device-wide variable.
+    let mut got = balena.service_vars(device_one);
+    got.sort();
+    let names: Vec<_> = got
+        .iter()
+        .map(|(s, n, _)| (s.as_str(), n.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("cloud-relay", "AWS_CERT"),
+            ("cloud-relay", "AWS_DATA_ENDPOINT"),
+            ("cloud-relay", "AWS_PRIVATE_KEY"),
+            ("cloud-relay", "CLOUD_CONSUMER_TOPIC"),
+        ]
+    );
+    assert_eq!(
+        b64(&got[2].2),
+        read(dir, &format!("devices/{one}/device.key"))
+    );
+    assert!(balena.env_vars(device_one).is_empty());
+    assert!(balena.service_vars(device_two).is_empty());
+
+    // A device that does not run the service, and a service the fleet does not have: each
+    // named, nothing written anywhere.
+    let out = issue(&[&bare], "cloud-relay");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "jitr: balena: {bare}: AWS_CERT: device {bare} has no service \"cloud-relay\" installed"
+        )),
+        "{stderr}"
+    );
+    let out = issue(&[&two], "cloud-relay-typo");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "fleet {FLEET} has no service \"cloud-relay-typo\""
+        )),
+        "{stderr}"
+    );
+    assert!(balena.service_vars(device_bare).is_empty());
+    assert!(balena.service_vars(device_two).is_empty());
+    assert!(balena.env_vars(device_bare).is_empty());
+
+    // --balena-service needs --push-balena: a usage error.
+    let out = jitr(
+        dir,
+        &[
+            "issue",
+            "--id",
+            &uuid(7),
+            "--passphrase-file",
+            "pass",
+            "--balena-service",
+            "cloud-relay",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }

@@ -1,7 +1,10 @@
 //! A fake of the balena API v7 (pinejs/OData) for the calls jitr makes, errors included.
 //!
-//! Modelled resources: `application` (fleets), `device`, `device_environment_variable` and
-//! `device_tag`. Answers follow `testdata/balena/`: every read is HTTP 200 `{"d":[...]}`
+//! Modelled resources: `application` (fleets), `device`, `service` (a fleet's services),
+//! `service_install` (a service on a device), `device_environment_variable`,
+//! `device_service_environment_variable` (a variable of one service on one device) and
+//! `device_tag`; GET, POST, PATCH and DELETE (by `$filter`, answering 200 `OK` whether or not
+//! anything matched, as pinejs does). Answers follow `testdata/balena/`: every read is HTTP 200 `{"d":[...]}`
 //! (empty when nothing matches *or* the key cannot see it), a navigation property is
 //! `{"__id": N}`, each row carries `__metadata.uri`. Errors are plain text, as pinejs sends them:
 //! 401 `Unauthorized`, 400 for a query it cannot parse, 409 for a unique-key violation, 429 with
@@ -132,6 +135,44 @@ impl FakeBalena {
         id
     }
 
+    /// Adds a service to a fleet and returns its id.
+    pub fn add_service(&self, fleet_id: u64, name: &str) -> u64 {
+        let mut db = self.db();
+        let id = db.next_id();
+        db.services.insert(
+            id,
+            Service {
+                fleet_id,
+                name: name.to_owned(),
+            },
+        );
+        id
+    }
+
+    /// Installs a service on a device (what the supervisor does when it runs a release) and
+    /// returns the service install's id.
+    pub fn install(&self, device_id: u64, service_id: u64) -> u64 {
+        let mut db = self.db();
+        let id = db.next_id();
+        db.installs.insert(id, (device_id, service_id));
+        id
+    }
+
+    /// A device's service variables as `(service name, name, value)`, in creation order.
+    pub fn service_vars(&self, device_id: u64) -> Vec<(String, String, String)> {
+        let db = self.db();
+        db.service_vars
+            .values()
+            .filter_map(|v| {
+                let (device, service) = db.installs.get(&v.device)?;
+                (*device == device_id).then(|| {
+                    let name = db.services.get(service).map(|s| s.name.clone());
+                    (name.unwrap_or_default(), v.key.clone(), v.value.clone())
+                })
+            })
+            .collect()
+    }
+
     /// Marks a device active or inactive.
     pub fn set_device_active(&self, device_id: u64, is_active: bool) {
         if let Some(device) = self.db().devices.get_mut(&device_id) {
@@ -196,7 +237,11 @@ struct Db {
     fault: Fault,
     fleets: BTreeMap<u64, Fleet>,
     devices: BTreeMap<u64, Device>,
+    services: BTreeMap<u64, Service>,
+    /// Service installs: (device, service).
+    installs: BTreeMap<u64, (u64, u64)>,
     env_vars: BTreeMap<u64, Variable>,
+    service_vars: BTreeMap<u64, Variable>,
     tags: BTreeMap<u64, Variable>,
     last_id: u64,
     requests: Vec<RecordedRequest>,
@@ -215,7 +260,14 @@ struct Device {
     is_active: bool,
 }
 
-/// A device environment variable or a device tag (`key` is `name` or `tag_key`).
+/// A service of a fleet.
+struct Service {
+    fleet_id: u64,
+    name: String,
+}
+
+/// A device environment variable, a device service variable or a device tag (`key` is
+/// `name` or `tag_key`; `device` is the service install for a service variable).
 struct Variable {
     device: u64,
     key: String,
@@ -227,7 +279,10 @@ struct Variable {
 enum Resource {
     Application,
     Device,
+    Service,
+    ServiceInstall,
     EnvVar,
+    ServiceVar,
     Tag,
 }
 
@@ -237,7 +292,10 @@ impl Resource {
         Some(match name {
             "application" => Self::Application,
             "device" => Self::Device,
+            "service" => Self::Service,
+            "service_install" => Self::ServiceInstall,
             "device_environment_variable" => Self::EnvVar,
+            "device_service_environment_variable" => Self::ServiceVar,
             "device_tag" => Self::Tag,
             _ => return None,
         })
@@ -248,7 +306,10 @@ impl Resource {
         match self {
             Self::Application => "application",
             Self::Device => "device",
+            Self::Service => "service",
+            Self::ServiceInstall => "service_install",
             Self::EnvVar => "device_environment_variable",
+            Self::ServiceVar => "device_service_environment_variable",
             Self::Tag => "device_tag",
         }
     }
@@ -260,6 +321,19 @@ impl Resource {
             _ => "name",
         }
     }
+
+    /// The field naming what a variable belongs to (a device, or a service install).
+    fn owner_field(self) -> &'static str {
+        match self {
+            Self::ServiceVar => "service_install",
+            _ => "device",
+        }
+    }
+
+    /// Whether this is a resource of variables (written by POST/PATCH/DELETE).
+    fn is_variable(self) -> bool {
+        matches!(self, Self::EnvVar | Self::ServiceVar | Self::Tag)
+    }
 }
 
 impl Db {
@@ -269,7 +343,10 @@ impl Db {
             fault: Fault::None,
             fleets: BTreeMap::new(),
             devices: BTreeMap::new(),
+            services: BTreeMap::new(),
+            installs: BTreeMap::new(),
             env_vars: BTreeMap::new(),
+            service_vars: BTreeMap::new(),
             tags: BTreeMap::new(),
             last_id: 1_000_000,
             requests: Vec::new(),
@@ -292,18 +369,26 @@ impl Db {
     }
 
     fn variables(&self, resource: Resource) -> &BTreeMap<u64, Variable> {
-        if resource == Resource::Tag {
-            &self.tags
-        } else {
-            &self.env_vars
+        match resource {
+            Resource::Tag => &self.tags,
+            Resource::ServiceVar => &self.service_vars,
+            _ => &self.env_vars,
         }
     }
 
     fn variables_mut(&mut self, resource: Resource) -> &mut BTreeMap<u64, Variable> {
-        if resource == Resource::Tag {
-            &mut self.tags
-        } else {
-            &mut self.env_vars
+        match resource {
+            Resource::Tag => &mut self.tags,
+            Resource::ServiceVar => &mut self.service_vars,
+            _ => &mut self.env_vars,
+        }
+    }
+
+    /// The device a variable's owner is or belongs to.
+    fn owner_device(&self, resource: Resource, owner: u64) -> Option<u64> {
+        match resource {
+            Resource::ServiceVar => self.installs.get(&owner).map(|(device, _)| *device),
+            _ => self.devices.contains_key(&owner).then_some(owner),
         }
     }
 
@@ -335,12 +420,32 @@ impl Db {
                     })
                 })
                 .collect(),
-            Resource::EnvVar | Resource::Tag => self
+            Resource::Service => self
+                .services
+                .iter()
+                .filter(|(_, s)| self.fleet_visible(s.fleet_id))
+                .map(|(id, s)| {
+                    json!({"id": id, "service_name": s.name, "application": {"__id": s.fleet_id}})
+                })
+                .collect(),
+            Resource::ServiceInstall => self
+                .installs
+                .iter()
+                .filter(|(_, (device, _))| self.device_visible(*device))
+                .map(|(id, (device, service))| {
+                    json!({"id": id, "device": {"__id": device}, "installs__service": {"__id": service}})
+                })
+                .collect(),
+            Resource::EnvVar | Resource::ServiceVar | Resource::Tag => self
                 .variables(resource)
                 .iter()
-                .filter(|(_, v)| self.device_visible(v.device))
+                .filter(|(_, v)| {
+                    self.owner_device(resource, v.device)
+                        .is_some_and(|d| self.device_visible(d))
+                })
                 .map(|(id, v)| {
-                    let mut row = json!({"id": id, "device": {"__id": v.device}});
+                    let mut row = json!({"id": id});
+                    row[resource.owner_field()] = json!({"__id": v.device});
                     row[resource.key_field()] = json!(v.key);
                     row["value"] = json!(v.value);
                     row
@@ -450,7 +555,9 @@ async fn handle(
             tokio::time::sleep(delay).await;
             authorized
         }
-        (Fault::WriteStatus(code), _) if method == Method::POST || method == Method::PATCH => {
+        (Fault::WriteStatus(code), _)
+            if method == Method::POST || method == Method::PATCH || method == Method::DELETE =>
+        {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return text(status, status.canonical_reason().unwrap_or("Error"));
         }
@@ -519,6 +626,7 @@ async fn handle(
         Method::GET => get(&db, resource, key, &options),
         Method::POST if key.is_none() => post(&mut db, resource, &body),
         Method::PATCH => patch(&mut db, resource, key, &options, &body),
+        Method::DELETE => delete(&mut db, resource, key, &options),
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed"),
     }
 }
@@ -669,36 +777,39 @@ fn get(db: &Db, resource: Resource, key: Option<u64>, options: &QueryOptions) ->
 }
 
 fn post(db: &mut Db, resource: Resource, body: &[u8]) -> Response {
-    if !matches!(resource, Resource::EnvVar | Resource::Tag) {
+    if !resource.is_variable() {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         return bad_request("Invalid JSON body");
     };
-    let key_field = resource.key_field();
-    let device = fields
-        .get("device")
-        .and_then(|d| d.as_u64().or_else(|| d.get("__id").and_then(Value::as_u64)));
+    let (key_field, owner_field) = (resource.key_field(), resource.owner_field());
+    // pinejs takes a foreign key as a number, a numeric string or `{"__id": N}`.
+    let device = fields.get(owner_field).and_then(|d| {
+        d.as_u64()
+            .or_else(|| d.as_str().and_then(|s| s.parse().ok()))
+            .or_else(|| d.get("__id").and_then(Value::as_u64))
+    });
     let (Some(device), Some(Value::String(key)), Some(Value::String(value))) =
         (device, fields.get(key_field), fields.get("value"))
     else {
         return bad_request(&format!(
-            "\"device\", \"{key_field}\" and \"value\" are required"
+            "\"{owner_field}\", \"{key_field}\" and \"value\" are required"
         ));
     };
     if let Some(unknown) = fields
         .keys()
-        .find(|k| !["device", key_field, "value"].contains(&k.as_str()))
+        .find(|k| ![owner_field, key_field, "value"].contains(&k.as_str()))
     {
         return bad_request(&format!("Unknown field '{unknown}'"));
     }
     if let Err(message) = validate_key(resource, key) {
         return bad_request(&message);
     }
-    if !db.devices.contains_key(&device) {
+    let Some(owner_device) = db.owner_device(resource, device) else {
         return bad_request("Foreign key constraint violated");
-    }
-    if !db.device_visible(device) {
+    };
+    if !db.device_visible(owner_device) {
         return text(StatusCode::UNAUTHORIZED, "Unauthorized");
     }
     if db
@@ -719,7 +830,7 @@ fn post(db: &mut Db, resource: Resource, body: &[u8]) -> Response {
     );
     let mut row = Map::new();
     row.insert("id".to_owned(), json!(id));
-    row.insert("device".to_owned(), json!({"__id": device}));
+    row.insert(owner_field.to_owned(), json!({"__id": device}));
     row.insert(key_field.to_owned(), json!(key));
     row.insert("value".to_owned(), json!(value));
     json_response(
@@ -734,7 +845,7 @@ fn validate_key(resource: Resource, key: &str) -> Result<(), String> {
         Resource::Tag if key.trim().is_empty() => {
             Err("It is necessary that each device tag has a tag key that has a Length (Type) that is greater than 0.".to_owned())
         }
-        Resource::EnvVar => {
+        Resource::EnvVar | Resource::ServiceVar => {
             let mut chars = key.chars();
             let valid = chars
                 .next()
@@ -759,7 +870,7 @@ fn patch(
     options: &QueryOptions,
     body: &[u8],
 ) -> Response {
-    if !matches!(resource, Resource::EnvVar | Resource::Tag) {
+    if !resource.is_variable() {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
@@ -783,6 +894,28 @@ fn patch(
         }
     }
     // pinejs answers a PATCH with 200 and the body "OK", whether or not any row matched.
+    text(StatusCode::OK, "OK")
+}
+
+/// DELETE by key or `$filter`: every matching variable the key can see goes; pinejs answers
+/// 200 `OK` whether or not any matched.
+fn delete(db: &mut Db, resource: Resource, key: Option<u64>, options: &QueryOptions) -> Response {
+    if !resource.is_variable() {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+    }
+    if key.is_none() && options.filter.is_none() {
+        return bad_request("A DELETE needs a key or a $filter");
+    }
+    let rows = match matching_rows(db, resource, key, options.filter.as_ref()) {
+        Ok(rows) => rows,
+        Err(message) => return bad_request(&message),
+    };
+    for id in rows
+        .iter()
+        .filter_map(|row| row.get("id").and_then(Value::as_u64))
+    {
+        db.variables_mut(resource).remove(&id);
+    }
     text(StatusCode::OK, "OK")
 }
 

@@ -46,6 +46,29 @@ pub async fn create_policy(client: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The device policy jitr deploys (`rules/device-policy.json`, the one source the template
+/// embeds) as AWS IoT holds it: the template's variables filled in for moto's account and
+/// region, device topics under `topic_prefix`.
+pub fn device_policy(topic_prefix: &str) -> String {
+    include_str!("../../../rules/device-policy.json")
+        .replace("${AWS::Partition}", "aws")
+        .replace("${AWS::Region}", REGION)
+        .replace("${AWS::AccountId}", ACCOUNT_ID)
+        .replace("${TopicPrefix}", topic_prefix)
+}
+
+/// Creates the device policy ([`device_policy`]) as `name`.
+pub async fn create_device_policy(client: &Client, name: &str, topic_prefix: &str) -> Result<()> {
+    client
+        .create_policy()
+        .policy_name(name)
+        .policy_document(device_policy(topic_prefix))
+        .send()
+        .await
+        .context("CreatePolicy")?;
+    Ok(())
+}
+
 /// Registers `ca_pem` as an active CA with auto-registration on; returns its id.
 pub async fn register_ca(client: &Client, ca_pem: &str) -> Result<String> {
     let out = client

@@ -26,7 +26,9 @@ const PUSH_DEADLINE: Duration = Duration::from_secs(60);
 pub(crate) struct Delivery {
     env_file: Option<PathBuf>,
     push: Option<Fleet>,
+    scope: Scope,
     endpoint: Option<String>,
+    topic_prefix: String,
     timeout: Duration,
 }
 
@@ -47,7 +49,12 @@ impl Delivery {
         Ok(Delivery {
             env_file: args.balena_env.clone(),
             push,
+            scope: match &args.balena_service {
+                Some(service) => Scope::Service(service.clone()),
+                None => Scope::Device,
+            },
             endpoint: args.endpoint.clone(),
+            topic_prefix: args.topic_prefix.clone(),
             timeout: args.timeout.unwrap_or(PUSH_TIMEOUT),
         })
     }
@@ -64,7 +71,13 @@ impl Delivery {
         chain_pem: &str,
         key_pem: Option<&str>,
     ) -> DeliveryVariables {
-        DeliveryVariables::new(id, chain_pem, key_pem, self.endpoint.as_deref())
+        DeliveryVariables::new(
+            id,
+            chain_pem,
+            key_pem,
+            self.endpoint.as_deref(),
+            &self.topic_prefix,
+        )
     }
 
     /// Writes the file and pushes to balena; `Ok(false)` when a device failed (each one is
@@ -81,10 +94,21 @@ impl Delivery {
         let Some(fleet) = &self.push else {
             return Ok(true);
         };
+        let holds_keys = devices.iter().any(|d| {
+            d.iter()
+                .any(|(name, _)| name == balena::delivery::AWS_PRIVATE_KEY)
+        });
+        if self.scope == Scope::Device && holds_keys {
+            eprintln!(
+                "warning: AWS_PRIVATE_KEY is set as a device variable: every service on the device \
+                 sees it; --balena-service NAME gives it to that service only"
+            );
+        }
+        let scope = &self.scope;
         let overall = tokio::time::Instant::now() + self.timeout;
         let results = crate::aws::runtime()?.block_on(async {
             futures::stream::iter(devices)
-                .map(|device| async move { (device, push(fleet, device, overall).await) })
+                .map(|device| async move { (device, push(fleet, scope, device, overall).await) })
                 .buffer_unordered(PUSH_CONCURRENCY)
                 .collect::<Vec<_>>()
                 .await
@@ -127,6 +151,7 @@ impl Delivery {
 /// Sets every variable of one device; the error names the variable that failed.
 async fn push(
     fleet: &Fleet,
+    scope: &Scope,
     device: &DeliveryVariables,
     overall: tokio::time::Instant,
 ) -> Result<Vec<(&'static str, Upserted)>, String> {
@@ -147,7 +172,7 @@ async fn push(
     let mut done = Vec::new();
     for (name, value) in device.iter() {
         match fleet
-            .set_env_var(&target, &Scope::Device, name, value, deadline)
+            .set_env_var(&target, scope, name, value, deadline)
             .await
         {
             Ok(how) => done.push((name, how)),
@@ -182,4 +207,40 @@ fn write_env_file(path: &Path, devices: &[DeliveryVariables]) -> Result<()> {
         .map_err(|e| e.error)
         .with_context(cannot)?;
     Ok(())
+}
+
+/// Removes the variables jitr sets from each of `devices` in the pinned fleet, device-wide and
+/// from every service; a device not in the fleet is reported, never touched. The devices
+/// cleaned, and the failures (`device: reason`).
+pub(crate) fn cleanup(
+    devices: &[String],
+    deadline: tokio::time::Instant,
+) -> Result<(Vec<String>, Vec<String>)> {
+    let fleet = activator::balena_fleet_from_env().context(
+        "--balena-cleanup needs BALENA_API_KEY and BALENA_FLEET_ID (BALENA_API_URL for another API)",
+    )?;
+    crate::aws::runtime()?.block_on(async {
+        let (mut cleaned, mut failed) = (Vec::new(), Vec::new());
+        for id in devices {
+            let Ok(uuid) = DeviceId::parse(id, factory_ca::IdFormat::Any) else {
+                continue;
+            };
+            let result = match fleet.device(&uuid, deadline).await {
+                Ok(Some(device)) => fleet
+                    .remove_env_vars(&device, &balena::delivery::ALL, deadline)
+                    .await
+                    .map_err(|e| activator::error_chain(&e)),
+                Ok(None) => Err(format!(
+                    "not found in balena fleet {}: nothing removed",
+                    fleet.id()
+                )),
+                Err(e) => Err(activator::error_chain(&e)),
+            };
+            match result {
+                Ok(()) => cleaned.push(id.clone()),
+                Err(reason) => failed.push(format!("{id}: {reason}")),
+            }
+        }
+        anyhow::Ok((cleaned, failed))
+    })
 }

@@ -10,10 +10,19 @@ use super::Outcome;
 use crate::cli::DeviceConnectArgs;
 use crate::mqtt::{self, Attempt};
 
-/// The wait after the first refused attempt; it doubles after each one.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// The longest wait between two attempts.
+/// The backoff ceiling after the first refused attempt; it doubles after each one. The wait is
+/// drawn between half the ceiling and the ceiling, so a fleet refused together spreads out.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// The largest backoff ceiling.
 const MAX_BACKOFF: Duration = Duration::from_secs(16);
+
+/// A jittered wait under `ceiling`: between half of it and all of it.
+fn jittered(ceiling: Duration) -> Duration {
+    use std::hash::BuildHasher;
+    let draw = std::collections::hash_map::RandomState::new().hash_one(ceiling);
+    let fraction = 0.5 + 0.5 * ((draw >> 11) as f64 / (1u64 << 53) as f64);
+    ceiling.mul_f64(fraction)
+}
 /// The longest one attempt (TCP, TLS, CONNECT, CONNACK) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,50 +54,208 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
         .map(mqtt::read_certificates)
         .transpose()?;
     let config = mqtt::tls_config(chain, &args.key, server_ca, &args.endpoint)?;
+    let message = args.publish.as_ref().map(|p| mqtt::Message {
+        topic: p[0].clone(),
+        payload: p[1].clone(),
+    });
 
     let endpoint = &args.endpoint;
+    let json = args.output.json;
     let deadline = Duration::from_secs(args.deadline);
-    println!(
-        "connecting to {endpoint} as {client_id} (MQTT 3.1.1 over TLS, deadline {}s)",
-        args.deadline
-    );
-    let connected = crate::aws::runtime()?.block_on(async {
+    if !json {
+        println!(
+            "connecting to {endpoint} as {client_id} (MQTT 3.1.1 over TLS, deadline {}s)",
+            args.deadline
+        );
+    }
+    let mut report = Report::default();
+    let runtime = crate::aws::runtime()?;
+    let ending = runtime.block_on(async {
         let start = Instant::now();
         let deadline = start + deadline;
         let mut backoff = FIRST_BACKOFF;
-        let mut n = 0u32;
         loop {
-            n += 1;
+            let n = report.attempts.len() + 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let timeout = remaining.min(ATTEMPT_TIMEOUT).max(Duration::from_secs(1));
-            let result = mqtt::attempt(endpoint, config.clone(), &client_id, timeout).await;
-            let elapsed = start.elapsed().as_secs_f32();
-            match result {
-                Attempt::Connected => {
-                    println!("attempt {n}: connected ({elapsed:.1}s)");
-                    return Ok(true);
+            let began = start.elapsed();
+            let result = mqtt::attempt(
+                endpoint,
+                config.clone(),
+                &client_id,
+                message.as_ref(),
+                timeout,
+            )
+            .await;
+            let (kind, detail) = match &result {
+                Attempt::Connected { connack } => {
+                    report.connected_after = Some(connack.duration_since(start));
+                    ("connected", String::new())
                 }
-                Attempt::Refused(why) => println!("attempt {n}: refused ({why})"),
-                Attempt::Unreachable(why) => println!("attempt {n}: failed ({why})"),
-                Attempt::Fatal(why) => {
-                    println!("attempt {n}: failed ({why})");
-                    bail!("not connected to {endpoint}: retrying cannot help");
-                }
+                Attempt::PublishRefused(why) => ("publish-refused", why.clone()),
+                Attempt::Refused(why) => ("refused", why.clone()),
+                Attempt::Unreachable(why) | Attempt::Fatal(why) => ("failed", why.clone()),
+            };
+            let mut line = AttemptLine {
+                attempt: n,
+                began,
+                result: kind,
+                detail,
+                wait: None,
+            };
+            let ending = match result {
+                Attempt::Connected { .. } => Some(Ending::Connected),
+                Attempt::PublishRefused(_) => Some(Ending::PublishRefused),
+                Attempt::Fatal(_) => Some(Ending::Hopeless),
+                Attempt::Refused(_) | Attempt::Unreachable(_) => None,
+            };
+            let wait = jittered(backoff);
+            let retry = ending.is_none() && Instant::now() + wait < deadline;
+            if retry {
+                line.wait = Some(wait);
             }
-            if Instant::now() + backoff >= deadline {
-                eprintln!(
-                    "jitr: not connected to {endpoint} within {}s ({n} attempt(s))",
-                    args.deadline
-                );
-                return Ok(false);
+            if !json {
+                println!("{}", line.text(message.as_ref(), report.connected_after));
             }
-            tokio::time::sleep(backoff).await;
+            report.attempts.push(line);
+            if let Some(ending) = ending {
+                return ending;
+            }
+            if !retry {
+                return Ending::Deadline;
+            }
+            tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-    })?;
+    });
+    if json {
+        println!(
+            "{}",
+            report.json(endpoint, &client_id, message.as_ref(), ending)
+        );
+    }
+    let connected = match ending {
+        Ending::Connected => true,
+        Ending::Deadline => {
+            eprintln!(
+                "jitr: not connected to {endpoint} within {}s ({} attempt(s))",
+                args.deadline,
+                report.attempts.len()
+            );
+            false
+        }
+        Ending::PublishRefused => bail!("the message was refused: retrying cannot help"),
+        Ending::Hopeless => bail!("not connected to {endpoint}: retrying cannot help"),
+    };
     Ok(if connected {
         Outcome::Success
     } else {
         Outcome::Failed
     })
+}
+
+/// How the attempts ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Accepted (and the message acknowledged).
+    Connected,
+    /// The deadline came first.
+    Deadline,
+    /// Connected, but the message was refused: retrying cannot help.
+    PublishRefused,
+    /// A failure retrying cannot help (an untrusted broker certificate, a bad name).
+    Hopeless,
+}
+
+impl Ending {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ending::Connected => "connected",
+            Ending::Deadline => "deadline",
+            Ending::PublishRefused => "publish-refused",
+            Ending::Hopeless => "failed",
+        }
+    }
+}
+
+/// One attempt, as reported.
+#[derive(Debug)]
+struct AttemptLine {
+    attempt: usize,
+    /// From the first attempt's start.
+    began: Duration,
+    result: &'static str,
+    detail: String,
+    /// The backoff before the next attempt, if there is one.
+    wait: Option<Duration>,
+}
+
+impl AttemptLine {
+    fn text(&self, message: Option<&mqtt::Message>, connected_after: Option<Duration>) -> String {
+        let n = self.attempt;
+        let retry = self
+            .wait
+            .map(|w| format!("; retrying in {:.2}s", w.as_secs_f64()))
+            .unwrap_or_default();
+        match self.result {
+            "connected" => {
+                let after = connected_after.unwrap_or_default().as_secs_f64();
+                match message {
+                    Some(m) => format!(
+                        "attempt {n}: connected ({after:.2}s), published to {}",
+                        m.topic
+                    ),
+                    None => format!("attempt {n}: connected ({after:.2}s)"),
+                }
+            }
+            "publish-refused" => format!("attempt {n}: connected, then {}", self.detail),
+            kind => format!("attempt {n}: {kind} ({}){retry}", self.detail),
+        }
+    }
+}
+
+/// Every attempt, for `--json`.
+#[derive(Debug, Default)]
+struct Report {
+    attempts: Vec<AttemptLine>,
+    /// From the first attempt's start to the accepting CONNACK.
+    connected_after: Option<Duration>,
+}
+
+impl Report {
+    fn json(
+        &self,
+        endpoint: &mqtt::Endpoint,
+        client_id: &str,
+        message: Option<&mqtt::Message>,
+        ending: Ending,
+    ) -> serde_json::Value {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let attempts: Vec<_> = self
+            .attempts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "attempt": a.attempt,
+                    "at_ms": ms(a.began),
+                    "result": a.result,
+                    "detail": a.detail,
+                    "wait_ms": a.wait.map(ms),
+                })
+            })
+            .collect();
+        let backoff: Duration = self.attempts.iter().filter_map(|a| a.wait).sum();
+        serde_json::json!({
+            "endpoint": endpoint.to_string(),
+            "client_id": client_id,
+            "outcome": ending.as_str(),
+            "connected_after_ms": self.connected_after.map(ms),
+            "backoff_ms": ms(backoff),
+            "published": message.map(|m| serde_json::json!({
+                "topic": m.topic,
+                "accepted": ending == Ending::Connected,
+            })),
+            "attempts": attempts,
+        })
+    }
 }

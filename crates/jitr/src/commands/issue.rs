@@ -195,8 +195,11 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
     if delivery.wanted() {
         // The CSR's CN was validated as a device id when it was signed.
         let id = DeviceId::parse(&issued.entry.id, IdFormat::Any)?;
-        // The device kept its key: the chain and the endpoint are delivered, the device must
-        // provide AWS_PRIVATE_KEY from its own key.
+        // The device kept its key: the chain, the endpoint and the topic are delivered.
+        eprintln!(
+            "delivering AWS_CERT, AWS_DATA_ENDPOINT and CLOUD_CONSUMER_TOPIC: the device must \
+             provide AWS_PRIVATE_KEY (base64 of its key's PEM) itself, or cloud-relay will not start"
+        );
         let devices = [delivery.variables(&id, &issued.chain_pem, None)];
         if !delivery.deliver(&devices)? {
             return Ok(Outcome::Failed);

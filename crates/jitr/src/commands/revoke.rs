@@ -46,12 +46,40 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         let deadline = args.aws.deadline(REVOKE_TIME);
         anyhow::Ok(revoke_in_aws(&registry, &target, &also, args.delete_thing, deadline).await?)
     })?;
+    let (cleaned, failed) = if args.balena_cleanup {
+        let mut devices: Vec<String> = report
+            .revoked
+            .iter()
+            .flat_map(|r| r.things_detached.iter().cloned())
+            .collect();
+        if let Target::Device(device) = &target {
+            devices.push(device.clone());
+        }
+        devices.sort();
+        devices.dedup();
+        super::balena::cleanup(&devices, args.aws.deadline(REVOKE_TIME))?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     if args.output.json {
-        print_json(&report)?;
+        let mut value = serde_json::to_value(&report)?;
+        value["balena_cleaned"] = serde_json::json!(cleaned);
+        value["balena_failed"] = serde_json::json!(failed);
+        print_json(&value)?;
     } else {
         print_report(&report);
+        for device in &cleaned {
+            println!("removed jitr's variables from balena device {device}");
+        }
     }
-    Ok(Outcome::Success)
+    for failure in &failed {
+        eprintln!("jitr: balena: {failure}");
+    }
+    Ok(if failed.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
 }
 
 fn print_report(report: &RevokeReport) {

@@ -1,0 +1,487 @@
+//! A balena device's whole first connect, on this machine: the world behind `jitr-demo`, the
+//! cloud-relay tests and the first-connect benchmark.
+//!
+//! [`DeviceWorld::start`] brings up moto (AWS IoT's control plane), the device policy made from
+//! `rules/device-policy.json` under a topic prefix, the fake balena API with a fleet whose
+//! devices run a `cloud-relay` service, and the Lambda Runtime API emulator. Once the fleet CA
+//! is registered in moto (by `jitr ca register`, as a fleet owner does), [`DeviceWorld::open`]
+//! starts what the cloud runs:
+//! - the [`IotEndpoint`], trusting every CA registered in moto, as AWS IoT does;
+//! - the real `bootstrap` processes polling the emulator, checking the balena fleet;
+//! - the topic rule: each certificate-registered event the endpoint publishes is handed to
+//!   the Lambda asynchronously (an error retried twice, as Lambda does for an async invoke);
+//! - an application subscribed to every device topic under the prefix (its own certificate
+//!   from its own CA, its own policy), recording what it receives.
+//!
+//! Devices then connect as devices do: `jitr device connect`, Node's `aws-iot-device-sdk`
+//! (what cloud-relay uses) or Python's `awsiotsdk`, to [`DeviceWorld::endpoint`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use aws_sdk_iot::types::CertificateStatus;
+use serde_json::Value;
+
+use crate::balena::FakeBalena;
+use crate::certs::TestCa;
+use crate::iot_endpoint::{IotEndpoint, MqttClient, Next, RegisteredCa};
+use crate::lambda::{Invocation, RuntimeEmulator};
+use crate::moto::{MotoServer, ACCOUNT_ID, REGION};
+use crate::proc::KillOnDrop;
+
+/// The device policy every activated certificate gets.
+pub const POLICY: &str = "jitr-device";
+/// The balena fleet.
+pub const FLEET_ID: u64 = 5150;
+/// The fleet's slug.
+pub const FLEET_SLUG: &str = "gh_jitr/relay-fleet";
+/// The service that reads the AWS variables on each device.
+pub const RELAY_SERVICE: &str = "cloud-relay";
+/// The application's MQTT client id.
+pub const APP_CLIENT_ID: &str = "jitr-app";
+/// The application's policy: connect as itself, subscribe to and receive every device topic.
+const APP_POLICY: &str = "jitr-app";
+/// The (fake) balena API key; never printed.
+const API_KEY: &str = "first-connect-key";
+/// How long the topic rule's Lambda invocation may take.
+const INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lambda runs an asynchronous invocation that failed twice more.
+const ASYNC_RETRIES: u32 = 2;
+
+/// How the world is set up.
+#[derive(Debug, Clone)]
+pub struct WorldOptions {
+    /// The first topic level(s) of device topics (the stack's `TopicPrefix`).
+    pub topic_prefix: String,
+    /// An AWS IoT control plane already running (e.g. a moto server); else moto is started.
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for WorldOptions {
+    fn default() -> Self {
+        WorldOptions {
+            topic_prefix: "balena".to_owned(),
+            endpoint_url: None,
+        }
+    }
+}
+
+/// One run of the Lambda for a certificate-registered event.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    /// The certificate the event named.
+    pub certificate_id: String,
+    /// The response's `outcome` (`activated`, `rejected`, `held`, ...) or `error <type>:
+    /// <message>` when every attempt failed.
+    pub outcome: String,
+    /// Function runs for this event (1 + retries).
+    pub runs: u32,
+    /// When the event was published (the device's connect that registered it).
+    pub published: Instant,
+    /// When the last run answered.
+    pub answered: Instant,
+}
+
+/// One message the application received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The topic.
+    pub topic: String,
+    /// The payload, as text.
+    pub payload: String,
+}
+
+/// Everything but the devices.
+pub struct DeviceWorld {
+    /// Runs the SDK calls and the application.
+    pub rt: tokio::runtime::Runtime,
+    /// A client straight to AWS IoT (moto): for setup and checks.
+    pub client: aws_sdk_iot::Client,
+    /// The fleet.
+    pub balena: FakeBalena,
+    /// Where `bootstrap` gets its events.
+    pub emulator: Arc<RuntimeEmulator>,
+    /// The device topic prefix.
+    pub topic_prefix: String,
+    relay_service: u64,
+    app_ca: TestCa,
+    endpoint_url: String,
+    // Dropped first: the endpoint (and with it the event sink), the runtimes, the app.
+    open: Option<Open>,
+    _moto: Option<MotoServer>,
+}
+
+impl std::fmt::Debug for DeviceWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceWorld")
+            .field("aws", &self.endpoint_url)
+            .field("open", &self.open.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`DeviceWorld::open`] started.
+struct Open {
+    endpoint: IotEndpoint,
+    trusted_ca_ids: Vec<String>,
+    runtimes: Vec<KillOnDrop>,
+    activations: Arc<Mutex<Vec<Activation>>>,
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl DeviceWorld {
+    /// moto (unless `options.endpoint_url`), the device policy, the fleet with its relay
+    /// service, the Runtime API emulator.
+    pub fn start(options: WorldOptions) -> Result<DeviceWorld> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let moto = match options.endpoint_url {
+            Some(_) => None,
+            None => Some(MotoServer::start()?),
+        };
+        let endpoint_url = match (&options.endpoint_url, &moto) {
+            (Some(url), _) => url.clone(),
+            (None, Some(moto)) => moto.endpoint(),
+            (None, None) => unreachable!("moto was started"),
+        };
+        let client =
+            aws_sdk_iot::Client::new(&rt.block_on(crate::iot::sdk_config_for(&endpoint_url)));
+        rt.block_on(crate::iot::create_device_policy(
+            &client,
+            POLICY,
+            &options.topic_prefix,
+        ))?;
+        let balena = FakeBalena::start(API_KEY)?;
+        balena.add_fleet(FLEET_ID, FLEET_SLUG);
+        let relay_service = balena.add_service(FLEET_ID, RELAY_SERVICE);
+        Ok(DeviceWorld {
+            rt,
+            client,
+            balena,
+            emulator: Arc::new(RuntimeEmulator::start()?),
+            topic_prefix: options.topic_prefix,
+            relay_service,
+            app_ca: TestCa::new("jitr application CA")?,
+            endpoint_url,
+            open: None,
+            _moto: moto,
+        })
+    }
+
+    /// The AWS environment for a command or `bootstrap` talking to this world's AWS IoT.
+    pub fn aws_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint_url.clone()),
+            ("AWS_REGION", REGION.to_owned()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        ]
+    }
+
+    /// The balena environment for `jitr` (`--push-balena`, `--balena-cleanup`) and `bootstrap`.
+    pub fn balena_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("BALENA_API_URL", self.balena.url()),
+            ("BALENA_API_KEY", API_KEY.to_owned()),
+            ("BALENA_FLEET_ID", FLEET_ID.to_string()),
+        ]
+    }
+
+    /// Adds an active device of the fleet, running the relay service; its balena id.
+    pub fn add_member(&self, uuid: &str) -> u64 {
+        let device = self.balena.add_device(FLEET_ID, uuid, true);
+        self.balena.install(device, self.relay_service);
+        device
+    }
+
+    /// The environment the relay service's container on `device` sees: device variables,
+    /// overridden by the service's own (as the balena supervisor merges them).
+    pub fn container_env(&self, device: u64) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = self.balena.env_vars(device).into_iter().collect();
+        for (service, name, value) in self.balena.service_vars(device) {
+            if service == RELAY_SERVICE {
+                env.insert(name, value);
+            }
+        }
+        env
+    }
+
+    /// Starts the cloud side: the endpoint trusting every CA registered so far, `runtimes`
+    /// `bootstrap` processes (Lambda instances), the topic rule, the application.
+    pub fn open(&mut self, bootstrap: &Path, runtimes: usize) -> Result<()> {
+        if self.open.is_some() {
+            bail!("the world is already open");
+        }
+        let app_ca_id = self
+            .rt
+            .block_on(crate::iot::register_ca(&self.client, &self.app_ca.cert_pem))?;
+        let cas = self.rt.block_on(registered_cas(&self.client))?;
+        let trusted_ca_ids: Vec<String> = cas
+            .iter()
+            .filter(|ca| ca.id != app_ca_id)
+            .map(|ca| ca.id.clone())
+            .collect();
+        if trusted_ca_ids.is_empty() {
+            bail!("no fleet CA is registered in AWS IoT: register one first (jitr ca register)");
+        }
+
+        // The topic rule: events to the Lambda, asynchronously, one runner per instance.
+        let (events, queue) = mpsc::channel::<(Value, Instant)>();
+        let queue = Arc::new(Mutex::new(queue));
+        let activations = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..runtimes.max(1) {
+            let (queue, activations, emulator) = (
+                Arc::clone(&queue),
+                Arc::clone(&activations),
+                Arc::clone(&self.emulator),
+            );
+            std::thread::spawn(move || loop {
+                let next = lock(&queue).recv();
+                let Ok((event, published)) = next else { break };
+                let activation = run_rule(&emulator, event, published);
+                lock(&activations).push(activation);
+            });
+        }
+        let events = Mutex::new(events);
+        let endpoint = IotEndpoint::start(
+            self.client.clone(),
+            cas,
+            Box::new(move |event| {
+                let _ = lock(&events).send((event, Instant::now()));
+            }),
+        )?;
+
+        let mut children = Vec::new();
+        for _ in 0..runtimes.max(1) {
+            let child = Command::new(bootstrap)
+                .env_clear()
+                .envs(self.emulator.lambda_env())
+                .envs(self.aws_env())
+                .envs(self.balena_env())
+                .envs([
+                    ("JITR_TRUSTED_CA_IDS", trusted_ca_ids.join(",")),
+                    ("JITR_POLICY_NAME", POLICY.to_owned()),
+                    ("JITR_FLEET_BACKEND", "balena".to_owned()),
+                    ("JITR_LOG", "error".to_owned()),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", bootstrap.display()))?;
+            children.push(KillOnDrop(child));
+        }
+
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let mut app = self.rt.block_on(self.application(&endpoint))?;
+        let filter = format!("{}/#", self.topic_prefix);
+        if !self.rt.block_on(app.subscribe(&filter))? {
+            bail!("the application may not subscribe to {filter}");
+        }
+        let sink = Arc::clone(&received);
+        self.rt.spawn(async move {
+            loop {
+                match app.next(Duration::from_secs(3600)).await {
+                    Next::Packet(rumqttc::mqttbytes::v4::Packet::Publish(p)) => {
+                        lock(&sink).push(Received {
+                            topic: p.topic.clone(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                        });
+                    }
+                    Next::Packet(_) | Next::Quiet => {}
+                    Next::Closed => break,
+                }
+            }
+        });
+        self.open = Some(Open {
+            endpoint,
+            trusted_ca_ids,
+            runtimes: children,
+            activations,
+            received,
+        });
+        Ok(())
+    }
+
+    fn opened(&self) -> &Open {
+        match &self.open {
+            Some(open) => open,
+            None => panic!("DeviceWorld::open first"),
+        }
+    }
+
+    /// The AWS IoT data plane devices connect to. Panics before [`DeviceWorld::open`].
+    pub fn endpoint(&self) -> &IotEndpoint {
+        &self.opened().endpoint
+    }
+
+    /// The fleet CAs the activator trusts (every CA registered before `open`).
+    pub fn trusted_ca_ids(&self) -> &[String] {
+        &self.opened().trusted_ca_ids
+    }
+
+    /// How many `bootstrap` processes run.
+    pub fn runtimes(&self) -> usize {
+        self.opened().runtimes.len()
+    }
+
+    /// Every Lambda run so far, in the order they answered.
+    pub fn activations(&self) -> Vec<Activation> {
+        lock(&self.opened().activations).clone()
+    }
+
+    /// Every message the application received so far.
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.opened().received).clone()
+    }
+
+    /// Waits up to `wait` for a message on `topic`.
+    pub fn wait_received(&self, topic: &str, wait: Duration) -> Option<Received> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some(r) = self.received().into_iter().find(|r| r.topic == topic) {
+                return Some(r);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A certificate's status in AWS IoT.
+    pub fn status(&self, certificate_id: &str) -> Result<CertificateStatus> {
+        self.rt
+            .block_on(crate::iot::status(&self.client, certificate_id))
+    }
+
+    /// The application: its certificate registered ACTIVE under its own CA, its policy
+    /// attached, connected as [`APP_CLIENT_ID`].
+    async fn application(&self, endpoint: &IotEndpoint) -> Result<MqttClient> {
+        let issued = self.app_ca.ca.issue_device(
+            &factory_ca::DeviceId::parse(APP_CLIENT_ID, factory_ca::IdFormat::Any)?,
+            factory_ca::KeyAlgorithm::P256,
+            30,
+            time::OffsetDateTime::now_utc(),
+        )?;
+        let registered = self
+            .client
+            .register_certificate()
+            .certificate_pem(&issued.cert_pem)
+            .ca_certificate_pem(&self.app_ca.cert_pem)
+            .status(CertificateStatus::Active)
+            .send()
+            .await
+            .context("RegisterCertificate (application)")?;
+        let arn = registered.certificate_arn().unwrap_or_default();
+        let prefix = format!("arn:aws:iot:{REGION}:{ACCOUNT_ID}");
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "iot:Connect",
+                 "Resource": format!("{prefix}:client/{APP_CLIENT_ID}")},
+                {"Effect": "Allow", "Action": "iot:Subscribe",
+                 "Resource": format!("{prefix}:topicfilter/{}/*", self.topic_prefix)},
+                {"Effect": "Allow", "Action": "iot:Receive",
+                 "Resource": format!("{prefix}:topic/{}/*", self.topic_prefix)},
+            ]
+        });
+        self.client
+            .create_policy()
+            .policy_name(APP_POLICY)
+            .policy_document(policy.to_string())
+            .send()
+            .await
+            .context("CreatePolicy (application)")?;
+        self.client
+            .attach_policy()
+            .policy_name(APP_POLICY)
+            .target(arn)
+            .send()
+            .await
+            .context("AttachPolicy (application)")?;
+        let key = issued.key_pem.as_deref().context("no application key")?;
+        let tls = crate::iot_endpoint::client::tls_config(
+            &issued.chain_pem,
+            key,
+            endpoint.server_ca_pem(),
+        )?;
+        MqttClient::connect(endpoint.addr(), tls, APP_CLIENT_ID)
+            .await
+            .context("the application could not connect")
+    }
+}
+
+/// Every CA registered in AWS IoT, with its PEM as registered.
+async fn registered_cas(client: &aws_sdk_iot::Client) -> Result<Vec<RegisteredCa>> {
+    let listed = client
+        .list_ca_certificates()
+        .send()
+        .await
+        .context("ListCACertificates")?;
+    let mut cas = Vec::new();
+    for id in listed
+        .certificates()
+        .iter()
+        .filter_map(|c| c.certificate_id())
+    {
+        let described = client
+            .describe_ca_certificate()
+            .certificate_id(id)
+            .send()
+            .await
+            .context("DescribeCACertificate")?;
+        let pem = described
+            .certificate_description()
+            .and_then(|d| d.certificate_pem())
+            .context("DescribeCACertificate: no PEM")?;
+        cas.push(RegisteredCa {
+            pem: pem.to_owned(),
+            id: id.to_owned(),
+        });
+    }
+    Ok(cas)
+}
+
+/// The topic rule's Lambda action for one event: invoked, an error retried up to twice.
+fn run_rule(emulator: &RuntimeEmulator, event: Value, published: Instant) -> Activation {
+    let certificate_id = event["certificateId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        let answer = emulator
+            .invoke(event.clone(), INVOKE_TIMEOUT)
+            .unwrap_or_else(|e| Invocation::Error {
+                error_type: "Runtime.NoAnswer".to_owned(),
+                error_message: e.to_string(),
+            });
+        let outcome = match answer {
+            Invocation::Response(v) => v["outcome"].as_str().unwrap_or("?").to_owned(),
+            Invocation::Error {
+                error_type,
+                error_message,
+            } if runs > ASYNC_RETRIES => format!("error {error_type}: {error_message}"),
+            Invocation::Error { .. } => continue,
+        };
+        return Activation {
+            certificate_id,
+            outcome,
+            runs,
+            published,
+            answered: Instant::now(),
+        };
+    }
+}
