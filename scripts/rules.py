@@ -24,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = "infra/template.yaml"
+# Where jitr's default topic prefix lives: what the CLI delivers as CLOUD_CONSUMER_TOPIC.
+DELIVERY = "crates/balena/src/delivery.rs"
 ALIASES = {"FunctionArn": "ActivatorFunction.Arn", "FailureQueueUrl": "FailureQueue",
            "FailureQueueArn": "FailureQueue.Arn", "RuleErrorRoleArn": "RuleErrorActionRole.Arn",
            "LogGroupName": "ActivatorLogGroup", "DeadLetterQueueArn": "DeadLetterQueue.Arn"}
@@ -146,6 +148,13 @@ def check(root: Path) -> list[str]:
     prop("device policy: topics only under <prefix>/<thing>/ and its own shadow",
          next((f"resource {r}" for r in topical if not any(r.startswith(x) for x in roots)), None))
 
+    delivered = re.search(r'pub const DEFAULT_TOPIC_PREFIX: &str = "([^"]*)";',
+                          (root / DELIVERY).read_text())
+    default = re.search(r"\n  TopicPrefix:\n(?:    .*\n)*?    Default: (\S+)\n", template)
+    prop("template: TopicPrefix defaults to the prefix jitr delivers (DEFAULT_TOPIC_PREFIX)",
+         None if delivered and default and default[1] == delivered[1]
+         else f"template {default and default[1]!r}, {DELIVERY} {delivered and delivered[1]!r}")
+
     granted: dict[str, set[str]] = {}
     for s in allows(activator):
         for a in listed(s["Action"]):
@@ -229,6 +238,10 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "template: the function drains"),
     ("no dead-letter queue", TEMPLATE, "deadLetterTargetArn: !GetAtt DeadLetterQueue.Arn", "deadLetterTargetArn: none",
      "template: failed replays"),
+    ("delivered topics outside the policy's prefix", TEMPLATE,
+     "TopicPrefix:\n    Type: String\n    Description: >-\n      First topic level(s) of the device topics: a device may use only\n      <TopicPrefix>/<thing name>/... and its own shadow.\n    Default: balena",
+     "TopicPrefix:\n    Type: String\n    Description: >-\n      First topic level(s) of the device topics: a device may use only\n      <TopicPrefix>/<thing name>/... and its own shadow.\n    Default: devices",
+     "template: TopicPrefix defaults"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),
@@ -242,6 +255,8 @@ def self_test() -> int:
             work = Path(tmp) / str(i)
             for part in ("rules", "infra"):
                 shutil.copytree(REPO / part, work / part)
+            (work / DELIVERY).parent.mkdir(parents=True)
+            shutil.copy(REPO / DELIVERY, work / DELIVERY)
             target = work / rel
             text = target.read_text()
             if old not in text:

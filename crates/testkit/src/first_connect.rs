@@ -6,7 +6,8 @@
 //! devices run a `cloud-relay` service, and the Lambda Runtime API emulator. Once the fleet CA
 //! is registered in moto (by `jitr ca register`, as a fleet owner does), [`DeviceWorld::open`]
 //! starts what the cloud runs:
-//! - the [`IotEndpoint`], trusting every CA registered in moto, as AWS IoT does;
+//! - the [`IotEndpoint`], trusting the registered fleet CAs (and the application's), as AWS
+//!   IoT trusts the CAs registered with it;
 //! - the real `bootstrap` processes polling the emulator, checking the balena fleet;
 //! - the topic rule: each certificate-registered event the endpoint publishes is handed to
 //!   the Lambda asynchronously (an error retried twice, as Lambda does for an async invoke);
@@ -217,24 +218,28 @@ impl DeviceWorld {
         env
     }
 
-    /// Starts the cloud side: the endpoint trusting every CA registered so far, `runtimes`
-    /// `bootstrap` processes (Lambda instances), the topic rule, the application.
-    pub fn open(&mut self, bootstrap: &Path, runtimes: usize) -> Result<()> {
+    /// Starts the cloud side: the endpoint trusting the fleet CAs `fleet_ca_ids` (registered
+    /// in AWS IoT, e.g. by `jitr ca register`, which saves the id in `ca/aws-ca-id`), `runtimes`
+    /// `bootstrap` processes (Lambda instances) trusting them, the topic rule, the application.
+    pub fn open(
+        &mut self,
+        bootstrap: &Path,
+        runtimes: usize,
+        fleet_ca_ids: &[String],
+    ) -> Result<()> {
         if self.open.is_some() {
             bail!("the world is already open");
+        }
+        if fleet_ca_ids.is_empty() {
+            bail!("no fleet CA: register one first (jitr ca register)");
         }
         let app_ca_id = self
             .rt
             .block_on(crate::iot::register_ca(&self.client, &self.app_ca.cert_pem))?;
-        let cas = self.rt.block_on(registered_cas(&self.client))?;
-        let trusted_ca_ids: Vec<String> = cas
-            .iter()
-            .filter(|ca| ca.id != app_ca_id)
-            .map(|ca| ca.id.clone())
-            .collect();
-        if trusted_ca_ids.is_empty() {
-            bail!("no fleet CA is registered in AWS IoT: register one first (jitr ca register)");
-        }
+        let trusted_ca_ids = fleet_ca_ids.to_vec();
+        let mut ids = trusted_ca_ids.clone();
+        ids.push(app_ca_id);
+        let cas = self.rt.block_on(registered_cas(&self.client, &ids))?;
 
         // The topic rule: events to the Lambda, asynchronously, one runner per instance.
         let (events, queue) = mpsc::channel::<(Value, Instant)>();
@@ -422,32 +427,23 @@ impl DeviceWorld {
     }
 }
 
-/// Every CA registered in AWS IoT, with its PEM as registered.
-async fn registered_cas(client: &aws_sdk_iot::Client) -> Result<Vec<RegisteredCa>> {
-    let listed = client
-        .list_ca_certificates()
-        .send()
-        .await
-        .context("ListCACertificates")?;
+/// The CAs `ids` as registered in AWS IoT, with their PEM as registered.
+async fn registered_cas(client: &aws_sdk_iot::Client, ids: &[String]) -> Result<Vec<RegisteredCa>> {
     let mut cas = Vec::new();
-    for id in listed
-        .certificates()
-        .iter()
-        .filter_map(|c| c.certificate_id())
-    {
+    for id in ids {
         let described = client
             .describe_ca_certificate()
             .certificate_id(id)
             .send()
             .await
-            .context("DescribeCACertificate")?;
+            .with_context(|| format!("DescribeCACertificate {id}"))?;
         let pem = described
             .certificate_description()
             .and_then(|d| d.certificate_pem())
             .context("DescribeCACertificate: no PEM")?;
         cas.push(RegisteredCa {
             pem: pem.to_owned(),
-            id: id.to_owned(),
+            id: id.clone(),
         });
     }
     Ok(cas)
