@@ -481,3 +481,319 @@ fn run_rule(emulator: &RuntimeEmulator, event: Value, published: Instant) -> Act
         };
     }
 }
+
+/// One device of a provisioned fleet: what it holds, as the device holds it.
+#[derive(Debug, Clone)]
+pub struct FleetDevice {
+    /// The balena UUID (the certificate's CN, the client id, the Thing name).
+    pub uuid: String,
+    /// Whether it is an active device of the fleet (else a stranger the fleet check rejects).
+    pub member: bool,
+    /// Its certificate's AWS IoT id.
+    pub certificate_id: String,
+    /// Where it publishes (its `CLOUD_CONSUMER_TOPIC`).
+    pub topic: String,
+    /// Its chain, decoded from `AWS_CERT`.
+    pub cert: std::path::PathBuf,
+    /// Its key, decoded from `AWS_PRIVATE_KEY` (mode 0600).
+    pub key: std::path::PathBuf,
+    /// The variables it was given, as its relay container sees them (a stranger: as the
+    /// issuing command wrote them to a file).
+    pub env: BTreeMap<String, String>,
+}
+
+/// A fleet provisioned through `jitr` ([`DeviceWorld::provision`]).
+#[derive(Debug)]
+pub struct Fleet {
+    /// The owner's folder: `ca/`, `devices/`, the server CA devices trust (`aws-root.pem`).
+    pub dir: tempfile::TempDir,
+    /// Members first, then strangers.
+    pub devices: Vec<FleetDevice>,
+}
+
+/// How one device's `jitr device connect --json` ended.
+#[derive(Debug, Clone)]
+pub struct DeviceReport {
+    /// The device.
+    pub uuid: String,
+    /// `connected`, `deadline`, `publish-refused` or `failed`.
+    pub outcome: String,
+    /// From its first CONNECT to the accepting CONNACK.
+    pub connected_after: Option<Duration>,
+    /// The backoff it waited between attempts.
+    pub backoff: Duration,
+    /// Connection attempts.
+    pub attempts: usize,
+    /// The report as printed.
+    pub json: Value,
+}
+
+/// Runs `jitr` in `dir` with nothing of the caller's environment but `PATH` and `HOME`.
+fn jitr_command(jitr: &Path, dir: &Path, args: &[&str], env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(jitr);
+    command
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .env_clear()
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    for var in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(var) {
+            command.env(var, value);
+        }
+    }
+    command
+}
+
+fn run_jitr(jitr: &Path, dir: &Path, args: &[&str], env: &[(&str, String)]) -> Result<String> {
+    let out = jitr_command(jitr, dir, args, env)
+        .output()
+        .with_context(|| format!("running {}", jitr.display()))?;
+    if !out.status.success() {
+        bail!(
+            "jitr {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `arg` as a shell reads it back: quoted when it holds anything but plain characters.
+fn shell_quoted(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@".contains(&b));
+    if plain {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', "'\\''"))
+    }
+}
+
+fn decode_b64(value: &str) -> Result<Vec<u8>> {
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.decode(value)?)
+}
+
+impl DeviceWorld {
+    /// The fleet owner's whole setup through `jitr`, each command shown through `say`: a CA
+    /// below an offline root, registered in AWS IoT; the cloud side opened on it
+    /// ([`DeviceWorld::open`] with `runtimes` `bootstrap` processes); `members` devices added
+    /// to the fleet and issued with delivery to their relay service; `strangers` issued from the
+    /// same CA but in no fleet (their variables in a file). Then each device's variables are
+    /// read as its container sees them and decoded to the files it connects with.
+    pub fn provision(
+        &mut self,
+        jitr: &Path,
+        bootstrap: &Path,
+        runtimes: usize,
+        members: usize,
+        strangers: usize,
+        say: &dyn Fn(&str),
+    ) -> Result<Fleet> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        let aws = self.aws_env();
+        let balena = self.balena_env();
+        let step = |args: &[&str], env: &[(&str, String)]| {
+            let shown: Vec<String> = args.iter().map(|a| shell_quoted(a)).collect();
+            say(&format!("$ jitr {}", shown.join(" ")));
+            run_jitr(jitr, dir, args, env)
+        };
+        step(
+            &[
+                "ca",
+                "init",
+                "--with-issuing-ca",
+                "--subject",
+                "O=jitr demo,CN=jitr demo fleet root",
+                "--insecure-plaintext-key",
+            ],
+            &[],
+        )?;
+        step(&["ca", "register"], &aws)?;
+        let ca_id = std::fs::read_to_string(dir.join("ca/aws-ca-id"))?
+            .trim()
+            .to_owned();
+        self.open(bootstrap, runtimes, &[ca_id])?;
+        std::fs::write(dir.join("aws-root.pem"), self.endpoint().server_ca_pem())?;
+
+        let uuids: Vec<String> = (0..members + strangers)
+            .map(|n| format!("{:032x}", 0xde40_0000_u64 + n as u64))
+            .collect();
+        let (member_ids, stranger_ids) = uuids.split_at(members);
+        let mut balena_ids = Vec::new();
+        for uuid in member_ids {
+            balena_ids.push(self.add_member(uuid));
+        }
+        let ids_arg = |path: &str, ids: &[String]| -> Result<()> {
+            std::fs::write(dir.join(path), ids.join("\n") + "\n")?;
+            Ok(())
+        };
+        if members > 0 {
+            ids_arg("members.txt", member_ids)?;
+            step(
+                &[
+                    "issue",
+                    "--ids",
+                    "members.txt",
+                    "--push-balena",
+                    "--balena-service",
+                    RELAY_SERVICE,
+                    "--endpoint",
+                    "localhost",
+                    "--topic-prefix",
+                    &self.topic_prefix,
+                ],
+                &balena,
+            )?;
+        }
+        let mut stranger_envs = Vec::new();
+        if strangers > 0 {
+            ids_arg("strangers.txt", stranger_ids)?;
+            step(
+                &[
+                    "issue",
+                    "--ids",
+                    "strangers.txt",
+                    "--balena-env",
+                    "strangers.jsonl",
+                    "--endpoint",
+                    "localhost",
+                    "--topic-prefix",
+                    &self.topic_prefix,
+                ],
+                &[],
+            )?;
+            for line in std::fs::read_to_string(dir.join("strangers.jsonl"))?.lines() {
+                let value: Value = serde_json::from_str(line)?;
+                let env: BTreeMap<String, String> = value
+                    .as_object()
+                    .context("a strangers.jsonl line is not an object")?
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect();
+                stranger_envs.push(env);
+            }
+        }
+
+        let mut devices = Vec::new();
+        let envs = balena_ids
+            .iter()
+            .map(|&id| self.container_env(id))
+            .chain(stranger_envs);
+        for (n, (uuid, env)) in uuids.iter().zip(envs).enumerate() {
+            devices.push(device_files(dir, uuid, n < members, &env)?);
+        }
+        Ok(Fleet { dir: tmp, devices })
+    }
+
+    /// Every device of `fleet` connects at once, as a device does: `jitr device connect`
+    /// with its chain, client id = UUID, jittered backoff, publishing `message` to its topic
+    /// once accepted, giving up after `deadline(device)`.
+    pub fn connect_all(
+        &self,
+        jitr: &Path,
+        fleet: &Fleet,
+        message: &str,
+        deadline: &dyn Fn(&FleetDevice) -> Duration,
+    ) -> Result<Vec<DeviceReport>> {
+        let endpoint = format!("127.0.0.1:{}", self.endpoint().port());
+        let mut children = Vec::new();
+        for device in &fleet.devices {
+            let deadline_arg = deadline(device).as_secs().max(1).to_string();
+            let args = [
+                "device",
+                "connect",
+                "--cert",
+                &device.cert.to_string_lossy(),
+                "--key",
+                &device.key.to_string_lossy(),
+                "--endpoint",
+                &endpoint,
+                "--server-ca",
+                "aws-root.pem",
+                "--publish",
+                &device.topic,
+                message,
+                "--deadline",
+                &deadline_arg,
+                "--json",
+            ]
+            .map(|a| a.to_string());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let child = jitr_command(jitr, fleet.dir.path(), &args, &[])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("running {}", jitr.display()))?;
+            children.push((device.uuid.clone(), KillOnDrop(child)));
+        }
+        let mut reports = Vec::new();
+        for (uuid, mut child) in children {
+            // Each one stops at its deadline; one that does not is killed when dropped.
+            let mut stdout = String::new();
+            if let Some(mut out) = child.stdout.take() {
+                use std::io::Read;
+                out.read_to_string(&mut stdout)?;
+            }
+            let _ = child.wait();
+            let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+                format!("device {uuid}: jitr device connect printed no report: {stdout}")
+            })?;
+            let ms = |v: &Value| v.as_f64().map(|ms| Duration::from_secs_f64(ms / 1000.0));
+            reports.push(DeviceReport {
+                uuid,
+                outcome: json["outcome"].as_str().unwrap_or("?").to_owned(),
+                connected_after: ms(&json["connected_after_ms"]),
+                backoff: ms(&json["backoff_ms"]).unwrap_or_default(),
+                attempts: json["attempts"].as_array().map_or(0, Vec::len),
+                json,
+            });
+        }
+        Ok(reports)
+    }
+}
+
+/// One device's files from its variables: the chain and key decoded, as cloud-relay does.
+fn device_files(
+    dir: &Path,
+    uuid: &str,
+    member: bool,
+    env: &BTreeMap<String, String>,
+) -> Result<FleetDevice> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let var = |name: &str| {
+        env.get(name)
+            .with_context(|| format!("device {uuid} has no {name}"))
+    };
+    let folder = dir.join("on-device").join(uuid);
+    std::fs::create_dir_all(&folder)?;
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o700))?;
+    let chain = decode_b64(var("AWS_CERT")?)?;
+    let (cert, key) = (folder.join("cert.pem"), folder.join("key.pem"));
+    std::fs::write(&cert, &chain)?;
+    {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key)?;
+        file.write_all(&decode_b64(var("AWS_PRIVATE_KEY")?)?)?;
+    }
+    let certificate_id = crate::certs::certificate_id_of(&String::from_utf8_lossy(&chain))?;
+    Ok(FleetDevice {
+        uuid: uuid.to_owned(),
+        member,
+        certificate_id,
+        topic: var("CLOUD_CONSUMER_TOPIC")?.clone(),
+        cert,
+        key,
+        env: env.clone(),
+    })
+}
