@@ -214,7 +214,7 @@ fn a_relay_device_is_closed_activated_then_accepted_and_its_message_arrives() {
         .collect();
     assert!(
         seen.contains(&Seen::Registered {
-            certificate_id: cert.clone()
+            certificate_id: cert
         }),
         "{seen:?}"
     );
@@ -380,7 +380,7 @@ fn cloud_relays_own_client_library_publishes_where_the_policy_allows() {
     assert_eq!(received.payload, "{\"relayed\":1}");
 
     // cloud-relay's default topic, which jitr no longer leaves it with: disconnected.
-    let mut bare = env.clone();
+    let mut bare = env;
     bare.remove("CLOUD_CONSUMER_TOPIC");
     let out = client(
         &world,

@@ -305,11 +305,11 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
         .map(|c| c.as_ref().to_vec());
     let (mut reader, mut writer) = tokio::io::split(tls);
     let mut buffer = BytesMut::with_capacity(4096);
-    let connect =
-        match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut reader, &mut buffer)).await {
-            Ok(Some(Packet::Connect(connect))) => connect,
-            _ => return,
-        };
+    let Ok(Some(Packet::Connect(connect))) =
+        tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut reader, &mut buffer)).await
+    else {
+        return;
+    };
     let Some(leaf) = leaf else { return };
     let session = match admit(shared, &leaf, &connect.client_id).await {
         Ok(session) => session,
@@ -542,7 +542,7 @@ fn handle(
             {
                 shared.record(Seen::ForbiddenPublish {
                     client_id: session.client_id.clone(),
-                    topic: publish.topic.clone(),
+                    topic: publish.topic,
                 });
                 return Reply::Close;
             }
