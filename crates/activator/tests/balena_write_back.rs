@@ -33,6 +33,18 @@ impl World {
         (id, event)
     }
 
+    /// The operator retires a certificate (what `jitr revoke` does to a replaced one): a new
+    /// certificate for the same device is then its identity, not a contender to hold.
+    async fn retire(&self, certificate_id: &str) {
+        self.client
+            .update_certificate()
+            .certificate_id(certificate_id)
+            .new_status(SdkStatus::Inactive)
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// Requests other than the fleet check's own reads.
     fn writes(&self) -> Vec<String> {
         self.balena
@@ -76,7 +88,9 @@ async fn activation_is_written_back_as_device_tags_and_updated_on_reissue() {
     assert_eq!(device_reads, 1);
     assert!(w.balena.requests().iter().all(|r| r.authorized));
 
-    // The device is issued a new certificate: the tags now name it (409, then PATCH).
+    // The device is issued a new certificate, the old one retired: the tags now name the new
+    // one (409, then PATCH).
+    w.retire(&id).await;
     w.balena.clear_requests();
     let (new_id, event) = w.connect(&device).await;
     assert_ne!(new_id, id);
@@ -124,8 +138,9 @@ async fn a_failed_write_back_leaves_the_device_activated() {
     assert!(w.balena.tags(numeric).is_empty());
     assert_eq!(w.writes().len(), 2, "both tags were tried");
 
-    // With the API key refused for writes only: the same.
+    // With the API key refused for writes only: the same (a new certificate, the old retired).
     w.balena.set_fault(Fault::WriteStatus(401));
+    w.retire(&id).await;
     let (id, event) = w.connect(&device).await;
     let d = a.handle_event(&event, None, deadline()).await.unwrap();
     assert_eq!(d.outcome, Outcome::Activated);

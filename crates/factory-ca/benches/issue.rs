@@ -145,7 +145,7 @@ fn main() {
             days: 1826,
         }),
         protection: KeyProtection::InsecurePlaintext,
-        root_protection: None,
+        root_protection: Some(KeyProtection::InsecurePlaintext),
     }
     .run(OffsetDateTime::now_utc())
     .expect("ca init");
