@@ -146,6 +146,7 @@ fn main() {
         }),
         protection: KeyProtection::InsecurePlaintext,
         root_protection: Some(KeyProtection::InsecurePlaintext),
+        remote_key: None,
     }
     .run(OffsetDateTime::now_utc())
     .expect("ca init");

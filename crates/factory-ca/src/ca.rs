@@ -2,6 +2,7 @@
 //! loading with its key, and the verification certificate AWS IoT asks for at registration.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -14,6 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::keys::{generate_ca_key, load_private_key, store_private_key, DeviceKey, KeyRole};
 use crate::random::random_bytes;
+use crate::signer::{CaKey, RemoteKey};
 use crate::write::{create_dir, write_file_atomic};
 use crate::{Error, KeyAlgorithm, KeyProtection, Passphrase, Profile, Subject};
 
@@ -25,6 +27,9 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const ROOT_CERT_FILE: &str = "root.crt";
 /// The offline root's private key.
 pub const ROOT_KEY_FILE: &str = "root.key";
+/// Where the key of the CA that signs devices is, when it is not `ca.key`: one key URI
+/// (`awskms:key-id=...`, `pkcs11:token=...;object=...`).
+pub const CA_KEY_URI_FILE: &str = "ca.key-uri";
 
 /// How far `not_before` is backdated, so a device whose clock lags a little still accepts.
 pub(crate) const BACKDATE: Duration = Duration::minutes(1);
@@ -42,8 +47,12 @@ pub struct CaInit {
     pub root_days: u32,
     /// With `Some`, an issuing CA below the root signs the devices.
     pub issuing: Option<IssuingCa>,
-    /// How the key of the CA that signs devices is stored.
+    /// How the key of the CA that signs devices is stored (when it is generated here).
     pub protection: KeyProtection,
+    /// The key of the CA that signs devices, when it lives in a KMS or on a token: it is used
+    /// instead of a generated one, and the folder records its URI instead of a key file. With
+    /// an issuing CA, the root above it is still generated here.
+    pub remote_key: Option<Arc<dyn RemoteKey>>,
     /// How the offline root's key is stored (required with an issuing CA): a passphrase of
     /// its own, never the issuing CA's.
     pub root_protection: Option<KeyProtection>,
@@ -65,7 +74,7 @@ pub struct IssuingCa {
 pub struct CaFiles {
     /// The CA that signs devices.
     pub ca_cert: PathBuf,
-    /// Its key.
+    /// Its key file, or the file recording its key URI.
     pub ca_key: PathBuf,
     /// The offline root, when there is one.
     pub root: Option<(PathBuf, PathBuf)>,
@@ -111,47 +120,70 @@ fn ca_params(
 }
 
 impl CaInit {
-    /// Creates the CA (and root) certificates and keys in `dir`; never overwrites a key.
-    pub fn run(&self, now: OffsetDateTime) -> Result<CaFiles, Error> {
-        let ca_key_path = self.dir.join(CA_KEY_FILE);
-        let root_key_path = self.dir.join(ROOT_KEY_FILE);
+    /// Checks that `run` can start: the root's protection, and no CA key (file or URI) in the
+    /// folder yet. Call it before creating a remote key for the CA.
+    pub fn check(&self) -> Result<(), Error> {
         if self.issuing.is_some() {
             match (&self.protection, &self.root_protection) {
                 (_, None) => return Err(Error::RootPassphraseRequired),
                 (KeyProtection::Encrypted(ca), Some(KeyProtection::Encrypted(root)))
-                    if ca.expose() == root.expose() =>
+                    if self.remote_key.is_none() && ca.expose() == root.expose() =>
                 {
                     return Err(Error::RootPassphraseRequired)
                 }
                 _ => {}
             }
         }
-        for path in [&ca_key_path, &root_key_path] {
+        for name in [CA_KEY_FILE, ROOT_KEY_FILE, CA_KEY_URI_FILE] {
+            let path = self.dir.join(name);
             if path.exists() {
-                return Err(Error::CaExists { path: path.clone() });
+                return Err(Error::CaExists { path });
             }
         }
-        create_dir(&self.dir)?;
+        Ok(())
+    }
 
-        let root_key = generate_ca_key(self.root_key)?;
+    /// Creates the CA (and root) certificates and keys in `dir`; never overwrites a key. On
+    /// failure nothing is left behind (a folder it created is removed again).
+    pub fn run(&self, now: OffsetDateTime) -> Result<CaFiles, Error> {
+        self.check()?;
+        let created = !self.dir.exists();
+        create_dir(&self.dir)?;
+        let result = self.write(now);
+        if result.is_err() && created {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        result
+    }
+
+    fn write(&self, now: OffsetDateTime) -> Result<CaFiles, Error> {
+        let root_key_path = self.dir.join(ROOT_KEY_FILE);
+        let ca_cert_path = self.dir.join(CA_CERT_FILE);
         let path_len = if self.issuing.is_some() { 1 } else { 0 };
         let root_params = ca_params(&self.root_subject, self.root_days, path_len, now)?;
-        let root_cert = root_params.self_signed(&root_key)?;
-
-        let ca_cert_path = self.dir.join(CA_CERT_FILE);
-        match &self.issuing {
-            None => {
-                write_file_atomic(&ca_cert_path, root_cert.pem().as_bytes(), 0o644, true)?;
-                let der = Zeroizing::new(root_key.serialize_der());
-                store_private_key(&ca_key_path, &der, &self.protection, KeyRole::SigningCa)?;
+        match (&self.issuing, &self.remote_key) {
+            (None, remote) => {
+                // One CA: it is the root, signing itself.
+                let key = match remote {
+                    Some(remote) => CaKey::Remote(Arc::clone(remote)),
+                    None => CaKey::File(generate_ca_key(self.root_key)?),
+                };
+                let cert = root_params.self_signed(&key)?;
+                write_file_atomic(&ca_cert_path, cert.pem().as_bytes(), 0o644, true)?;
+                let ca_key = self.store_ca_key(&key)?;
                 Ok(CaFiles {
                     ca_cert: ca_cert_path,
-                    ca_key: ca_key_path,
+                    ca_key,
                     root: None,
                 })
             }
-            Some(issuing) => {
-                let key = generate_ca_key(issuing.key)?;
+            (Some(issuing), remote) => {
+                let root_key = generate_ca_key(self.root_key)?;
+                let root_cert = root_params.self_signed(&root_key)?;
+                let key = match remote {
+                    Some(remote) => CaKey::Remote(Arc::clone(remote)),
+                    None => CaKey::File(generate_ca_key(issuing.key)?),
+                };
                 let mut params = ca_params(&issuing.subject, issuing.days, 0, now)?;
                 params.use_authority_key_identifier_extension = true;
                 let root_issuer = Issuer::new(root_params, &root_key);
@@ -170,22 +202,48 @@ impl CaInit {
                     root_protection,
                     KeyRole::OfflineRoot,
                 )?;
-                let der = Zeroizing::new(key.serialize_der());
-                store_private_key(&ca_key_path, &der, &self.protection, KeyRole::SigningCa)?;
+                let ca_key = self.store_ca_key(&key)?;
                 Ok(CaFiles {
                     ca_cert: ca_cert_path,
-                    ca_key: ca_key_path,
+                    ca_key,
                     root: Some((root_cert_path, root_key_path)),
                 })
             }
         }
+    }
+
+    /// Writes the signing CA's key file, or the URI of its remote key.
+    fn store_ca_key(&self, key: &CaKey) -> Result<PathBuf, Error> {
+        match key {
+            CaKey::File(key) => {
+                let path = self.dir.join(CA_KEY_FILE);
+                let der = Zeroizing::new(key.serialize_der());
+                store_private_key(&path, &der, &self.protection, KeyRole::SigningCa)?;
+                Ok(path)
+            }
+            CaKey::Remote(key) => {
+                let path = self.dir.join(CA_KEY_URI_FILE);
+                write_file_atomic(&path, format!("{}\n", key.uri()).as_bytes(), 0o644, true)?;
+                Ok(path)
+            }
+        }
+    }
+}
+
+/// The key URI the CA folder records, when its key is not a file.
+pub fn ca_key_uri(dir: &Path) -> Result<Option<String>, Error> {
+    let path = dir.join(CA_KEY_URI_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Read { path, source }),
     }
 }
 
 /// A CA loaded from its folder, ready to sign.
 pub struct Ca {
     pub(crate) dir: PathBuf,
-    pub(crate) issuer: Issuer<'static, rcgen::KeyPair>,
+    pub(crate) issuer: Issuer<'static, CaKey>,
     pub(crate) cert_pem: String,
     pub(crate) cert_der: Vec<u8>,
     pub(crate) profile: Profile,
@@ -218,20 +276,50 @@ pub fn read_certificate(path: &Path) -> Result<Vec<u8>, Error> {
 
 impl Ca {
     /// Loads `dir/ca.crt` and `dir/ca.key` (and `dir/profile.toml`), checking they belong together.
+    /// A folder whose key is remote (`ca.key-uri`) needs [`Ca::load_remote`].
     pub fn load(dir: &Path, passphrase: Option<&Passphrase>) -> Result<Ca, Error> {
-        let cert_path = dir.join(CA_CERT_FILE);
+        if let Some(uri) = ca_key_uri(dir)? {
+            return Err(Error::RemoteKeyNeeded { uri });
+        }
         let key_path = dir.join(CA_KEY_FILE);
-        for path in [&cert_path, &key_path] {
-            if !path.exists() {
-                return Err(Error::MissingCaFile {
-                    dir: dir.to_owned(),
-                    path: path.clone(),
-                });
-            }
+        if !key_path.exists() {
+            return Err(Error::MissingCaFile {
+                dir: dir.to_owned(),
+                path: key_path,
+            });
+        }
+        let key = load_private_key(&key_path, passphrase)?;
+        Ca::with_key(dir, CaKey::File(key), &key_path.display().to_string())
+    }
+
+    /// Loads a CA whose key is remote: `dir/ca.crt` (and the profile), signing with `key`,
+    /// which must be the key the folder's `ca.key-uri` names and the certificate's.
+    pub fn load_remote(dir: &Path, key: Arc<dyn RemoteKey>) -> Result<Ca, Error> {
+        let recorded = ca_key_uri(dir)?;
+        if recorded.as_deref() != Some(key.uri().as_str()) {
+            return Err(Error::RemoteKeyMismatch {
+                what: format!(
+                    "{} records {}, not {}",
+                    dir.join(CA_KEY_URI_FILE).display(),
+                    recorded.as_deref().unwrap_or("no key URI"),
+                    key.uri()
+                ),
+            });
+        }
+        let uri = key.uri();
+        Ca::with_key(dir, CaKey::Remote(key), &uri)
+    }
+
+    fn with_key(dir: &Path, key: CaKey, key_name: &str) -> Result<Ca, Error> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        if !cert_path.exists() {
+            return Err(Error::MissingCaFile {
+                dir: dir.to_owned(),
+                path: cert_path,
+            });
         }
         let profile = Profile::load(dir)?;
         let cert_der = read_certificate(&cert_path)?;
-        let key = load_private_key(&key_path, passphrase)?;
         let bad = |reason: &str| Error::BadCertificate {
             what: cert_path.display().to_string(),
             reason: reason.to_owned(),
@@ -243,10 +331,7 @@ impl Ca {
             ));
         }
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(bad(&format!(
-                "it does not match the key in {}",
-                key_path.display()
-            )));
+            return Err(bad(&format!("it does not match the key {key_name}")));
         }
         let not_after = cert.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)?;

@@ -108,6 +108,15 @@ pub enum Error {
     /// rcgen refused to build a certificate.
     #[error("certificate generation failed")]
     Rcgen(#[source] rcgen::Error),
+    /// The CA key in a KMS or on a token could not sign.
+    #[error("the CA key could not sign: {reason}")]
+    RemoteKey { reason: String },
+    /// The CA folder's key is remote and no remote key was given to load it.
+    #[error("the CA key is {uri}: open it with the key backends (jitr does)")]
+    RemoteKeyNeeded { uri: String },
+    /// The remote key given is not the one the CA folder names, or not the CA certificate's.
+    #[error("{what}")]
+    RemoteKeyMismatch { what: String },
     /// The OS random generator or a primitive failed.
     #[error("cryptographic operation failed: {op}")]
     Crypto { op: &'static str },
@@ -115,6 +124,13 @@ pub enum Error {
 
 impl From<rcgen::Error> for Error {
     fn from(e: rcgen::Error) -> Self {
-        Error::Rcgen(e)
+        match e {
+            // A KMS or token failure: the signer left its reason on this thread.
+            rcgen::Error::RemoteKeyError => Error::RemoteKey {
+                reason: crate::signer::take_remote_error()
+                    .unwrap_or_else(|| "the remote key failed".to_owned()),
+            },
+            other => Error::Rcgen(other),
+        }
     }
 }

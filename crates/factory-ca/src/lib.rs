@@ -16,11 +16,12 @@ mod keys;
 mod manifest;
 mod profile;
 mod random;
+mod signer;
 mod write;
 
 pub use ca::{
-    read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE, ROOT_CERT_FILE,
-    ROOT_KEY_FILE,
+    ca_key_uri, read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE,
+    CA_KEY_URI_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,
 };
 pub use csr::CsrOptions;
 pub use error::Error;
@@ -33,6 +34,7 @@ pub use issue::{issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDev
 pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
 pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIFEST_FILE};
 pub use profile::{Profile, Subject, DEFAULT_MAX_DEVICE_DAYS, PROFILE_FILE};
+pub use signer::RemoteKey;
 pub use write::write_file_atomic;
 
 /// Result alias for this crate.

@@ -40,6 +40,7 @@ fn init(dir: &Path, issuing: bool) -> CaInit {
         root_protection: Some(KeyProtection::Encrypted(
             Passphrase::new(format!("{PASS} for the root")).unwrap(),
         )),
+        remote_key: None,
     }
 }
 

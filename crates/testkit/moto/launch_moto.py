@@ -13,6 +13,9 @@ Fixes applied before the server starts (moto 5.x):
   4. ListCertificatesByCA honours pageSize (1 to 250), marker and ascendingOrder (by
      creation date, as AWS IoT does): moto answers every certificate at once, oldest first.
 
+  7. KMS Sign with MessageType DIGEST signs the digest as given, as AWS KMS does (moto
+     ignores MessageType and hashes the digest again, so no verifier accepts the signature).
+
 And two changes for speed only, with the same answers:
   5. The server lists moto's service packages once, not on every request (its dispatcher
      walks the package folder per request: nearly half of its time under load).
@@ -129,6 +132,50 @@ def things_looked_up_by_arn() -> None:
     backend.list_thing_principals = list_thing_principals
 
 
+def kms_sign_digest() -> None:
+    import base64
+    import json
+
+    import moto.kms.exceptions
+    import moto.kms.responses
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    original = moto.kms.responses.KmsResponse.sign
+    hash_of = {
+        "ECDSA_SHA_256": hashes.SHA256(),
+        "ECDSA_SHA_384": hashes.SHA384(),
+        "ECDSA_SHA_512": hashes.SHA512(),
+    }
+
+    def sign(self):
+        algorithm = self._get_param("SigningAlgorithm")
+        if self._get_param("MessageType") != "DIGEST" or algorithm not in hash_of:
+            return original(self)
+        key = self.kms_backend.describe_key(self._get_param("KeyId"))
+        private = getattr(key.private_key, "private_key", None)
+        if key.key_usage != "SIGN_VERIFY" or not isinstance(private, ec.EllipticCurvePrivateKey):
+            return original(self)
+        digest = self._get_param("Message")
+        if isinstance(digest, str):
+            digest = base64.b64decode(digest)
+        chosen = hash_of[algorithm]
+        if len(digest) != chosen.digest_size:
+            raise moto.kms.exceptions.ValidationException(
+                f"Digest is invalid length for algorithm {algorithm}."
+            )
+        signature = private.sign(digest, ec.ECDSA(utils.Prehashed(chosen)))
+        return json.dumps(
+            {
+                "KeyId": key.arn,
+                "Signature": base64.b64encode(signature).decode("ascii"),
+                "SigningAlgorithm": algorithm,
+            }
+        )
+
+    moto.kms.responses.KmsResponse.sign = sign
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: launch_moto.py PORT")
@@ -140,6 +187,7 @@ def main() -> None:
     service_packages_listed_once()
     certificates_looked_up_by_id()
     things_looked_up_by_arn()
+    kms_sign_digest()
     moto.server.main(["--host", "127.0.0.1", "--port", str(port)])
 
 

@@ -57,6 +57,7 @@ impl TestCa {
             issuing: None,
             protection: KeyProtection::InsecurePlaintext,
             root_protection: None,
+            remote_key: None,
         }
         .run(OffsetDateTime::now_utc())?;
         let ca = Ca::load(dir.path(), None)?;

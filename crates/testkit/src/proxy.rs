@@ -390,6 +390,27 @@ pub fn operation_of(method: &str, path_and_query: &str) -> &'static str {
     }
 }
 
+/// The operation an `X-Amz-Target` header names (`TrentService.Sign` is `Sign`), for the
+/// JSON-protocol services jitr calls; `"Other"` for the rest.
+pub fn operation_of_target(header: &str) -> &'static str {
+    const KNOWN: [&str; 12] = [
+        "Sign",
+        "GetPublicKey",
+        "CreateKey",
+        "CreateAlias",
+        "DescribeKey",
+        "ScheduleKeyDeletion",
+        "PutItem",
+        "GetItem",
+        "UpdateItem",
+        "Query",
+        "SendMessage",
+        "ReceiveMessage",
+    ];
+    let name = header.rsplit('.').next().unwrap_or_default();
+    KNOWN.into_iter().find(|k| *k == name).unwrap_or("Other")
+}
+
 /// State shared by the proxy handle and its connections.
 struct Shared {
     upstream: SocketAddr,
@@ -636,7 +657,15 @@ async fn handle(
         return Err(Dropped); // the client went away mid-body
     };
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let op = operation_of(parts.method.as_str(), target);
+    // JSON-protocol services (KMS, DynamoDB, SQS) name the operation in a header.
+    let op = match parts
+        .headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(header) => operation_of_target(header),
+        None => operation_of(parts.method.as_str(), target),
+    };
     let seen = ProxiedRequest {
         method: parts.method.to_string(),
         target: target.to_owned(),

@@ -32,6 +32,7 @@ impl World {
             issuing: None,
             protection: KeyProtection::InsecurePlaintext,
             root_protection: None,
+            remote_key: None,
         }
         .run(OffsetDateTime::now_utc())
         .unwrap();

@@ -58,6 +58,7 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         issuing,
         protection,
         root_protection,
+        remote_key: None,
     };
     let files = init.run(OffsetDateTime::now_utc())?;
     let ca_der = factory_ca::read_certificate(&files.ca_cert)?;
