@@ -371,6 +371,14 @@ impl Ca {
         self.not_after
     }
 
+    /// Where the key is, when it is not a file in the folder (its URI).
+    pub fn remote_key_uri(&self) -> Option<String> {
+        match self.issuer.key() {
+            CaKey::Remote(key) => Some(key.uri()),
+            CaKey::File(_) => None,
+        }
+    }
+
     /// The verification certificate AWS IoT asks for: CN = the registration code, signed by
     /// this CA's key, proving we hold it.
     pub fn verification_certificate(

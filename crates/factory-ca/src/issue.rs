@@ -163,13 +163,18 @@ pub struct BatchOptions {
     pub key: KeyAlgorithm,
     /// Validity in days.
     pub days: u32,
-    /// Worker threads; 0 means one per core.
+    /// Worker threads; 0 means one per core, or [`REMOTE_JOBS`] when the CA key is remote
+    /// (each signature then waits on a KMS or a token, not on a core).
     pub jobs: usize,
     /// Issue again ids the manifest already holds.
     pub force: bool,
     /// Issuance time.
     pub now: OffsetDateTime,
 }
+
+/// Workers by default when every signature is a round trip to a KMS or a token: enough to
+/// keep a KMS at its request rate through 50 ms answers, a small share of the cores' time.
+pub const REMOTE_JOBS: usize = 16;
 
 /// A device the batch could not issue.
 #[derive(Debug)]
@@ -265,10 +270,10 @@ pub fn issue_batch(
     create_dir(&opts.out_dir)?;
     let manifest = Manifest::open(&opts.out_dir)?;
     check_new_ids(ids, &manifest, opts.force)?;
-    let jobs = if opts.jobs == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        opts.jobs
+    let jobs = match opts.jobs {
+        0 if ca.remote_key_uri().is_some() => REMOTE_JOBS,
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        jobs => jobs,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)

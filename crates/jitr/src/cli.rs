@@ -64,6 +64,12 @@ pub(crate) struct CaDirArgs {
     /// File holding the CA key passphrase (else JITR_CA_PASSPHRASE, else a prompt on a terminal).
     #[arg(long, value_name = "FILE")]
     pub(crate) passphrase_file: Option<PathBuf>,
+    /// The PKCS#11 module (.so) of the token holding the CA key, for pkcs11: key URIs.
+    #[arg(long, value_name = "FILE", env = "JITR_PKCS11_MODULE")]
+    pub(crate) pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN (else JITR_PKCS11_PIN, else a prompt on a terminal).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) pin_file: Option<PathBuf>,
 }
 
 /// How results are printed.
@@ -126,6 +132,14 @@ pub(crate) struct CaInitArgs {
     /// Store the CA keys unencrypted (never do this for a production CA).
     #[arg(long)]
     pub(crate) insecure_plaintext_key: bool,
+    /// Keep the key of the CA that signs devices in AWS KMS or on a PKCS#11 token, never on
+    /// disk: awskms:key-id=alias/NAME[;region=R] or pkcs11:token=LABEL;object=LABEL. The key is
+    /// created there (with --existing, the one already there is used); ca/ca.key-uri records it.
+    #[arg(long, value_name = "URI")]
+    pub(crate) key_uri: Option<String>,
+    /// Use the key --key-uri names instead of creating one.
+    #[arg(long, requires = "key_uri")]
+    pub(crate) existing: bool,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
 }
@@ -186,12 +200,16 @@ pub(crate) struct IssueArgs {
     /// Accepted ids: balena-uuid or any Thing name [default: from profile, balena-uuid].
     #[arg(long, value_name = "FORMAT")]
     pub(crate) id_format: Option<IdFormat>,
-    /// Parallel workers [default: one per core].
+    /// Parallel workers [default: one per core; 16 with a CA key in KMS or on a token].
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub(crate) jobs: usize,
     /// Issue again ids that the manifest already holds.
     #[arg(long)]
     pub(crate) force: bool,
+    /// With a CA key in AWS KMS: Sign requests per second at most (AWS's ECC signing quota,
+    /// shared by the account and region, is 300/s by default).
+    #[arg(long, value_name = "N", default_value_t = ca_keys::DEFAULT_KMS_RATE, value_parser = parse_rate)]
+    pub(crate) kms_rate: f64,
     #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
     #[command(flatten)]
@@ -236,6 +254,14 @@ pub(crate) fn parse_endpoint_url(value: &str) -> Result<String, String> {
     match rest {
         Some(host) if !host.is_empty() && !host.starts_with('/') => Ok(value.to_owned()),
         _ => Err("expected an http:// or https:// URL with a host".to_owned()),
+    }
+}
+
+/// `clap` value parser for `--kms-rate`: a positive number.
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("a positive number of requests per second".to_owned()),
     }
 }
 

@@ -3,6 +3,7 @@
 mod aws;
 mod cli;
 mod commands;
+mod keys;
 mod mqtt;
 mod passphrase;
 

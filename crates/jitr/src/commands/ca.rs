@@ -5,14 +5,16 @@ use std::path::Path;
 use activator::registration::{register_ca, Registration};
 use activator::CertificateId;
 use anyhow::{bail, Context, Result};
+use ca_keys::KeyUri;
 use factory_ca::{
-    certificate_id, certificates_from_pem_or_der, CaInit, IssuingCa, Profile, Subject, CA_CERT_FILE,
+    certificate_id, certificates_from_pem_or_der, CaInit, IssuingCa, KeyProtection, Profile,
+    Subject, CA_CERT_FILE,
 };
 use time::OffsetDateTime;
 
 use super::{print_json, Outcome};
 use crate::cli::{CaInitArgs, CaRegisterArgs, VerificationCertArgs};
-use crate::passphrase;
+use crate::{passphrase, UsageError};
 
 /// File in the CA folder that holds the caCertificateId AWS IoT gave the CA.
 const AWS_CA_ID_FILE: &str = "aws-ca-id";
@@ -37,10 +39,27 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
     } else {
         None
     };
-    let protection = passphrase::for_new_key(
-        args.ca.passphrase_file.as_deref(),
-        args.insecure_plaintext_key,
-    )?;
+    let key_uri = args
+        .key_uri
+        .as_deref()
+        .map(crate::keys::parse_uri)
+        .transpose()?;
+    if let Some(KeyUri::File(_)) = key_uri {
+        return Err(UsageError(format!(
+            "a key file is the default ({}): --key-uri takes awskms: or pkcs11: URIs",
+            args.ca.dir.join(factory_ca::CA_KEY_FILE).display()
+        ))
+        .into());
+    }
+    let protection = if key_uri.is_some() {
+        // The CA key is not written here: nothing to encrypt.
+        KeyProtection::InsecurePlaintext
+    } else {
+        passphrase::for_new_key(
+            args.ca.passphrase_file.as_deref(),
+            args.insecure_plaintext_key,
+        )?
+    };
     let root_protection = if args.with_issuing_ca {
         Some(passphrase::root_for_new_key(
             args.root_passphrase_file.as_deref(),
@@ -50,7 +69,7 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
     } else {
         None
     };
-    let init = CaInit {
+    let mut init = CaInit {
         dir: args.ca.dir.clone(),
         root_subject: subject,
         root_key: args.key.unwrap_or(profile.root.key),
@@ -60,7 +79,39 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         root_protection,
         remote_key: None,
     };
-    let files = init.run(OffsetDateTime::now_utc())?;
+    let files = match &key_uri {
+        None => init.run(OffsetDateTime::now_utc())?,
+        Some(uri) => {
+            // Nothing is created in KMS or on the token for a folder that already has a CA.
+            init.check()?;
+            let options = crate::keys::options(&args.ca, uri, None)?;
+            let key = if args.existing {
+                ca_keys::open(uri, &options)
+            } else {
+                let algorithm = match &init.issuing {
+                    Some(issuing) => issuing.key,
+                    None => init.root_key,
+                };
+                ca_keys::create(uri, algorithm, &options)
+            }
+            .map_err(crate::keys::backend_error)?;
+            // An existing key decides the type of the CA it serves.
+            match &mut init.issuing {
+                Some(issuing) => issuing.key = key.algorithm(),
+                None => init.root_key = key.algorithm(),
+            }
+            let name = key.uri();
+            init.remote_key = Some(key);
+            init.run(OffsetDateTime::now_utc()).map_err(|e| {
+                let made = if args.existing {
+                    String::new()
+                } else {
+                    format!(" (the key {name} was created: reuse it with --existing, or delete it)")
+                };
+                anyhow::anyhow!("{}{made}", activator::error_chain(&e))
+            })?
+        }
+    };
     let ca_der = factory_ca::read_certificate(&files.ca_cert)?;
     let ca_id = certificate_id(&ca_der);
     if args.output.json {
@@ -73,7 +124,14 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         }))?;
     } else {
         println!("CA certificate  {}", files.ca_cert.display());
-        println!("CA key          {} (mode 0600)", files.ca_key.display());
+        match &key_uri {
+            None => println!("CA key          {} (mode 0600)", files.ca_key.display()),
+            Some(_) => println!(
+                "CA key          {} (recorded in {})",
+                factory_ca::ca_key_uri(&args.ca.dir)?.unwrap_or_default(),
+                files.ca_key.display()
+            ),
+        }
         if let Some((cert, key)) = &files.root {
             println!("root certificate {}", cert.display());
             println!(
@@ -83,14 +141,14 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         }
         println!("certificate id  {ca_id} (the caCertificateId once registered in AWS IoT)");
         if args.insecure_plaintext_key {
-            eprintln!("warning: the CA keys are NOT encrypted (--insecure-plaintext-key)");
+            eprintln!("warning: the CA keys on disk are NOT encrypted (--insecure-plaintext-key)");
         }
     }
     Ok(Outcome::Success)
 }
 
 pub(crate) fn verification_cert(args: VerificationCertArgs) -> Result<Outcome> {
-    let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
+    let ca = crate::keys::load_ca(&args.ca, None)?;
     let pem = ca.verification_certificate(&args.registration_code, OffsetDateTime::now_utc())?;
     match &args.out {
         Some(path) => {
@@ -132,10 +190,7 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     let ca = if args.sni_only {
         None
     } else {
-        Some(passphrase::load_ca(
-            &args.ca.dir,
-            args.ca.passphrase_file.as_deref(),
-        )?)
+        Some(crate::keys::load_ca(&args.ca, None)?)
     };
     let expected_id = CertificateId::parse(&certificate_id(&ca_der))
         .map_err(|reason| anyhow::anyhow!("the CA's certificate id: {reason}"))?;

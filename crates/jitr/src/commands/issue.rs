@@ -13,7 +13,6 @@ use zeroize::Zeroizing;
 use super::balena::Delivery;
 use super::{print_json, Outcome};
 use crate::cli::{IssueArgs, SignCsrArgs};
-use crate::passphrase;
 use crate::UsageError;
 
 /// Batches smaller than this finish before a progress bar would be worth drawing.
@@ -65,7 +64,7 @@ fn progress_bar(len: usize) -> ProgressBar {
 
 pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
-    let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
+    let ca = crate::keys::load_ca(&args.ca, Some(args.kms_rate))?;
     let device = &ca.profile().device;
     let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
     let opts = BatchOptions {
@@ -153,7 +152,7 @@ fn warn_if_capped(capped_at: Option<time::OffsetDateTime>) {
 
 pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
-    let ca = passphrase::load_ca(&args.ca.dir, args.ca.passphrase_file.as_deref())?;
+    let ca = crate::keys::load_ca(&args.ca, None)?;
     let csr =
         std::fs::read(&args.csr).with_context(|| format!("cannot read {}", args.csr.display()))?;
     let days = validity_days(args.days, ca.profile())?;
