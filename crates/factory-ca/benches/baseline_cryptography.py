@@ -3,7 +3,9 @@
 typical provisioning script does it with Python `cryptography` (one process).
 
 Per device: P-256 key, certificate with the jitr device profile signed by the CA,
-devices/<id>/{device.key (0600), device.crt, chain.pem}, one manifest JSON line.
+devices/<id>/{device.key (0600), device.crt, chain.pem}, one manifest JSON line. With a fifth
+argument `bundle`, no folders: one JSON line per device in OUT/bundle.jsonl (0600) instead,
+with the fields `jitr issue --bundle` writes.
 Prints {"devices": N, "seconds": S} on stdout.
 """
 import datetime
@@ -22,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 def main() -> None:
     ca_cert_path, ca_key_path, count, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    bundle_mode = len(sys.argv) > 5 and sys.argv[5] == "bundle"
     with open(ca_cert_path, "rb") as f:
         ca_pem = f.read()
     ca_cert = x509.load_pem_x509_certificate(ca_pem)
@@ -32,6 +35,10 @@ def main() -> None:
     )
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
+    bundle = None
+    if bundle_mode:
+        fd = os.open(os.path.join(out, "bundle.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        bundle = os.fdopen(fd, "w")
     with open(os.path.join(out, "manifest.jsonl"), "a") as manifest:
         for n in range(count):
             device_id = f"{n:032x}"
@@ -63,15 +70,30 @@ def main() -> None:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            d = os.path.join(out, device_id)
-            os.makedirs(d, exist_ok=True)
-            fd = os.open(os.path.join(d, "device.key"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(key_pem)
-            with open(os.path.join(d, "device.crt"), "wb") as f:
-                f.write(cert_pem)
-            with open(os.path.join(d, "chain.pem"), "wb") as f:
-                f.write(cert_pem + ca_pem)
+            if bundle is not None:
+                bundle.write(
+                    json.dumps(
+                        {
+                            "id": device_id,
+                            "certificate_id": hashlib.sha256(der).hexdigest(),
+                            "serial": format(serial, "x"),
+                            "not_after": cert.not_valid_after_utc.isoformat(),
+                            "chain_pem": (cert_pem + ca_pem).decode(),
+                            "key_pem": key_pem.decode(),
+                        }
+                    )
+                    + "\n"
+                )
+            else:
+                d = os.path.join(out, device_id)
+                os.makedirs(d, exist_ok=True)
+                fd = os.open(os.path.join(d, "device.key"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key_pem)
+                with open(os.path.join(d, "device.crt"), "wb") as f:
+                    f.write(cert_pem)
+                with open(os.path.join(d, "chain.pem"), "wb") as f:
+                    f.write(cert_pem + ca_pem)
             manifest.write(
                 json.dumps(
                     {
@@ -84,6 +106,8 @@ def main() -> None:
                 )
                 + "\n"
             )
+    if bundle is not None:
+        bundle.close()
     print(json.dumps({"devices": count, "seconds": time.perf_counter() - start}))
 
 

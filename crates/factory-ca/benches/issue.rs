@@ -1,10 +1,16 @@
-//! Issuance benchmark: `cargo bench -p factory-ca --bench issue`.
+//! Issuance benchmark: `cargo bench -p factory-ca --bench issue`, all figures from one run, on
+//! tmpfs (`/dev/shm`; `JITR_BENCH_DIR` for elsewhere).
 //!
-//! Issues JITR_BENCH_DEVICES (default 20,000) device certificates with files and manifest
-//! written, and in the same run measures the floor (P-256 keygen + one CA signature per
-//! device on every core, nothing else) and the same work done by Python `cryptography`
-//! (JITR_BENCH_PYTHON_DEVICES, default 2,000) and by an `openssl` CLI loop
-//! (JITR_BENCH_OPENSSL_DEVICES, default 200). Prints certs/s for each and the ratios.
+//! - The bundle (`jitr issue --bundle`): `JITR_BENCH_BUNDLE_DEVICES` (200,000) devices into one
+//!   JSON-lines file, against the keygen+sign limit (P-256 keygen and one CA signature per
+//!   device on every core, nothing else) and one Python `cryptography` process writing the
+//!   same bundle (`JITR_BENCH_PYTHON_DEVICES`, 2,000).
+//! - Per-device folders: `JITR_BENCH_DEVICES` (60,000) devices, against the floor (keygen,
+//!   signature and the same folder writes on every core), Python writing the same files, and
+//!   an `openssl` CLI loop (`JITR_BENCH_OPENSSL_DEVICES`, 200).
+//! - The disk effect: `JITR_BENCH_DISK_DEVICES` (20,000) devices into folders on the working
+//!   disk (under target/) and on tmpfs.
+//! - The moonshot: `JITR_BENCH_MOONSHOT` (1,000,000) devices into one bundle, wall time.
 
 // Test helpers panic on a failed setup step: that is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -16,8 +22,8 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
 use factory_ca::{
-    issue_batch, BatchOptions, Ca, CaInit, DeviceId, IdFormat, IssuingCa, KeyAlgorithm,
-    KeyProtection,
+    issue_batch, issue_bundle, BatchOptions, BundleOptions, Ca, CaInit, DeviceId, IdFormat,
+    IssuingCa, KeyAlgorithm, KeyProtection,
 };
 use rayon::prelude::*;
 use time::OffsetDateTime;
@@ -48,33 +54,6 @@ fn keygen_sign_limit(ca_key_pem: &str, devices: usize) -> f64 {
     rate(devices, start.elapsed())
 }
 
-/// The filesystem's share: the same folder, files and rename per device, with no crypto.
-fn write_floor(dir: &Path, devices: usize) -> f64 {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir).expect("floor dir");
-    let start = Instant::now();
-    (0..devices).into_par_iter().for_each(|n| {
-        let tmp = dir.join(format!(".{n:032x}.tmp"));
-        std::fs::create_dir(&tmp).expect("mkdir");
-        for (name, len) in [
-            ("device.key", 241),
-            ("device.crt", 684),
-            ("chain.pem", 1388),
-        ] {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(tmp.join(name))
-                .expect("create");
-            f.write_all(&vec![b'x'; len]).expect("write");
-        }
-        std::fs::rename(&tmp, dir.join(format!("{n:032x}"))).expect("rename");
-    });
-    rate(devices, start.elapsed())
-}
-
 fn baseline(devices: usize, cmd: &mut Command) -> Option<f64> {
     if devices == 0 {
         return None;
@@ -100,29 +79,140 @@ fn count_lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Per-device folders' floor: keygen, one CA signature and the same folder, files and rename,
+/// on every core, nothing else.
+fn folder_floor(ca_key_pem: &str, dir: &Path, devices: usize) -> f64 {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (_, der) = pkcs8::der::pem::decode_vec(ca_key_pem.as_bytes()).expect("CA key PEM");
+    let ca = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &der).expect("P-256 CA key");
+    let tbs = [0x5au8; 420];
+    std::fs::create_dir_all(dir).expect("floor dir");
+    let start = Instant::now();
+    (0..devices).into_par_iter().for_each(|n| {
+        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).expect("keygen");
+        std::hint::black_box(&key);
+        let sig = ca.sign(&SystemRandom::new(), &tbs).expect("sign");
+        std::hint::black_box(sig);
+        let tmp = dir.join(format!(".{n:032x}.tmp"));
+        std::fs::create_dir(&tmp).expect("mkdir");
+        for (name, len) in [
+            ("device.key", 241),
+            ("device.crt", 684),
+            ("chain.pem", 1388),
+        ] {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp.join(name))
+                .expect("create");
+            f.write_all(&vec![b'x'; len]).expect("write");
+        }
+        std::fs::rename(&tmp, dir.join(format!("{n:032x}"))).expect("rename");
+    });
+    rate(devices, start.elapsed())
+}
+
+fn ids(first: usize, count: usize) -> Vec<DeviceId> {
+    (first..first + count)
+        .map(|n| DeviceId::parse(&format!("{n:032x}"), IdFormat::BalenaUuid).expect("id"))
+        .collect()
+}
+
+/// jitr's folder issuance of `count` devices into `out`: certs/s.
+fn folders(ca: &Ca, out: &Path, first: usize, count: usize) -> f64 {
+    let opts = BatchOptions {
+        out_dir: out.to_owned(),
+        key: KeyAlgorithm::P256,
+        days: 3652,
+        jobs: 0,
+        force: false,
+        now: OffsetDateTime::now_utc(),
+    };
+    let ids = ids(first, count);
+    let start = Instant::now();
+    let report = issue_batch(ca, &ids, &opts, &|| {}).expect("issue");
+    let elapsed = start.elapsed();
+    assert!(report.failures.is_empty(), "{:?}", report.failures.first());
+    assert_eq!(
+        count_lines(&out.join("manifest.jsonl")),
+        count,
+        "manifest complete"
+    );
+    rate(count, elapsed)
+}
+
+/// jitr's bundle issuance of `count` devices into `file`: certs/s and the wall time.
+fn bundle(
+    ca: &Ca,
+    manifest_dir: &Path,
+    file: &Path,
+    first: usize,
+    count: usize,
+) -> (f64, Duration) {
+    let opts = BundleOptions {
+        manifest_dir: manifest_dir.to_owned(),
+        key: KeyAlgorithm::P256,
+        days: 3652,
+        jobs: 0,
+        force: false,
+        now: OffsetDateTime::now_utc(),
+    };
+    let ids = ids(first, count);
+    let start = Instant::now();
+    let mut out = std::fs::File::create(file).expect("bundle file");
+    let report = issue_bundle(ca, &ids, &opts, &mut out, &|| {}).expect("bundle");
+    drop(out);
+    let elapsed = start.elapsed();
+    assert!(report.failures.is_empty(), "{:?}", report.failures.first());
+    assert_eq!(report.issued, count);
+    assert_eq!(count_lines(file), count, "a line per device");
+    (rate(count, elapsed), elapsed)
+}
+
+fn python(bench_dir: &Path, ca_dir: &Path, devices: usize, out: &Path, mode: &str) -> Option<f64> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(bench_dir.join("baseline_cryptography.py"))
+        .args([
+            ca_dir.join("ca.crt").as_os_str(),
+            ca_dir.join("ca.key").as_os_str(),
+        ])
+        .arg(devices.to_string())
+        .arg(out)
+        .arg(mode);
+    baseline(devices, &mut cmd)
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "MISSED"
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs us with no args: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let devices = if quick {
-        200
-    } else {
-        env_count("JITR_BENCH_DEVICES", 20_000)
+    let pick = |name: &str, full: usize, small: usize| {
+        if quick {
+            small
+        } else {
+            env_count(name, full)
+        }
     };
-    let py_devices = if quick {
-        20
-    } else {
-        env_count("JITR_BENCH_PYTHON_DEVICES", 2_000)
-    };
-    let ossl_devices = if quick {
-        5
-    } else {
-        env_count("JITR_BENCH_OPENSSL_DEVICES", 200)
-    };
+    let bundle_devices = pick("JITR_BENCH_BUNDLE_DEVICES", 200_000, 300);
+    let folder_devices = pick("JITR_BENCH_DEVICES", 60_000, 200);
+    let disk_devices = pick("JITR_BENCH_DISK_DEVICES", 20_000, 50);
+    let moonshot = pick("JITR_BENCH_MOONSHOT", 1_000_000, 0);
+    let py_devices = pick("JITR_BENCH_PYTHON_DEVICES", 2_000, 20);
+    let ossl_devices = pick("JITR_BENCH_OPENSSL_DEVICES", 200, 5);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     // Files go to tmpfs by default so the figure is the tool's, not the disk's: ext4 inode
     // allocation alone caps a 4-inode-per-device workload far below the CPU limit here.
-    // JITR_BENCH_DIR points it at a real disk to see that cost.
+    // JITR_BENCH_DIR points it elsewhere; the disk run below shows that cost on its own.
     let base = std::env::var("JITR_BENCH_DIR").unwrap_or_else(|_| {
         if Path::new("/dev/shm").is_dir() {
             "/dev/shm".into()
@@ -151,87 +241,143 @@ fn main() {
     .run(OffsetDateTime::now_utc())
     .expect("ca init");
     let ca_key_pem = std::fs::read_to_string(ca_dir.join("ca.key")).expect("ca.key");
-
-    let limit = keygen_sign_limit(&ca_key_pem, devices);
-    let floor = write_floor(&tmp.path().join("floor"), devices);
-    // Both costs land on the same cores, so together they bound what any issuer can do.
-    let combined = 1.0 / (1.0 / limit + 1.0 / floor);
-
     let ca = Ca::load(&ca_dir, None).expect("load CA");
-    let ids: Vec<DeviceId> = (0..devices)
-        .map(|n| DeviceId::parse(&format!("{n:032x}"), IdFormat::BalenaUuid).expect("id"))
-        .collect();
-    let out = tmp.path().join("devices");
-    let opts = BatchOptions {
-        out_dir: out.clone(),
-        key: KeyAlgorithm::P256,
-        days: 3652,
-        jobs: 0,
-        force: false,
-        now: OffsetDateTime::now_utc(),
-    };
-    let start = Instant::now();
-    let report = issue_batch(&ca, &ids, &opts, &|| {}).expect("issue");
-    let elapsed = start.elapsed();
-    assert!(report.failures.is_empty(), "{:?}", report.failures.first());
-    assert_eq!(
-        count_lines(&out.join("manifest.jsonl")),
-        devices,
-        "manifest complete"
-    );
-    let jitr = rate(devices, elapsed);
-
     let bench_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches");
-    let ca_crt = ca_dir.join("ca.crt");
-    let ca_key = ca_dir.join("ca.key");
-    let python = baseline(
+
+    // The bundle: keygen + sign is all there is to bound it.
+    let limit = keygen_sign_limit(&ca_key_pem, bundle_devices);
+    let (jitr_bundle, _) = bundle(
+        &ca,
+        &tmp.path().join("bundle-manifest"),
+        &tmp.path().join("bundle.jsonl"),
+        0,
+        bundle_devices,
+    );
+    std::fs::remove_file(tmp.path().join("bundle.jsonl")).expect("bundle removed");
+    let py_bundle = python(
+        &bench_dir,
+        &ca_dir,
         py_devices,
-        Command::new("python3")
-            .arg(bench_dir.join("baseline_cryptography.py"))
-            .args([ca_crt.as_os_str(), ca_key.as_os_str()])
-            .arg(py_devices.to_string())
-            .arg(tmp.path().join("python")),
+        &tmp.path().join("py-bundle"),
+        "bundle",
+    );
+
+    // Folders: the floor is keygen + sign + the same writes.
+    let floor = folder_floor(&ca_key_pem, &tmp.path().join("floor"), folder_devices);
+    std::fs::remove_dir_all(tmp.path().join("floor")).expect("floor removed");
+    let jitr_folders = folders(&ca, &tmp.path().join("devices"), 1 << 24, folder_devices);
+    std::fs::remove_dir_all(tmp.path().join("devices")).expect("devices removed");
+    let py_folders = python(
+        &bench_dir,
+        &ca_dir,
+        py_devices,
+        &tmp.path().join("py-folders"),
+        "folders",
     );
     let openssl = baseline(
         ossl_devices,
         Command::new("bash")
             .arg(bench_dir.join("baseline_openssl.sh"))
-            .args([ca_crt.as_os_str(), ca_key.as_os_str()])
+            .args([
+                ca_dir.join("ca.crt").as_os_str(),
+                ca_dir.join("ca.key").as_os_str(),
+            ])
             .arg(ossl_devices.to_string())
             .arg(tmp.path().join("openssl")),
     );
 
-    println!("issuance benchmark: {cores} cores, P-256 device keys signed by a P-256 issuing CA, files + manifest written under {base}");
+    // The same folder run on the working disk, beside tmpfs.
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("disk dir");
+    let on_disk = folders(&ca, &disk.path().join("devices"), 2 << 24, disk_devices);
+    drop(disk);
+    let on_tmpfs = folders(
+        &ca,
+        &tmp.path().join("devices-small"),
+        3 << 24,
+        disk_devices,
+    );
+
+    // The moonshot: a million devices into one bundle.
+    let moon = (moonshot > 0).then(|| {
+        let file = tmp.path().join("moonshot.jsonl");
+        let result = bundle(
+            &ca,
+            &tmp.path().join("moon-manifest"),
+            &file,
+            4 << 24,
+            moonshot,
+        );
+        std::fs::remove_file(&file).expect("moonshot removed");
+        result
+    });
+
+    println!("issuance benchmark: {cores} cores, P-256 device keys signed by a P-256 issuing CA, under {base}");
+    println!("  bundle (jitr issue --bundle): one JSON line per device, manifest under --out");
     println!(
-        "  {:<44} {:>10.0} certs/s  ({devices} devices)",
+        "  {:<46} {:>9.0} certs/s  ({bundle_devices} devices)",
         "keygen+sign limit (aws-lc, all cores)", limit
     );
+    let py_ratio = |r: Option<f64>, jitr: f64| r.map(|r| jitr / r);
+    let bundle_ok = jitr_bundle >= 50_000.0
+        && jitr_bundle >= 0.8 * limit
+        && py_ratio(py_bundle, jitr_bundle).is_none_or(|x| x >= 10.0);
     println!(
-        "  {:<44} {:>10.0} devices/s ({devices} devices)",
-        "file-write floor (mkdir, 3 files, rename)", floor
+        "  {:<46} {:>9.0} certs/s  ({bundle_devices} devices) = {:.0}% of the limit   target >= 50000/s, >= 80%, >= 10x python: {}",
+        "jitr bundle",
+        jitr_bundle,
+        100.0 * jitr_bundle / limit,
+        verdict(bundle_ok)
+    );
+    match py_bundle {
+        Some(r) => println!(
+            "  {:<46} {:>9.0} certs/s  ({py_devices} devices); jitr is {:.1}x",
+            "python cryptography bundle (one process)",
+            r,
+            jitr_bundle / r
+        ),
+        None => println!("  {:<46}    skipped", "python cryptography bundle"),
+    }
+    println!(
+        "  folders (jitr issue): devices/<id>/{{device.key, device.crt, chain.pem}} + manifest"
     );
     println!(
-        "  {:<44} {:>10.0} certs/s",
-        "combined floor (both on the same cores)", combined
+        "  {:<46} {:>9.0} certs/s  ({folder_devices} devices)",
+        "floor: keygen+sign+the same writes (all cores)", floor
     );
+    let folders_ok =
+        jitr_folders >= 0.8 * floor && py_ratio(py_folders, jitr_folders).is_none_or(|x| x >= 4.0);
     println!(
-        "  {:<44} {:>10.0} certs/s  ({devices} devices, {:.2} s) = {:.0}% of the keygen+sign limit, {:.0}% of the combined floor",
-        "jitr issue (factory-ca issue_batch)",
-        jitr,
-        elapsed.as_secs_f64(),
-        100.0 * jitr / limit,
-        100.0 * jitr / combined
+        "  {:<46} {:>9.0} certs/s  ({folder_devices} devices) = {:.0}% of the floor   target >= 80%, >= 4x python: {}",
+        "jitr folders",
+        jitr_folders,
+        100.0 * jitr_folders / floor,
+        verdict(folders_ok)
     );
     for (name, n, r) in [
-        ("python cryptography (one process)", py_devices, python),
+        (
+            "python cryptography folders (one process)",
+            py_devices,
+            py_folders,
+        ),
         ("openssl CLI loop", ossl_devices, openssl),
     ] {
         match r {
             Some(r) => println!(
-                "  {name:<44} {r:>10.0} certs/s  ({n} devices); jitr is {:.1}x",
-                jitr / r
+                "  {name:<46} {r:>9.0} certs/s  ({n} devices); jitr is {:.1}x",
+                jitr_folders / r
             ),
-            None => println!("  {name:<44}    skipped"),
+            None => println!("  {name:<46}    skipped"),
         }
+    }
+    println!(
+        "  disk effect, the same folder run ({disk_devices} devices): {on_disk:.0} certs/s on the working disk ({}), {on_tmpfs:.0} certs/s on tmpfs",
+        env!("CARGO_TARGET_TMPDIR")
+    );
+    if let Some((rate, wall)) = moon {
+        println!(
+            "  moonshot: {moonshot} devices into one bundle in {:.1} s ({rate:.0} certs/s)   goal < 30 s: {}",
+            wall.as_secs_f64(),
+            verdict(wall < Duration::from_secs(30))
+        );
     }
 }

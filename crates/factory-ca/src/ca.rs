@@ -411,6 +411,5 @@ impl Ca {
 }
 
 pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
-    // Encoding into a String cannot fail for a fixed label; fall back to empty defensively.
-    pkcs8::der::pem::encode_string(label, pkcs8::der::pem::LineEnding::LF, der).unwrap_or_default()
+    crate::pem::pem_string(label, der)
 }

@@ -6,15 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
-use rcgen::{
-    CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, PublicKeyData,
-};
+use rcgen::PublicKeyData;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::ca::{pem_encode, random_serial, validity};
 use crate::keys::DeviceKey;
+use crate::template::DeviceTemplate;
 use crate::write::{create_dir, write_dir_atomic, DirFile};
 use crate::{certificate_id, Ca, DeviceId, Error, KeyAlgorithm, Manifest, ManifestEntry};
 
@@ -48,25 +47,19 @@ fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
+/// One batch's shared part of issuance: validity checked and capped once, the certificate
+/// template encoded once ([`DeviceTemplate`]).
+pub(crate) struct Prepared {
+    pub(crate) template: DeviceTemplate,
+    pub(crate) not_before: String,
+    pub(crate) not_after: String,
+    pub(crate) capped_at: Option<OffsetDateTime>,
+}
+
 impl Ca {
-    /// Signs a device certificate for `public_key` with the device profile.
-    pub(crate) fn sign_device(
-        &self,
-        id: &DeviceId,
-        public_key: &impl PublicKeyData,
-        days: u32,
-        now: OffsetDateTime,
-        key_pem: Option<Zeroizing<String>>,
-    ) -> Result<IssuedDevice, Error> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, id.as_str());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
+    /// Checks `days` against the profile and the CA's own validity, and prepares the batch's
+    /// template (valid from a minute before `now`, never past the CA's notAfter).
+    pub(crate) fn prepare(&self, days: u32, now: OffsetDateTime) -> Result<Prepared, Error> {
         if days > self.profile.device.max_days {
             return Err(Error::ValidityTooLong {
                 days,
@@ -78,26 +71,51 @@ impl Ca {
                 not_after: rfc3339(self.not_after),
             });
         }
-        (params.not_before, params.not_after) = validity(now, days)?;
+        let (not_before, mut not_after) = validity(now, days)?;
         // A device never outlives the CA that vouches for it.
-        let capped_at = (params.not_after > self.not_after).then_some(self.not_after);
+        let capped_at = (not_after > self.not_after).then_some(self.not_after);
         if let Some(cap) = capped_at {
-            params.not_after = cap;
+            not_after = cap;
         }
-        let serial = random_serial()?;
-        let serial_hex = hex::encode(serial.to_bytes());
-        params.serial_number = Some(serial);
-        let cert = params.signed_by(public_key, &self.issuer)?;
-        let cert_der = cert.der().to_vec();
+        let algorithm = rcgen::PublicKeyData::algorithm(self.issuer.key());
+        Ok(Prepared {
+            template: DeviceTemplate::new(&self.cert_der, algorithm, not_before, not_after)?,
+            not_before: rfc3339(not_before),
+            not_after: rfc3339(not_after),
+            capped_at,
+        })
+    }
+
+    /// The DER of a device certificate for `public_key`, and its serial.
+    pub(crate) fn sign_raw(
+        &self,
+        prepared: &Prepared,
+        id: &DeviceId,
+        public_key: &impl PublicKeyData,
+    ) -> Result<(Vec<u8>, Vec<u8>), Error> {
+        let serial = random_serial()?.to_bytes();
+        let tbs = prepared.template.tbs(&serial, id.as_str(), public_key);
+        Ok((prepared.template.sign(tbs, self.issuer.key())?, serial))
+    }
+
+    /// Signs a device certificate for `public_key` with the device profile.
+    pub(crate) fn sign_prepared(
+        &self,
+        prepared: &Prepared,
+        id: &DeviceId,
+        public_key: &impl PublicKeyData,
+        key_pem: Option<Zeroizing<String>>,
+    ) -> Result<IssuedDevice, Error> {
+        let (cert_der, serial_bytes) = self.sign_raw(prepared, id, public_key)?;
         let cert_pem = pem_encode("CERTIFICATE", &cert_der);
         let mut chain_pem = String::with_capacity(cert_pem.len() + self.cert_pem.len());
         chain_pem.push_str(&cert_pem);
         chain_pem.push_str(&self.cert_pem);
         let entry = ManifestEntry {
             id: id.to_string(),
-            serial: serial_hex,
-            not_before: rfc3339(params.not_before),
-            not_after: rfc3339(params.not_after),
+            serial: crate::manifest::hex(&serial_bytes),
+            not_before: prepared.not_before.clone(),
+            not_after: prepared.not_after.clone(),
             certificate_id: certificate_id(&cert_der),
         };
         Ok(IssuedDevice {
@@ -106,8 +124,21 @@ impl Ca {
             cert_pem,
             chain_pem,
             entry,
-            capped_at,
+            capped_at: prepared.capped_at,
         })
+    }
+
+    /// Signs a device certificate for `public_key` with the device profile.
+    pub(crate) fn sign_device(
+        &self,
+        id: &DeviceId,
+        public_key: &impl PublicKeyData,
+        days: u32,
+        now: OffsetDateTime,
+        key_pem: Option<Zeroizing<String>>,
+    ) -> Result<IssuedDevice, Error> {
+        let prepared = self.prepare(days, now)?;
+        self.sign_prepared(&prepared, id, public_key, key_pem)
     }
 
     /// Generates a key for `id` and issues its certificate (nothing is written).
@@ -118,9 +149,20 @@ impl Ca {
         days: u32,
         now: OffsetDateTime,
     ) -> Result<IssuedDevice, Error> {
+        let prepared = self.prepare(days, now)?;
+        self.issue_prepared(&prepared, id, key)
+    }
+
+    /// Generates a key for `id` and issues its certificate from a prepared batch.
+    pub(crate) fn issue_prepared(
+        &self,
+        prepared: &Prepared,
+        id: &DeviceId,
+        key: KeyAlgorithm,
+    ) -> Result<IssuedDevice, Error> {
         let device_key = DeviceKey::generate(key)?;
         let key_pem = device_key.pkcs8_pem()?;
-        self.sign_device(id, &device_key, days, now, Some(key_pem))
+        self.sign_prepared(prepared, id, &device_key, Some(key_pem))
     }
 }
 
@@ -282,11 +324,12 @@ pub fn issue_batch(
 
     // Workers record their own results: a lock taken once per device costs far less
     // than waking a collector thread for every certificate.
+    let prepared = ca.prepare(opts.days, opts.now)?;
     let shared = Mutex::new((manifest, BatchReport::default()));
     pool.install(|| {
         ids.par_iter().for_each(|id| {
             let result = ca
-                .issue_device(id, opts.key, opts.days, opts.now)
+                .issue_prepared(&prepared, id, opts.key)
                 .and_then(|issued| write_device(&opts.out_dir, &issued).map(|_| issued));
             let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
             let (manifest, report) = &mut *guard;

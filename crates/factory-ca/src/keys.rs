@@ -146,7 +146,7 @@ impl KeyRole {
 }
 
 const ENCRYPTED_LABEL: &str = "ENCRYPTED PRIVATE KEY";
-const PLAIN_LABEL: &str = "PRIVATE KEY";
+pub(crate) const PLAIN_LABEL: &str = "PRIVATE KEY";
 
 /// Writes a PKCS#8 key to `path` (mode 0600), encrypted unless told otherwise.
 pub(crate) fn store_private_key(
@@ -258,10 +258,18 @@ impl DeviceKey {
 
     /// The private key as PKCS#8 PEM.
     pub(crate) fn pkcs8_pem(&self) -> Result<Zeroizing<String>, Error> {
+        Ok(Zeroizing::new(crate::pem::pem_string(
+            PLAIN_LABEL,
+            &self.pkcs8_der()?,
+        )))
+    }
+
+    /// The private key as PKCS#8 DER.
+    pub(crate) fn pkcs8_der(&self) -> Result<Zeroizing<Vec<u8>>, Error> {
         let doc = self.key.to_pkcs8v1().map_err(|_| Error::Crypto {
             op: "encode device key",
         })?;
-        pkcs8_pem(doc.as_ref())
+        Ok(Zeroizing::new(doc.as_ref().to_vec()))
     }
 }
 

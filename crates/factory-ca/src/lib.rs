@@ -6,6 +6,7 @@
 //! [`inspect`] checks any certificate against that profile; the activator uses the same
 //! checks before it activates anything.
 
+mod bundle;
 mod ca;
 mod csr;
 mod error;
@@ -14,11 +15,14 @@ mod inspect;
 mod issue;
 mod keys;
 mod manifest;
+mod pem;
 mod profile;
 mod random;
 mod signer;
+mod template;
 mod write;
 
+pub use bundle::{issue_bundle, BundleOptions, BundleReport};
 pub use ca::{
     ca_key_uri, read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE,
     CA_KEY_URI_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,

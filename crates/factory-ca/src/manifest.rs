@@ -29,7 +29,7 @@ pub struct ManifestEntry {
 
 /// The AWS IoT certificate id of a certificate: lowercase hex SHA-256 of its DER.
 pub fn certificate_id(der: &[u8]) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref())
 }
 
 /// Every entry of a manifest file, in order.
@@ -135,6 +135,26 @@ impl Manifest {
         Ok(())
     }
 
+    /// Appends the lines of `pending` (manifest lines written by a bundle run as it went) to
+    /// the manifest, syncs it, and removes `pending`.
+    pub(crate) fn append_pending(&mut self, pending: &Path) -> Result<(), Error> {
+        self.flush()?;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Write { path, source }
+        };
+        let mut from = File::open(pending).map_err(io(pending))?;
+        let mut to = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io(&self.path))?;
+        std::io::copy(&mut from, &mut to).map_err(io(&self.path))?;
+        to.sync_all().map_err(io(&self.path))?;
+        std::fs::remove_file(pending).map_err(io(pending))?;
+        Ok(())
+    }
+
     /// Writes buffered entries to disk and syncs the file.
     pub fn flush(&mut self) -> Result<(), Error> {
         if let Some(w) = self.writer.as_mut() {
@@ -152,5 +172,27 @@ impl Manifest {
 impl Drop for Manifest {
     fn drop(&mut self) {
         let _ = self.flush();
+    }
+}
+
+/// Lowercase hex of `bytes` (a table, not a char iterator: it runs twice per device).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
+    }
+    // Only ASCII digits were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod hex_tests {
+    #[test]
+    fn hex_is_lowercase_and_two_digits_a_byte() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(super::hex(&bytes), hex::encode(&bytes));
+        assert_eq!(super::hex(&[]), "");
     }
 }
