@@ -151,10 +151,7 @@ fn main() {
         "KMS issuance: a P-256 CA key in moto's KMS behind a proxy adding {} ms per call; files and manifest on tmpfs",
         LATENCY.as_millis()
     );
-    println!(
-        "  {:<58} {:>10}   {:>8}   {}",
-        "run", "certs/s", "ratio", "bound"
-    );
+    println!("  {:<58} {:>10}   {:>8}   bound", "run", "certs/s", "ratio");
     println!(
         "  {:<58} {:>10.0}   {:>7.2}x   1 / round trip ({:.1} ms measured)",
         format!("baseline: one signature at a time ({sequential_devices} devices)"),

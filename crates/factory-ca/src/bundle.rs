@@ -95,10 +95,9 @@ fn push_device(
     shared: &Shared,
     prepared: &Prepared,
     id: &DeviceId,
-    cert_der: &[u8],
-    serial_hex: &str,
-    key_der: &[u8],
+    device: &Device,
 ) {
+    let (cert_der, serial_hex, key_der) = (&device.cert_der, &device.serial_hex, &device.key_der);
     let certificate_id = certificate_id(cert_der);
     let out = &mut chunk.lines;
     out.extend_from_slice(b"{\"id\":");
@@ -261,16 +260,8 @@ pub fn issue_bundle(
                     return;
                 }
                 match issue_one(ca, &prepared, id, opts.key, existing) {
-                    Ok((cert_der, serial_hex, key_der)) => {
-                        push_device(
-                            &mut chunk,
-                            &shared,
-                            &prepared,
-                            id,
-                            &cert_der,
-                            &serial_hex,
-                            &key_der,
-                        );
+                    Ok(device) => {
+                        push_device(&mut chunk, &shared, &prepared, id, &device);
                         if chunk.lines.len() >= CHUNK {
                             sink.drain(&mut chunk, &pending_path);
                         }
@@ -320,6 +311,13 @@ pub fn issue_bundle(
     Ok(report)
 }
 
+/// One device as the bundle writes it.
+struct Device {
+    cert_der: Vec<u8>,
+    serial_hex: String,
+    key_der: Zeroizing<Vec<u8>>,
+}
+
 /// One device: its certificate's DER, its serial (hex, checked against the manifest's) and
 /// its key's PKCS#8 DER.
 fn issue_one(
@@ -328,7 +326,7 @@ fn issue_one(
     id: &DeviceId,
     key: KeyAlgorithm,
     manifest: &Manifest,
-) -> Result<(Vec<u8>, String, Zeroizing<Vec<u8>>), Error> {
+) -> Result<Device, Error> {
     let device_key = DeviceKey::generate(key)?;
     let key_der = device_key.pkcs8_der()?;
     let (cert_der, serial) = ca.sign_raw(prepared, id, &device_key)?;
@@ -339,5 +337,9 @@ fn issue_one(
             op: "serial number collided; issue this device again",
         });
     }
-    Ok((cert_der, serial_hex, key_der))
+    Ok(Device {
+        cert_der,
+        serial_hex,
+        key_der,
+    })
 }

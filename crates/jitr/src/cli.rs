@@ -188,9 +188,15 @@ pub(crate) struct IssueArgs {
     /// File of device ids, one per line (`-` for standard input; blank lines and #comments skipped).
     #[arg(long, value_name = "FILE")]
     pub(crate) ids: Option<PathBuf>,
-    /// Output folder.
+    /// Output folder (with --bundle: the manifest's folder).
     #[arg(long, default_value = "devices", value_name = "DIR")]
     pub(crate) out: PathBuf,
+    /// Write every device into one bundle instead of folders: a JSON line per device (id,
+    /// certificate_id, serial, not_after, chain_pem, key_pem), the form a flashing station
+    /// consumes; FILE is created with mode 0600 (never over an existing one), `-` is standard
+    /// output. The manifest still goes under --out.
+    #[arg(long, value_name = "FILE|-", conflicts_with_all = ["balena_env", "push_balena", "json"])]
+    pub(crate) bundle: Option<PathBuf>,
     /// Validity in days [default: from profile, 10 years].
     #[arg(long, value_name = "N")]
     pub(crate) days: Option<u32>,

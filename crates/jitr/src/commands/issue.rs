@@ -67,6 +67,9 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let ca = crate::keys::load_ca(&args.ca, Some(args.kms_rate))?;
     let device = &ca.profile().device;
     let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
+    if let Some(bundle) = &args.bundle {
+        return issue_bundle(&args, &ca, &ids, bundle);
+    }
     let opts = BatchOptions {
         out_dir: args.out.clone(),
         key: args.key.unwrap_or(device.key),
@@ -125,6 +128,100 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// `jitr issue --bundle FILE|-`: every device as a JSON line; a file appears whole, mode
+/// 0600, only once every line is in it (written to a hidden sibling, synced, then linked into
+/// place, so an existing bundle and its keys are never overwritten).
+fn issue_bundle(
+    args: &IssueArgs,
+    ca: &factory_ca::Ca,
+    ids: &[DeviceId],
+    path: &Path,
+) -> Result<Outcome> {
+    let device = &ca.profile().device;
+    let opts = factory_ca::BundleOptions {
+        manifest_dir: args.out.clone(),
+        key: args.key.unwrap_or(device.key),
+        days: validity_days(args.days, ca.profile())?,
+        jobs: args.jobs,
+        force: args.force,
+        now: OffsetDateTime::now_utc(),
+    };
+    let bar = progress_bar(ids.len());
+    let report = if path == Path::new("-") {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+        factory_ca::issue_bundle(ca, ids, &opts, &mut out, &|| bar.inc(1))?
+    } else {
+        if path.exists() {
+            bail!(
+                "{} exists: refusing to overwrite a bundle (its keys would be lost)",
+                path.display()
+            );
+        }
+        let (mut file, tmp) = bundle_file(path)?;
+        let result = factory_ca::issue_bundle(ca, ids, &opts, &mut file, &|| bar.inc(1))
+            .map_err(anyhow::Error::from)
+            .and_then(|report| {
+                file.sync_all()
+                    .with_context(|| format!("cannot write {}", tmp.display()))?;
+                // A hard link fails if the name was taken meanwhile: nothing is overwritten.
+                std::fs::hard_link(&tmp, path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+                Ok(report)
+            });
+        let _ = std::fs::remove_file(&tmp);
+        result?
+    };
+    bar.finish_and_clear();
+    warn_if_capped(report.capped_at);
+    for failure in &report.failures {
+        eprintln!(
+            "jitr: {}: {}",
+            failure.id,
+            activator::error_chain(&failure.error)
+        );
+    }
+    eprintln!(
+        "issued {} device certificate(s) into {} (manifest {}){}",
+        report.issued,
+        if path == Path::new("-") {
+            "standard output".to_owned()
+        } else {
+            path.display().to_string()
+        },
+        args.out.join(factory_ca::MANIFEST_FILE).display(),
+        if report.failures.is_empty() {
+            String::new()
+        } else {
+            format!(", {} failed", report.failures.len())
+        }
+    );
+    Ok(if report.failures.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// A new hidden sibling of `path`, mode 0600, for the bundle to be written into.
+fn bundle_file(path: &Path) -> Result<(std::fs::File, std::path::PathBuf)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.partial",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    Ok((file, tmp))
 }
 
 /// `--days` (else the profile's), refused (exit 2) past the profile's maximum.
