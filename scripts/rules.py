@@ -192,6 +192,10 @@ def check(root: Path) -> list[str]:
              "deadLetterTargetArn: !GetAtt DeadLetterQueue.Arn\n        maxReceiveCount:"),
             ("the dead-letter queue has its own alarm", "Value: !GetAtt DeadLetterQueue.QueueName"),
             ("alarms on give-ups and a rejection spike", "MetricName: AwsGiveUps"),
+            ("an optional weekly audit with the six certificate checks",
+             "TargetCheckNames:\n        - DEVICE_CERTIFICATE_EXPIRING_CHECK\n        - CA_CERTIFICATE_EXPIRING_CHECK\n"
+             "        - DEVICE_CERTIFICATE_SHARED_CHECK\n        - REVOKED_DEVICE_CERTIFICATE_STILL_ACTIVE_CHECK\n"
+             "        - DEVICE_CERTIFICATE_KEY_QUALITY_CHECK\n        - CONFLICTING_CLIENT_IDS_CHECK"),
             ("a rejection-spike alarm", "Value: rejected")]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
     return out
@@ -242,6 +246,8 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "TopicPrefix:\n    Type: String\n    Description: >-\n      First topic level(s) of the device topics: a device may use only\n      <TopicPrefix>/<thing name>/... and its own shadow.\n    Default: balena",
      "TopicPrefix:\n    Type: String\n    Description: >-\n      First topic level(s) of the device topics: a device may use only\n      <TopicPrefix>/<thing name>/... and its own shadow.\n    Default: devices",
      "template: TopicPrefix defaults"),
+    ("an audit check dropped", TEMPLATE, "        - DEVICE_CERTIFICATE_SHARED_CHECK\n", "",
+     "template: an optional weekly audit"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),

@@ -43,6 +43,11 @@ impl AllowlistDirectory {
         Ok(AllowlistDirectory { ids })
     }
 
+    /// Every id listed.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.ids.iter().map(String::as_str)
+    }
+
     /// From ids in memory.
     pub fn from_ids<I: IntoIterator<Item = String>>(ids: I) -> Self {
         AllowlistDirectory {

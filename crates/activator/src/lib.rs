@@ -24,9 +24,12 @@ mod incoming;
 pub mod memory;
 pub mod metrics;
 mod ownership;
+pub mod pace;
 mod ports;
 pub mod registration;
 pub mod revoke;
+pub mod rotation;
+pub mod status;
 mod sweep;
 mod trust;
 

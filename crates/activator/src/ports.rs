@@ -347,6 +347,20 @@ pub trait IotAdmin: IotRegistry {
         thing: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+    /// ListThings: every Thing's name, every page.
+    fn list_things(
+        &self,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+    /// RegisterCertificate under the CA `ca_pem` with `status`: the certificate's id. One that
+    /// is registered already is success (its status is left as it is).
+    fn register_certificate(
+        &self,
+        pem: &str,
+        ca_pem: &str,
+        status: CertificateStatus,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<CertificateId, RegistryError>> + Send;
 }
 
 /// A member of the fleet as the directory found it: what the write-back needs to find the

@@ -141,6 +141,49 @@ impl Fleet {
         }
     }
 
+    /// Every device of the fleet, `PAGE` at a time (`$top`/`$skip`, ordered by id), each row
+    /// checked to carry the pinned fleet; `progress` hears how many so far. The key must see
+    /// the fleet (an empty fleet is proven, not assumed).
+    pub async fn devices(
+        &self,
+        deadline: Instant,
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<Vec<Device>, Error> {
+        /// Rows per page: about 20 KiB of answer, well under the client's body cap.
+        const PAGE: usize = 200;
+        self.check_visible(deadline).await?;
+        let mut devices = Vec::new();
+        loop {
+            let path = format!(
+                "/v7/device?$select=id,uuid,is_active,belongs_to__application&$filter=belongs_to__application%20eq%20{}&$orderby=id%20asc&$top={PAGE}&$skip={}",
+                self.id,
+                devices.len()
+            );
+            let rows: Vec<DeviceRow> = self.client.get_rows(&path, deadline).await?;
+            let count = rows.len();
+            for row in rows {
+                if row.fleet.id != self.id.get() {
+                    return Err(Error::WrongFleet {
+                        fleet: self.id.get(),
+                        found: row.fleet.id,
+                    });
+                }
+                // A UUID balena holds that is no device id is skipped, not fatal.
+                if let Ok(uuid) = DeviceId::parse(&row.uuid, factory_ca::IdFormat::Any) {
+                    devices.push(Device {
+                        id: row.id,
+                        uuid,
+                        is_active: row.is_active,
+                    });
+                }
+            }
+            progress(devices.len());
+            if count < PAGE {
+                return Ok(devices);
+            }
+        }
+    }
+
     /// Whether `uuid` is an active member. An empty answer is "not a member" only once the
     /// key is shown, right then, to still see the fleet: balena answers an empty list both
     /// for a stranger and for a device the key cannot see.

@@ -73,6 +73,7 @@ fn issue(ca: &Ca, out: &Path, devices: usize, jobs: usize, first: usize) -> f64 
         jobs,
         force: false,
         now: OffsetDateTime::now_utc(),
+        rotation: None,
     };
     let started = Instant::now();
     let report = issue_batch(ca, &ids, &opts, &|| {}).unwrap();

@@ -163,6 +163,7 @@ fn folders(ca: &Ca, out: &Path, first: usize, count: usize) -> f64 {
         jobs: 0,
         force: false,
         now: OffsetDateTime::now_utc(),
+        rotation: None,
     };
     let ids = ids(first, count);
     let start = Instant::now();

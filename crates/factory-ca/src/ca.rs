@@ -282,11 +282,13 @@ impl Ca {
             return Err(Error::RemoteKeyNeeded { uri });
         }
         let key_path = dir.join(CA_KEY_FILE);
-        if !key_path.exists() {
-            return Err(Error::MissingCaFile {
-                dir: dir.to_owned(),
-                path: key_path,
-            });
+        for path in [dir.join(CA_CERT_FILE), key_path.clone()] {
+            if !path.exists() {
+                return Err(Error::MissingCaFile {
+                    dir: dir.to_owned(),
+                    path,
+                });
+            }
         }
         let key = load_private_key(&key_path, passphrase)?;
         Ca::with_key(dir, CaKey::File(key), &key_path.display().to_string())

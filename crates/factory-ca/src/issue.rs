@@ -117,6 +117,8 @@ impl Ca {
             not_before: prepared.not_before.clone(),
             not_after: prepared.not_after.clone(),
             certificate_id: certificate_id(&cert_der),
+            supersedes: None,
+            retire_after: None,
         };
         Ok(IssuedDevice {
             key_pem,
@@ -212,6 +214,18 @@ pub struct BatchOptions {
     pub force: bool,
     /// Issuance time.
     pub now: OffsetDateTime,
+    /// With `jitr rotate`: what each new certificate replaces, recorded in the manifest.
+    pub rotation: Option<Rotation>,
+}
+
+/// A rotation's record: the certificate each device's new one replaces, and when the old ones
+/// are retired.
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    /// Device id to the certificate id its new certificate supersedes.
+    pub supersedes: std::collections::HashMap<String, String>,
+    /// When the superseded certificates are retired (RFC 3339).
+    pub retire_after: Option<String>,
 }
 
 /// Workers by default when every signature is a round trip to a KMS or a token: enough to
@@ -330,6 +344,17 @@ pub fn issue_batch(
         ids.par_iter().for_each(|id| {
             let result = ca
                 .issue_prepared(&prepared, id, opts.key)
+                .map(|mut issued| {
+                    if let Some(rotation) = &opts.rotation {
+                        issued.entry.supersedes = rotation.supersedes.get(id.as_str()).cloned();
+                        issued.entry.retire_after = issued
+                            .entry
+                            .supersedes
+                            .as_ref()
+                            .and(rotation.retire_after.clone());
+                    }
+                    issued
+                })
                 .and_then(|issued| write_device(&opts.out_dir, &issued).map(|_| issued));
             let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
             let (manifest, report) = &mut *guard;

@@ -34,7 +34,9 @@ pub use inspect::{
     certificates_from_pem_or_der, inspect_device_certificate, show_time, Check, Finding,
     InspectOptions, Inspection,
 };
-pub use issue::{issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDevice, REMOTE_JOBS};
+pub use issue::{
+    issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDevice, Rotation, REMOTE_JOBS,
+};
 pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
 pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIFEST_FILE};
 pub use profile::{Profile, Subject, DEFAULT_MAX_DEVICE_DAYS, PROFILE_FILE};

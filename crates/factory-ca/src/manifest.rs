@@ -25,6 +25,13 @@ pub struct ManifestEntry {
     pub not_after: String,
     /// Lowercase hex SHA-256 of the certificate DER: the id AWS IoT gives the certificate.
     pub certificate_id: String,
+    /// Set by `jitr rotate`: the certificate id this one replaces on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersedes: Option<String>,
+    /// Set by `jitr rotate`: when the replaced certificate is retired (RFC 3339); until then
+    /// both are ACTIVE, so the device can move over without downtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after: Option<String>,
 }
 
 /// The AWS IoT certificate id of a certificate: lowercase hex SHA-256 of its DER.

@@ -167,6 +167,7 @@ fn batch(dir: &Path, out: &Path, ids: &[String], force: bool) -> factory_ca::Bat
         jobs: 2,
         force,
         now: OffsetDateTime::now_utc(),
+        rotation: None,
     };
     issue_batch(&ca, &ids, &opts, &|| {}).unwrap()
 }
@@ -463,6 +464,7 @@ fn an_id_already_in_the_manifest_is_refused_unless_forced() {
         jobs: 1,
         force: false,
         now: OffsetDateTime::now_utc(),
+        rotation: None,
     };
     let err = issue_batch(&ca, &ids, &opts, &|| {}).unwrap_err();
     assert!(

@@ -34,6 +34,12 @@ pub(crate) enum Command {
     Revoke(RevokeArgs),
     /// Activate a held certificate (another one was the device's identity) and retire the old.
     Approve(ApproveArgs),
+    /// Every device's state (drifted, duplicate, held, expiring, pending, orphan, not-connected,
+    /// revoked, active), the most urgent first; --fix [--yes] for the safe fixes.
+    Status(StatusArgs),
+    /// A device's next certificate in place before its old one goes: issued, delivered,
+    /// ACTIVE, the old retired after --grace.
+    Rotate(RotateArgs),
     /// Act as a device: connect to AWS IoT (or any MQTT broker) with its certificate.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -355,6 +361,87 @@ pub(crate) struct ReconcileArgs {
     /// Decisions run at once (AWS IoT API quotas are low).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub(crate) concurrency: usize,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "expiring_within"])))]
+pub(crate) struct RotateArgs {
+    #[command(flatten)]
+    pub(crate) ca: CaDirArgs,
+    /// A device to rotate (repeatable).
+    #[arg(long, value_name = "ID")]
+    pub(crate) id: Vec<String>,
+    /// Every device whose ACTIVE certificate ends within this, e.g. 30d (read like jitr
+    /// status, with the manifest under --out).
+    #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
+    pub(crate) expiring_within: Option<std::time::Duration>,
+    /// How long the old certificate stays ACTIVE beside the new one, e.g. 24h; 0 retires it as
+    /// soon as the new one is ACTIVE and delivered.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = activator::parse_duration)]
+    pub(crate) grace: std::time::Duration,
+    /// Output folder: devices/<id>/ are replaced, the manifest records what each supersedes.
+    #[arg(long, default_value = "devices", value_name = "DIR")]
+    pub(crate) out: PathBuf,
+    /// Validity in days [default: from profile].
+    #[arg(long, value_name = "N")]
+    pub(crate) days: Option<u32>,
+    /// Device key type [default: from profile, p256].
+    #[arg(long, value_name = "p256|p384")]
+    pub(crate) key: Option<KeyAlgorithm>,
+    // --timeout (with the delivery's flags) bounds the whole rotation, AWS and balena alike.
+    #[command(flatten)]
+    pub(crate) balena: BalenaDeliveryArgs,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+    /// AWS region [default: AWS_REGION, else the AWS profile's region].
+    #[arg(long, value_name = "REGION")]
+    pub(crate) region: Option<String>,
+    /// AWS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's own].
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint_url)]
+    pub(crate) endpoint_url: Option<String>,
+}
+
+impl RotateArgs {
+    /// The AWS settings, bounded by the one --timeout.
+    pub(crate) fn aws(&self) -> AwsArgs {
+        AwsArgs {
+            region: self.region.clone(),
+            endpoint_url: self.endpoint_url.clone(),
+            timeout: self.balena.timeout,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// CA whose certificates to read (repeatable) [default: every id in JITR_TRUSTED_CA_IDS].
+    #[arg(long, value_name = "ID")]
+    pub(crate) ca_id: Vec<String>,
+    /// The issuance manifest (devices/manifest.jsonl): each certificate's device and validity
+    /// without a DescribeCertificate each, and the devices issued but never connected.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) manifest: Option<PathBuf>,
+    /// An ACTIVE certificate ending within this is `expiring`, e.g. 30d.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = activator::parse_duration)]
+    pub(crate) expiring_within: std::time::Duration,
+    /// Read every Thing's attachments, not only where they decide a state (one
+    /// ListThingPrincipals per device).
+    #[arg(long)]
+    pub(crate) deep: bool,
+    /// Requests per second for each AWS IoT read (AWS's default quota for most is 10).
+    #[arg(long, value_name = "N", default_value_t = 10.0)]
+    pub(crate) rate: f64,
+    /// Show the safe fixes: revoke the certificates of drifted devices, all but the newest
+    /// ACTIVE certificate of a duplicate, orphan certificates; delete orphan Things.
+    #[arg(long)]
+    pub(crate) fix: bool,
+    /// Apply the fixes --fix shows.
+    #[arg(long, requires = "fix")]
+    pub(crate) yes: bool,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
     #[command(flatten)]

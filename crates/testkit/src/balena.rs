@@ -8,7 +8,8 @@
 //! (empty when nothing matches *or* the key cannot see it), a navigation property is
 //! `{"__id": N}`, each row carries `__metadata.uri`. Errors are plain text, as pinejs sends them:
 //! 401 `Unauthorized`, 400 for a query it cannot parse, 409 for a unique-key violation, 429 with
-//! `Retry-After`. Query options the fake does not model (`$expand`, `$orderby`, ...) get a 400 that
+//! `Retry-After`. Query options the fake does not model (`$expand`, `$orderby` other than by id,
+//! ...) get a 400 that
 //! says so, rather than an answer that silently ignores them.
 
 mod odata;
@@ -698,6 +699,8 @@ fn foreign_rows(db: &Db, fleet: u64) -> Response {
 struct QueryOptions {
     select: Option<Vec<String>>,
     filter: Option<Filter>,
+    top: Option<usize>,
+    skip: usize,
 }
 
 impl QueryOptions {
@@ -709,6 +712,18 @@ impl QueryOptions {
                     options.select = Some(value.split(',').map(|f| f.trim().to_owned()).collect());
                 }
                 "$filter" => options.filter = Some(odata::parse_filter(value)?),
+                "$top" | "$skip" => {
+                    let n: usize = value
+                        .parse()
+                        .map_err(|_| format!("{name} must be a non-negative integer"))?;
+                    if name == "$top" {
+                        options.top = Some(n);
+                    } else {
+                        options.skip = n;
+                    }
+                }
+                // Rows are kept in id order: that is the only order the fake answers in.
+                "$orderby" if value == "id asc" || value == "id" => {}
                 other if other.starts_with('$') => {
                     return Err(format!(
                         "testkit FakeBalena does not model the query option {other}"
@@ -756,7 +771,11 @@ fn get(db: &Db, resource: Resource, key: Option<u64>, options: &QueryOptions) ->
         Err(message) => return bad_request(&message),
     };
     let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
+    let page = rows
+        .into_iter()
+        .skip(options.skip)
+        .take(options.top.unwrap_or(usize::MAX));
+    for row in page {
         let id = row.get("id").cloned().unwrap_or(Value::Null);
         let row = match &options.select {
             None => row,

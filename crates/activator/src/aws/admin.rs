@@ -6,6 +6,7 @@ use tokio::time::Instant;
 
 use super::{every_page, malformed, AwsIotRegistry, PAGE_SIZE};
 use crate::ports::CaRegistrationMode;
+use crate::{CertificateId, CertificateStatus};
 use crate::{IotAdmin, RegistryError};
 
 impl IotAdmin for AwsIotRegistry {
@@ -144,6 +145,58 @@ impl IotAdmin for AwsIotRegistry {
         match result {
             Ok(_) => Ok(true),
             Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_things(&self, deadline: Instant) -> Result<Vec<String>, RegistryError> {
+        let things = every_page(|token| async move {
+            let out = self
+                .send("ListThings", deadline, || {
+                    self.client
+                        .list_things()
+                        .max_results(PAGE_SIZE)
+                        .set_next_token(token.clone())
+                        .send()
+                })
+                .await?;
+            let names = out
+                .things()
+                .iter()
+                .filter_map(|t| t.thing_name().map(str::to_owned))
+                .collect();
+            Ok((names, out.next_token().map(str::to_owned)))
+        })
+        .await?;
+        Ok(things)
+    }
+
+    async fn register_certificate(
+        &self,
+        pem: &str,
+        ca_pem: &str,
+        status: CertificateStatus,
+        deadline: Instant,
+    ) -> Result<CertificateId, RegistryError> {
+        const OP: &str = "RegisterCertificate";
+        // AWS IoT's id is the SHA-256 of the DER: known before asking, and after a conflict.
+        let der = factory_ca::certificates_from_pem_or_der(pem.as_bytes())
+            .map_err(|reason| RegistryError::failed(OP, reason))?;
+        let expected = CertificateId::parse(&factory_ca::certificate_id(&der[0]))
+            .map_err(|reason| RegistryError::failed(OP, reason))?;
+        let sdk_status = aws_sdk_iot::types::CertificateStatus::from(status.as_str());
+        let result = self
+            .send(OP, deadline, || {
+                self.client
+                    .register_certificate()
+                    .certificate_pem(pem)
+                    .ca_certificate_pem(ca_pem)
+                    .status(sdk_status.clone())
+                    .send()
+            })
+            .await;
+        match result {
+            Ok(_) | Err(RegistryError::AlreadyExists { .. }) => Ok(expected),
             Err(e) => Err(e),
         }
     }

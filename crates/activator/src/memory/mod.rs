@@ -610,4 +610,36 @@ impl IotAdmin for MemoryIot {
         }
         Ok(state.things.remove(thing).is_some())
     }
+
+    async fn list_things(&self, _deadline: Instant) -> Result<Vec<String>, RegistryError> {
+        let state = self.enter("ListThings")?;
+        Ok(state.things.keys().cloned().collect())
+    }
+
+    async fn register_certificate(
+        &self,
+        pem: &str,
+        ca_pem: &str,
+        status: CertificateStatus,
+        _deadline: Instant,
+    ) -> Result<CertificateId, RegistryError> {
+        const OP: &str = "RegisterCertificate";
+        let mut state = self.enter(OP)?;
+        let id = id_of_pem(pem);
+        let ca = id_of_pem(ca_pem);
+        if !state.cas.contains_key(ca.as_str()) {
+            return Err(RegistryError::failed(OP, "the CA is not registered"));
+        }
+        let created = state.certificates.len() as i64;
+        state
+            .certificates
+            .entry(id.to_string())
+            .or_insert(MemoryCertificate {
+                pem: pem.to_owned(),
+                status,
+                ca: Some(ca),
+                created,
+            });
+        Ok(id)
+    }
 }

@@ -77,6 +77,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         jobs: args.jobs,
         force: args.force,
         now: OffsetDateTime::now_utc(),
+        rotation: None,
     };
     let bar = progress_bar(ids.len());
     let report = issue_batch(&ca, &ids, &opts, &|| bar.inc(1))?;

@@ -9,6 +9,8 @@ mod inspect;
 mod issue;
 mod reconcile;
 mod revoke;
+mod rotate;
+mod status;
 
 use anyhow::Result;
 
@@ -36,6 +38,8 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Reconcile(args) => reconcile::reconcile(args),
         Command::Revoke(args) => revoke::revoke(args),
         Command::Approve(args) => approve::approve(args),
+        Command::Status(args) => status::status(args),
+        Command::Rotate(args) => rotate::rotate(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
     }
 }

@@ -57,7 +57,10 @@ pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
 /// The CAs to sweep: `--ca-id` values, each one trusted by the configuration (a CA that is
 /// not is "not ours to touch": sweeping it would revoke its certificates), else every trusted
 /// one.
-fn chosen_cas(given: &[String], trusted: &[CertificateId]) -> Result<Vec<CertificateId>> {
+pub(crate) fn chosen_cas(
+    given: &[String],
+    trusted: &[CertificateId],
+) -> Result<Vec<CertificateId>> {
     if given.is_empty() {
         return Ok(trusted.to_vec());
     }

@@ -1,0 +1,186 @@
+//! A device's next certificate, put in place by an operator (`jitr rotate`) without waiting
+//! for the device's first connect: registered INACTIVE under its CA, then the Thing, the policy
+//! and the attachment, and ACTIVE last, exactly the order the activator keeps, so a failure at
+//! any step leaves nothing able to connect half-provisioned. The old certificate stays ACTIVE
+//! beside it until it is retired ([`retire`]): a device is never left without a usable one.
+
+use tokio::time::Instant;
+
+use crate::revoke::{revoke, RevokeReport, Target};
+use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError, ThingSpec};
+
+/// Where the new certificate goes.
+#[derive(Debug, Clone)]
+pub struct Placement<'a> {
+    /// The device's Thing.
+    pub thing: ThingSpec,
+    /// Its Thing group, if the fleet uses one.
+    pub group: Option<&'a str>,
+    /// The device policy.
+    pub policy: &'a str,
+}
+
+/// Registers `pem` under the CA `ca_pem` and makes it the device's, ACTIVE last. Idempotent:
+/// run again, each step finds itself done. The certificate's id.
+pub async fn install<A: IotAdmin>(
+    iot: &A,
+    pem: &str,
+    ca_pem: &str,
+    placement: &Placement<'_>,
+    deadline: Instant,
+) -> Result<CertificateId, RegistryError> {
+    let d = || call_deadline(deadline);
+    let id = iot
+        .register_certificate(pem, ca_pem, CertificateStatus::Inactive, d())
+        .await?;
+    let arn = iot.describe_certificate(&id, d()).await?.arn;
+    iot.create_thing(&placement.thing, d()).await?;
+    if let Some(group) = placement.group {
+        iot.add_thing_to_group(&placement.thing.name, group, d())
+            .await?;
+    }
+    iot.attach_policy(placement.policy, &arn, d()).await?;
+    iot.attach_thing_principal(&placement.thing.name, &arn, d())
+        .await?;
+    iot.set_certificate_status(&id, CertificateStatus::Active, d())
+        .await?;
+    Ok(id)
+}
+
+/// Retires the certificates `old` once `new` is ACTIVE (checked first): revoked, policies and
+/// Things detached.
+pub async fn retire<A: IotAdmin>(
+    iot: &A,
+    new: &CertificateId,
+    old: &[CertificateId],
+    deadline: Instant,
+) -> Result<Vec<RevokeReport>, RegistryError> {
+    let status = iot
+        .describe_certificate(new, call_deadline(deadline))
+        .await?
+        .status;
+    if status != CertificateStatus::Active {
+        return Err(RegistryError::failed(
+            "RetireCertificate",
+            format!(
+                "the new certificate {new} is {}, not ACTIVE: the old one stays",
+                status.as_str()
+            ),
+        ));
+    }
+    let mut reports = Vec::new();
+    for id in old.iter().filter(|id| *id != new) {
+        reports.push(revoke(iot, &Target::Certificate(id.clone()), &[], false, deadline).await?);
+    }
+    Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryIot;
+    use crate::IotRegistry;
+
+    fn deadline() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(10)
+    }
+
+    #[tokio::test]
+    async fn the_new_certificate_is_active_last_and_the_old_retires_only_after() {
+        let ca = testkit_free_ca();
+        let iot = MemoryIot::new();
+        let ca_id = iot.add_ca(&ca.0);
+        let _ = ca_id;
+        let placement = Placement {
+            thing: ThingSpec {
+                name: "dev-1".into(),
+                thing_type: None,
+                attributes: Vec::new(),
+            },
+            group: None,
+            policy: "device",
+        };
+        let old = install(&iot, &ca.1[0], &ca.0, &placement, deadline())
+            .await
+            .unwrap();
+        let new = install(&iot, &ca.1[1], &ca.0, &placement, deadline())
+            .await
+            .unwrap();
+        let calls = iot.calls();
+        let last_update = calls
+            .iter()
+            .rposition(|c| *c == "UpdateCertificate")
+            .unwrap();
+        let last_attach = calls
+            .iter()
+            .rposition(|c| *c == "AttachThingPrincipal")
+            .unwrap();
+        assert!(last_update > last_attach, "{calls:?}");
+        // Both ACTIVE until the old one is retired.
+        for id in [&old, &new] {
+            assert_eq!(
+                iot.describe_certificate(id, deadline())
+                    .await
+                    .unwrap()
+                    .status,
+                CertificateStatus::Active
+            );
+        }
+        // Installing again changes nothing.
+        assert_eq!(
+            install(&iot, &ca.1[1], &ca.0, &placement, deadline())
+                .await
+                .unwrap(),
+            new
+        );
+        retire(&iot, &new, std::slice::from_ref(&old), deadline())
+            .await
+            .unwrap();
+        assert_eq!(
+            iot.describe_certificate(&old, deadline())
+                .await
+                .unwrap()
+                .status,
+            CertificateStatus::Revoked
+        );
+        let principals = iot.thing_principals("dev-1", deadline()).await.unwrap();
+        assert_eq!(principals.len(), 1);
+        // A new certificate that is not ACTIVE retires nothing.
+        iot.set_certificate_status(&new, CertificateStatus::Inactive, deadline())
+            .await
+            .unwrap();
+        assert!(retire(&iot, &new, &[old], deadline()).await.is_err());
+    }
+
+    /// A CA PEM and two device certificate PEMs it signed.
+    fn testkit_free_ca() -> (String, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        factory_ca::CaInit {
+            dir: dir.path().to_owned(),
+            root_subject: "CN=rotation test CA".parse().unwrap(),
+            root_key: factory_ca::KeyAlgorithm::P256,
+            root_days: 100,
+            issuing: None,
+            protection: factory_ca::KeyProtection::InsecurePlaintext,
+            root_protection: None,
+            remote_key: None,
+        }
+        .run(time::OffsetDateTime::now_utc())
+        .unwrap();
+        let ca = factory_ca::Ca::load(dir.path(), None).unwrap();
+        let id = factory_ca::DeviceId::parse("dev-1", factory_ca::IdFormat::Any).unwrap();
+        let devices = (0..2)
+            .map(|_| {
+                ca.issue_device(
+                    &id,
+                    factory_ca::KeyAlgorithm::P256,
+                    30,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .unwrap()
+                .cert_pem
+            })
+            .collect();
+        (ca.cert_pem().to_owned(), devices)
+    }
+}

@@ -1,0 +1,278 @@
+//! `jitr rotate`: each device's next certificate in place before the old one goes. A new key
+//! and certificate (devices/<id>/ replaced, the manifest recording what it supersedes),
+//! registered and activated with the operator's credentials (pre-approved, never held), the
+//! variables in balena replaced, and the old certificate retired when the grace ends (by
+//! `jitr status --fix`) or at once with `--grace 0`, only after the new one is ACTIVE and
+//! delivered.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use activator::rotation::{self, Placement};
+use activator::status::{self, Known, Rates, State};
+use activator::{CertificateId, CertificateStatus, Config, FleetConfig, IotRegistry, ThingSpec};
+use anyhow::{Context, Result};
+use factory_ca::{issue_batch, BatchOptions, DeviceId, Rotation};
+use time::OffsetDateTime;
+
+use super::balena::Delivery;
+use super::{print_json, Outcome};
+use crate::cli::RotateArgs;
+
+/// How long a rotation may take unless `--timeout` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// One device's rotation, as reported.
+#[derive(Debug, serde::Serialize)]
+struct Rotated {
+    device_id: String,
+    new_certificate_id: Option<String>,
+    old_certificate_ids: Vec<String>,
+    /// When the old ones retire (RFC 3339), or `null` once retired.
+    retire_after: Option<String>,
+    retired: bool,
+    error: Option<String>,
+}
+
+pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
+    let config = Config::from_env().context("activator configuration")?;
+    let delivery = Delivery::from_args(&args.balena)?;
+    let ca = crate::keys::load_ca(&args.ca, None)?;
+    let format = ca.profile().device.id_format;
+    let aws = args.aws();
+    let deadline = aws.deadline(DEFAULT_TIMEOUT);
+    let now = OffsetDateTime::now_utc();
+    let grace = time::Duration::try_from(args.grace).context("--grace is too long")?;
+    let retire_after = (!grace.is_zero()).then(|| {
+        (now + grace)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    });
+    let manifest_path = args.out.join(factory_ca::MANIFEST_FILE);
+    let runtime = crate::aws::runtime()?;
+    let registry =
+        runtime.block_on(async { anyhow::Ok(crate::aws::session(&aws).await?.registry()) })?;
+
+    // The devices: named, or those whose ACTIVE certificate is expiring.
+    let ids: Vec<DeviceId> = match args.expiring_within {
+        None => args
+            .id
+            .iter()
+            .map(|id| DeviceId::parse(id, format))
+            .collect::<Result<_, _>>()?,
+        Some(window) => {
+            let mut known = HashMap::new();
+            if manifest_path.exists() {
+                for entry in factory_ca::read_manifest(&manifest_path)? {
+                    known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
+                }
+            }
+            let observed = runtime.block_on(status::observe(
+                &registry,
+                &config.policy.trusted_ca_ids,
+                known,
+                None,
+                Default::default(),
+                false,
+                Rates::default(),
+                &|_: &str, _: usize, _: Option<usize>| {},
+                deadline,
+            ))?;
+            let window = time::Duration::try_from(window)?;
+            status::classify(&observed, now, window)
+                .into_iter()
+                .filter(|row| row.state == State::Expiring)
+                .map(|row| DeviceId::parse(&row.device_id, format))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    if ids.is_empty() {
+        eprintln!("nothing to rotate");
+        return Ok(Outcome::Success);
+    }
+
+    // The certificates each device has ACTIVE now: what the new ones supersede.
+    let old: HashMap<String, Vec<CertificateId>> = runtime.block_on(async {
+        let mut old = HashMap::new();
+        for id in &ids {
+            old.insert(
+                id.to_string(),
+                active_certificates(&registry, id.as_str(), deadline).await?,
+            );
+        }
+        anyhow::Ok(old)
+    })?;
+    let opts = BatchOptions {
+        out_dir: args.out.clone(),
+        key: args.key.unwrap_or(ca.profile().device.key),
+        days: args.days.unwrap_or(ca.profile().device.days),
+        jobs: 0,
+        force: true,
+        now,
+        rotation: Some(Rotation {
+            supersedes: old
+                .iter()
+                .filter_map(|(id, certs)| certs.last().map(|c| (id.clone(), c.to_string())))
+                .collect(),
+            retire_after: retire_after.clone(),
+        }),
+    };
+    let report = issue_batch(&ca, &ids, &opts, &|| {})?;
+    let mut rows: Vec<Rotated> = report
+        .failures
+        .iter()
+        .map(|f| Rotated {
+            device_id: f.id.clone(),
+            new_certificate_id: None,
+            old_certificate_ids: Vec::new(),
+            retire_after: None,
+            retired: false,
+            error: Some(activator::error_chain(&f.error)),
+        })
+        .collect();
+
+    // Registered and ACTIVE, then delivered, then (grace 0) the old retired.
+    let label = match &config.fleet {
+        FleetConfig::Balena { fleet_id, .. } => format!("balena-fleet-{fleet_id}"),
+        FleetConfig::Allowlist { .. } => "the-allowlist".to_owned(),
+    };
+    let mut installed = Vec::new();
+    for entry in &report.issued {
+        let pem = std::fs::read_to_string(args.out.join(&entry.id).join("device.crt"))?;
+        let placement = Placement {
+            thing: ThingSpec {
+                name: entry.id.clone(),
+                thing_type: config.policy.thing_type.clone(),
+                attributes: vec![("fleet".into(), label.clone())],
+            },
+            group: config.policy.thing_group.as_deref(),
+            policy: &config.policy.policy_name,
+        };
+        let result = runtime.block_on(rotation::install(
+            &registry,
+            &pem,
+            ca.cert_pem(),
+            &placement,
+            deadline,
+        ));
+        let olds = old.get(&entry.id).cloned().unwrap_or_default();
+        match result {
+            Ok(new) => installed.push((entry.id.clone(), new, olds)),
+            Err(e) => rows.push(Rotated {
+                device_id: entry.id.clone(),
+                new_certificate_id: Some(entry.certificate_id.clone()),
+                old_certificate_ids: olds.iter().map(ToString::to_string).collect(),
+                retire_after: None,
+                retired: false,
+                error: Some(format!(
+                    "not activated ({}); the old certificate stays",
+                    activator::error_chain(&e)
+                )),
+            }),
+        }
+    }
+    let delivered = if delivery.wanted() {
+        let mut devices = Vec::new();
+        for (id, _, _) in &installed {
+            let dir = args.out.join(id);
+            let read = |name: &str| {
+                std::fs::read_to_string(dir.join(name))
+                    .map(zeroize::Zeroizing::new)
+                    .with_context(|| format!("cannot read {}", dir.join(name).display()))
+            };
+            let (chain, key) = (read("chain.pem")?, read("device.key")?);
+            devices.push(delivery.variables(&DeviceId::parse(id, format)?, &chain, Some(&key)));
+        }
+        delivery.deliver(&devices)?
+    } else {
+        true
+    };
+    for (id, new, olds) in installed {
+        let mut row = Rotated {
+            device_id: id,
+            new_certificate_id: Some(new.to_string()),
+            old_certificate_ids: olds.iter().map(ToString::to_string).collect(),
+            retire_after: retire_after.clone(),
+            retired: false,
+            error: None,
+        };
+        if retire_after.is_none() && !olds.is_empty() {
+            if delivered {
+                match runtime.block_on(rotation::retire(&registry, &new, &olds, deadline)) {
+                    Ok(_) => row.retired = true,
+                    Err(e) => row.error = Some(activator::error_chain(&e)),
+                }
+            } else {
+                row.error = Some(
+                    "the new credentials were not delivered: the old certificate stays ACTIVE"
+                        .to_owned(),
+                );
+            }
+        }
+        rows.push(row);
+    }
+    rows.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+
+    if args.output.json {
+        print_json(&rows)?;
+    } else {
+        for row in &rows {
+            match (&row.error, &row.new_certificate_id) {
+                (Some(e), _) => println!("{}: FAILED: {e}", row.device_id),
+                (None, Some(new)) => {
+                    let old = match (
+                        row.retired,
+                        &row.retire_after,
+                        row.old_certificate_ids.len(),
+                    ) {
+                        (_, _, 0) => "no old certificate".to_owned(),
+                        (true, _, n) => format!("{n} old certificate(s) retired"),
+                        (false, Some(at), n) => {
+                            format!(
+                                "{n} old certificate(s) ACTIVE until {at} (then jitr status --fix)"
+                            )
+                        }
+                        (false, None, n) => format!("{n} old certificate(s) still ACTIVE"),
+                    };
+                    println!("{}: {new} ACTIVE; {old}", row.device_id);
+                }
+                (None, None) => {}
+            }
+        }
+    }
+    Ok(if rows.iter().all(|r| r.error.is_none()) && delivered {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// The ACTIVE certificates attached to `device`'s Thing, oldest listed first.
+async fn active_certificates<R: IotRegistry>(
+    registry: &R,
+    device: &str,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<CertificateId>> {
+    let principals = match registry
+        .thing_principals(device, activator::call_deadline(deadline))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut active = Vec::new();
+    for arn in principals {
+        let Some(id) = activator::revoke::id_from_arn(&arn) else {
+            continue;
+        };
+        let id = CertificateId::parse(id).map_err(anyhow::Error::msg)?;
+        let described = registry
+            .describe_certificate(&id, activator::call_deadline(deadline))
+            .await?;
+        if described.status == CertificateStatus::Active {
+            active.push(id);
+        }
+    }
+    Ok(active)
+}

@@ -1,0 +1,252 @@
+//! `jitr status [--fix [--yes]]`: every device's one state, the most urgent first, from AWS IoT
+//! and the fleet, configured like `jitr reconcile` (the Lambda's variables); and the safe fixes,
+//! shown first, applied only with `--yes`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use activator::status::{self, DeviceStatus, Known, Rates, Standing, State};
+use activator::{Config, FleetConfig};
+use anyhow::{Context, Result};
+
+use super::reconcile::chosen_cas;
+use super::{print_json, Outcome};
+use crate::cli::StatusArgs;
+
+/// How long a status may take unless `--timeout` says otherwise (reads are paced at AWS IoT's
+/// default 10 a second: a fleet without a manifest needs a DescribeCertificate each).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
+    let config = Config::from_env().context("activator configuration")?;
+    let ca_ids = chosen_cas(&args.ca_id, &config.policy.trusted_ca_ids)?;
+    let mut known = HashMap::new();
+    let mut manifest_devices = BTreeSet::new();
+    if let Some(path) = &args.manifest {
+        for entry in factory_ca::read_manifest(path)? {
+            manifest_devices.insert(entry.id.clone());
+            known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
+        }
+    }
+    let deadline = args.aws.deadline(DEFAULT_TIMEOUT);
+    let rates = Rates {
+        per_operation: args.rate,
+        ..Rates::default()
+    };
+    let progress = Progress::new();
+    let (rows, applied) = crate::aws::runtime()?.block_on(async {
+        let roster = roster(&config.fleet, deadline, &progress).await?;
+        let registry = crate::aws::session(&args.aws).await?.registry();
+        let observed = status::observe(
+            &registry,
+            &ca_ids,
+            known,
+            Some(roster),
+            manifest_devices,
+            args.deep,
+            rates,
+            &|what: &str, done: usize, total: Option<usize>| progress.step(what, done, total),
+            deadline,
+        )
+        .await?;
+        progress.done();
+        let now = time::OffsetDateTime::now_utc();
+        let window = time::Duration::try_from(args.expiring_within)
+            .context("--expiring-within is too long")?;
+        let rows = status::classify(&observed, now, window);
+        let applied = if args.fix && args.yes {
+            let fixes = status::plan_fixes(&rows);
+            Some(status::apply_fixes(&registry, &fixes, deadline).await)
+        } else {
+            None
+        };
+        anyhow::Ok((rows, applied))
+    })?;
+
+    let fixes = status::plan_fixes(&rows);
+    if args.output.json {
+        let mut value = serde_json::json!({
+            "devices": rows,
+            "summary": summary_map(&rows),
+        });
+        if args.fix {
+            value["fixes"] = serde_json::to_value(&fixes)?;
+        }
+        if let Some(applied) = &applied {
+            value["applied"] = serde_json::to_value(applied)?;
+        }
+        print_json(&value)?;
+    } else {
+        print_rows(&rows);
+        if args.fix {
+            print_fixes(&fixes, applied.as_deref());
+        }
+    }
+    let fixed: BTreeSet<&str> = fixes.iter().map(|f| f.device_id.as_str()).collect();
+    let fine = |row: &DeviceStatus| {
+        row.state.is_fine() || (applied.is_some() && fixed.contains(row.device_id.as_str()))
+    };
+    let all_applied = applied
+        .as_ref()
+        .is_none_or(|a| a.iter().all(|a| a.error.is_none()));
+    Ok(if rows.iter().all(fine) && all_applied {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// The fleet's roster: balena's devices (BALENA_API_KEY, BALENA_FLEET_ID), or the allowlist.
+async fn roster(
+    fleet: &FleetConfig,
+    deadline: tokio::time::Instant,
+    progress: &Progress,
+) -> Result<HashMap<String, Standing>> {
+    match fleet {
+        FleetConfig::Balena { .. } => {
+            let fleet = activator::balena_fleet_from_env()
+                .context("the fleet's roster needs BALENA_API_KEY and BALENA_FLEET_ID")?;
+            let devices = fleet
+                .devices(deadline, &mut |n| {
+                    progress.step("fleet devices read", n, None)
+                })
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "balena fleet {}: {}",
+                        fleet.id(),
+                        activator::error_chain(&e)
+                    )
+                })?;
+            Ok(devices
+                .into_iter()
+                .map(|d| {
+                    let standing = if d.is_active {
+                        Standing::Active
+                    } else {
+                        Standing::Inactive
+                    };
+                    (d.uuid.to_string(), standing)
+                })
+                .collect())
+        }
+        FleetConfig::Allowlist { path } => {
+            let list = activator::allowlist::AllowlistDirectory::load(path)?;
+            Ok(list
+                .ids()
+                .map(|id| (id.to_owned(), Standing::Active))
+                .collect())
+        }
+    }
+}
+
+fn summary_map(rows: &[DeviceStatus]) -> serde_json::Map<String, serde_json::Value> {
+    status::summary(rows)
+        .into_iter()
+        .map(|(state, n)| (state.as_str().to_owned(), n.into()))
+        .collect()
+}
+
+fn print_rows(rows: &[DeviceStatus]) {
+    for row in rows {
+        let certificates: Vec<String> = row
+            .certificates
+            .iter()
+            .map(|c| format!("{}…:{}", &c.certificate_id[..12], c.status))
+            .collect();
+        println!(
+            "{:<13} {:<32}  {:<40}  {}",
+            row.state.as_str(),
+            row.device_id,
+            certificates.join(" "),
+            row.reason
+        );
+    }
+    let needs = |s: State| rows.iter().any(|r| r.state == s);
+    if needs(State::Held) {
+        println!("held certificates wait for an operator: jitr approve --certificate-id ID");
+    }
+    if needs(State::Expiring) {
+        println!("expiring certificates: jitr rotate --expiring-within WINDOW");
+    }
+    let counts: Vec<String> = status::summary(rows)
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    println!(
+        "{} device(s): {}",
+        rows.len(),
+        if counts.is_empty() {
+            "none".to_owned()
+        } else {
+            counts.join(", ")
+        }
+    );
+}
+
+fn print_fixes(fixes: &[status::Fix], applied: Option<&[status::Applied]>) {
+    if fixes.is_empty() {
+        println!("nothing to fix");
+        return;
+    }
+    match applied {
+        None => {
+            println!("would fix ({}), with --yes:", fixes.len());
+            for fix in fixes {
+                println!("  {fix}");
+            }
+        }
+        Some(applied) => {
+            for a in applied {
+                match &a.error {
+                    None => println!("fixed: {}", a.fix),
+                    Some(e) => println!("FAILED: {}: {e}", a.fix),
+                }
+            }
+        }
+    }
+}
+
+/// Progress on standard error: each phase's count, at most every half second.
+struct Progress {
+    terminal: bool,
+    last: std::sync::Mutex<(String, std::time::Instant)>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            terminal: std::io::stderr().is_terminal(),
+            last: std::sync::Mutex::new((String::new(), std::time::Instant::now())),
+        }
+    }
+
+    fn step(&self, what: &str, done: usize, total: Option<usize>) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let finished = total.is_some_and(|t| done >= t);
+        if last.0 == what && last.1.elapsed() < Duration::from_millis(500) && !finished {
+            return;
+        }
+        let line = match total {
+            Some(total) => format!("status: {what}: {done}/{total}"),
+            None => format!("status: {what}: {done}"),
+        };
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        *last = (what.to_owned(), std::time::Instant::now());
+    }
+
+    fn done(&self) {
+        if self.terminal {
+            eprintln!();
+        }
+    }
+}

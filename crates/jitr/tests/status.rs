@@ -1,0 +1,413 @@
+//! `jitr status`, `status --fix` and `jitr rotate` against moto and the fake balena API: a
+//! fleet with one device in each state, the safe fixes applied (and a second run finding
+//! nothing to do), and rotations with and without a grace period.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::Output;
+
+use aws_sdk_iot::types::CertificateStatus;
+use testkit::balena::FakeBalena;
+use testkit::certs::TestCa;
+use testkit::iot;
+use testkit::moto::MotoServer;
+use time::OffsetDateTime;
+
+mod common;
+
+use common::{stderr, stdout, uuid};
+
+const POLICY: &str = "jitr-device";
+const FLEET: u64 = 777;
+const KEY: &str = "status-test-key";
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    moto: MotoServer,
+    client: aws_sdk_iot::Client,
+    ca: TestCa,
+    ca_id: String,
+    balena: FakeBalena,
+    manifest: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let moto = MotoServer::start().unwrap();
+        let client = rt.block_on(iot::client(&moto));
+        let ca = TestCa::new("status test CA").unwrap();
+        let ca_id = rt.block_on(async {
+            iot::create_policy(&client, POLICY).await.unwrap();
+            iot::register_ca(&client, &ca.cert_pem).await.unwrap()
+        });
+        let balena = FakeBalena::start(KEY).unwrap();
+        balena.add_fleet(FLEET, "acme/status");
+        World {
+            rt,
+            moto,
+            client,
+            ca,
+            ca_id,
+            balena,
+            manifest: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.moto.aws_env();
+        env.extend([
+            ("JITR_TRUSTED_CA_IDS", self.ca_id.clone()),
+            ("JITR_POLICY_NAME", POLICY.to_owned()),
+            ("JITR_FLEET_BACKEND", "balena".to_owned()),
+            ("BALENA_API_URL", self.balena.url()),
+            ("BALENA_API_KEY", KEY.to_owned()),
+            ("BALENA_FLEET_ID", FLEET.to_string()),
+        ]);
+        env
+    }
+
+    fn manifest_path(&self) -> std::path::PathBuf {
+        self.manifest.path().join("manifest.jsonl")
+    }
+
+    /// A certificate for `device` valid `days`, registered in moto with `status`, recorded in
+    /// the manifest; with `thing`, attached (policy and principal) to the device's Thing.
+    fn cert(&self, device: &str, days: u32, status: CertificateStatus, thing: bool) -> String {
+        let id = factory_ca::DeviceId::parse(device, factory_ca::IdFormat::Any).unwrap();
+        let issued = self
+            .ca
+            .ca
+            .issue_device(
+                &id,
+                factory_ca::KeyAlgorithm::P256,
+                days,
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.manifest_path())
+            .unwrap();
+        writeln!(file, "{}", serde_json::to_string(&issued.entry).unwrap()).unwrap();
+        let certificate_id = issued.entry.certificate_id.clone();
+        self.rt.block_on(async {
+            let out = self
+                .client
+                .register_certificate()
+                .certificate_pem(&issued.cert_pem)
+                .ca_certificate_pem(&self.ca.cert_pem)
+                .status(status)
+                .send()
+                .await
+                .unwrap();
+            let arn = out.certificate_arn().unwrap().to_owned();
+            if thing {
+                let _ = self.client.create_thing().thing_name(device).send().await;
+                self.client
+                    .attach_policy()
+                    .policy_name(POLICY)
+                    .target(&arn)
+                    .send()
+                    .await
+                    .unwrap();
+                self.client
+                    .attach_thing_principal()
+                    .thing_name(device)
+                    .principal(&arn)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        });
+        certificate_id
+    }
+
+    fn thing(&self, device: &str) {
+        let _ = self
+            .rt
+            .block_on(self.client.create_thing().thing_name(device).send());
+    }
+
+    fn member(&self, device: &str, active: bool) {
+        self.balena.add_device(FLEET, device, active);
+    }
+
+    fn status(&self, id: &str) -> CertificateStatus {
+        self.rt.block_on(iot::status(&self.client, id)).unwrap()
+    }
+
+    fn jitr(&self, dir: &Path, args: &[&str]) -> Output {
+        common::jitr(dir, args, &self.env())
+    }
+
+    /// `jitr status --json` (and extra args): each device's state and the summary.
+    fn states(&self, extra: &[&str]) -> (BTreeMap<String, String>, serde_json::Value, Output) {
+        let manifest = self.manifest_path().display().to_string();
+        let mut args = vec!["status", "--json", "--manifest", manifest.as_str()];
+        args.extend(extra);
+        let out = self.jitr(self.manifest.path(), &args);
+        let value: serde_json::Value = serde_json::from_str(&stdout(&out))
+            .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+        let states = value["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                (
+                    row["device_id"].as_str().unwrap().to_owned(),
+                    row["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        (states, value, out)
+    }
+}
+
+/// The devices, by state.
+struct Devices {
+    active: String,
+    drifted: String,
+    duplicate: String,
+    held: String,
+    expiring: String,
+    pending: String,
+    bare_thing: String,
+    lost_cert: String,
+    waiting: String,
+    revoked: String,
+}
+
+fn every_state(w: &World) -> (Devices, BTreeMap<&'static str, String>) {
+    use CertificateStatus::{Active, PendingActivation, Revoked};
+    let d = Devices {
+        active: uuid(1),
+        drifted: uuid(2),
+        duplicate: uuid(3),
+        held: uuid(4),
+        expiring: uuid(5),
+        pending: uuid(6),
+        bare_thing: uuid(7),
+        lost_cert: uuid(8),
+        waiting: uuid(9),
+        revoked: uuid(10),
+    };
+    let mut certs = BTreeMap::new();
+    for device in [
+        &d.active,
+        &d.duplicate,
+        &d.held,
+        &d.expiring,
+        &d.pending,
+        &d.bare_thing,
+        &d.lost_cert,
+        &d.waiting,
+        &d.revoked,
+    ] {
+        w.member(device, true);
+    }
+    certs.insert("active", w.cert(&d.active, 365, Active, true));
+    certs.insert("drifted", w.cert(&d.drifted, 365, Active, true));
+    certs.insert("duplicate-old", w.cert(&d.duplicate, 365, Active, true));
+    certs.insert("duplicate-new", w.cert(&d.duplicate, 365, Active, true));
+    certs.insert("held-active", w.cert(&d.held, 365, Active, true));
+    certs.insert(
+        "held-pending",
+        w.cert(&d.held, 365, PendingActivation, false),
+    );
+    certs.insert("expiring", w.cert(&d.expiring, 10, Active, true));
+    certs.insert("pending", w.cert(&d.pending, 365, PendingActivation, false));
+    w.thing(&d.bare_thing);
+    certs.insert("lost", w.cert(&d.lost_cert, 365, Active, false));
+    certs.insert("revoked", w.cert(&d.revoked, 365, Revoked, false));
+    (d, certs)
+}
+
+#[test]
+fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
+    let w = World::new();
+    let (d, certs) = every_state(&w);
+    let (states, value, out) = w.states(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let want = [
+        (&d.active, "active"),
+        (&d.drifted, "drifted"),
+        (&d.duplicate, "duplicate"),
+        (&d.held, "held"),
+        (&d.expiring, "expiring"),
+        (&d.pending, "pending"),
+        (&d.bare_thing, "orphan"),
+        (&d.lost_cert, "orphan"),
+        (&d.waiting, "not-connected"),
+        (&d.revoked, "revoked"),
+    ];
+    for (device, state) in want {
+        assert_eq!(
+            states.get(device.as_str()).map(String::as_str),
+            Some(state),
+            "{device}: {value}"
+        );
+    }
+    assert_eq!(states.len(), want.len(), "{value}");
+    // The most urgent first; every row has the documented shape; the summary counts.
+    let rows = value["devices"].as_array().unwrap();
+    assert_eq!(rows[0]["state"], "drifted");
+    let row = rows
+        .iter()
+        .find(|r| r["device_id"] == d.active.as_str())
+        .unwrap();
+    assert_eq!(row["fleet_member"], true);
+    assert_eq!(row["thing"], d.active.as_str());
+    assert_eq!(
+        row["certificates"][0]["certificate_id"],
+        certs["active"].as_str()
+    );
+    assert_eq!(row["certificates"][0]["status"], "ACTIVE");
+    assert!(row["certificates"][0]["not_after"].is_string());
+    assert_eq!(value["summary"]["orphan"], 2);
+    assert!(
+        stderr(&out).contains("status: certificates listed"),
+        "progress on stderr"
+    );
+
+    // The text form ends with the counts.
+    let manifest = w.manifest_path().display().to_string();
+    let text = w.jitr(w.manifest.path(), &["status", "--manifest", &manifest]);
+    let last = stdout(&text).lines().last().unwrap_or_default().to_owned();
+    assert!(
+        last.starts_with("10 device(s): 1 drifted, 1 duplicate"),
+        "{last}"
+    );
+
+    // --fix shows the plan and changes nothing.
+    let (_, plan, _) = w.states(&["--fix"]);
+    assert_eq!(
+        plan["fixes"].as_array().unwrap().len(),
+        5,
+        "{}",
+        plan["fixes"]
+    );
+    assert_eq!(w.status(&certs["drifted"]), CertificateStatus::Active);
+
+    // --fix --yes applies it: drifted and lost certificates revoked (the drifted device's
+    // Thing deleted), the older duplicate retired, the bare Thing deleted; nothing else
+    // touched.
+    let (_, applied, out) = w.states(&["--fix", "--yes"]);
+    assert!(
+        applied["applied"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["error"].is_null()),
+        "{applied}"
+    );
+    assert_eq!(w.status(&certs["drifted"]), CertificateStatus::Revoked);
+    assert_eq!(w.status(&certs["lost"]), CertificateStatus::Revoked);
+    assert_eq!(
+        w.status(&certs["duplicate-old"]),
+        CertificateStatus::Revoked
+    );
+    assert_eq!(w.status(&certs["duplicate-new"]), CertificateStatus::Active);
+    assert_eq!(
+        w.status(&certs["held-pending"]),
+        CertificateStatus::PendingActivation
+    );
+    assert_eq!(w.status(&certs["expiring"]), CertificateStatus::Active);
+    let things = w.rt.block_on(w.client.list_things().send()).unwrap();
+    for gone in [&d.bare_thing, &d.drifted] {
+        assert!(!things
+            .things()
+            .iter()
+            .any(|t| t.thing_name() == Some(gone.as_str())));
+    }
+    // Held, expiring and pending remain: they need an operator or a device, not a fix.
+    assert_eq!(out.status.code(), Some(1));
+
+    let (states, again, _) = w.states(&["--fix", "--yes"]);
+    assert_eq!(again["fixes"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(states[&d.drifted], "revoked");
+    assert_eq!(again["summary"]["orphan"], 0, "{again}");
+    assert_eq!(states[&d.duplicate], "active");
+    assert_eq!(states[&d.bare_thing], "not-connected");
+    assert_eq!(states[&d.lost_cert], "revoked");
+}
+
+#[test]
+fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
+    let w = World::new();
+    let (a, b) = (uuid(21), uuid(22));
+    for device in [&a, &b] {
+        w.member(device, true);
+    }
+    let old_a = w.cert(&a, 365, CertificateStatus::Active, true);
+    let old_b = w.cert(&b, 10, CertificateStatus::Active, true);
+    // rotate reads the CA from a jitr CA folder: the test CA's.
+    let ca_dir = w.ca.dir().display().to_string();
+    let out_dir = w.manifest.path().display().to_string();
+
+    // With a grace period: both ACTIVE, the device shown rotating, the manifest saying so.
+    let out = w.jitr(
+        w.manifest.path(),
+        &[
+            "rotate", "--dir", &ca_dir, "--out", &out_dir, "--id", &a, "--grace", "1h", "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let new_a = rows[0]["new_certificate_id"].as_str().unwrap().to_owned();
+    assert_eq!(rows[0]["old_certificate_ids"][0], old_a.as_str());
+    assert_eq!(rows[0]["retired"], false);
+    assert_eq!(w.status(&new_a), CertificateStatus::Active);
+    assert_eq!(w.status(&old_a), CertificateStatus::Active);
+    let manifest = std::fs::read_to_string(w.manifest_path()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(manifest.lines().last().unwrap()).unwrap();
+    assert_eq!(line["certificate_id"], new_a.as_str());
+    assert_eq!(line["supersedes"], old_a.as_str());
+    assert!(line["retire_after"].is_string());
+    let (states, value, _) = w.states(&[]);
+    assert_eq!(states[&a], "active", "{value}");
+    assert!(std::path::Path::new(&out_dir)
+        .join(&a)
+        .join("device.key")
+        .exists());
+
+    // --expiring-within picks b; --grace 0 retires its old certificate once the new is ACTIVE.
+    let out = w.jitr(
+        w.manifest.path(),
+        &[
+            "rotate",
+            "--dir",
+            &ca_dir,
+            "--out",
+            &out_dir,
+            "--expiring-within",
+            "30d",
+            "--grace",
+            "0",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["device_id"], b.as_str());
+    assert_eq!(rows[0]["retired"], true);
+    let new_b = rows[0]["new_certificate_id"].as_str().unwrap();
+    assert_eq!(w.status(new_b), CertificateStatus::Active);
+    assert_eq!(w.status(&old_b), CertificateStatus::Revoked);
+    let principals =
+        w.rt.block_on(w.client.list_thing_principals().thing_name(&b).send())
+            .unwrap();
+    assert_eq!(
+        principals.principals().len(),
+        1,
+        "only the new one attached"
+    );
+}
