@@ -580,6 +580,14 @@ fn main() {
     let (samples, peak_rss, log) = run_bootstrap(&world, &jitr_devices);
     let baseline = run_baseline(&world, &baseline_devices);
     let (cold, cold_rss) = run_cold_starts(&world, settings.cold_starts);
+    // The same activation with no latency added: what moto, the fake balena API and
+    // bootstrap themselves take on this machine, which the round trips' latency adds to.
+    let own_devices = world.devices(settings.activations);
+    for proxy in [&world.moto_proxy, &world.balena_proxy] {
+        proxy.set_plan(FaultPlan::default());
+    }
+    let (own, _, _) = run_bootstrap(&world, &own_devices);
+    let own_median = median(&own[1..].iter().map(|s| ms(s.took)).collect::<Vec<_>>());
 
     let warm = &samples[1..];
     let warm_ms: Vec<f64> = warm.iter().map(|s| ms(s.took)).collect();
@@ -628,6 +636,17 @@ fn main() {
         format!("warm activation, p90 of {}", warm.len()),
         warm_p90
     );
+    println!(
+        "  {:<58} {:>9.1} ms   (moto, balena fake and bootstrap's own work)",
+        "the same, no latency added, median", own_median
+    );
+    if warm_median > TARGET_WARM_MS {
+        println!(
+            "  (why: {max_trips} round trips x {l:.0} ms = {:.0} ms of latency, plus {own_median:.0} ms of the stand-ins' own work on this machine = {:.0} ms)",
+            max_trips as f64 * l,
+            max_trips as f64 * l + own_median
+        );
+    }
     println!(
         "  {:<58} {:>12}   {:<16} {}",
         "warm activation, sequential round trips",
