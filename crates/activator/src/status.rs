@@ -537,7 +537,14 @@ fn classify_device(
                 short(&active[0].id)
             ),
         )
-    } else if let Some((c, end)) = active.iter().find_map(|c| {
+    } else if let Some((c, end)) = (if rotating {
+        // Only the newest counts: the ones it replaces are on their way out.
+        &active[active.len() - 1..]
+    } else {
+        &active[..]
+    })
+    .iter()
+    .find_map(|c| {
         known(c)
             .and_then(|k| k.not_after)
             .filter(|end| *end <= now + window)
@@ -647,6 +654,13 @@ pub enum FixAction {
         /// The Thing.
         thing: String,
     },
+    /// Make the device's Thing again and attach the certificate to it.
+    Reattach {
+        /// The certificate.
+        certificate_id: String,
+        /// The Thing (the device id).
+        thing: String,
+    },
 }
 
 impl fmt::Display for Fix {
@@ -664,14 +678,25 @@ impl fmt::Display for Fix {
                     self.device_id, self.reason
                 )
             }
+            FixAction::Reattach {
+                certificate_id,
+                thing,
+            } => write!(
+                f,
+                "{}: attach certificate {certificate_id} to Thing {thing} ({})",
+                self.device_id, self.reason
+            ),
         }
     }
 }
 
-/// The safe fixes for `rows`: a drifted device's ACTIVE certificates revoked, a duplicate's
-/// ACTIVE certificates but the newest revoked, an orphan Thing deleted, an orphan certificate
-/// revoked. Nothing else is touched.
-pub fn plan_fixes(rows: &[DeviceStatus]) -> Vec<Fix> {
+/// The safe fixes for `rows`: a drifted device's ACTIVE certificates revoked and its Thing
+/// deleted; a duplicate's ACTIVE certificates but the newest revoked (only `with_manifest`:
+/// without it a rotation's grace period is unknown, and retiring early would cut a device off);
+/// an orphan Thing deleted; an orphan certificate attached again to its device's Thing when the
+/// device is an active member and the certificate is attached nowhere else (revoking it would
+/// take the device's only identity), revoked otherwise. Nothing else is touched.
+pub fn plan_fixes(rows: &[DeviceStatus], with_manifest: bool) -> Vec<Fix> {
     let mut fixes = Vec::new();
     for row in rows {
         let active: Vec<&CertificateRow> = row
@@ -704,7 +729,7 @@ pub fn plan_fixes(rows: &[DeviceStatus]) -> Vec<Fix> {
                     });
                 }
             }
-            State::Duplicate => {
+            State::Duplicate if with_manifest => {
                 // Certificates are listed oldest first: all but the last go.
                 let keep = active.len().saturating_sub(1);
                 fixes.extend(
@@ -721,7 +746,17 @@ pub fn plan_fixes(rows: &[DeviceStatus]) -> Vec<Fix> {
                     },
                     reason: "no certificate is attached to it".to_owned(),
                 }),
-                (None, Some(c)) => fixes.push(revoke(c, "ACTIVE without a Thing")),
+                (None, Some(c)) if row.fleet_member && !row.reason.contains("attached to") => {
+                    fixes.push(Fix {
+                        device_id: row.device_id.clone(),
+                        action: FixAction::Reattach {
+                            certificate_id: c.certificate_id.clone(),
+                            thing: row.device_id.clone(),
+                        },
+                        reason: "its Thing is gone: made again and attached".to_owned(),
+                    });
+                }
+                (None, Some(c)) => fixes.push(revoke(c, "ACTIVE without its Thing")),
                 _ => {}
             },
             _ => {}
@@ -751,6 +786,10 @@ pub async fn apply_fixes<A: IotAdmin>(iot: &A, fixes: &[Fix], deadline: Instant)
                 Err(reason) => Err(RegistryError::failed("RevokeCertificate", reason)),
             },
             FixAction::DeleteThing { thing } => delete_thing(iot, thing, deadline).await,
+            FixAction::Reattach {
+                certificate_id,
+                thing,
+            } => reattach(iot, certificate_id, thing, deadline).await,
         };
         applied.push(Applied {
             fix: fix.clone(),
@@ -758,6 +797,26 @@ pub async fn apply_fixes<A: IotAdmin>(iot: &A, fixes: &[Fix], deadline: Instant)
         });
     }
     applied
+}
+
+/// Makes `thing` again and attaches the certificate to it (both idempotent).
+async fn reattach<A: IotAdmin>(
+    iot: &A,
+    certificate_id: &str,
+    thing: &str,
+    deadline: Instant,
+) -> Result<(), RegistryError> {
+    let d = || call_deadline(deadline);
+    let id = CertificateId::parse(certificate_id)
+        .map_err(|reason| RegistryError::failed("AttachThingPrincipal", reason))?;
+    let arn = iot.describe_certificate(&id, d()).await?.arn;
+    let spec = crate::ThingSpec {
+        name: thing.to_owned(),
+        thing_type: None,
+        attributes: Vec::new(),
+    };
+    iot.create_thing(&spec, d()).await?;
+    iot.attach_thing_principal(thing, &arn, d()).await
 }
 
 /// Deletes a Thing after detaching what is still attached to it, none of it ACTIVE (an ACTIVE

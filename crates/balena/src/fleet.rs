@@ -141,9 +141,10 @@ impl Fleet {
         }
     }
 
-    /// Every device of the fleet, `PAGE` at a time (`$top`/`$skip`, ordered by id), each row
-    /// checked to carry the pinned fleet; `progress` hears how many so far. The key must see
-    /// the fleet (an empty fleet is proven, not assumed).
+    /// Every device of the fleet, `PAGE` at a time in id order, each page starting after the
+    /// last id seen (keyset paging: a device added or deleted meanwhile shifts nothing), each
+    /// row checked to carry the pinned fleet; `progress` hears how many so far. The key must
+    /// see the fleet (an empty fleet is proven, not assumed).
     pub async fn devices(
         &self,
         deadline: Instant,
@@ -153,11 +154,11 @@ impl Fleet {
         const PAGE: usize = 200;
         self.check_visible(deadline).await?;
         let mut devices = Vec::new();
+        let mut after = 0u64;
         loop {
             let path = format!(
-                "/v7/device?$select=id,uuid,is_active,belongs_to__application&$filter=belongs_to__application%20eq%20{}&$orderby=id%20asc&$top={PAGE}&$skip={}",
+                "/v7/device?$select=id,uuid,is_active,belongs_to__application&$filter=belongs_to__application%20eq%20{}%20and%20id%20gt%20{after}&$orderby=id%20asc&$top={PAGE}",
                 self.id,
-                devices.len()
             );
             let rows: Vec<DeviceRow> = self.client.get_rows(&path, deadline).await?;
             let count = rows.len();
@@ -168,6 +169,12 @@ impl Fleet {
                         found: row.fleet.id,
                     });
                 }
+                if row.id <= after {
+                    return Err(Error::Unparsable(
+                        "the device pages are not in id order".into(),
+                    ));
+                }
+                after = row.id;
                 // A UUID balena holds that is no device id is skipped, not fatal.
                 if let Ok(uuid) = DeviceId::parse(&row.uuid, factory_ca::IdFormat::Any) {
                     devices.push(Device {

@@ -147,12 +147,29 @@ fn attributes(
     Ok(out)
 }
 
+/// `uri` fit to print: a query part and any `pin-*` attribute may hold a PIN (RFC 7512 allows
+/// `pin-value`), so their values are left out.
+fn redacted(uri: &str) -> String {
+    let (path, query) = match uri.split_once('?') {
+        Some((path, _)) => (path, "?…"),
+        None => (uri, ""),
+    };
+    let parts: Vec<String> = path
+        .split(';')
+        .map(|part| match part.split_once('=') {
+            Some((name, _)) if name.contains("pin") => format!("{name}=…"),
+            _ => part.to_owned(),
+        })
+        .collect();
+    format!("{}{query}", parts.join(";"))
+}
+
 impl FromStr for KeyUri {
     type Err = Error;
 
     fn from_str(uri: &str) -> Result<KeyUri, Error> {
         let bad = |reason: String| Error::BadUri {
-            uri: uri.to_owned(),
+            uri: redacted(uri),
             reason,
         };
         if let Some(body) = uri.strip_prefix("awskms:") {
@@ -363,6 +380,10 @@ mod tests {
                 "type must be private",
             ),
             ("pkcs11:token=t;object=o?pin-value=1234", "query"),
+            (
+                "pkcs11:token=t;object=o;pin-value=1234",
+                "unknown attribute \"pin-value\"",
+            ),
             ("pkcs11:token=%zz;object=o", "percent escape"),
             ("vault:transit/jitr", "unknown scheme"),
             ("awskms:key-id=", "key-id is empty"),
@@ -372,6 +393,7 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(needle), "{uri}: {text}");
             assert_eq!(text.lines().count(), 1);
+            assert!(!text.contains("1234"), "a PIN is never printed: {text}");
         }
     }
 }

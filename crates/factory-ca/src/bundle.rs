@@ -207,6 +207,20 @@ pub fn issue_bundle(
     out: &mut (dyn Write + Send),
     progress: &(dyn Fn() + Sync),
 ) -> Result<BundleReport, Error> {
+    issue_bundle_then(ca, ids, opts, out, progress, &mut || Ok(()))
+}
+
+/// [`issue_bundle`], with `commit` run once every line is written and flushed and before the
+/// manifest records them: where the caller makes the bundle durable (syncs and links the file
+/// into place). If `commit` fails, nothing is recorded.
+pub fn issue_bundle_then(
+    ca: &Ca,
+    ids: &[DeviceId],
+    opts: &BundleOptions,
+    out: &mut (dyn Write + Send),
+    progress: &(dyn Fn() + Sync),
+    commit: &mut dyn FnMut() -> std::io::Result<()>,
+) -> Result<BundleReport, Error> {
     create_dir(&opts.manifest_dir)?;
     let mut manifest = Manifest::open(&opts.manifest_dir)?;
     check_new_ids(ids, &manifest, opts.force)?;
@@ -299,7 +313,13 @@ pub fn issue_bundle(
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner)
         .map_or(Ok(()), Err);
-    if let Err(e) = failure.and(flushed).and(synced) {
+    let mut committed = || {
+        commit().map_err(|source| Error::Write {
+            path: PathBuf::from("the bundle"),
+            source,
+        })
+    };
+    if let Err(e) = failure.and(flushed).and(synced).and_then(|()| committed()) {
         let _ = std::fs::remove_file(&pending_path);
         return Err(e);
     }

@@ -148,10 +148,28 @@ impl CaInit {
     pub fn run(&self, now: OffsetDateTime) -> Result<CaFiles, Error> {
         self.check()?;
         let created = !self.dir.exists();
+        let files = [
+            CA_CERT_FILE,
+            CA_KEY_FILE,
+            ROOT_CERT_FILE,
+            ROOT_KEY_FILE,
+            CA_KEY_URI_FILE,
+        ]
+        .map(|name| self.dir.join(name));
+        let existed = files.clone().map(|path| path.exists());
         create_dir(&self.dir)?;
         let result = self.write(now);
-        if result.is_err() && created {
-            let _ = std::fs::remove_dir_all(&self.dir);
+        if result.is_err() {
+            if created {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            } else {
+                // A folder that was there keeps what it had, and nothing of this run.
+                for (path, existed) in files.iter().zip(existed) {
+                    if !existed {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+            }
         }
         result
     }

@@ -22,7 +22,7 @@ mod signer;
 mod template;
 mod write;
 
-pub use bundle::{issue_bundle, BundleOptions, BundleReport};
+pub use bundle::{issue_bundle, issue_bundle_then, BundleOptions, BundleReport};
 pub use ca::{
     ca_key_uri, read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE,
     CA_KEY_URI_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,

@@ -101,7 +101,7 @@ fn main() {
     let jitr = env!("CARGO_BIN_EXE_jitr");
     let mut env = moto.aws_env();
     env.extend([
-        ("JITR_TRUSTED_CA_IDS", ca_id.clone()),
+        ("JITR_TRUSTED_CA_IDS", ca_id),
         ("JITR_POLICY_NAME", "jitr-device".to_owned()),
         ("JITR_FLEET_BACKEND", "balena".to_owned()),
         ("BALENA_API_URL", balena.url()),

@@ -17,13 +17,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use testkit::burst::{BurstWorld, Standing};
 use testkit::lambda::Invocation;
 use testkit::proxy::{FaultPlan, FaultStats};
+
+mod common;
 
 /// Lambda instances running at once.
 const RUNTIMES: usize = 8;
@@ -69,16 +70,6 @@ fn faulty() -> FaultPlan {
 /// exhaust an invocation, but above the 3 s the fleet check keeps for what follows it.
 const FUNCTION_TIMEOUT: Duration = Duration::from_secs(6);
 
-fn bootstrap() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_jitr")).with_file_name("bootstrap");
-    assert!(
-        path.exists(),
-        "{} is missing: run the suite with `cargo test --workspace` (it builds bootstrap)",
-        path.display()
-    );
-    path
-}
-
 fn say(line: &str) {
     // Straight to the process's stderr, past the test harness's capture: CI logs show it.
     let _ = writeln!(std::io::stderr(), "burst: {line}");
@@ -114,7 +105,9 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
     }
     let duplicates = len - (n - never);
 
-    world.start_runtimes(&bootstrap(), RUNTIMES).unwrap();
+    world
+        .start_runtimes(&common::bootstrap(), RUNTIMES)
+        .unwrap();
 
     // First a full outage: these events fail every attempt and land in the failure queue.
     world.emulator.set_function_timeout(Duration::from_secs(1));
@@ -302,7 +295,7 @@ fn lambdas_killed_mid_decision_leave_nothing_half_made() {
     let started = Instant::now();
     let mut world = BurstWorld::start(n, standing, FaultPlan::default()).unwrap();
     let deliveries: Vec<_> = world.devices.iter().map(|d| world.event(d)).collect();
-    world.start_runtimes(&bootstrap(), RUNNING).unwrap();
+    world.start_runtimes(&common::bootstrap(), RUNNING).unwrap();
     world.emulator.set_function_timeout(FUNCTION_TIMEOUT);
     // A little latency on every AWS IoT call, so a kill lands inside decisions, between
     // their writes, rather than between events.

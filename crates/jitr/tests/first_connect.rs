@@ -25,16 +25,6 @@ mod common;
 
 use common::{stderr, stdout, uuid};
 
-fn bootstrap() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_jitr")).with_file_name("bootstrap");
-    assert!(
-        path.exists(),
-        "{} is missing: run the suite with `cargo test --workspace` (it builds bootstrap)",
-        path.display()
-    );
-    path
-}
-
 fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
@@ -51,7 +41,7 @@ fn owner_setup(world: &mut DeviceWorld) -> tempfile::TempDir {
     assert!(out.status.success(), "{}", stderr(&out));
     let ca_id = std::fs::read_to_string(tmp.path().join("ca/aws-ca-id")).unwrap();
     world
-        .open(&bootstrap(), 2, &[ca_id.trim().to_owned()])
+        .open(&common::bootstrap(), 2, &[ca_id.trim().to_owned()])
         .unwrap();
     std::fs::write(
         tmp.path().join("aws-root.pem"),

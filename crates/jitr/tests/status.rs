@@ -140,6 +140,11 @@ impl World {
         self.balena.add_device(FLEET, device, active);
     }
 
+    /// balena's numeric id of a member.
+    fn balena_id(&self, device: &str) -> u64 {
+        self.balena.device_id(device).expect("a member")
+    }
+
     fn status(&self, id: &str) -> CertificateStatus {
         self.rt.block_on(iot::status(&self.client, id)).unwrap()
     }
@@ -296,9 +301,9 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
     );
     assert_eq!(w.status(&certs["drifted"]), CertificateStatus::Active);
 
-    // --fix --yes applies it: drifted and lost certificates revoked (the drifted device's
-    // Thing deleted), the older duplicate retired, the bare Thing deleted; nothing else
-    // touched.
+    // --fix --yes applies it: the drifted certificate revoked and its Thing deleted, the
+    // older duplicate retired, the bare Thing deleted, the lost certificate attached again;
+    // nothing else touched.
     let (_, applied, out) = w.states(&["--fix", "--yes"]);
     assert!(
         applied["applied"]
@@ -309,7 +314,8 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
         "{applied}"
     );
     assert_eq!(w.status(&certs["drifted"]), CertificateStatus::Revoked);
-    assert_eq!(w.status(&certs["lost"]), CertificateStatus::Revoked);
+    // The lost certificate of an active member is attached again, not revoked: its only identity.
+    assert_eq!(w.status(&certs["lost"]), CertificateStatus::Active);
     assert_eq!(
         w.status(&certs["duplicate-old"]),
         CertificateStatus::Revoked
@@ -336,7 +342,7 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
     assert_eq!(again["summary"]["orphan"], 0, "{again}");
     assert_eq!(states[&d.duplicate], "active");
     assert_eq!(states[&d.bare_thing], "not-connected");
-    assert_eq!(states[&d.lost_cert], "revoked");
+    assert_eq!(states[&d.lost_cert], "active");
 }
 
 #[test]
@@ -391,6 +397,7 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
             "30d",
             "--grace",
             "0",
+            "--push-balena",
             "--json",
         ],
     );
@@ -410,4 +417,36 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
         1,
         "only the new one attached"
     );
+    // The device got the new credentials before its old certificate went.
+    let vars: Vec<String> = w
+        .balena
+        .env_vars(w.balena_id(&b))
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert!(vars.contains(&"AWS_CERT".to_owned()), "{vars:?}");
+
+    // --grace 0 without delivery would cut the device off: a usage error, nothing done.
+    let out = w.jitr(
+        w.manifest.path(),
+        &[
+            "rotate", "--dir", &ca_dir, "--out", &out_dir, "--id", &a, "--grace", "0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // A device that is not in the fleet gets nothing.
+    let stranger = uuid(23);
+    let out = w.jitr(
+        w.manifest.path(),
+        &[
+            "rotate", "--dir", &ca_dir, "--out", &out_dir, "--id", &stranger, "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(rows[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not an active member"));
+    assert!(!std::path::Path::new(&out_dir).join(&stranger).exists());
 }

@@ -136,6 +136,15 @@ impl FakeBalena {
         id
     }
 
+    /// The numeric id of the device with this UUID, if the fake holds one.
+    pub fn device_id(&self, uuid: &str) -> Option<u64> {
+        self.db()
+            .devices
+            .iter()
+            .find(|(_, d)| d.uuid == uuid)
+            .map(|(id, _)| *id)
+    }
+
     /// Adds a service to a fleet and returns its id.
     pub fn add_service(&self, fleet_id: u64, name: &str) -> u64 {
         let mut db = self.db();

@@ -170,7 +170,7 @@ fn a_rotation_in_its_grace_is_active_and_past_it_a_duplicate() {
 fn fixes_revoke_what_drifted_or_is_duplicated_and_clear_orphans_only() {
     let w = every_state();
     let rows = classify(&w.observed, w.now, time::Duration::days(30));
-    let fixes = plan_fixes(&rows);
+    let fixes = plan_fixes(&rows, true);
     let planned: BTreeSet<(String, FixAction)> =
         fixes.into_iter().map(|f| (f.device_id, f.action)).collect();
     let revoke = |n: u8| FixAction::Revoke {
@@ -198,9 +198,34 @@ fn fixes_revoke_what_drifted_or_is_duplicated_and_clear_orphans_only() {
                 thing: "bare".into(),
             },
         ),
-        ("lost".to_owned(), revoke(10)),
+        (
+            "lost".to_owned(),
+            FixAction::Reattach {
+                certificate_id: id(10).to_string(),
+                thing: "lost".into(),
+            },
+        ),
     ]
     .into_iter()
     .collect();
     assert_eq!(planned, want);
+}
+
+#[test]
+fn duplicates_are_fixed_only_with_the_manifest_and_a_rotation_expires_on_its_newest() {
+    let w = every_state();
+    let rows = classify(&w.observed, w.now, time::Duration::days(30));
+    assert!(!plan_fixes(&rows, false)
+        .iter()
+        .any(|f| f.device_id == "dup"));
+    // A rotation of an expiring certificate: the old one ends soon, the new one does not.
+    let mut w = World::new();
+    w.cert("dev", 1, Active, 5, 300);
+    w.cert("dev", 2, Active, 365, 0);
+    w.thing("dev", &[1, 2]);
+    w.member("dev", Standing::Active);
+    let new = w.observed.known.get_mut(&id(2).to_string()).unwrap();
+    new.supersedes = Some(id(1).to_string());
+    new.retire_after = Some(w.now + time::Duration::hours(2));
+    assert_eq!(w.states()["dev"].0, State::Active);
 }

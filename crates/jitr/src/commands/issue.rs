@@ -89,23 +89,11 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
             print_json(entry)?;
         }
     }
-    for failure in &report.failures {
-        eprintln!(
-            "jitr: {}: {}",
-            failure.id,
-            activator::error_chain(&failure.error)
-        );
-    }
-    eprintln!(
-        "issued {} device certificate(s) into {} (manifest {}){}",
+    report_issued(
+        &report.failures,
         report.issued.len(),
-        args.out.display(),
-        args.out.join(factory_ca::MANIFEST_FILE).display(),
-        if report.failures.is_empty() {
-            String::new()
-        } else {
-            format!(", {} failed", report.failures.len())
-        }
+        &args.out.display().to_string(),
+        &args.out,
     );
     let mut delivered = true;
     if delivery.wanted() {
@@ -161,22 +149,42 @@ fn issue_bundle(
             );
         }
         let (mut file, tmp) = bundle_file(path)?;
-        let result = factory_ca::issue_bundle(ca, ids, &opts, &mut file, &|| bar.inc(1))
-            .map_err(anyhow::Error::from)
-            .and_then(|report| {
-                file.sync_all()
-                    .with_context(|| format!("cannot write {}", tmp.display()))?;
-                // A hard link fails if the name was taken meanwhile: nothing is overwritten.
-                std::fs::hard_link(&tmp, path)
-                    .with_context(|| format!("cannot create {}", path.display()))?;
-                Ok(report)
-            });
+        let durable = file.try_clone().context("cannot reopen the bundle")?;
+        // The bundle is synced and linked into place before the manifest names its devices.
+        let result =
+            factory_ca::issue_bundle_then(ca, ids, &opts, &mut file, &|| bar.inc(1), &mut || {
+                durable.sync_all()?;
+                // A hard link fails if the name was taken meanwhile: nothing is overwritten. A
+                // filesystem without hard links (FAT) gets a rename, the name checked first.
+                match std::fs::hard_link(&tmp, path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+                        std::fs::rename(&tmp, path)
+                    }
+                    other => other,
+                }
+            })
+            .map_err(anyhow::Error::from);
         let _ = std::fs::remove_file(&tmp);
         result?
     };
     bar.finish_and_clear();
     warn_if_capped(report.capped_at);
-    for failure in &report.failures {
+    let into = if path == Path::new("-") {
+        "standard output".to_owned()
+    } else {
+        path.display().to_string()
+    };
+    report_issued(&report.failures, report.issued, &into, &args.out);
+    Ok(if report.failures.is_empty() {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// Each failed device on its own line, then the one-line summary.
+fn report_issued(failures: &[factory_ca::DeviceFailure], issued: usize, into: &str, out: &Path) {
+    for failure in failures {
         eprintln!(
             "jitr: {}: {}",
             failure.id,
@@ -184,25 +192,14 @@ fn issue_bundle(
         );
     }
     eprintln!(
-        "issued {} device certificate(s) into {} (manifest {}){}",
-        report.issued,
-        if path == Path::new("-") {
-            "standard output".to_owned()
-        } else {
-            path.display().to_string()
-        },
-        args.out.join(factory_ca::MANIFEST_FILE).display(),
-        if report.failures.is_empty() {
+        "issued {issued} device certificate(s) into {into} (manifest {}){}",
+        out.join(factory_ca::MANIFEST_FILE).display(),
+        if failures.is_empty() {
             String::new()
         } else {
-            format!(", {} failed", report.failures.len())
+            format!(", {} failed", failures.len())
         }
     );
-    Ok(if report.failures.is_empty() {
-        Outcome::Success
-    } else {
-        Outcome::Failed
-    })
 }
 
 /// A new hidden sibling of `path`, mode 0600, for the bundle to be written into.

@@ -41,11 +41,17 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         }
         (None, _) => Vec::new(),
     };
-    let report = crate::aws::runtime()?.block_on(async {
-        let registry = crate::aws::session(&args.aws).await?.registry();
-        let deadline = args.aws.deadline(REVOKE_TIME);
-        anyhow::Ok(revoke_in_aws(&registry, &target, &also, args.delete_thing, deadline).await?)
-    })?;
+    let runtime = crate::aws::runtime()?;
+    let registry =
+        runtime.block_on(async { anyhow::Ok(crate::aws::session(&args.aws).await?.registry()) })?;
+    let deadline = args.aws.deadline(REVOKE_TIME);
+    let report = runtime.block_on(revoke_in_aws(
+        &registry,
+        &target,
+        &also,
+        args.delete_thing,
+        deadline,
+    ))?;
     let (cleaned, failed) = if args.balena_cleanup {
         let mut devices: Vec<String> = report
             .revoked
@@ -57,6 +63,18 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         }
         devices.sort();
         devices.dedup();
+        // A device that still has an ACTIVE certificate (rotated: the revoked one was its old)
+        // keeps its variables: they are the live credentials.
+        let mut keep = Vec::new();
+        for device in &devices {
+            if runtime.block_on(has_active(&registry, device, deadline))? {
+                keep.push(device.clone());
+            }
+        }
+        for device in &keep {
+            eprintln!("jitr: balena: {device} still has an ACTIVE certificate: its variables stay");
+        }
+        devices.retain(|d| !keep.contains(d));
         super::balena::cleanup(&devices, args.aws.deadline(REVOKE_TIME))?
     } else {
         (Vec::new(), Vec::new())
@@ -107,4 +125,35 @@ fn print_report(report: &RevokeReport) {
     for thing in &report.things_deleted {
         println!("deleted Thing {thing}");
     }
+}
+
+/// Whether `device`'s Thing still has an ACTIVE certificate attached.
+async fn has_active<R: activator::IotRegistry>(
+    registry: &R,
+    device: &str,
+    deadline: tokio::time::Instant,
+) -> Result<bool> {
+    let principals = match registry
+        .thing_principals(device, activator::call_deadline(deadline))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    for arn in principals {
+        let Some(id) = activator::revoke::id_from_arn(&arn) else {
+            continue;
+        };
+        let Ok(id) = CertificateId::parse(id) else {
+            continue;
+        };
+        let described = registry
+            .describe_certificate(&id, activator::call_deadline(deadline))
+            .await?;
+        if described.status == activator::CertificateStatus::Active {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

@@ -36,6 +36,14 @@ struct Rotated {
 
 pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
     let config = Config::from_env().context("activator configuration")?;
+    if args.grace.is_zero() && !args.balena.push_balena {
+        // Retiring at once is safe only when the new credentials reach the device here.
+        return Err(crate::UsageError(
+            "--grace 0 retires the old certificate at once: only with --push-balena, which puts the new one on the device first"
+                .to_owned(),
+        )
+        .into());
+    }
     let delivery = Delivery::from_args(&args.balena)?;
     let ca = crate::keys::load_ca(&args.ca, None)?;
     let format = ca.profile().device.id_format;
@@ -86,7 +94,20 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
                 .collect::<Result<_, _>>()?
         }
     };
-    if ids.is_empty() {
+    // Only devices of the fleet get a certificate activated with the operator's credentials.
+    let (ids, strangers) = runtime.block_on(members(&config.fleet, ids, deadline))?;
+    let mut rows: Vec<Rotated> = strangers
+        .into_iter()
+        .map(|id| Rotated {
+            device_id: id,
+            new_certificate_id: None,
+            old_certificate_ids: Vec::new(),
+            retire_after: None,
+            retired: false,
+            error: Some("not an active member of the fleet: not rotated".to_owned()),
+        })
+        .collect();
+    if ids.is_empty() && rows.is_empty() {
         eprintln!("nothing to rotate");
         return Ok(Outcome::Success);
     }
@@ -118,18 +139,14 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
         }),
     };
     let report = issue_batch(&ca, &ids, &opts, &|| {})?;
-    let mut rows: Vec<Rotated> = report
-        .failures
-        .iter()
-        .map(|f| Rotated {
-            device_id: f.id.clone(),
-            new_certificate_id: None,
-            old_certificate_ids: Vec::new(),
-            retire_after: None,
-            retired: false,
-            error: Some(activator::error_chain(&f.error)),
-        })
-        .collect();
+    rows.extend(report.failures.iter().map(|f| Rotated {
+        device_id: f.id.clone(),
+        new_certificate_id: None,
+        old_certificate_ids: Vec::new(),
+        retire_after: None,
+        retired: false,
+        error: Some(activator::error_chain(&f.error)),
+    }));
 
     // Registered and ACTIVE, then delivered, then (grace 0) the old retired.
     let label = match &config.fleet {
@@ -171,19 +188,29 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             }),
         }
     }
+    // A failure here leaves the new certificates ACTIVE beside the old: reported, not fatal.
     let delivered = if delivery.wanted() {
-        let mut devices = Vec::new();
-        for (id, _, _) in &installed {
-            let dir = args.out.join(id);
-            let read = |name: &str| {
-                std::fs::read_to_string(dir.join(name))
-                    .map(zeroize::Zeroizing::new)
-                    .with_context(|| format!("cannot read {}", dir.join(name).display()))
-            };
-            let (chain, key) = (read("chain.pem")?, read("device.key")?);
-            devices.push(delivery.variables(&DeviceId::parse(id, format)?, &chain, Some(&key)));
+        let deliver = || -> Result<bool> {
+            let mut devices = Vec::new();
+            for (id, _, _) in &installed {
+                let dir = args.out.join(id);
+                let read = |name: &str| {
+                    std::fs::read_to_string(dir.join(name))
+                        .map(zeroize::Zeroizing::new)
+                        .with_context(|| format!("cannot read {}", dir.join(name).display()))
+                };
+                let (chain, key) = (read("chain.pem")?, read("device.key")?);
+                devices.push(delivery.variables(&DeviceId::parse(id, format)?, &chain, Some(&key)));
+            }
+            delivery.deliver(&devices)
+        };
+        match deliver() {
+            Ok(delivered) => delivered,
+            Err(e) => {
+                eprintln!("jitr: delivery: {}", activator::error_chain(e.as_ref()));
+                false
+            }
         }
-        delivery.deliver(&devices)?
     } else {
         true
     };
@@ -245,6 +272,43 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// `ids` split into the fleet's active members and the others (by id).
+async fn members(
+    fleet: &FleetConfig,
+    ids: Vec<DeviceId>,
+    deadline: tokio::time::Instant,
+) -> Result<(Vec<DeviceId>, Vec<String>)> {
+    let (mut members, mut others) = (Vec::new(), Vec::new());
+    match fleet {
+        FleetConfig::Balena { .. } => {
+            let fleet = activator::balena_fleet_from_env()
+                .context("rotation checks the fleet: BALENA_API_KEY and BALENA_FLEET_ID")?;
+            for id in ids {
+                match fleet
+                    .membership(&id, activator::call_deadline(deadline))
+                    .await
+                {
+                    Ok(balena::Membership::Member(_)) => members.push(id),
+                    Ok(_) => others.push(id.to_string()),
+                    Err(e) => anyhow::bail!("balena: {id}: {}", activator::error_chain(&e)),
+                }
+            }
+        }
+        FleetConfig::Allowlist { path } => {
+            let list = activator::allowlist::AllowlistDirectory::load(path)?;
+            let listed: std::collections::HashSet<&str> = list.ids().collect();
+            for id in ids {
+                if listed.contains(id.as_str()) {
+                    members.push(id);
+                } else {
+                    others.push(id.to_string());
+                }
+            }
+        }
+    }
+    Ok((members, others))
 }
 
 /// The ACTIVE certificates attached to `device`'s Thing, oldest listed first.

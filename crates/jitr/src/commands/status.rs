@@ -29,6 +29,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
             known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
         }
     }
+    let with_manifest = args.manifest.is_some();
     let deadline = args.aws.deadline(DEFAULT_TIMEOUT);
     let rates = Rates {
         per_operation: args.rate,
@@ -56,7 +57,8 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
             .context("--expiring-within is too long")?;
         let rows = status::classify(&observed, now, window);
         let applied = if args.fix && args.yes {
-            let fixes = status::plan_fixes(&rows);
+            let fixes = status::plan_fixes(&rows, with_manifest);
+            let fixes = still_drifted(&config.fleet, &rows, fixes, deadline).await?;
             Some(status::apply_fixes(&registry, &fixes, deadline).await)
         } else {
             None
@@ -64,7 +66,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
         anyhow::Ok((rows, applied))
     })?;
 
-    let fixes = status::plan_fixes(&rows);
+    let fixes = status::plan_fixes(&rows, with_manifest);
     if args.output.json {
         let mut value = serde_json::json!({
             "devices": rows,
@@ -139,6 +141,42 @@ async fn roster(
                 .collect())
         }
     }
+}
+
+/// The fixes, less those of a drifted device that is a member again right now: the roster was
+/// read minutes ago, and a revocation cannot be taken back.
+async fn still_drifted(
+    fleet: &FleetConfig,
+    rows: &[DeviceStatus],
+    fixes: Vec<status::Fix>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<status::Fix>> {
+    let drifted: BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.state == State::Drifted)
+        .map(|r| r.device_id.as_str())
+        .collect();
+    let mut back = BTreeSet::new();
+    if let FleetConfig::Balena { .. } = fleet {
+        let balena = activator::balena_fleet_from_env()?;
+        for device in &drifted {
+            let Ok(id) = factory_ca::DeviceId::parse(device, factory_ca::IdFormat::Any) else {
+                continue;
+            };
+            let membership = balena
+                .membership(&id, activator::call_deadline(deadline))
+                .await
+                .map_err(|e| anyhow::anyhow!("balena: {device}: {}", activator::error_chain(&e)))?;
+            if let balena::Membership::Member(_) = membership {
+                eprintln!("status: {device} is in the fleet again: not fixed");
+                back.insert(device.to_string());
+            }
+        }
+    }
+    Ok(fixes
+        .into_iter()
+        .filter(|f| !back.contains(&f.device_id))
+        .collect())
 }
 
 fn summary_map(rows: &[DeviceStatus]) -> serde_json::Map<String, serde_json::Value> {

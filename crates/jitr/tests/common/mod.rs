@@ -68,3 +68,14 @@ pub(crate) fn with_ca(extra: &[&str]) -> tempfile::TempDir {
     assert!(out.status.success(), "{}", stderr(&out));
     tmp
 }
+
+/// The `bootstrap` binary next to `jitr` (`cargo test --workspace` builds both).
+pub(crate) fn bootstrap() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_jitr")).with_file_name("bootstrap");
+    assert!(
+        path.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` (it builds bootstrap)",
+        path.display()
+    );
+    path
+}

@@ -1,4 +1,5 @@
-//! The slice of OData `$filter` the fake understands: `field eq literal`, joined by `and`.
+//! The slice of OData `$filter` the fake understands: `field eq literal` and `field gt integer`
+//! (keyset paging), joined by `and`.
 //!
 //! Literals are `'text'` (a quote inside is doubled: `''`), integers, `true`, `false` and `null`.
 //! Anything else is refused the way pinejs refuses a URL it cannot parse.
@@ -17,24 +18,43 @@ pub(super) enum Literal {
     Null,
 }
 
-/// A conjunction of equality conditions.
+/// A comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Op {
+    Eq,
+    Gt,
+}
+
+/// A conjunction of conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Filter {
     pub(super) conditions: Vec<(String, Literal)>,
+    /// The comparison of each condition, in the same order.
+    pub(super) ops: Vec<Op>,
 }
 
 /// Parses a `$filter` value (already percent-decoded).
 pub(super) fn parse_filter(input: &str) -> Result<Filter, String> {
     let mut parser = Parser { rest: input };
     let mut conditions = Vec::new();
+    let mut ops = Vec::new();
     loop {
         parser.skip_spaces();
         let field = parser.identifier().ok_or(MALFORMED)?;
-        parser.keyword("eq").ok_or(MALFORMED)?;
+        let op = if parser.keyword("gt").is_some() {
+            Op::Gt
+        } else {
+            parser.keyword("eq").ok_or(MALFORMED)?;
+            Op::Eq
+        };
         let literal = parser.literal().ok_or(MALFORMED)?;
+        if op == Op::Gt && !matches!(literal, Literal::Int(_)) {
+            return Err(MALFORMED.to_owned());
+        }
         conditions.push((field.to_owned(), literal));
+        ops.push(op);
         if parser.rest.trim_start_matches(' ').is_empty() {
-            return Ok(Filter { conditions });
+            return Ok(Filter { conditions, ops });
         }
         parser.keyword("and").ok_or(MALFORMED)?;
     }
@@ -42,12 +62,21 @@ pub(super) fn parse_filter(input: &str) -> Result<Filter, String> {
 
 /// Whether `row` satisfies every condition; an unknown field or a type mismatch is an error.
 pub(super) fn matches(filter: &Filter, row: &Map<String, Value>) -> Result<bool, String> {
-    for (field, literal) in &filter.conditions {
+    for ((field, literal), op) in filter.conditions.iter().zip(&filter.ops) {
         let value = row
             .get(field)
             .ok_or_else(|| format!("Unknown field '{field}' in $filter"))?;
         // A navigation property compares by the id it points at.
         let value = value.get("__id").unwrap_or(value);
+        if *op == Op::Gt {
+            let (Literal::Int(n), Value::Number(v)) = (literal, value) else {
+                return Err(format!("Type mismatch comparing '{field}'"));
+            };
+            if v.as_i64().is_none_or(|v| v <= *n) {
+                return Ok(false);
+            }
+            continue;
+        }
         let equal = match (literal, value) {
             (Literal::Str(s), Value::String(v)) => s == v,
             (Literal::Int(n), Value::Number(v)) => v.as_i64() == Some(*n),
@@ -143,6 +172,21 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn greater_than_takes_integers_for_keyset_paging() {
+        let filter = parse_filter("belongs_to__application eq 7 and id gt 41").unwrap();
+        assert_eq!(filter.ops, [Op::Eq, Op::Gt]);
+        let row = |id: i64| {
+            serde_json::json!({"id": id, "belongs_to__application": {"__id": 7}})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        assert!(!matches(&filter, &row(41)).unwrap());
+        assert!(matches(&filter, &row(42)).unwrap());
+        assert!(parse_filter("uuid gt 'a'").is_err());
+    }
 
     fn conditions(input: &str) -> Vec<(String, Literal)> {
         parse_filter(input).unwrap().conditions
