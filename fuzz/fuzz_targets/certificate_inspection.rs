@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 id_format: format,
                 ca_der: ca,
                 now,
+                max_validity_days: Some(3660),
             };
             check(&inspect_device_certificate(der, &opts), ca.is_some());
         }

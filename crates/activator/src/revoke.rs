@@ -5,7 +5,9 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+use crate::{
+    call_deadline, CertificateId, CertificateStatus, IotAdmin, IotRegistry, RegistryError,
+};
 
 /// What to revoke.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +38,35 @@ pub struct RevokeReport {
     pub not_registered: Vec<String>,
     /// Things deleted.
     pub things_deleted: Vec<String>,
+}
+
+/// The ACTIVE certificates attached to `thing` (none when there is no such Thing), in the order
+/// AWS IoT lists its principals.
+pub async fn active_attached<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+) -> Result<Vec<CertificateId>, RegistryError> {
+    let principals = match iot.thing_principals(thing, call_deadline(deadline)).await {
+        Ok(p) => p,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut active = Vec::new();
+    for arn in principals {
+        let Some(id) = id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok()) else {
+            continue;
+        };
+        if iot
+            .describe_certificate(&id, call_deadline(deadline))
+            .await?
+            .status
+            == CertificateStatus::Active
+        {
+            active.push(id);
+        }
+    }
+    Ok(active)
 }
 
 /// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).

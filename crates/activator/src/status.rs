@@ -827,20 +827,21 @@ async fn delete_thing<A: IotAdmin>(
     deadline: Instant,
 ) -> Result<(), RegistryError> {
     let d = || call_deadline(deadline);
+    if let Some(id) = crate::revoke::active_attached(iot, thing, deadline)
+        .await?
+        .first()
+    {
+        return Err(RegistryError::failed(
+            "DeleteThing",
+            format!("certificate {id} attached to {thing} is ACTIVE: the Thing stays"),
+        ));
+    }
     let principals = match iot.thing_principals(thing, d()).await {
         Ok(p) => p,
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e),
     };
     for arn in &principals {
-        if let Some(id) = id_from_arn(arn).and_then(|id| CertificateId::parse(id).ok()) {
-            if iot.describe_certificate(&id, d()).await?.status == CertificateStatus::Active {
-                return Err(RegistryError::failed(
-                    "DeleteThing",
-                    format!("certificate {id} attached to {thing} is ACTIVE: the Thing stays"),
-                ));
-            }
-        }
         iot.detach_thing_principal(thing, arn, d()).await?;
     }
     iot.delete_thing(thing, d()).await.map(|_| ())

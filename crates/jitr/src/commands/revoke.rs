@@ -67,7 +67,10 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         // keeps its variables: they are the live credentials.
         let mut keep = Vec::new();
         for device in &devices {
-            if runtime.block_on(has_active(&registry, device, deadline))? {
+            let active = runtime.block_on(activator::revoke::active_attached(
+                &registry, device, deadline,
+            ))?;
+            if !active.is_empty() {
                 keep.push(device.clone());
             }
         }
@@ -125,35 +128,4 @@ fn print_report(report: &RevokeReport) {
     for thing in &report.things_deleted {
         println!("deleted Thing {thing}");
     }
-}
-
-/// Whether `device`'s Thing still has an ACTIVE certificate attached.
-async fn has_active<R: activator::IotRegistry>(
-    registry: &R,
-    device: &str,
-    deadline: tokio::time::Instant,
-) -> Result<bool> {
-    let principals = match registry
-        .thing_principals(device, activator::call_deadline(deadline))
-        .await
-    {
-        Ok(p) => p,
-        Err(e) if e.is_not_found() => return Ok(false),
-        Err(e) => return Err(e.into()),
-    };
-    for arn in principals {
-        let Some(id) = activator::revoke::id_from_arn(&arn) else {
-            continue;
-        };
-        let Ok(id) = CertificateId::parse(id) else {
-            continue;
-        };
-        let described = registry
-            .describe_certificate(&id, activator::call_deadline(deadline))
-            .await?;
-        if described.status == activator::CertificateStatus::Active {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use activator::rotation::{self, Placement};
 use activator::status::{self, Known, Rates, State};
-use activator::{CertificateId, CertificateStatus, Config, FleetConfig, IotRegistry, ThingSpec};
+use activator::{CertificateId, Config, FleetConfig, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{issue_batch, BatchOptions, DeviceId, Rotation};
 use time::OffsetDateTime;
@@ -118,7 +118,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
         for id in &ids {
             old.insert(
                 id.to_string(),
-                active_certificates(&registry, id.as_str(), deadline).await?,
+                activator::revoke::active_attached(&registry, id.as_str(), deadline).await?,
             );
         }
         anyhow::Ok(old)
@@ -309,34 +309,4 @@ async fn members(
         }
     }
     Ok((members, others))
-}
-
-/// The ACTIVE certificates attached to `device`'s Thing, oldest listed first.
-async fn active_certificates<R: IotRegistry>(
-    registry: &R,
-    device: &str,
-    deadline: tokio::time::Instant,
-) -> Result<Vec<CertificateId>> {
-    let principals = match registry
-        .thing_principals(device, activator::call_deadline(deadline))
-        .await
-    {
-        Ok(p) => p,
-        Err(e) if e.is_not_found() => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
-    };
-    let mut active = Vec::new();
-    for arn in principals {
-        let Some(id) = activator::revoke::id_from_arn(&arn) else {
-            continue;
-        };
-        let id = CertificateId::parse(id).map_err(anyhow::Error::msg)?;
-        let described = registry
-            .describe_certificate(&id, activator::call_deadline(deadline))
-            .await?;
-        if described.status == CertificateStatus::Active {
-            active.push(id);
-        }
-    }
-    Ok(active)
 }
