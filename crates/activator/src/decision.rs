@@ -115,6 +115,11 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         &self.registry
     }
 
+    /// The fleet port (for callers that check membership themselves, like the provisioner).
+    pub fn fleet(&self) -> &F {
+        &self.fleet
+    }
+
     /// The rules in force.
     pub fn policy(&self) -> &Policy {
         &self.policy

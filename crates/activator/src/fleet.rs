@@ -89,8 +89,8 @@ impl BalenaDirectory {
         self
     }
 
-    /// The fleet, its client built with the key on first use.
-    async fn fleet(&self) -> Result<&Fleet, Cause> {
+    /// The pinned fleet, its client built with the key on first use.
+    pub async fn fleet(&self) -> Result<&Fleet, Cause> {
         self.fleet
             .get_or_try_init(|| async {
                 let key = match &self.key_source {

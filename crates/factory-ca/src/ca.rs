@@ -340,8 +340,51 @@ impl Ca {
         }
         let profile = Profile::load(dir)?;
         let cert_der = read_certificate(&cert_path)?;
+        Ca::from_parts(
+            dir,
+            &cert_path.display().to_string(),
+            cert_der,
+            key,
+            key_name,
+            profile,
+        )
+    }
+
+    /// A CA with no folder: its certificate (PEM, as AWS IoT's DescribeCACertificate returns
+    /// it), a remote key that must be the certificate's, and the device profile to sign to.
+    /// What a Lambda that signs through AWS KMS builds at its cold start.
+    pub fn from_certificate(
+        cert_pem: &str,
+        key: Arc<dyn RemoteKey>,
+        profile: Profile,
+    ) -> Result<Ca, Error> {
+        let mut certs = crate::inspect::certificates_from_pem_or_der(cert_pem.as_bytes()).map_err(
+            |reason| Error::BadCertificate {
+                what: "the CA certificate".to_owned(),
+                reason,
+            },
+        )?;
+        let uri = key.uri();
+        Ca::from_parts(
+            Path::new(""),
+            "the CA certificate",
+            certs.swap_remove(0),
+            CaKey::Remote(key),
+            &uri,
+            profile,
+        )
+    }
+
+    fn from_parts(
+        dir: &Path,
+        what: &str,
+        cert_der: Vec<u8>,
+        key: CaKey,
+        key_name: &str,
+        profile: Profile,
+    ) -> Result<Ca, Error> {
         let bad = |reason: &str| Error::BadCertificate {
-            what: cert_path.display().to_string(),
+            what: what.to_owned(),
             reason: reason.to_owned(),
         };
         let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| bad(&e.to_string()))?;

@@ -1,0 +1,219 @@
+//! Certificates for balena devices that leave the factory without one, signed by the fleet's
+//! own CA in AWS KMS and activated by the same decision as every JIT-registered certificate.
+//!
+//! One Lambda binary, `provisioner`, answers three events:
+//!
+//! - **cloud-relay's `PROVISION_URL`** ([`request`], [`Provisioner::provision`]), through a
+//!   function URL: the device must be an active member of the pinned fleet and have no ACTIVE
+//!   certificate; one attempt per device per interval ([`attempts`]); the key and certificate
+//!   are made here, the certificate registered PENDING_ACTIVATION, the variables written to the
+//!   device's service through balena, and only then the activator's decision activates it.
+//!   The answer never carries key material: the key reaches only the device.
+//! - **the fleet provisioning pre-provisioning hook** ([`fleet_provisioning`]): allows
+//!   `RegisterThing` only for an active fleet member with no ACTIVE certificate, within 4 s.
+//! - **the certificate provider** for `CreateCertificateFromCsr` ([`fleet_provisioning`]):
+//!   signs the device's CSR with the KMS CA, to the device profile.
+
+pub mod attempts;
+pub mod config;
+pub mod fleet_provisioning;
+mod provision;
+pub mod request;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use activator::{
+    CertificateId, DeployedActivator, FleetBackend, IotAdmin, IotRegistry, RegistryError,
+};
+use factory_ca::{Ca, KeyAlgorithm};
+use serde_json::Value;
+use tokio::time::Instant;
+
+pub use attempts::{Attempts, Claim};
+pub use config::{Config, ConfigError};
+pub use request::{HttpRequest, HttpResponse, ProvisionRequest};
+
+/// The event kinds the binary answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A function URL request (payload format 2.0): cloud-relay's provisioning POST.
+    FunctionUrl,
+    /// AWS IoT fleet provisioning's pre-provisioning hook.
+    PreProvisioningHook,
+    /// AWS IoT's certificate provider request (`CreateCertificateFromCsr`).
+    CertificateProvider,
+}
+
+impl EventKind {
+    /// Which of the three `event` is, by the fields each documented shape carries.
+    pub fn of(event: &Value) -> Option<EventKind> {
+        if HttpRequest::matches(event) {
+            Some(EventKind::FunctionUrl)
+        } else if event["certificateSigningRequest"].is_string() {
+            Some(EventKind::CertificateProvider)
+        } else if event["claimCertificateId"].is_string() || event["templateArn"].is_string() {
+            Some(EventKind::PreProvisioningHook)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why the provisioner cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A variable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The activator's adapters.
+    #[error(transparent)]
+    Activator(#[from] activator::ConfigError),
+    /// The KMS key.
+    #[error("JITR_CA_KEY_URI: {0}")]
+    Key(#[from] ca_keys::Error),
+    /// The CA as AWS IoT knows it.
+    #[error("JITR_CA_CERTIFICATE_ID {id}: {reason}")]
+    Ca {
+        /// The CA id.
+        id: CertificateId,
+        /// Why.
+        reason: String,
+    },
+    /// The data endpoint could not be asked.
+    #[error("cannot ask AWS IoT for the data endpoint (set JITR_DATA_ENDPOINT to skip it): {0}")]
+    Endpoint(String),
+}
+
+/// The provisioner, built once per container.
+#[derive(Debug)]
+pub struct Provisioner {
+    activator: DeployedActivator,
+    ca: Arc<Ca>,
+    ca_id: CertificateId,
+    attempts: Attempts,
+    endpoint: String,
+    topic_prefix: String,
+    uuid_parameter: String,
+    key: KeyAlgorithm,
+    days: u32,
+}
+
+/// Seconds since the epoch.
+pub(crate) fn epoch_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// How long the cold start may spend on AWS calls.
+const START_TIME: Duration = Duration::from_secs(10);
+
+impl Provisioner {
+    /// Builds the provisioner: the activator's adapters, the KMS key (checked to be the CA
+    /// certificate's), the CA certificate from AWS IoT, the data endpoint.
+    pub async fn build(config: Config) -> Result<Provisioner, StartError> {
+        let sdk = activator::aws::load_sdk_config().await;
+        let activator = activator::build_with_sdk(config.activator.clone(), &sdk)?;
+        let deadline = Instant::now() + START_TIME;
+        let ca_id = config.ca_certificate_id.clone();
+        let ca_error = |reason: String| StartError::Ca {
+            id: ca_id.clone(),
+            reason,
+        };
+        let description = activator
+            .registry()
+            .describe_ca_certificate(&ca_id, deadline)
+            .await
+            .map_err(|e| ca_error(activator::error_chain(&e)))?;
+        if description.status.as_deref() != Some("ACTIVE") {
+            return Err(ca_error(format!(
+                "the CA is {} in AWS IoT, not ACTIVE",
+                description.status.as_deref().unwrap_or("of unknown status")
+            )));
+        }
+        let uri = config.ca_key.clone();
+        // Opening a KMS key blocks (DescribeKey, GetPublicKey on the key's own runtime).
+        let key =
+            tokio::task::spawn_blocking(move || ca_keys::open(&uri, &ca_keys::Options::default()))
+                .await
+                .map_err(|e| ca_error(format!("opening the key panicked: {e}")))??;
+        let policy = &config.activator.policy;
+        let mut profile = factory_ca::Profile::default();
+        profile.device.id_format = policy.id_format;
+        profile.device.max_days = profile.device.max_days.min(policy.max_validity_days);
+        profile.device.days = profile.device.days.min(profile.device.max_days);
+        let (key_algorithm, days) = (profile.device.key, profile.device.days);
+        let ca = Ca::from_certificate(&description.pem, key, profile)
+            .map_err(|e| ca_error(e.to_string()))?;
+        let endpoint = match config.data_endpoint {
+            Some(endpoint) => endpoint,
+            None => activator
+                .registry()
+                .describe_endpoint("iot:Data-ATS", deadline)
+                .await
+                .map_err(|e| StartError::Endpoint(activator::error_chain(&e)))?,
+        };
+        Ok(Provisioner {
+            attempts: Attempts::new(&sdk, &config.attempts_table, config.interval),
+            activator,
+            ca: Arc::new(ca),
+            ca_id,
+            endpoint,
+            topic_prefix: config.topic_prefix,
+            uuid_parameter: config.uuid_parameter,
+            key: key_algorithm,
+            days,
+        })
+    }
+
+    /// The pinned balena fleet (the configuration admits no other backend).
+    async fn balena(&self) -> Result<&balena::Fleet, String> {
+        match self.activator.fleet() {
+            FleetBackend::Balena(directory) => directory
+                .fleet()
+                .await
+                .map_err(|e| activator::error_chain(e.as_ref())),
+            FleetBackend::Allowlist(_) => Err("the fleet backend is not balena".into()),
+        }
+    }
+
+    /// The ACTIVE certificates attached to the device's Thing.
+    async fn active_certificates(
+        &self,
+        device: &factory_ca::DeviceId,
+        deadline: Instant,
+    ) -> Result<Vec<CertificateId>, RegistryError> {
+        activator::revoke::active_attached(self.activator.registry(), device.as_str(), deadline)
+            .await
+    }
+
+    /// Revokes `id`, logging a failure (the caller is already on a failure path).
+    async fn revoke_quietly(&self, id: &CertificateId, deadline: Instant) {
+        if let Err(e) = self
+            .activator
+            .registry()
+            .set_certificate_status(id, activator::CertificateStatus::Revoked, deadline)
+            .await
+        {
+            tracing::error!(certificate_id = %id, error = %activator::error_chain(&e), "could not revoke the certificate of a failed provisioning; revoke it by hand");
+        }
+    }
+}
+
+/// Registers `pem` under the CA, PENDING_ACTIVATION: nothing can connect with it yet.
+async fn register_pending<R: IotAdmin>(
+    registry: &R,
+    pem: &str,
+    ca_pem: &str,
+    deadline: Instant,
+) -> Result<CertificateId, RegistryError> {
+    registry
+        .register_certificate(
+            pem,
+            ca_pem,
+            activator::CertificateStatus::PendingActivation,
+            deadline,
+        )
+        .await
+}
