@@ -28,7 +28,9 @@ TEMPLATE = "infra/template.yaml"
 DELIVERY = "crates/balena/src/delivery.rs"
 ALIASES = {"FunctionArn": "ActivatorFunction.Arn", "FailureQueueUrl": "FailureQueue",
            "FailureQueueArn": "FailureQueue.Arn", "RuleErrorRoleArn": "RuleErrorActionRole.Arn",
-           "LogGroupName": "ActivatorLogGroup", "DeadLetterQueueArn": "DeadLetterQueue.Arn"}
+           "LogGroupName": "ActivatorLogGroup", "DeadLetterQueueArn": "DeadLetterQueue.Arn",
+           "ProvisionerLogGroupName": "ProvisionerLogGroup",
+           "AttemptsTableArn": "ProvisioningAttemptsTable.Arn"}
 BLOCK = re.compile(r"^(?P<indent> *)# rules: (?P<file>[\w.-]+)(?P<vars>(?: \| [^\n]*)?)\n"
                    r"(?P=indent)(?P<key>\w+):\n(?P<body>.*?)^(?P=indent)# end rules: (?P=file)\n",
                    re.M | re.S)
@@ -51,6 +53,23 @@ ACTIVATOR = {
     "logs:PutLogEvents": {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${LogGroupName}:*"},
     **{a: {"${FailureQueueArn}"} for a in ("sqs:SendMessage", "sqs:ReceiveMessage",
                                            "sqs:DeleteMessage", "sqs:GetQueueAttributes")},
+}
+# The provisioner's grants: action -> the only resources it may have.
+PROVISIONER = {
+    **{a: {IOT_ARN + "cert/*"} for a in ("iot:RegisterCertificate", "iot:DescribeCertificate",
+                                         "iot:UpdateCertificate", "iot:AttachPolicy",
+                                         "iot:AttachThingPrincipal", "iot:DetachThingPrincipal")},
+    "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
+    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:DescribeThing",
+                                          "iot:ListThingPrincipals")},
+    "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
+    # No resource-level permissions exist for this one: IAM honours only "*".
+    "iot:DescribeEndpoint": {"*"},
+    **{a: {"${ProvisionerCaKeyArn}"} for a in ("kms:DescribeKey", "kms:GetPublicKey", "kms:Sign")},
+    "dynamodb:PutItem": {"${AttemptsTableArn}"},
+    "secretsmanager:GetSecretValue": {"${BalenaApiKeySecretArn}"},
+    **{a: {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${ProvisionerLogGroupName}:*"}
+       for a in ("logs:CreateLogStream", "logs:PutLogEvents")},
 }
 
 
@@ -115,6 +134,7 @@ def check(root: Path) -> list[str]:
     template = (root / TEMPLATE).read_text()
     device = json.loads((rules / "device-policy.json").read_text())
     activator = json.loads((rules / "activator-policy.json").read_text())
+    provisioner = json.loads((rules / "provisioner-policy.json").read_text())
     rule = json.loads((rules / "topic-rule.json").read_text())
 
     def prop(name: str, problem):
@@ -124,7 +144,8 @@ def check(root: Path) -> list[str]:
 
     found = {m["file"] for m in BLOCK.finditer(template)}
     prop("template: a generated block for each rules/ file",
-         None if found == {"device-policy.json", "activator-policy.json", "topic-rule.json"}
+         None if found == {"device-policy.json", "activator-policy.json", "topic-rule.json",
+                           "provisioner-policy.json"}
          else f"blocks for {sorted(found)}")
     prop("template: generated blocks match rules/ (run scripts/rules.py render)",
          None if render(template, rules) == template else "the template differs from its rendering")
@@ -155,18 +176,20 @@ def check(root: Path) -> list[str]:
          None if delivered and default and default[1] == delivered[1]
          else f"template {default and default[1]!r}, {DELIVERY} {delivered and delivered[1]!r}")
 
-    granted: dict[str, set[str]] = {}
-    for s in allows(activator):
-        for a in listed(s["Action"]):
-            granted.setdefault(a, set()).update(listed(s["Resource"]))
-    prop("activator policy: only the actions it calls",
-         None if set(granted) <= set(ACTIVATOR) else f"extra {sorted(set(granted) - set(ACTIVATOR))}")
-    prop("activator policy: every grant on its own resources only",
-         next((f"{a} on {sorted(r - ACTIVATOR[a])}" for a, r in granted.items()
-               if a in ACTIVATOR and r - ACTIVATOR[a]), None))
-    prop("activator policy: no NotAction or NotResource",
-         next((f"statement {s.get('Sid')}" for s in activator["Statement"]
-               if "NotAction" in s or "NotResource" in s), None))
+    for role, policy, allowed in (("activator", activator, ACTIVATOR),
+                                  ("provisioner", provisioner, PROVISIONER)):
+        granted: dict[str, set[str]] = {}
+        for s in allows(policy):
+            for a in listed(s["Action"]):
+                granted.setdefault(a, set()).update(listed(s["Resource"]))
+        prop(f"{role} policy: only the actions it calls",
+             None if set(granted) <= set(allowed) else f"extra {sorted(set(granted) - set(allowed))}")
+        prop(f"{role} policy: every grant on its own resources only",
+             next((f"{a} on {sorted(r - allowed[a])}" for a, r in granted.items()
+                   if a in allowed and r - allowed[a]), None))
+        prop(f"{role} policy: no NotAction or NotResource",
+             next((f"statement {s.get('Sid')}" for s in policy["Statement"]
+                   if "NotAction" in s or "NotResource" in s), None))
 
     prop("topic rule: SQL selects exactly the trusted CA's registered events",
          None if rule["sql"] == "SELECT * FROM '$aws/events/certificates/registered/${CaCertificateId}'"
@@ -196,7 +219,11 @@ def check(root: Path) -> list[str]:
              "TargetCheckNames:\n        - DEVICE_CERTIFICATE_EXPIRING_CHECK\n        - CA_CERTIFICATE_EXPIRING_CHECK\n"
              "        - DEVICE_CERTIFICATE_SHARED_CHECK\n        - REVOKED_DEVICE_CERTIFICATE_STILL_ACTIVE_CHECK\n"
              "        - DEVICE_CERTIFICATE_KEY_QUALITY_CHECK\n        - CONFLICTING_CLIENT_IDS_CHECK"),
-            ("a rejection-spike alarm", "Value: rejected")]:
+            ("a rejection-spike alarm", "Value: rejected"),
+            ("the provisioner's concurrency is reserved (its URL is public)",
+             "ReservedConcurrentExecutions: !Ref ProvisionerConcurrency"),
+            ("the provisioner signs only through KMS",
+             'JITR_CA_KEY_URI: !Sub "awskms:key-id=${ProvisionerCaKeyArn}"')]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
     return out
 
@@ -248,6 +275,12 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "template: TopicPrefix defaults"),
     ("an audit check dropped", TEMPLATE, "        - DEVICE_CERTIFICATE_SHARED_CHECK\n", "",
      "template: an optional weekly audit"),
+    ("provisioner signs with any key", "rules/provisioner-policy.json", '"Resource": "${ProvisionerCaKeyArn}"',
+     '"Resource": "*"', "provisioner policy: every grant"),
+    ("provisioner may delete Things", "rules/provisioner-policy.json", '"iot:DescribeThing",',
+     '"iot:DescribeThing", "iot:DeleteThing",', "provisioner policy: only the actions"),
+    ("provisioner concurrency unbounded", TEMPLATE, "ReservedConcurrentExecutions: !Ref ProvisionerConcurrency",
+     "ReservedConcurrentExecutions: !Ref AWS::NoValue", "template: the provisioner's concurrency"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),
