@@ -27,6 +27,9 @@ enum Field {
     ServiceVar,
     /// `device_tag` (`device`, `tag_key`, `value`): shown in the balena dashboard.
     Tag,
+    /// `application_environment_variable` (`application`, `name`, `value`): every device of
+    /// the fleet sees it.
+    FleetVar,
 }
 
 impl Field {
@@ -35,12 +38,13 @@ impl Field {
             Field::EnvVar => "device_environment_variable",
             Field::ServiceVar => "device_service_environment_variable",
             Field::Tag => "device_tag",
+            Field::FleetVar => "application_environment_variable",
         }
     }
 
     fn key_field(self) -> &'static str {
         match self {
-            Field::EnvVar | Field::ServiceVar => "name",
+            Field::EnvVar | Field::ServiceVar | Field::FleetVar => "name",
             Field::Tag => "tag_key",
         }
     }
@@ -48,6 +52,7 @@ impl Field {
     fn owner_field(self) -> &'static str {
         match self {
             Field::ServiceVar => "service_install",
+            Field::FleetVar => "application",
             Field::EnvVar | Field::Tag => "device",
         }
     }
@@ -171,6 +176,18 @@ impl Fleet {
         } else {
             Err(answer.unexpected(None))
         }
+    }
+
+    /// Sets the fleet variable `name` to `value`: every device of the fleet sees it (unless a
+    /// device or service variable of the same name overrides it).
+    pub async fn set_fleet_env_var(
+        &self,
+        name: &str,
+        value: &str,
+        deadline: Instant,
+    ) -> Result<Upserted, Error> {
+        self.upsert(Field::FleetVar, self.id().get(), name, value, deadline)
+            .await
     }
 
     /// Sets the tag `key` to `value` on `device`.

@@ -43,6 +43,31 @@ pub(crate) enum Command {
     /// Act as a device: connect to AWS IoT (or any MQTT broker) with its certificate.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Settings of the balena fleet itself.
+    #[command(subcommand)]
+    Balena(BalenaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BalenaCommand {
+    /// Set the fleet variables cloud-relay needs to ask the provisioner for its certificate:
+    /// PROVISION_URL (the stack's ProvisionUrl output) and AWS_DATA_ENDPOINT.
+    FleetVars(FleetVarsArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FleetVarsArgs {
+    /// The provisioner's function URL (https://...).
+    #[arg(long, value_name = "URL")]
+    pub(crate) provision_url: String,
+    /// The AWS IoT data endpoint devices connect to (default: asked from AWS IoT, as `jitr
+    /// endpoint` does).
+    #[arg(long, value_name = "HOST")]
+    pub(crate) endpoint: Option<String>,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -516,3 +516,75 @@ fn push_balena_to_a_service_sets_service_variables_of_that_device_only() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
+
+#[test]
+fn fleet_vars_point_cloud_relay_at_the_provisioner_on_the_pinned_fleet_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let balena = FakeBalena::start(KEY).unwrap();
+    balena.add_fleet(FLEET, "acme/fleet");
+    balena.add_fleet(OTHER_FLEET, "acme/other");
+    let url = "https://abcdefghij.lambda-url.eu-west-1.on.aws/";
+    let args = [
+        "balena",
+        "fleet-vars",
+        "--provision-url",
+        url,
+        "--endpoint",
+        ENDPOINT,
+    ];
+    let out = jitr(dir.path(), &args, Some(&balena));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "PROVISION_URL={url} (created on balena fleet {FLEET})\nAWS_DATA_ENDPOINT={ENDPOINT} (created on balena fleet {FLEET})\n"
+        )
+    );
+    let expected = vec![
+        ("PROVISION_URL".to_owned(), url.to_owned()),
+        ("AWS_DATA_ENDPOINT".to_owned(), ENDPOINT.to_owned()),
+    ];
+    assert_eq!(balena.fleet_vars(FLEET), expected);
+    assert!(balena.fleet_vars(OTHER_FLEET).is_empty());
+
+    // Again: updated in place, nothing duplicated.
+    let out = jitr(dir.path(), &args, Some(&balena));
+    assert!(text(&out.stdout).contains("(updated on balena fleet"));
+    assert_eq!(balena.fleet_vars(FLEET), expected);
+
+    // Not an https URL: a usage error before any call; no key: exit 1 naming the variables.
+    let out = jitr(
+        dir.path(),
+        &[
+            "balena",
+            "fleet-vars",
+            "--provision-url",
+            "ftp://x",
+            "--endpoint",
+            ENDPOINT,
+        ],
+        Some(&balena),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--provision-url"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = jitr(dir.path(), &args, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("BALENA_API_KEY"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A key that cannot see the fleet: refused by balena, said in one line, exit 1.
+    balena.hide_fleet_from_key(FLEET);
+    let out = jitr(dir.path(), &args, Some(&balena));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("PROVISION_URL"),
+        "{}",
+        text(&out.stderr)
+    );
+}

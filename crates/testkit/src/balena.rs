@@ -2,8 +2,8 @@
 //!
 //! Modelled resources: `application` (fleets), `device`, `service` (a fleet's services),
 //! `service_install` (a service on a device), `device_environment_variable`,
-//! `device_service_environment_variable` (a variable of one service on one device) and
-//! `device_tag`; GET, POST, PATCH and DELETE (by `$filter`, answering 200 `OK` whether or not
+//! `device_service_environment_variable` (a variable of one service on one device),
+//! `device_tag` and `application_environment_variable` (a fleet's own variables); GET, POST, PATCH and DELETE (by `$filter`, answering 200 `OK` whether or not
 //! anything matched, as pinejs does). Answers follow `testdata/balena/`: every read is HTTP 200 `{"d":[...]}`
 //! (empty when nothing matches *or* the key cannot see it), a navigation property is
 //! `{"__id": N}`, each row carries `__metadata.uri`. Errors are plain text, as pinejs sends them:
@@ -225,6 +225,16 @@ impl FakeBalena {
             .collect()
     }
 
+    /// A fleet's own variables as `(name, value)`, in creation order.
+    pub fn fleet_vars(&self, fleet_id: u64) -> Vec<(String, String)> {
+        self.db()
+            .fleet_vars
+            .values()
+            .filter(|v| v.device == fleet_id)
+            .map(|v| (v.key.clone(), v.value.clone()))
+            .collect()
+    }
+
     /// A device's tags as `(tag_key, value)`, in creation order.
     pub fn tags(&self, device_id: u64) -> Vec<(String, String)> {
         self.db()
@@ -253,6 +263,8 @@ struct Db {
     env_vars: BTreeMap<u64, Variable>,
     service_vars: BTreeMap<u64, Variable>,
     tags: BTreeMap<u64, Variable>,
+    /// Fleet-wide variables (`application_environment_variable`; `device` is the fleet).
+    fleet_vars: BTreeMap<u64, Variable>,
     last_id: u64,
     requests: Vec<RecordedRequest>,
 }
@@ -294,6 +306,7 @@ enum Resource {
     EnvVar,
     ServiceVar,
     Tag,
+    FleetVar,
 }
 
 impl Resource {
@@ -307,6 +320,7 @@ impl Resource {
             "device_environment_variable" => Self::EnvVar,
             "device_service_environment_variable" => Self::ServiceVar,
             "device_tag" => Self::Tag,
+            "application_environment_variable" => Self::FleetVar,
             _ => return None,
         })
     }
@@ -321,6 +335,7 @@ impl Resource {
             Self::EnvVar => "device_environment_variable",
             Self::ServiceVar => "device_service_environment_variable",
             Self::Tag => "device_tag",
+            Self::FleetVar => "application_environment_variable",
         }
     }
 
@@ -336,13 +351,17 @@ impl Resource {
     fn owner_field(self) -> &'static str {
         match self {
             Self::ServiceVar => "service_install",
+            Self::FleetVar => "application",
             _ => "device",
         }
     }
 
     /// Whether this is a resource of variables (written by POST/PATCH/DELETE).
     fn is_variable(self) -> bool {
-        matches!(self, Self::EnvVar | Self::ServiceVar | Self::Tag)
+        matches!(
+            self,
+            Self::EnvVar | Self::ServiceVar | Self::Tag | Self::FleetVar
+        )
     }
 }
 
@@ -358,6 +377,7 @@ impl Db {
             env_vars: BTreeMap::new(),
             service_vars: BTreeMap::new(),
             tags: BTreeMap::new(),
+            fleet_vars: BTreeMap::new(),
             last_id: 1_000_000,
             requests: Vec::new(),
         }
@@ -382,6 +402,7 @@ impl Db {
         match resource {
             Resource::Tag => &self.tags,
             Resource::ServiceVar => &self.service_vars,
+            Resource::FleetVar => &self.fleet_vars,
             _ => &self.env_vars,
         }
     }
@@ -390,7 +411,18 @@ impl Db {
         match resource {
             Resource::Tag => &mut self.tags,
             Resource::ServiceVar => &mut self.service_vars,
+            Resource::FleetVar => &mut self.fleet_vars,
             _ => &mut self.env_vars,
+        }
+    }
+
+    /// Whether the key can see a variable's owner: `None` when there is no such owner.
+    fn owner_visible(&self, resource: Resource, owner: u64) -> Option<bool> {
+        match resource {
+            Resource::FleetVar => self.fleets.get(&owner).map(|f| !f.hidden),
+            _ => self
+                .owner_device(resource, owner)
+                .map(|d| self.device_visible(d)),
         }
     }
 
@@ -446,13 +478,10 @@ impl Db {
                     json!({"id": id, "device": {"__id": device}, "installs__service": {"__id": service}})
                 })
                 .collect(),
-            Resource::EnvVar | Resource::ServiceVar | Resource::Tag => self
+            Resource::EnvVar | Resource::ServiceVar | Resource::Tag | Resource::FleetVar => self
                 .variables(resource)
                 .iter()
-                .filter(|(_, v)| {
-                    self.owner_device(resource, v.device)
-                        .is_some_and(|d| self.device_visible(d))
-                })
+                .filter(|(_, v)| self.owner_visible(resource, v.device) == Some(true))
                 .map(|(id, v)| {
                     let mut row = json!({"id": id});
                     row[resource.owner_field()] = json!({"__id": v.device});
@@ -834,11 +863,10 @@ fn post(db: &mut Db, resource: Resource, body: &[u8]) -> Response {
     if let Err(message) = validate_key(resource, key) {
         return bad_request(&message);
     }
-    let Some(owner_device) = db.owner_device(resource, device) else {
-        return bad_request("Foreign key constraint violated");
-    };
-    if !db.device_visible(owner_device) {
-        return text(StatusCode::UNAUTHORIZED, "Unauthorized");
+    match db.owner_visible(resource, device) {
+        None => return bad_request("Foreign key constraint violated"),
+        Some(false) => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
+        Some(true) => {}
     }
     if db
         .variables(resource)

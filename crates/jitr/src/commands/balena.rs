@@ -244,3 +244,60 @@ pub(crate) fn cleanup(
         anyhow::Ok((cleaned, failed))
     })
 }
+
+/// The fleet variables that make balena's cloud-relay ask the provisioner for a certificate.
+const PROVISION_URL: &str = "PROVISION_URL";
+
+/// `jitr balena fleet-vars`: PROVISION_URL and AWS_DATA_ENDPOINT set on the pinned fleet, so
+/// cloud-relay on a device without a certificate knows it is on AWS and where to ask.
+pub(crate) fn fleet_vars(args: crate::cli::FleetVarsArgs) -> Result<super::Outcome> {
+    let url = args.provision_url.trim();
+    let local = url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
+    if !(url.starts_with("https://") || local) || url.contains(char::is_whitespace) {
+        return Err(crate::UsageError(format!(
+            "--provision-url {url:?}: expected the provisioner's https:// function URL (the stack's ProvisionUrl output)"
+        ))
+        .into());
+    }
+    let fleet = activator::balena_fleet_from_env()
+        .context("jitr balena fleet-vars needs BALENA_API_KEY and BALENA_FLEET_ID (BALENA_API_URL for another API)")?;
+    let set = crate::aws::runtime()?.block_on(async {
+        let endpoint = match &args.endpoint {
+            Some(endpoint) => endpoint.clone(),
+            None => {
+                use activator::IotAdmin;
+                let registry = crate::aws::session(&args.aws).await?.registry();
+                let deadline =
+                    activator::call_deadline(args.aws.deadline(activator::OPERATOR_CALL_TIME));
+                registry.describe_endpoint("iot:Data-ATS", deadline).await?
+            }
+        };
+        let deadline = args.aws.deadline(PUSH_DEADLINE);
+        let mut set = Vec::new();
+        for (name, value) in [
+            (PROVISION_URL, url.to_owned()),
+            (balena::delivery::AWS_DATA_ENDPOINT, endpoint),
+        ] {
+            let upserted = fleet
+                .set_fleet_env_var(name, &value, deadline)
+                .await
+                .with_context(|| format!("fleet variable {name}"))?;
+            set.push((name, value, upserted));
+        }
+        anyhow::Ok(set)
+    })?;
+    for (name, value, upserted) in &set {
+        let how = match upserted {
+            Upserted::Created => "created",
+            Upserted::Updated => "updated",
+        };
+        if args.output.json {
+            super::print_json(
+                &serde_json::json!({"fleet_id": fleet.id().get(), "name": name, "value": value, "result": how}),
+            )?;
+        } else {
+            println!("{name}={value} ({how} on balena fleet {})", fleet.id());
+        }
+    }
+    Ok(super::Outcome::Success)
+}

@@ -14,7 +14,7 @@ mod status;
 
 use anyhow::Result;
 
-use crate::cli::{CaCommand, Cli, Command, DeviceCommand};
+use crate::cli::{BalenaCommand, CaCommand, Cli, Command, DeviceCommand};
 
 /// How a command ended when it did not hit an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -41,6 +41,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Status(args) => status::status(args),
         Command::Rotate(args) => rotate::rotate(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
+        Command::Balena(BalenaCommand::FleetVars(args)) => balena::fleet_vars(args),
     }
 }
 
