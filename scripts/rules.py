@@ -30,9 +30,15 @@ ALIASES = {"FunctionArn": "ActivatorFunction.Arn", "FailureQueueUrl": "FailureQu
            "FailureQueueArn": "FailureQueue.Arn", "RuleErrorRoleArn": "RuleErrorActionRole.Arn",
            "LogGroupName": "ActivatorLogGroup", "DeadLetterQueueArn": "DeadLetterQueue.Arn",
            "ProvisionerLogGroupName": "ProvisionerLogGroup",
-           "AttemptsTableArn": "ProvisioningAttemptsTable.Arn"}
+           "AttemptsTableArn": "ProvisioningAttemptsTable.Arn",
+           "ProvisioningTemplateName": "ProvisioningTemplateName"}
+# Files rendered as one JSON string (a property CloudFormation takes as text), not as YAML.
+STRING_BLOCKS = {"fleet-provisioning-template.json"}
+RULE_FILES = {"device-policy.json", "activator-policy.json", "topic-rule.json",
+              "provisioner-policy.json", "fleet-provisioning-template.json", "claim-policy.json"}
 BLOCK = re.compile(r"^(?P<indent> *)# rules: (?P<file>[\w.-]+)(?P<vars>(?: \| [^\n]*)?)\n"
-                   r"(?P=indent)(?P<key>\w+):\n(?P<body>.*?)^(?P=indent)# end rules: (?P=file)\n",
+                   r"(?P=indent)(?P<key>\w+):(?P<inline>[^\n]*)\n(?P<body>.*?)"
+                   r"^(?P=indent)# end rules: (?P=file)\n",
                    re.M | re.S)
 THING = "${iot:Connection.Thing.ThingName}"
 IOT_ARN = "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:"
@@ -114,9 +120,13 @@ def render(text: str, rules: Path) -> str:
     def block(m: re.Match) -> str:
         variables = dict(v.split(": ", 1) for v in m["vars"].split(" | ")[1:])
         document = json.loads((rules / m["file"]).read_text())
+        head = f"{m['indent']}# rules: {m['file']}{m['vars']}\n"
+        tail = f"{m['indent']}# end rules: {m['file']}\n"
+        if m["file"] in STRING_BLOCKS:
+            text = json.dumps(document, separators=(",", ":"))
+            return head + f"{m['indent']}{m['key']}: {scalar(text, variables)}\n" + tail
         body = to_yaml(document, len(m["indent"]) + 2, variables, m["file"] == "topic-rule.json")
-        return (f"{m['indent']}# rules: {m['file']}{m['vars']}\n{m['indent']}{m['key']}:\n"
-                + "\n".join(body) + f"\n{m['indent']}# end rules: {m['file']}\n")
+        return head + f"{m['indent']}{m['key']}:\n" + "\n".join(body) + "\n" + tail
     return BLOCK.sub(block, text)
 
 
@@ -144,8 +154,7 @@ def check(root: Path) -> list[str]:
 
     found = {m["file"] for m in BLOCK.finditer(template)}
     prop("template: a generated block for each rules/ file",
-         None if found == {"device-policy.json", "activator-policy.json", "topic-rule.json",
-                           "provisioner-policy.json"}
+         None if found == RULE_FILES
          else f"blocks for {sorted(found)}")
     prop("template: generated blocks match rules/ (run scripts/rules.py render)",
          None if render(template, rules) == template else "the template differs from its rendering")
@@ -191,6 +200,28 @@ def check(root: Path) -> list[str]:
              next((f"statement {s.get('Sid')}" for s in policy["Statement"]
                    if "NotAction" in s or "NotResource" in s), None))
 
+    claim = json.loads((rules / "claim-policy.json").read_text())
+    fp_template = json.loads((rules / "fleet-provisioning-template.json").read_text())
+    actions = {a for s in allows(claim) for a in listed(s["Action"])}
+    prop("claim policy: only connect, publish, receive, subscribe",
+         None if actions <= DEVICE_ACTIONS else f"actions {sorted(actions - DEVICE_ACTIONS)}")
+    fp_roots = [IOT_ARN + kind + "/$aws/" + root for kind in ("topic", "topicfilter")
+                for root in ("certificates/create-from-csr/",
+                             "provisioning-templates/${ProvisioningTemplateName}/provision/")]
+    claim_topics = [r for s in allows(claim) if set(listed(s["Action"])) - {"iot:Connect"}
+                    for r in listed(s["Resource"])]
+    prop("claim policy: only the CSR and RegisterThing topics of our template (no AWS-made keys)",
+         next((f"resource {r}" for r in claim_topics if not any(r.startswith(x) for x in fp_roots)),
+              None))
+    resources = fp_template.get("Resources", {})
+    prop("fleet provisioning template: the Thing is named by the device UUID parameter",
+         None if resources.get("thing", {}).get("Properties", {}).get("ThingName")
+         == {"Ref": "${UuidParameter}"} else "ThingName is not {Ref: ${UuidParameter}}")
+    prop("fleet provisioning template: the device policy and nothing else",
+         None if [r for r in resources.values() if r.get("Type") == "AWS::IoT::Policy"]
+         == [{"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "${PolicyName}"}}]
+         else "a policy other than ${PolicyName}")
+
     prop("topic rule: SQL selects exactly the trusted CA's registered events",
          None if rule["sql"] == "SELECT * FROM '$aws/events/certificates/registered/${CaCertificateId}'"
          else rule["sql"])
@@ -198,7 +229,9 @@ def check(root: Path) -> list[str]:
          None if [list(a) for a in rule["actions"]] == [["lambda"]] and "sqs" in rule.get("errorAction", {})
          else "actions or error action changed")
 
-    for name, needle in [("lambda permission: SourceAccount", "\n      SourceAccount: !Ref AWS::AccountId"),
+    for name, needle in [("lambda permission: SourceAccount",
+                          "FunctionName: !GetAtt ActivatorFunction.Arn\n      Principal: iot.amazonaws.com\n"
+                          "      SourceAccount: !Ref AWS::AccountId"),
                          ("lambda permission: SourceArn of the rule", ":rule/${RuleName}\""),
                          ("event invoke config: MaximumEventAgeInSeconds", "MaximumEventAgeInSeconds:"),
                          ("event invoke config: failures to the failure queue",
@@ -222,6 +255,10 @@ def check(root: Path) -> list[str]:
             ("a rejection-spike alarm", "Value: rejected"),
             ("the provisioner's concurrency is reserved (its URL is public)",
              "ReservedConcurrentExecutions: !Ref ProvisionerConcurrency"),
+            ("the pre-provisioning hook is the provisioner",
+             "PreProvisioningHook:\n        TargetArn: !GetAtt ProvisionerFunction.Arn"),
+            ("iot may invoke the provisioner only from this account",
+             "Principal: iot.amazonaws.com\n      SourceAccount: !Ref AWS::AccountId"),
             ("the provisioner signs only through KMS",
              'JITR_CA_KEY_URI: !Sub "awskms:key-id=${ProvisionerCaKeyArn}"')]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
@@ -258,7 +295,9 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "template: generated blocks match"),
     ("a generated block removed", TEMPLATE, "# rules: topic-rule.json", "# was rules: topic-rule.json",
      "template: a generated block"),
-    ("permission without SourceAccount", TEMPLATE, "SourceAccount: !Ref AWS::AccountId\n", "",
+    ("permission without SourceAccount", TEMPLATE,
+     "FunctionName: !GetAtt ActivatorFunction.Arn\n      Principal: iot.amazonaws.com\n      SourceAccount: !Ref AWS::AccountId\n",
+     "FunctionName: !GetAtt ActivatorFunction.Arn\n      Principal: iot.amazonaws.com\n",
      "template: lambda permission: SourceAccount"),
     ("no failure destination", TEMPLATE, "OnFailure:\n          Destination: !GetAtt FailureQueue.Arn",
      "OnFailure: {}", "template: event invoke config: failures"),
@@ -281,6 +320,17 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      '"iot:DescribeThing", "iot:DeleteThing",', "provisioner policy: only the actions"),
     ("provisioner concurrency unbounded", TEMPLATE, "ReservedConcurrentExecutions: !Ref ProvisionerConcurrency",
      "ReservedConcurrentExecutions: !Ref AWS::NoValue", "template: the provisioner's concurrency"),
+    ("claim certificates may ask AWS for keys", "rules/claim-policy.json",
+     "topic/$aws/certificates/create-from-csr/*", "topic/$aws/certificates/create/*",
+     "claim policy: only the CSR"),
+    ("claim certificates may publish anywhere", "rules/claim-policy.json",
+     '"iot:Publish",\n        "iot:Receive"\n      ],\n      "Resource": [',
+     '"iot:Publish",\n        "iot:Receive"\n      ],\n      "Resource": [\n        "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:topic/*",',
+     "claim policy: only the CSR"),
+    ("a fleet-provisioned Thing named by the client", "rules/fleet-provisioning-template.json",
+     '"Ref": "${UuidParameter}"', '"Ref": "AWS::IoT::ClientId"', "fleet provisioning template: the Thing"),
+    ("the hook dropped", TEMPLATE, "TargetArn: !GetAtt ProvisionerFunction.Arn",
+     "TargetArn: !GetAtt ActivatorFunction.Arn", "template: the pre-provisioning hook"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),

@@ -47,7 +47,7 @@ pub use ownership::Retire;
 pub use ports::{
     CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
     CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry,
-    ListedCertificate, Membership, RegistryError, ThingSpec,
+    ListedCertificate, Membership, ProvisioningClaim, RegistryError, ThingSpec,
 };
 pub use sweep::{
     Progress, SweepEvent, SweepOptions, SweepReport, SWEEP_DECISION_TIME, SWEEP_PAGE_TIME,

@@ -361,6 +361,34 @@ pub trait IotAdmin: IotRegistry {
         status: CertificateStatus,
         deadline: Instant,
     ) -> impl Future<Output = Result<CertificateId, RegistryError>> + Send;
+    /// CreateProvisioningClaim for the fleet provisioning template `template`.
+    fn create_provisioning_claim(
+        &self,
+        template: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<ProvisioningClaim, RegistryError>> + Send;
+}
+
+/// A claim certificate for fleet provisioning by a trusted user (CreateProvisioningClaim):
+/// valid for minutes, it lets one device ask for its own certificate through a template.
+pub struct ProvisioningClaim {
+    /// The claim certificate's id.
+    pub certificate_id: String,
+    /// The claim certificate, PEM.
+    pub certificate_pem: String,
+    /// Its private key, PEM.
+    pub private_key: zeroize::Zeroizing<String>,
+    /// When it stops working, epoch seconds, when AWS said.
+    pub expires_at: Option<i64>,
+}
+
+impl fmt::Debug for ProvisioningClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProvisioningClaim")
+            .field("certificate_id", &self.certificate_id)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A member of the fleet as the directory found it: what the write-back needs to find the

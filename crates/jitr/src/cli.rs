@@ -46,6 +46,80 @@ pub(crate) enum Command {
     /// Settings of the balena fleet itself.
     #[command(subcommand)]
     Balena(BalenaCommand),
+    /// AWS IoT fleet provisioning by claim, with our CA (the provisioner signs the CSRs) and
+    /// our fleet check (the provisioner is the pre-provisioning hook).
+    #[command(subcommand)]
+    FleetProvisioning(FleetProvisioningCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FleetProvisioningCommand {
+    /// Print the provisioning template (Thing named by the device UUID, certificate ACTIVE,
+    /// the device policy), its hook, and the claim certificates' IoT policy, as one JSON object.
+    Template(FpTemplateArgs),
+    /// A claim certificate for one device (valid for minutes, the trusted-user way), handed
+    /// with the template name and the endpoint to that device: a folder or balena variables.
+    Claim(FpClaimArgs),
+}
+
+/// The template parameter holding the device UUID, as the provisioner's default.
+pub(crate) const DEFAULT_UUID_PARAMETER: &str = "DeviceUuid";
+
+#[derive(Debug, Args)]
+pub(crate) struct FpTemplateArgs {
+    /// The provisioning template's name (the stack's ProvisioningTemplateName).
+    #[arg(long, value_name = "NAME", default_value = "jitr")]
+    pub(crate) template_name: String,
+    /// The device IoT policy the template attaches (the stack's PolicyName).
+    #[arg(long, value_name = "NAME", default_value = "jitr-device")]
+    pub(crate) policy_name: String,
+    /// The template parameter holding the device UUID (the provisioner's JITR_FP_UUID_PARAMETER).
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_UUID_PARAMETER)]
+    pub(crate) uuid_parameter: String,
+    /// The provisioner's ARN, as the template's pre-provisioning hook.
+    #[arg(long, value_name = "ARN")]
+    pub(crate) hook_arn: Option<String>,
+    /// The region in the claim policy's ARNs [default: *].
+    #[arg(long, value_name = "REGION", default_value = "*")]
+    pub(crate) region: String,
+    /// The account in the claim policy's ARNs [default: *].
+    #[arg(long, value_name = "ID", default_value = "*")]
+    pub(crate) account_id: String,
+    /// The partition in the claim policy's ARNs.
+    #[arg(long, value_name = "PARTITION", default_value = "aws")]
+    pub(crate) partition: String,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("to").required(true).args(["out", "push_balena"])))]
+pub(crate) struct FpClaimArgs {
+    /// The device (its UUID: the template's device UUID parameter).
+    #[arg(long, value_name = "UUID")]
+    pub(crate) id: String,
+    /// The provisioning template the claim is for.
+    #[arg(long, value_name = "NAME", default_value = "jitr")]
+    pub(crate) template_name: String,
+    /// Attach this IoT policy to the claim certificate (the stack's ClaimPolicyName output).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) claim_policy: Option<String>,
+    /// Write <DIR>/<uuid>/{claim.crt, claim.key (0600), provisioning.json}.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
+    /// Set AWS_CLAIM_CERT, AWS_CLAIM_PRIVATE_KEY, AWS_PROVISIONING_TEMPLATE and
+    /// AWS_DATA_ENDPOINT on the device through the balena API (BALENA_API_KEY, BALENA_FLEET_ID);
+    /// the device must be an active member of the fleet.
+    #[arg(long)]
+    pub(crate) push_balena: bool,
+    /// Set them as service variables of this service only.
+    #[arg(long, value_name = "NAME", requires = "push_balena")]
+    pub(crate) balena_service: Option<String>,
+    /// The AWS IoT data endpoint [default: asked from AWS IoT, as `jitr endpoint` does].
+    #[arg(long, value_name = "HOST", value_parser = parse_host)]
+    pub(crate) endpoint: Option<String>,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -16,6 +16,11 @@ Fixes applied before the server starts (moto 5.x):
   7. KMS Sign with MessageType DIGEST signs the digest as given, as AWS KMS does (moto
      ignores MessageType and hashes the digest again, so no verifier accepts the signature).
 
+  8. Fleet provisioning templates (Create/Describe/DeleteProvisioningTemplate) and
+     CreateProvisioningClaim, which moto does not implement: a claim is a new ACTIVE
+     certificate with its key pair, valid for 5 minutes, for a template that exists
+     (ResourceNotFoundException otherwise), as AWS IoT answers.
+
 And two changes for speed only, with the same answers:
   5. The server lists moto's service packages once, not on every request (its dispatcher
      walks the package folder per request: nearly half of its time under load).
@@ -176,6 +181,74 @@ def kms_sign_digest() -> None:
     moto.kms.responses.KmsResponse.sign = sign
 
 
+def fleet_provisioning() -> None:
+    import json
+    import time
+
+    import moto.iot.exceptions
+
+    responses = moto.iot.responses.IoTResponse
+
+    def templates(backend) -> dict:
+        return backend.__dict__.setdefault("_jitr_provisioning_templates", {})
+
+    def template_arn(backend, name: str) -> str:
+        return (
+            f"arn:aws:iot:{backend.region_name}:{backend.account_id}:provisioningtemplate/{name}"
+        )
+
+    def create_provisioning_template(self):
+        name = self._get_param("templateName")
+        store = templates(self.iot_backend)
+        arn = template_arn(self.iot_backend, name)
+        if name in store:
+            raise moto.iot.exceptions.ResourceAlreadyExistsException(
+                f"Template {name} already exists", name, arn
+            )
+        store[name] = {
+            "templateName": name,
+            "templateArn": arn,
+            "templateBody": self._get_param("templateBody"),
+            "enabled": bool(self._get_param("enabled")),
+            "provisioningRoleArn": self._get_param("provisioningRoleArn"),
+            "preProvisioningHook": self._get_param("preProvisioningHook"),
+            "defaultVersionId": 1,
+        }
+        return json.dumps({"templateArn": arn, "templateName": name, "defaultVersionId": 1})
+
+    def describe_provisioning_template(self):
+        name = self._get_param("templateName")
+        template = templates(self.iot_backend).get(name)
+        if template is None:
+            raise moto.iot.exceptions.ResourceNotFoundException(f"Template {name} not found")
+        return json.dumps({k: v for k, v in template.items() if v is not None})
+
+    def delete_provisioning_template(self):
+        name = self._get_param("templateName")
+        if templates(self.iot_backend).pop(name, None) is None:
+            raise moto.iot.exceptions.ResourceNotFoundException(f"Template {name} not found")
+        return json.dumps({})
+
+    def create_provisioning_claim(self):
+        name = self._get_param("templateName")
+        if name not in templates(self.iot_backend):
+            raise moto.iot.exceptions.ResourceNotFoundException(f"Template {name} not found")
+        certificate, key_pair = self.iot_backend.create_keys_and_certificate(set_as_active=True)
+        return json.dumps(
+            {
+                "certificateId": certificate.certificate_id,
+                "certificatePem": certificate.certificate_pem,
+                "keyPair": key_pair,
+                "expiration": int(time.time()) + 300,
+            }
+        )
+
+    responses.create_provisioning_template = create_provisioning_template
+    responses.describe_provisioning_template = describe_provisioning_template
+    responses.delete_provisioning_template = delete_provisioning_template
+    responses.create_provisioning_claim = create_provisioning_claim
+
+
 def main() -> None:
     if len(sys.argv) != 2:
         sys.exit("usage: launch_moto.py PORT")
@@ -188,6 +261,7 @@ def main() -> None:
     certificates_looked_up_by_id()
     things_looked_up_by_arn()
     kms_sign_digest()
+    fleet_provisioning()
     moto.server.main(["--host", "127.0.0.1", "--port", str(port)])
 
 

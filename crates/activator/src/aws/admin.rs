@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::{every_page, malformed, AwsIotRegistry, PAGE_SIZE};
 use crate::ports::CaRegistrationMode;
 use crate::{CertificateId, CertificateStatus};
-use crate::{IotAdmin, RegistryError};
+use crate::{IotAdmin, ProvisioningClaim, RegistryError};
 
 impl IotAdmin for AwsIotRegistry {
     async fn describe_endpoint(
@@ -199,5 +199,37 @@ impl IotAdmin for AwsIotRegistry {
             Ok(_) | Err(RegistryError::AlreadyExists { .. }) => Ok(expected),
             Err(e) => Err(e),
         }
+    }
+
+    async fn create_provisioning_claim(
+        &self,
+        template: &str,
+        deadline: Instant,
+    ) -> Result<ProvisioningClaim, RegistryError> {
+        const OP: &str = "CreateProvisioningClaim";
+        let out = self
+            .send(OP, deadline, || {
+                self.client
+                    .create_provisioning_claim()
+                    .template_name(template)
+                    .send()
+            })
+            .await?;
+        let private_key = out
+            .key_pair()
+            .and_then(|k| k.private_key())
+            .ok_or_else(|| malformed(OP, "keyPair.PrivateKey"))?;
+        Ok(ProvisioningClaim {
+            certificate_id: out
+                .certificate_id()
+                .ok_or_else(|| malformed(OP, "certificateId"))?
+                .to_owned(),
+            certificate_pem: out
+                .certificate_pem()
+                .ok_or_else(|| malformed(OP, "certificatePem"))?
+                .to_owned(),
+            private_key: zeroize::Zeroizing::new(private_key.to_owned()),
+            expires_at: out.expiration().map(|t| t.secs()),
+        })
     }
 }

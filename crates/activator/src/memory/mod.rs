@@ -642,4 +642,16 @@ impl IotAdmin for MemoryIot {
             });
         Ok(id)
     }
+
+    async fn create_provisioning_claim(
+        &self,
+        template: &str,
+        _deadline: Instant,
+    ) -> Result<crate::ProvisioningClaim, RegistryError> {
+        drop(self.enter("CreateProvisioningClaim")?);
+        Err(RegistryError::not_found(
+            "CreateProvisioningClaim",
+            format!("no provisioning template {template} in memory"),
+        ))
+    }
 }

@@ -5,6 +5,7 @@ mod balena;
 mod ca;
 mod device;
 mod endpoint;
+mod fleet_provisioning;
 mod inspect;
 mod issue;
 mod reconcile;
@@ -14,7 +15,7 @@ mod status;
 
 use anyhow::Result;
 
-use crate::cli::{BalenaCommand, CaCommand, Cli, Command, DeviceCommand};
+use crate::cli::{BalenaCommand, CaCommand, Cli, Command, DeviceCommand, FleetProvisioningCommand};
 
 /// How a command ended when it did not hit an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,6 +43,12 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Rotate(args) => rotate::rotate(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
         Command::Balena(BalenaCommand::FleetVars(args)) => balena::fleet_vars(args),
+        Command::FleetProvisioning(FleetProvisioningCommand::Template(args)) => {
+            fleet_provisioning::template(args)
+        }
+        Command::FleetProvisioning(FleetProvisioningCommand::Claim(args)) => {
+            fleet_provisioning::claim(args)
+        }
     }
 }
 
