@@ -46,7 +46,7 @@ pub use incoming::{Incoming, ReplayRecord};
 pub use ownership::Retire;
 pub use ports::{
     CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
-    CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry,
+    CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry, JitpConfig,
     ListedCertificate, Membership, ProvisioningClaim, RegistryError, ThingSpec,
 };
 pub use sweep::{

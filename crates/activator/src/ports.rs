@@ -361,12 +361,30 @@ pub trait IotAdmin: IotRegistry {
         status: CertificateStatus,
         deadline: Instant,
     ) -> impl Future<Output = Result<CertificateId, RegistryError>> + Send;
+    /// UpdateCACertificate with a `registrationConfig`: JITP for the CA `ca`.
+    fn set_ca_jitp(
+        &self,
+        ca: &CertificateId,
+        config: &JitpConfig,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// CreateProvisioningClaim for the fleet provisioning template `template`.
     fn create_provisioning_claim(
         &self,
         template: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<ProvisioningClaim, RegistryError>> + Send;
+}
+
+/// A CA's just-in-time provisioning (RegisterCACertificate's `registrationConfig`): the
+/// template AWS IoT itself applies to every certificate auto-registered under the CA, and the
+/// role it assumes to do so. No fleet check: AWS IoT cannot ask balena.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JitpConfig {
+    /// The provisioning template, JSON text.
+    pub template_body: String,
+    /// The IAM role AWS IoT assumes to apply it.
+    pub role_arn: String,
 }
 
 /// A claim certificate for fleet provisioning by a trusted user (CreateProvisioningClaim):

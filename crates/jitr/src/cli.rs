@@ -46,10 +46,38 @@ pub(crate) enum Command {
     /// Settings of the balena fleet itself.
     #[command(subcommand)]
     Balena(BalenaCommand),
+    /// Print the registrationConfig for AWS IoT's own just-in-time provisioning (JITP), giving
+    /// what the activator gives (Thing named by the CN, the policy, the attributes) without a
+    /// Lambda and without a fleet check.
+    JitpTemplate(JitpTemplateArgs),
     /// AWS IoT fleet provisioning by claim, with our CA (the provisioner signs the CSRs) and
     /// our fleet check (the provisioner is the pre-provisioning hook).
     #[command(subcommand)]
     FleetProvisioning(FleetProvisioningCommand),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct JitpTemplateArgs {
+    /// The IAM role AWS IoT assumes to provision (e.g. with the AWSIoTThingsRegistration policy).
+    #[arg(long, value_name = "ARN")]
+    pub(crate) role_arn: String,
+    /// The device IoT policy attached to each certificate.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "JITR_POLICY_NAME",
+        default_value = "jitr-device"
+    )]
+    pub(crate) policy: String,
+    /// The balena fleet, for the Thing attribute `fleet=balena-fleet-<id>` the activator sets.
+    #[arg(long, value_name = "ID", env = "BALENA_FLEET_ID")]
+    pub(crate) fleet_id: Option<u64>,
+    /// Thing type given to each Thing (must exist), as the activator's JITR_THING_TYPE.
+    #[arg(long, value_name = "NAME", env = "JITR_THING_TYPE")]
+    pub(crate) thing_type: Option<String>,
+    /// Static thing group each Thing joins (must exist), as the activator's JITR_THING_GROUP.
+    #[arg(long, value_name = "NAME", env = "JITR_THING_GROUP")]
+    pub(crate) thing_group: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,6 +296,11 @@ pub(crate) struct CaRegisterArgs {
     /// Register in SNI_ONLY mode: no verification certificate, so the CA key is not needed.
     #[arg(long)]
     pub(crate) sni_only: bool,
+    /// Also turn on AWS IoT's own just-in-time provisioning for the CA with this
+    /// registrationConfig (`jitr jitp-template` writes one). AWS IoT then provisions every
+    /// certificate the CA signed, with no fleet check; set on a CA registered before too.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) jitp_template: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
     #[command(flatten)]

@@ -474,3 +474,107 @@ fn a_wrong_passphrase_fails_before_any_aws_call() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(iot.requests().is_empty(), "{:?}", calls(&iot));
 }
+
+#[test]
+fn jitp_template_gives_the_activators_result_and_register_sets_it_on_the_ca() {
+    let moto = MotoServer::start().unwrap();
+    let tmp = with_ca(false);
+    let role = "arn:aws:iam::123456789012:role/jitr-jitp";
+    let env = moto.aws_env();
+    let out = jitr(
+        tmp.path(),
+        &[
+            "jitp-template",
+            "--role-arn",
+            role,
+            "--policy",
+            "acme-device",
+            "--fleet-id",
+            "424242",
+            "--thing-group",
+            "sensors",
+        ],
+        &env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(tmp.path().join("jitp.json"), &out.stdout).unwrap();
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["roleArn"], role);
+    let body: serde_json::Value =
+        serde_json::from_str(printed["templateBody"].as_str().unwrap()).unwrap();
+    let thing = &body["Resources"]["thing"]["Properties"];
+    assert_eq!(
+        thing["ThingName"],
+        serde_json::json!({"Ref": "AWS::IoT::Certificate::CommonName"})
+    );
+    // The attribute the activator writes for the same fleet.
+    assert_eq!(thing["AttributePayload"]["fleet"], "balena-fleet-424242");
+    assert_eq!(thing["ThingGroups"], serde_json::json!(["sensors"]));
+    assert_eq!(
+        body["Resources"]["policy"]["Properties"]["PolicyName"],
+        "acme-device"
+    );
+    assert_eq!(
+        body["Resources"]["certificate"]["Properties"]["Status"],
+        "ACTIVE"
+    );
+
+    // Registered with it: moto holds the registrationConfig; a second run on the registered
+    // CA sets it again.
+    let args = [
+        "ca",
+        "register",
+        "--sni-only",
+        "--jitp-template",
+        "jitp.json",
+        "--endpoint-url",
+        &moto.endpoint(),
+    ];
+    for _ in 0..2 {
+        let out = jitr(tmp.path(), &args, &env);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stdout(&out).contains("JITP template set"),
+            "{}",
+            stdout(&out)
+        );
+        let id = sha256_of_ca_der(tmp.path());
+        let described = moto_describe_ca(&moto, &id);
+        assert_eq!(described["registrationConfig"]["roleArn"], role);
+        assert_eq!(
+            described["registrationConfig"]["templateBody"],
+            printed["templateBody"]
+        );
+    }
+
+    // A file that is not a registrationConfig, or a role that is not a role: usage, no call.
+    for (text, reason) in [
+        ("not json", "not JSON"),
+        (
+            r#"{"templateBody": "{}", "roleArn": "arn:aws:iam::123456789012:role/x"}"#,
+            "no Resources",
+        ),
+        (
+            r#"{"templateBody": "{\"Resources\":{}}", "roleArn": "role"}"#,
+            "not an IAM role ARN",
+        ),
+    ] {
+        std::fs::write(tmp.path().join("bad.json"), text).unwrap();
+        let out = jitr(
+            tmp.path(),
+            &[
+                "ca",
+                "register",
+                "--sni-only",
+                "--jitp-template",
+                "bad.json",
+            ],
+            &env,
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(reason), "{}", stderr(&out));
+        assert!(stderr(&out).contains("bad.json"), "{}", stderr(&out));
+    }
+    let out = jitr(tmp.path(), &["jitp-template", "--role-arn", "nope"], &env);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

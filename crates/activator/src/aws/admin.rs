@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::{every_page, malformed, AwsIotRegistry, PAGE_SIZE};
 use crate::ports::CaRegistrationMode;
 use crate::{CertificateId, CertificateStatus};
-use crate::{IotAdmin, ProvisioningClaim, RegistryError};
+use crate::{IotAdmin, JitpConfig, ProvisioningClaim, RegistryError};
 
 impl IotAdmin for AwsIotRegistry {
     async fn describe_endpoint(
@@ -199,6 +199,27 @@ impl IotAdmin for AwsIotRegistry {
             Ok(_) | Err(RegistryError::AlreadyExists { .. }) => Ok(expected),
             Err(e) => Err(e),
         }
+    }
+
+    async fn set_ca_jitp(
+        &self,
+        ca: &CertificateId,
+        config: &JitpConfig,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        let registration = aws_sdk_iot::types::RegistrationConfig::builder()
+            .template_body(&config.template_body)
+            .role_arn(&config.role_arn)
+            .build();
+        self.send("UpdateCACertificate", deadline, || {
+            self.client
+                .update_ca_certificate()
+                .certificate_id(ca.as_str())
+                .registration_config(registration.clone())
+                .send()
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn create_provisioning_claim(

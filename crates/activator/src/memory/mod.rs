@@ -643,6 +643,21 @@ impl IotAdmin for MemoryIot {
         Ok(id)
     }
 
+    async fn set_ca_jitp(
+        &self,
+        ca: &CertificateId,
+        _config: &crate::JitpConfig,
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        const OP: &str = "UpdateCACertificate";
+        let state = self.enter(OP)?;
+        if state.cas.contains_key(ca.as_str()) {
+            Ok(())
+        } else {
+            Err(RegistryError::not_found(OP, format!("no CA {ca}")))
+        }
+    }
+
     async fn create_provisioning_claim(
         &self,
         template: &str,

@@ -186,6 +186,11 @@ pub(crate) fn read_ca_pem(dir: &Path) -> Result<(String, Vec<u8>)> {
 
 pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     let (ca_pem, ca_der) = read_ca_pem(&args.ca.dir)?;
+    let jitp = args
+        .jitp_template
+        .as_deref()
+        .map(super::jitp::read_config)
+        .transpose()?;
     // Unlock the key before talking to AWS: a wrong passphrase should cost no AWS call.
     let ca = if args.sni_only {
         None
@@ -197,9 +202,25 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     let registration = crate::aws::runtime()?.block_on(async {
         let registry = crate::aws::session(&args.aws).await?.registry();
         let deadline = args.aws.deadline(REGISTRATION_TIME);
-        anyhow::Ok(register_ca(&registry, ca.as_ref(), &ca_pem, &expected_id, deadline).await?)
+        let registration =
+            register_ca(&registry, ca.as_ref(), &ca_pem, &expected_id, deadline).await?;
+        if let Some(jitp) = &jitp {
+            use activator::IotAdmin;
+            let id = CertificateId::parse(&registration.id)
+                .map_err(|reason| anyhow::anyhow!("the CA id AWS IoT gave: {reason}"))?;
+            registry
+                .set_ca_jitp(&id, jitp, activator::call_deadline(deadline))
+                .await
+                .context("the CA is registered, but its JITP template could not be set")?;
+        }
+        anyhow::Ok(registration)
     })?;
     report_registration(&args, &registration, expected_id.as_str())?;
+    if let Some(jitp) = &jitp {
+        if !args.output.json {
+            println!("JITP template set  (role {}; AWS IoT provisions every certificate this CA signed, with no fleet check)", jitp.role_arn);
+        }
+    }
     Ok(Outcome::Success)
 }
 
@@ -231,6 +252,7 @@ fn report_registration(
             "certificate_mode": mode,
             "status": registration.status,
             "auto_registration_status": registration.auto_registration,
+            "jitp_template": args.jitp_template.is_some(),
             "id_file": id_file,
         }))?;
     } else {

@@ -8,6 +8,7 @@ mod endpoint;
 mod fleet_provisioning;
 mod inspect;
 mod issue;
+mod jitp;
 mod reconcile;
 mod revoke;
 mod rotate;
@@ -43,6 +44,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Rotate(args) => rotate::rotate(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
         Command::Balena(BalenaCommand::FleetVars(args)) => balena::fleet_vars(args),
+        Command::JitpTemplate(args) => jitp::template(args),
         Command::FleetProvisioning(FleetProvisioningCommand::Template(args)) => {
             fleet_provisioning::template(args)
         }
