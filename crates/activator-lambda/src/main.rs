@@ -6,8 +6,9 @@
 //! CloudWatch Embedded Metric Format lines carry the metrics (no API calls).
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use activator::lambda::{deadline_from_epoch_ms, epoch_ms};
 use activator::metrics;
 use activator::{
     AccountId, ActivationError, Activator, Config, Decision, FleetDirectory, Incoming, IotRegistry,
@@ -58,18 +59,6 @@ struct Context {
     sweep_window: Duration,
     /// The function's name, the `Function` dimension of every metric.
     function: String,
-}
-
-fn epoch_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The invocation deadline as a tokio instant.
-fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
-    let now_ms = epoch_ms() as u64;
-    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
 /// Prints one decision's metrics line.
@@ -231,23 +220,9 @@ async fn sweep<R: IotRegistry, F: FleetDirectory>(
     Ok(serde_json::to_value(&reports).unwrap_or(Value::Null))
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JITR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_target(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .init();
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    init_logging();
+    activator::lambda::init_json_logs();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {

@@ -20,6 +20,8 @@ mod event;
 pub mod fleet;
 mod ids;
 mod incoming;
+#[cfg(feature = "adapters")]
+pub mod lambda;
 #[cfg(feature = "testing")]
 pub mod memory;
 pub mod metrics;

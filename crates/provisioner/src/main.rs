@@ -6,22 +6,11 @@
 //! the certificate provider's signing requests. Logs are JSON lines on stdout; no key, no
 //! certificate, no API key ever reaches them.
 
-use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use provisioner::fleet_provisioning::ProviderError;
 use provisioner::{Config, EventKind, Provisioner};
 use serde_json::Value;
-use tokio::time::Instant;
-
-/// The invocation deadline as a tokio instant.
-fn deadline_from_epoch_ms(deadline_ms: u64) -> Instant {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
-}
+use std::process::ExitCode;
 
 fn diagnostic(error_type: &str, message: String) -> Diagnostic {
     Diagnostic {
@@ -32,7 +21,7 @@ fn diagnostic(error_type: &str, message: String) -> Diagnostic {
 
 async fn handle(provisioner: &Provisioner, event: LambdaEvent<Value>) -> Result<Value, Diagnostic> {
     let (payload, context) = event.into_parts();
-    let deadline = deadline_from_epoch_ms(context.deadline);
+    let deadline = activator::lambda::deadline_from_epoch_ms(context.deadline);
     match EventKind::of(&payload) {
         Some(EventKind::FunctionUrl) => {
             Ok(provisioner.provision(&payload, deadline).await.to_value())
@@ -57,23 +46,9 @@ async fn handle(provisioner: &Provisioner, event: LambdaEvent<Value>) -> Result<
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JITR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_span_list(false)
-        .with_target(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .init();
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    init_logging();
+    activator::lambda::init_json_logs();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
