@@ -49,8 +49,7 @@ ACTIVATOR = {
                                          "iot:AttachPolicy", "iot:AttachThingPrincipal",
                                          "iot:DetachThingPrincipal")},
     "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
-    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:DescribeThing",
-                                          "iot:ListThingPrincipals")},
+    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:ListThingPrincipals")},
     "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
     # No resource-level permissions exist for this one: IAM honours only "*".
     "iot:ListCertificatesByCA": {"*"},
@@ -66,8 +65,7 @@ PROVISIONER = {
                                          "iot:UpdateCertificate", "iot:AttachPolicy",
                                          "iot:AttachThingPrincipal", "iot:DetachThingPrincipal")},
     "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
-    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:DescribeThing",
-                                          "iot:ListThingPrincipals")},
+    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:ListThingPrincipals")},
     "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
     # No resource-level permissions exist for this one: IAM honours only "*".
     "iot:DescribeEndpoint": {"*"},
@@ -203,6 +201,10 @@ def check(root: Path) -> list[str]:
     claim = json.loads((rules / "claim-policy.json").read_text())
     fp_template = json.loads((rules / "fleet-provisioning-template.json").read_text())
     actions = {a for s in allows(claim) for a in listed(s["Action"])}
+    claim_connect = [r for s in allows(claim) if "iot:Connect" in listed(s["Action"])
+                     for r in listed(s["Resource"])]
+    prop("claim policy: connect only with a claim- client id (never a device's)",
+         None if claim_connect == [IOT_ARN + "client/claim-*"] else f"connect on {claim_connect}")
     prop("claim policy: only connect, publish, receive, subscribe",
          None if actions <= DEVICE_ACTIONS else f"actions {sorted(actions - DEVICE_ACTIONS)}")
     fp_roots = [IOT_ARN + kind + "/$aws/" + root for kind in ("topic", "topicfilter")
@@ -259,6 +261,8 @@ def check(root: Path) -> list[str]:
              "PreProvisioningHook:\n        TargetArn: !GetAtt ProvisionerFunction.Arn"),
             ("iot may invoke the provisioner only from this account",
              "Principal: iot.amazonaws.com\n      SourceAccount: !Ref AWS::AccountId"),
+            ("the public URL invokes through the URL only",
+             "Principal: \"*\"\n      InvokedViaFunctionUrl: true"),
             ("the provisioner signs only through KMS",
              'JITR_CA_KEY_URI: !Sub "awskms:key-id=${ProvisionerCaKeyArn}"')]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
@@ -268,8 +272,8 @@ def check(root: Path) -> list[str]:
 MUTATIONS = [  # (what, file, old, new, the property that must fail)
     ("iot:* in the activator policy", "rules/activator-policy.json", '"iot:DescribeCertificate",',
      '"iot:*", "iot:DescribeCertificate",', "activator policy: only the actions"),
-    ("iot:DeleteThing in the activator policy", "rules/activator-policy.json", '"iot:DescribeThing"',
-     '"iot:DescribeThing", "iot:DeleteThing"', "activator policy: only the actions"),
+    ("iot:DeleteThing in the activator policy", "rules/activator-policy.json", '"iot:CreateThing",',
+     '"iot:CreateThing", "iot:DeleteThing",', "activator policy: only the actions"),
     ("certificate actions on '*'", "rules/activator-policy.json",
      '"Resource": "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:cert/*"', '"Resource": "*"',
      "activator policy: every grant"),
@@ -316,8 +320,8 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "template: an optional weekly audit"),
     ("provisioner signs with any key", "rules/provisioner-policy.json", '"Resource": "${ProvisionerCaKeyArn}"',
      '"Resource": "*"', "provisioner policy: every grant"),
-    ("provisioner may delete Things", "rules/provisioner-policy.json", '"iot:DescribeThing",',
-     '"iot:DescribeThing", "iot:DeleteThing",', "provisioner policy: only the actions"),
+    ("provisioner may delete Things", "rules/provisioner-policy.json", '"iot:CreateThing",',
+     '"iot:CreateThing", "iot:DeleteThing",', "provisioner policy: only the actions"),
     ("provisioner concurrency unbounded", TEMPLATE, "ReservedConcurrentExecutions: !Ref ProvisionerConcurrency",
      "ReservedConcurrentExecutions: !Ref AWS::NoValue", "template: the provisioner's concurrency"),
     ("claim certificates may ask AWS for keys", "rules/claim-policy.json",
@@ -327,6 +331,8 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      '"iot:Publish",\n        "iot:Receive"\n      ],\n      "Resource": [',
      '"iot:Publish",\n        "iot:Receive"\n      ],\n      "Resource": [\n        "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:topic/*",',
      "claim policy: only the CSR"),
+    ("claim certificates connect as any client", "rules/claim-policy.json", ":client/claim-*", ":client/*",
+     "claim policy: connect only"),
     ("a fleet-provisioned Thing named by the client", "rules/fleet-provisioning-template.json",
      '"Ref": "${UuidParameter}"', '"Ref": "AWS::IoT::ClientId"', "fleet provisioning template: the Thing"),
     ("the hook dropped", TEMPLATE, "TargetArn: !GetAtt ProvisionerFunction.Arn",

@@ -119,9 +119,60 @@ impl Fleet {
         Ok(())
     }
 
+    /// Whether `device` has a variable `name`, device-wide or on any service.
+    pub async fn has_env_var(
+        &self,
+        device: &Device,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<bool, Error> {
+        let name = odata_string(name);
+        let path = format!(
+            "/v7/device_environment_variable?$select=id&$filter=device%20eq%20{}%20and%20name%20eq%20{name}",
+            device.id
+        );
+        let rows: Vec<IdRow> = self.client().get_rows(&path, deadline).await?;
+        if !rows.is_empty() {
+            return Ok(true);
+        }
+        let path = format!(
+            "/v7/service_install?$select=id&$filter=device%20eq%20{}",
+            device.id
+        );
+        let installs: Vec<IdRow> = self.client().get_rows(&path, deadline).await?;
+        for install in installs {
+            let path = format!(
+                "/v7/device_service_environment_variable?$select=id&$filter=service_install%20eq%20{}%20and%20name%20eq%20{name}",
+                install.id
+            );
+            let rows: Vec<IdRow> = self.client().get_rows(&path, deadline).await?;
+            if !rows.is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Removes the variables `names` of `service` on `device` only (nothing device-wide, no
+    /// other service). Nothing there is no error.
+    pub async fn remove_service_vars(
+        &self,
+        device: &Device,
+        service: &str,
+        names: &[&str],
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let install = self.service_install(device, service, deadline).await?;
+        for name in names {
+            self.delete(Field::ServiceVar, install, name, deadline)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// The id of `service`'s install on `device`: the service must be one of the fleet's, and
     /// installed on the device (the supervisor installs a release's services).
-    async fn service_install(
+    pub async fn service_install(
         &self,
         device: &Device,
         service: &str,

@@ -10,6 +10,9 @@ use ca_keys::KeyUri;
 /// The template parameter that holds the device UUID in a fleet provisioning request, unless
 /// `JITR_FP_UUID_PARAMETER` says another.
 pub const DEFAULT_UUID_PARAMETER: &str = "DeviceUuid";
+/// The services the provisioner delivers to unless `JITR_PROVISION_SERVICES` says others:
+/// balena's cloud-relay block, as its docker-compose names it.
+pub const DEFAULT_SERVICES: &str = "cloud-relay";
 /// One provisioning attempt per device in this time, unless `JITR_PROVISION_INTERVAL` says
 /// another.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(600);
@@ -65,6 +68,9 @@ pub struct Config {
     /// `JITR_PROVISION_INTERVAL` (default 10m): the shortest time between two attempts for one
     /// device.
     pub interval: Duration,
+    /// `JITR_PROVISION_SERVICES` (comma-separated, default `cloud-relay`): the only services a
+    /// request may name; a key is never delivered to any other service.
+    pub services: Vec<String>,
 }
 
 impl Config {
@@ -163,7 +169,23 @@ impl Config {
                     reason: format!("{v:?} is not a duration like 10m"),
                 })?,
         };
+        let services_text =
+            var("JITR_PROVISION_SERVICES").unwrap_or_else(|| DEFAULT_SERVICES.to_owned());
+        let services: Vec<String> = services_text
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .collect();
+        if let Some(bad) = services
+            .iter()
+            .find(|s| !crate::request::valid_service_name(s))
+        {
+            return Err(ConfigError::Invalid {
+                var: "JITR_PROVISION_SERVICES",
+                reason: format!("{bad:?} is not a service name"),
+            });
+        }
         Ok(Config {
+            services,
             activator,
             ca_key,
             ca_certificate_id,
@@ -210,6 +232,7 @@ mod tests {
         assert_eq!(config.uuid_parameter, "DeviceUuid");
         assert_eq!(config.interval, DEFAULT_INTERVAL);
         assert_eq!(config.data_endpoint, None);
+        assert_eq!(config.services, vec!["cloud-relay".to_owned()]);
     }
 
     #[test]
@@ -256,6 +279,11 @@ mod tests {
                 "JITR_PROVISION_INTERVAL is invalid",
             ),
             ("JITR_POLICY_NAME", None, "JITR_POLICY_NAME is not set"),
+            (
+                "JITR_PROVISION_SERVICES",
+                Some("relay, a b"),
+                "JITR_PROVISION_SERVICES is invalid",
+            ),
             ("JITR_FLEET_BACKEND", Some("allowlist"), "JITR_"),
             (
                 "JITR_TRUSTED_CA_IDS",

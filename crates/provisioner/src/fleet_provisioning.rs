@@ -3,9 +3,10 @@
 //! - the **pre-provisioning hook**: AWS sends `{claimCertificateId, certificateId,
 //!   certificatePem, templateArn, clientId, parameters}` and waits at most 5 s for
 //!   `{allowProvisioning, parameterOverrides}`. Allowed only for an active member of the pinned
-//!   fleet (its UUID in the template parameter `JITR_FP_UUID_PARAMETER`) with no ACTIVE
-//!   certificate, whose certificate, when it names a device, names that one. Answered within
-//!   [`HOOK_BUDGET`] whatever balena or AWS IoT do: no answer in time is a refusal.
+//!   fleet (its UUID in the template parameter `JITR_FP_UUID_PARAMETER`) with no ACTIVE or
+//!   pending certificate, presenting a certificate our CA signed whose CN is that UUID.
+//!   Answered within [`HOOK_BUDGET`] whatever balena or AWS IoT do: no answer in time is a
+//!   refusal.
 //! - the **certificate provider**: AWS sends the device's `certificateSigningRequest` from
 //!   `CreateCertificateFromCsr` and takes back `{certificatePem}`: signed here by the CA in
 //!   KMS, to the device profile (the CSR's CN is the device UUID).
@@ -70,17 +71,22 @@ impl Provisioner {
         let format = self.activator.policy().id_format;
         let device = factory_ca::DeviceId::parse(uuid, format)
             .map_err(|_| format!("parameter {parameter} is not a device UUID"))?;
-        if let Some(named) = event["certificatePem"].as_str().and_then(certificate_cn) {
-            if factory_ca::DeviceId::parse(&named, format).is_ok() && named != device.as_str() {
-                return Err(format!(
-                    "the certificate names device {named}, the parameter {device}"
-                ));
-            }
+        // The certificate must be ours (signed by the CA, which only the provider uses) and
+        // name this device: a claim holder cannot register another device, nor a certificate
+        // AWS IoT made.
+        let Some(pem) = event["certificatePem"].as_str() else {
+            return Err("no certificatePem".to_owned());
+        };
+        let named = self.our_certificate_cn(pem)?;
+        if named != device.as_str() {
+            return Err(format!(
+                "the certificate names {named:?}, the parameter {device}"
+            ));
         }
         let fleet = self.balena().await?;
-        let (membership, active) = tokio::join!(
+        let (membership, live) = tokio::join!(
             fleet.membership(&device, budget),
-            self.active_certificates(&device, budget)
+            self.live_certificates(&device, budget)
         );
         match membership.map_err(|e| error_chain(&e))? {
             balena::Membership::Member(_) => {}
@@ -91,10 +97,10 @@ impl Provisioner {
                 return Err(format!("device {device} is not in the fleet"))
             }
         }
-        let active = active.map_err(|e| error_chain(&e))?;
-        if let Some(id) = active.first() {
+        let live = live.map_err(|e| error_chain(&e))?;
+        if let Some(id) = live.first() {
             return Err(format!(
-                "device {device} has an ACTIVE certificate already ({id})"
+                "device {device} has an ACTIVE or pending certificate already ({id})"
             ));
         }
         Ok(device.to_string())
@@ -138,14 +144,28 @@ impl Provisioner {
     }
 }
 
-/// The subject CN of a PEM certificate, when it has exactly one.
-fn certificate_cn(pem: &str) -> Option<String> {
-    let der = factory_ca::certificates_from_pem_or_der(pem.as_bytes())
-        .ok()?
-        .into_iter()
-        .next()?;
-    let (_, cert) = X509Certificate::from_der(&der).ok()?;
-    let mut cns = cert.subject().iter_common_name();
-    let cn = cns.next()?.as_str().ok()?.to_owned();
-    cns.next().is_none().then_some(cn)
+impl Provisioner {
+    /// The subject CN of a PEM certificate that our CA signed (exactly one CN), or why not.
+    fn our_certificate_cn(&self, pem: &str) -> Result<String, String> {
+        let der = factory_ca::certificates_from_pem_or_der(pem.as_bytes())?
+            .into_iter()
+            .next()
+            .ok_or("no certificate in certificatePem")?;
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| format!("certificatePem does not parse: {e}"))?;
+        let (_, ca) = X509Certificate::from_der(self.ca.cert_der())
+            .map_err(|e| format!("the CA certificate does not parse: {e}"))?;
+        cert.verify_signature(Some(ca.public_key()))
+            .map_err(|_| "the certificate is not signed by the CA".to_owned())?;
+        let mut cns = cert.subject().iter_common_name();
+        let cn = cns
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or("the certificate has no CN")?
+            .to_owned();
+        if cns.next().is_some() {
+            return Err("the certificate has more than one CN".to_owned());
+        }
+        Ok(cn)
+    }
 }

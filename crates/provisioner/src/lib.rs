@@ -95,6 +95,7 @@ pub struct Provisioner {
     endpoint: String,
     topic_prefix: String,
     uuid_parameter: String,
+    services: Vec<String>,
     key: KeyAlgorithm,
     days: u32,
 }
@@ -108,6 +109,8 @@ pub(crate) fn epoch_seconds() -> i64 {
 
 /// How long the cold start may spend on AWS calls.
 const START_TIME: Duration = Duration::from_secs(10);
+/// How long one KMS signature may take, throttling included: well inside an invocation.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Provisioner {
     /// Builds the provisioner: the activator's adapters, the KMS key (checked to be the CA
@@ -134,10 +137,15 @@ impl Provisioner {
         }
         let uri = config.ca_key.clone();
         // Opening a KMS key blocks (DescribeKey, GetPublicKey on the key's own runtime).
-        let key =
-            tokio::task::spawn_blocking(move || ca_keys::open(&uri, &ca_keys::Options::default()))
-                .await
-                .map_err(|e| ca_error(format!("opening the key panicked: {e}")))??;
+        let key = tokio::task::spawn_blocking(move || {
+            let options = ca_keys::Options {
+                sign_timeout: SIGN_TIMEOUT,
+                ..ca_keys::Options::default()
+            };
+            ca_keys::open(&uri, &options)
+        })
+        .await
+        .map_err(|e| ca_error(format!("opening the key panicked: {e}")))??;
         let policy = &config.activator.policy;
         let mut profile = factory_ca::Profile::default();
         profile.device.id_format = policy.id_format;
@@ -162,6 +170,7 @@ impl Provisioner {
             endpoint,
             topic_prefix: config.topic_prefix,
             uuid_parameter: config.uuid_parameter,
+            services: config.services,
             key: key_algorithm,
             days,
         })
@@ -188,15 +197,68 @@ impl Provisioner {
             .await
     }
 
-    /// Revokes `id`, logging a failure (the caller is already on a failure path).
-    async fn revoke_quietly(&self, id: &CertificateId, deadline: Instant) {
-        if let Err(e) = self
-            .activator
-            .registry()
+    /// The ACTIVE or PENDING_ACTIVATION certificates attached to the device's Thing: any of
+    /// them is, or may become, its identity.
+    async fn live_certificates(
+        &self,
+        device: &factory_ca::DeviceId,
+        deadline: Instant,
+    ) -> Result<Vec<CertificateId>, RegistryError> {
+        let registry = self.activator.registry();
+        let principals = match registry.thing_principals(device.as_str(), deadline).await {
+            Ok(p) => p,
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut live = Vec::new();
+        for arn in principals {
+            let Some(id) =
+                activator::revoke::id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok())
+            else {
+                continue;
+            };
+            let status = registry.describe_certificate(&id, deadline).await?.status;
+            if matches!(
+                status,
+                activator::CertificateStatus::Active
+                    | activator::CertificateStatus::PendingActivation
+            ) {
+                live.push(id);
+            }
+        }
+        Ok(live)
+    }
+
+    /// Revokes `id` and detaches it from the device's Thing if the decision attached it,
+    /// logging a failure (the caller is already on a failure path).
+    async fn revoke_quietly(
+        &self,
+        id: &CertificateId,
+        device: &factory_ca::DeviceId,
+        deadline: Instant,
+    ) {
+        let registry = self.activator.registry();
+        let revoked = registry
             .set_certificate_status(id, activator::CertificateStatus::Revoked, deadline)
-            .await
-        {
-            tracing::error!(certificate_id = %id, error = %activator::error_chain(&e), "could not revoke the certificate of a failed provisioning; revoke it by hand");
+            .await;
+        let detached = async {
+            let arn = registry.describe_certificate(id, deadline).await?.arn;
+            match registry.thing_principals(device.as_str(), deadline).await {
+                Ok(principals) if principals.contains(&arn) => {
+                    registry
+                        .detach_thing_principal(device.as_str(), &arn, deadline)
+                        .await
+                }
+                Ok(_) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        .await;
+        for (what, result) in [("revoke", revoked), ("detach", detached)] {
+            if let Err(e) = result {
+                tracing::error!(certificate_id = %id, error = %activator::error_chain(&e), "could not {what} the certificate of a failed provisioning; do it by hand (jitr revoke --certificate-id)");
+            }
         }
     }
 }

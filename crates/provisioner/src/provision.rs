@@ -15,6 +15,9 @@ use tokio::time::Instant;
 use crate::request::{HttpRequest, HttpResponse, ProvisionRequest};
 use crate::{epoch_seconds, register_pending, Claim, Provisioner};
 
+/// Time kept from the forward path for undoing a failure (revoke, detach, remove variables).
+const UNDO_RESERVE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Provisioner {
     /// Answers one function URL request. Every path ends in an HTTP answer and one log line.
     pub async fn provision(&self, event: &serde_json::Value, deadline: Instant) -> HttpResponse {
@@ -33,21 +36,26 @@ impl Provisioner {
         response
     }
 
-    /// The request's work once its form is right: the answer and what to log.
+    /// The request's work once its form is right: the answer and what to log. The forward
+    /// path ends [`UNDO_RESERVE`] before the invocation's deadline, so undoing a failure always
+    /// has time of its own.
     async fn provision_checked(
         &self,
         request: &ProvisionRequest,
         deadline: Instant,
     ) -> (HttpResponse, String) {
         let device = &request.device;
+        let work = deadline
+            .checked_sub(UNDO_RESERVE)
+            .unwrap_or_else(Instant::now);
         let fleet = match self.balena().await {
             Ok(fleet) => fleet,
             Err(e) => return (HttpResponse::unavailable("the fleet cannot be checked"), e),
         };
         // Fleet first: a stranger learns nothing, not even whether a Thing exists.
         let (membership, active) = tokio::join!(
-            fleet.membership(device, deadline),
-            self.active_certificates(device, deadline)
+            fleet.membership(device, work),
+            self.active_certificates(device, work)
         );
         let member = match membership {
             Ok(balena::Membership::Member(member)) => member,
@@ -64,6 +72,26 @@ impl Provisioner {
                 )
             }
         };
+        // The key goes to the configured service only, and only if the device runs it.
+        if !self.services.contains(&request.service) {
+            let note = format!(
+                "service {} is not one the provisioner serves",
+                request.service
+            );
+            return (HttpResponse::forbidden(), note);
+        }
+        match fleet.service_install(&member, &request.service, work).await {
+            Ok(_) => {}
+            Err(e @ (balena::Error::NoService { .. } | balena::Error::NotInstalled { .. })) => {
+                return (HttpResponse::forbidden(), error_chain(&e))
+            }
+            Err(e) => {
+                return (
+                    HttpResponse::unavailable("the fleet cannot be checked"),
+                    error_chain(&e),
+                )
+            }
+        }
         match active {
             Ok(active) if !active.is_empty() => {
                 let note = format!("certificate {} is ACTIVE already", active[0]);
@@ -77,7 +105,24 @@ impl Provisioner {
                 )
             }
         }
-        match self.attempts.claim(device, epoch_seconds(), deadline).await {
+        // Credentials delivered another way (the factory's `--push-balena`) are the device's
+        // identity: never overwritten, never removed.
+        for name in [delivery::AWS_CERT, delivery::AWS_PRIVATE_KEY] {
+            match fleet.has_env_var(&member, name, work).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    let note = format!("the device has {name} already");
+                    return (HttpResponse::already_exists(), note);
+                }
+                Err(e) => {
+                    return (
+                        HttpResponse::unavailable("the fleet cannot be checked"),
+                        error_chain(&e),
+                    )
+                }
+            }
+        }
+        match self.attempts.claim(device, epoch_seconds(), work).await {
             Ok(Claim::Granted) => {}
             Ok(Claim::Limited { retry_after }) => {
                 return (
@@ -97,8 +142,7 @@ impl Provisioner {
             Err(e) => return (HttpResponse::unavailable("signing failed"), e),
         };
         let registry = self.activator.registry();
-        let id = match register_pending(registry, &issued.cert_pem, self.ca.cert_pem(), deadline)
-            .await
+        let id = match register_pending(registry, &issued.cert_pem, self.ca.cert_pem(), work).await
         {
             Ok(id) => id,
             Err(e) => {
@@ -118,11 +162,8 @@ impl Provisioner {
         drop(issued);
         let scope = Scope::Service(request.service.clone());
         for (name, value) in vars.iter() {
-            if let Err(e) = fleet
-                .set_env_var(&member, &scope, name, value, deadline)
-                .await
-            {
-                self.undo(&member, &id, deadline).await;
+            if let Err(e) = fleet.set_env_var(&member, &scope, name, value, work).await {
+                self.undo(&member, request, &id, deadline).await;
                 return (
                     HttpResponse::unavailable("the variables cannot be delivered"),
                     format!("variable {name}: {}", error_chain(&e)),
@@ -132,14 +173,10 @@ impl Provisioner {
         drop(vars);
         // The activator's decision: trusted CA, profile, fleet, ownership, then Thing, policy,
         // principal, and the certificate activated last.
-        let decision = match self
-            .activator
-            .activate(&id, Some(&self.ca_id), deadline)
-            .await
-        {
+        let decision = match self.activator.activate(&id, Some(&self.ca_id), work).await {
             Ok(decision) => decision,
             Err(e) => {
-                self.undo(&member, &id, deadline).await;
+                self.undo(&member, request, &id, deadline).await;
                 return (
                     HttpResponse::unavailable("the certificate cannot be activated"),
                     error_chain(&e),
@@ -156,16 +193,17 @@ impl Provisioner {
             ),
             Outcome::Held => {
                 // Another certificate became the device's identity meanwhile.
-                self.undo(&member, &id, deadline).await;
+                self.undo(&member, request, &id, deadline).await;
                 (HttpResponse::already_exists(), decision.reason)
             }
             Outcome::Rejected => {
-                // Revoked by the decision (the device left the fleet meanwhile).
-                self.remove_vars(&member, deadline).await;
+                // Revoked (or deactivated) by the decision, before anything was attached: the
+                // device left the fleet meanwhile.
+                self.remove_credentials(&member, request, deadline).await;
                 (HttpResponse::forbidden(), decision.reason)
             }
             Outcome::AlreadyActive | Outcome::Skipped => {
-                self.undo(&member, &id, deadline).await;
+                self.undo(&member, request, &id, deadline).await;
                 (
                     HttpResponse::unavailable("the certificate was changed while provisioning"),
                     decision.reason,
@@ -186,22 +224,43 @@ impl Provisioner {
         .map_err(|e| e.to_string())
     }
 
-    /// Revokes the certificate and removes what was delivered: a retry starts clean.
-    async fn undo(&self, member: &balena::Device, id: &CertificateId, deadline: Instant) {
-        self.revoke_quietly(id, deadline).await;
-        self.remove_vars(member, deadline).await;
+    /// Revokes the certificate, detaches it, and removes the credentials this request
+    /// delivered: a retry starts clean. Runs on the invocation's own deadline, past the
+    /// forward path's.
+    async fn undo(
+        &self,
+        member: &balena::Device,
+        request: &ProvisionRequest,
+        id: &CertificateId,
+        deadline: Instant,
+    ) {
+        self.revoke_quietly(id, &request.device, deadline).await;
+        self.remove_credentials(member, request, deadline).await;
     }
 
-    async fn remove_vars(&self, member: &balena::Device, deadline: Instant) {
+    /// Removes `AWS_CERT` and `AWS_PRIVATE_KEY` from the request's service on the device: the
+    /// two this request created (they were nowhere on the device before it). Nothing
+    /// device-wide, no other service, no other variable.
+    async fn remove_credentials(
+        &self,
+        member: &balena::Device,
+        request: &ProvisionRequest,
+        deadline: Instant,
+    ) {
         let removed = match self.balena().await {
             Ok(fleet) => fleet
-                .remove_env_vars(member, &delivery::ALL, deadline)
+                .remove_service_vars(
+                    member,
+                    &request.service,
+                    &[delivery::AWS_CERT, delivery::AWS_PRIVATE_KEY],
+                    deadline,
+                )
                 .await
                 .map_err(|e| error_chain(&e)),
             Err(e) => Err(e),
         };
         if let Err(e) = removed {
-            tracing::error!(device_id = %member.uuid, error = %e, "could not remove the delivered variables; remove them by hand (jitr revoke --balena-cleanup)");
+            tracing::error!(device_id = %member.uuid, service = %request.service, error = %e, "could not remove the delivered credentials; remove AWS_CERT and AWS_PRIVATE_KEY from that service by hand");
         }
     }
 }

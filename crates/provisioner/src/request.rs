@@ -102,7 +102,7 @@ impl ProvisionRequest {
 }
 
 /// A compose service name as balena accepts one.
-fn valid_service_name(name: &str) -> bool {
+pub(crate) fn valid_service_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
         && name.len() <= 63

@@ -385,6 +385,7 @@ fn cloud_relays_provisioning_request_is_answered_safely() {
     // balena refuses the variables: 503, the certificate revoked, nothing attached, nothing
     // left on the device.
     let (unlucky, unlucky_id) = w.member(3);
+    w.balena.add_env_var(unlucky_id, "RELAY_MODE", "1");
     w.balena.set_fault(Fault::WriteStatus(503));
     let r = post(&unlucky);
     w.balena.set_fault(Fault::None);
@@ -396,6 +397,10 @@ fn cloud_relays_provisioning_request_is_answered_safely() {
         .any(|(id, status)| id != &certificate_id && *status == CertificateStatus::Revoked));
     assert!(!w.things().contains(&unlucky), "no Thing for it");
     assert!(w.balena.service_vars(unlucky_id).is_empty());
+    assert_eq!(
+        w.balena.env_vars(unlucky_id),
+        vec![("RELAY_MODE".to_owned(), "1".to_owned())]
+    );
     // Its retry within the interval: 429 with Retry-After, nothing new.
     let r = post(&unlucky);
     assert_eq!(r["statusCode"], 429, "{r}");
@@ -407,6 +412,68 @@ fn cloud_relays_provisioning_request_is_answered_safely() {
     assert!((1..=600).contains(&retry_after), "{retry_after}");
     assert_eq!(w.certificates().len(), 2);
 
+    // Half-way: AWS_CERT written, AWS_PRIVATE_KEY refused. Undone: the certificate revoked, the
+    // variable this request wrote removed, the owner's own variable kept.
+    let (halfway, halfway_id) = w.member(4);
+    w.balena.add_env_var(halfway_id, "RELAY_MODE", "1");
+    w.balena
+        .set_fault(Fault::PostStatusAfter { ok: 1, status: 503 });
+    let r = post(&halfway);
+    w.balena.set_fault(Fault::None);
+    assert_eq!(r["statusCode"], 503, "{r}");
+    assert!(
+        w.balena.service_vars(halfway_id).is_empty(),
+        "AWS_CERT removed again"
+    );
+    assert_eq!(
+        w.balena.env_vars(halfway_id),
+        vec![("RELAY_MODE".to_owned(), "1".to_owned())]
+    );
+    assert_eq!(
+        w.certificates()
+            .iter()
+            .filter(|(_, s)| *s == CertificateStatus::Revoked)
+            .count(),
+        2
+    );
+
+    // Credentials delivered another way (the factory's --push-balena, device-wide): 409, and
+    // nothing of them touched.
+    let (factory, factory_id) = w.member(5);
+    w.balena.add_env_var(factory_id, "AWS_CERT", "ZmFjdG9yeQ==");
+    let r = post(&factory);
+    assert_eq!(r["statusCode"], 409, "{r}");
+    assert_eq!(r["body"], "thing already exists");
+    assert_eq!(
+        w.balena.env_vars(factory_id),
+        vec![("AWS_CERT".to_owned(), "ZmFjdG9yeQ==".to_owned())]
+    );
+
+    // A service the provisioner does not serve, or one the device does not run: 403, nothing
+    // made, the attempt not spent.
+    let (other_service, _) = w.member(6);
+    let r = response(
+        emulator
+            .invoke(
+                url_event(
+                    "POST",
+                    &json!({"uuid": other_service, "balena_service": "main"}).to_string(),
+                ),
+                INVOKE,
+            )
+            .unwrap(),
+    );
+    assert_eq!(r["statusCode"], 403, "{r}");
+    let not_running = format!("{:032x}", 7);
+    w.balena.add_device(FLEET, &not_running, true);
+    assert_eq!(post(&not_running)["statusCode"], 403);
+    assert_eq!(w.certificates().len(), 3);
+    assert_eq!(
+        post(&other_service)["statusCode"],
+        201,
+        "the device can still be provisioned"
+    );
+
     // One line per request; no key, certificate or API key in the log.
     let log = provisioner.log();
     let lines: Vec<Value> = log
@@ -414,7 +481,7 @@ fn cloud_relays_provisioning_request_is_answered_safely() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["message"] == "provision")
         .collect();
-    assert_eq!(lines.len(), 10, "{log}");
+    assert_eq!(lines.len(), 15, "{log}");
     assert_eq!(lines[0]["status"], 201);
     assert_eq!(lines[0]["device_id"], member.as_str());
     for secret in [KEY, "PRIVATE KEY", "BEGIN CERTIFICATE"] {
@@ -483,21 +550,43 @@ fn the_hook_allows_only_fleet_members_in_time_and_the_provider_signs_with_the_km
         other => panic!("{other:?}"),
     }
 
-    // The hook: a member with that certificate is allowed; the rest are not.
+    // The hook: a member whose certificate our CA signed for it is allowed; the rest are not.
     let allowed = |event: Value| {
         response(emulator.invoke(event, INVOKE).unwrap())["allowProvisioning"]
             .as_bool()
             .unwrap()
     };
+    let signed = |uuid: &str| {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, uuid);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let r = response(
+            emulator
+                .invoke(json!({"certificateSigningRequest": csr}), INVOKE)
+                .unwrap(),
+        );
+        r["certificatePem"].as_str().unwrap().to_owned()
+    };
     assert!(allowed(hook(&member, &pem)));
-    assert!(!allowed(hook(&stranger, "")));
-    assert!(!allowed(hook(&inactive, "")));
-    assert!(!allowed(hook("not-a-uuid", "")));
+    assert!(!allowed(hook(&member, "")), "no certificate");
+    let foreign = testkit::certs::TestCa::new("another CA").unwrap();
+    assert!(
+        !allowed(hook(&member, &foreign.device_pem(&member).unwrap())),
+        "a certificate our CA did not sign"
+    );
+    assert!(!allowed(hook(&stranger, &signed(&stranger))));
+    assert!(!allowed(hook(&inactive, &signed(&inactive))));
+    assert!(!allowed(hook("not-a-uuid", &pem)));
     let (other, _) = w.member(13);
     assert!(
         !allowed(hook(&other, &pem)),
         "a certificate naming another device"
     );
+    assert!(allowed(hook(&other, &signed(&other))));
     // A device that has an ACTIVE certificate is not provisioned again.
     let r = response(
         emulator
@@ -505,17 +594,21 @@ fn the_hook_allows_only_fleet_members_in_time_and_the_provider_signs_with_the_km
             .unwrap(),
     );
     assert_eq!(r["statusCode"], 201, "{r}");
-    assert!(!allowed(hook(&other, "")));
+    assert!(!allowed(hook(&other, &signed(&other))));
 
     // balena hanging: refused within the hook's budget, well inside AWS's 5 s.
     let (slow, _) = w.member(14);
+    let slow_pem = signed(&slow);
     w.balena.set_fault(Fault::Delay(Duration::from_secs(20)));
     let started = Instant::now();
-    assert!(!allowed(hook(&slow, "")));
+    assert!(!allowed(hook(&slow, &slow_pem)));
     let took = started.elapsed();
     w.balena.set_fault(Fault::None);
     assert!(took < Duration::from_secs(4), "answered in {took:?}");
-    assert!(allowed(hook(&slow, "")), "allowed once balena answers");
+    assert!(
+        allowed(hook(&slow, &slow_pem)),
+        "allowed once balena answers"
+    );
 }
 
 #[test]

@@ -49,6 +49,14 @@ pub enum Fault {
     /// Answer every write (POST, PATCH) with this status, serve reads: a key that may read
     /// but not write, or a write path in trouble.
     WriteStatus(u16),
+    /// Serve the next `ok` creations (POST), then answer every POST with `status` (a write
+    /// path that fails half-way through a delivery); other requests are served.
+    PostStatusAfter {
+        /// Creations served first.
+        ok: u32,
+        /// The status of every later POST.
+        status: u16,
+    },
     /// Answer every read with HTTP 200 and a JSON-looking body of this many bytes (a proxy
     /// gone wrong, or a query that matched far too much).
     Body {
@@ -223,6 +231,20 @@ impl FakeBalena {
             .filter(|v| v.device == device_id)
             .map(|v| (v.key.clone(), v.value.clone()))
             .collect()
+    }
+
+    /// Sets a device-wide variable directly (what an owner or `jitr issue --push-balena` left).
+    pub fn add_env_var(&self, device_id: u64, name: &str, value: &str) {
+        let mut db = self.db();
+        let id = db.next_id();
+        db.env_vars.insert(
+            id,
+            Variable {
+                device: device_id,
+                key: name.to_owned(),
+                value: value.to_owned(),
+            },
+        );
     }
 
     /// A fleet's own variables as `(name, value)`, in creation order.
@@ -570,7 +592,15 @@ async fn handle(
             has_authorization: authorization.is_some(),
             authorized,
         });
-        let fault = db.fault.clone();
+        let mut fault = db.fault.clone();
+        if let Fault::PostStatusAfter { ok, status } = fault {
+            if method == Method::POST && ok > 0 {
+                db.fault = Fault::PostStatusAfter { ok: ok - 1, status };
+                fault = Fault::None;
+            } else if method != Method::POST {
+                fault = Fault::None;
+            }
+        }
         if let Fault::RateLimited {
             retry_after_secs,
             times,
@@ -601,6 +631,10 @@ async fn handle(
             return text(status, status.canonical_reason().unwrap_or("Error"));
         }
         (Fault::WriteStatus(_), authorized) => authorized,
+        (Fault::PostStatusAfter { status, .. }, _) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return text(status, status.canonical_reason().unwrap_or("Error"));
+        }
         (Fault::Body { bytes }, _) if method == Method::GET => return oversized(bytes),
         (Fault::SlowBody(over), _) if method == Method::GET => return trickled(over),
         (Fault::Body { .. } | Fault::SlowBody(_) | Fault::ForeignRow { .. }, authorized) => {

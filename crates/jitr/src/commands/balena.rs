@@ -248,12 +248,31 @@ pub(crate) fn cleanup(
 /// The fleet variables that make balena's cloud-relay ask the provisioner for a certificate.
 const PROVISION_URL: &str = "PROVISION_URL";
 
+/// An `https://` URL with a host, or `http://` to this machine only (a local test stack).
+fn provision_url_ok(url: &str) -> bool {
+    let host_of = |rest: &str| {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_owned(),
+            _ => host.to_owned(),
+        }
+    };
+    if url.contains(char::is_whitespace) {
+        return false;
+    }
+    if let Some(rest) = url.strip_prefix("https://") {
+        return !host_of(rest).is_empty();
+    }
+    url.strip_prefix("http://")
+        .is_some_and(|rest| matches!(host_of(rest).as_str(), "127.0.0.1" | "localhost" | "[::1]"))
+}
+
 /// `jitr balena fleet-vars`: PROVISION_URL and AWS_DATA_ENDPOINT set on the pinned fleet, so
 /// cloud-relay on a device without a certificate knows it is on AWS and where to ask.
 pub(crate) fn fleet_vars(args: crate::cli::FleetVarsArgs) -> Result<super::Outcome> {
     let url = args.provision_url.trim();
-    let local = url.starts_with("http://127.0.0.1") || url.starts_with("http://localhost");
-    if !(url.starts_with("https://") || local) || url.contains(char::is_whitespace) {
+    if !provision_url_ok(url) {
         return Err(crate::UsageError(format!(
             "--provision-url {url:?}: expected the provisioner's https:// function URL (the stack's ProvisionUrl output)"
         ))
@@ -300,4 +319,31 @@ pub(crate) fn fleet_vars(args: crate::cli::FleetVarsArgs) -> Result<super::Outco
         }
     }
     Ok(super::Outcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::provision_url_ok;
+
+    #[test]
+    fn provision_urls_are_https_or_this_machine() {
+        for ok in [
+            "https://abc.lambda-url.eu-west-1.on.aws/",
+            "http://127.0.0.1:9000/",
+            "http://localhost/",
+            "http://[::1]:80/x",
+        ] {
+            assert!(provision_url_ok(ok), "{ok}");
+        }
+        for bad in [
+            "http://localhost.evil.example/",
+            "http://127.0.0.1.evil.example/",
+            "http://example.com/",
+            "ftp://x",
+            "https://",
+            "https://a b/",
+        ] {
+            assert!(!provision_url_ok(bad), "{bad}");
+        }
+    }
 }

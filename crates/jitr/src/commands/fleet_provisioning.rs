@@ -255,6 +255,8 @@ fn write_claim(
         "endpoint": endpoint,
         "device_uuid_parameter": crate::cli::DEFAULT_UUID_PARAMETER,
         "device_uuid": device.as_str(),
+        // The claim policy lets a claim certificate connect only with a `claim-` client id.
+        "client_id": format!("claim-{device}"),
         "claim_certificate_id": claim.certificate_id,
         "expires_at": claim.expires_at,
     });
