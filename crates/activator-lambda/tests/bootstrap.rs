@@ -6,7 +6,7 @@
 mod common;
 
 use aws_sdk_iot::types::CertificateStatus;
-use common::{response, world, Bootstrap, FLEET, INVOKE, KEY};
+use common::{response, spawn_bootstrap, world, FLEET, INVOKE, KEY};
 use serde_json::{json, Value};
 use testkit::balena::Fault;
 use testkit::lambda::{Invocation, RuntimeEmulator};
@@ -15,7 +15,7 @@ use testkit::lambda::{Invocation, RuntimeEmulator};
 fn bootstrap_activates_members_rejects_strangers_and_retries_on_outages() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let bootstrap = spawn_bootstrap(&w.env(&emulator));
 
     let member = format!("{:032x}", 1);
     w.balena.add_device(FLEET, &member, true);
@@ -99,7 +99,7 @@ fn a_missing_variable_fails_the_cold_start_naming_it() {
         .into_iter()
         .filter(|(k, _)| *k != "JITR_POLICY_NAME")
         .collect();
-    let mut bootstrap = Bootstrap::spawn(&env);
+    let mut bootstrap = spawn_bootstrap(&env);
     let status = bootstrap.child.wait().unwrap();
     assert!(!status.success());
     let mut stderr = String::new();
@@ -118,7 +118,7 @@ fn a_missing_variable_fails_the_cold_start_naming_it() {
             }
         })
         .collect();
-    let mut bootstrap = Bootstrap::spawn(&env);
+    let mut bootstrap = spawn_bootstrap(&env);
     assert!(!bootstrap.child.wait().unwrap().success());
     let mut stderr = String::new();
     std::io::Read::read_to_string(bootstrap.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
@@ -131,7 +131,7 @@ fn scheduled_sweeps_and_failure_queue_replays_finish_what_events_missed() {
     let emulator = RuntimeEmulator::start().unwrap();
     let mut env = w.env(&emulator);
     env.push(("JITR_SWEEP_MIN_AGE_SECONDS", "0".to_owned()));
-    let _bootstrap = Bootstrap::spawn(&env);
+    let _bootstrap = spawn_bootstrap(&env);
 
     // Two devices whose events were lost: the scheduled sweep decides both.
     let member = format!("{:032x}", 11);
@@ -212,7 +212,7 @@ fn each_ca_is_swept_on_its_own_and_the_metrics_are_in_the_log() {
     }
     env.push(("JITR_SWEEP_MIN_AGE_SECONDS", "0".to_owned()));
     env.push(("AWS_LAMBDA_FUNCTION_NAME", "jitr-activator".to_owned()));
-    let bootstrap = Bootstrap::spawn(&env);
+    let bootstrap = spawn_bootstrap(&env);
     let member = format!("{:032x}", 21);
     w.balena.add_device(FLEET, &member, true);
     let member_id = w.first_connect(&member);

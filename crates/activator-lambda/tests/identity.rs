@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use aws_sdk_iot::types::{CaCertificateStatus, CertificateStatus};
-use common::{response, world, Bootstrap, World, INVOKE};
+use common::{response, spawn_bootstrap, world, World, INVOKE};
 use serde_json::Value;
 use testkit::balena::Fault;
 use testkit::certs::device_params;
@@ -84,7 +84,7 @@ impl World {
 fn a_second_certificate_cannot_take_over_an_active_device() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let bootstrap = spawn_bootstrap(&w.env(&emulator));
     let device = uuid(1);
     w.balena.add_device(common::FLEET, &device, true);
 
@@ -124,7 +124,7 @@ fn a_second_certificate_cannot_take_over_an_active_device() {
 fn a_key_that_loses_sight_of_the_fleet_never_revokes_members() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let _bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let _bootstrap = spawn_bootstrap(&w.env(&emulator));
     let (first, member, stranger) = (uuid(1), uuid(2), uuid(3));
     w.balena.add_device(common::FLEET, &first, true);
     w.balena.add_device(common::FLEET, &member, true);
@@ -157,7 +157,7 @@ fn a_key_that_loses_sight_of_the_fleet_never_revokes_members() {
 fn an_operators_deactivation_during_a_slow_fleet_check_stands() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let _bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let _bootstrap = spawn_bootstrap(&w.env(&emulator));
     let device = uuid(5);
     w.balena.add_device(common::FLEET, &device, true);
     let id = w.first_connect(&device);
@@ -194,7 +194,7 @@ fn nothing_under_a_deactivated_ca_is_activated() {
     )
     .unwrap();
     let emulator = RuntimeEmulator::start().unwrap();
-    let _bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let _bootstrap = spawn_bootstrap(&w.env(&emulator));
     let d = response(emulator.invoke(w.event(&id), INVOKE).unwrap());
     assert_eq!(outcome(&d), "rejected", "{d}");
     assert!(
@@ -211,7 +211,7 @@ fn nothing_under_a_deactivated_ca_is_activated() {
 fn clock_skew_waits_and_certificates_never_outlive_their_ca() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let _bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let _bootstrap = spawn_bootstrap(&w.env(&emulator));
     let now = time::OffsetDateTime::now_utc();
     let (early, outliving) = (uuid(7), uuid(8));
     w.balena.add_device(common::FLEET, &early, true);
@@ -253,7 +253,7 @@ fn peak_rss_mib(pid: u32) -> u64 {
 fn the_balena_answer_is_bounded_pinned_and_never_sent_in_the_clear() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let bootstrap = Bootstrap::spawn(&w.env(&emulator));
+    let bootstrap = spawn_bootstrap(&w.env(&emulator));
     let device = uuid(9);
     w.balena.add_device(common::FLEET, &device, true);
 
@@ -285,7 +285,7 @@ fn the_balena_answer_is_bounded_pinned_and_never_sent_in_the_clear() {
     let mut env = w.env(&emulator);
     env.retain(|(k, _)| *k != "BALENA_API_URL");
     env.push(("BALENA_API_URL", "http://api.balena-cloud.com".to_owned()));
-    let mut cold = Bootstrap::spawn(&env);
+    let mut cold = spawn_bootstrap(&env);
     let status = cold.child.wait().unwrap();
     assert_eq!(status.code(), Some(1));
     let mut stderr = String::new();

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use serde_json::{json, Value};
 use testkit::balena::{FakeBalena, Fault};
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
-use testkit::proc::KillOnDrop;
+use testkit::proc::FunctionProcess;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 const FLEET: u64 = 777;
@@ -195,30 +194,9 @@ impl World {
     }
 }
 
-struct Provisioner {
-    child: KillOnDrop,
-    log: tempfile::NamedTempFile,
-}
-
-impl Provisioner {
-    fn spawn(env: &[(&str, String)]) -> Provisioner {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_provisioner"))
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(log.reopen().unwrap())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Provisioner {
-            child: KillOnDrop(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap()
-    }
+/// The real `provisioner` binary with exactly `env`.
+fn spawn(env: &[(&str, String)]) -> FunctionProcess {
+    FunctionProcess::spawn(env!("CARGO_BIN_EXE_provisioner"), env).unwrap()
 }
 
 /// A function URL event (payload format 2.0) as AWS builds it for cloud-relay's POST.
@@ -272,7 +250,7 @@ fn b64(text: &str) -> String {
 fn cloud_relays_provisioning_request_is_answered_safely() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let provisioner = Provisioner::spawn(&w.env(&emulator));
+    let provisioner = spawn(&w.env(&emulator));
     let post = |uuid: &str| {
         response(
             emulator
@@ -494,7 +472,7 @@ fn cloud_relays_provisioning_request_is_answered_safely() {
 fn the_hook_allows_only_fleet_members_in_time_and_the_provider_signs_with_the_kms_ca() {
     let w = world();
     let emulator = RuntimeEmulator::start().unwrap();
-    let _provisioner = Provisioner::spawn(&w.env(&emulator));
+    let _provisioner = spawn(&w.env(&emulator));
     let hook = |uuid: &str, pem: &str| {
         json!({
             "claimCertificateId": "1".repeat(64),
@@ -638,7 +616,7 @@ fn a_bad_configuration_fails_the_cold_start_naming_the_variable() {
             .filter(|(k, _)| *k != var)
             .chain(value.map(|v| (var, v.to_owned())))
             .collect();
-        let mut provisioner = Provisioner::spawn(&env);
+        let mut provisioner = spawn(&env);
         let status = provisioner.child.wait().unwrap();
         assert!(!status.success(), "{var}");
         let mut stderr = String::new();

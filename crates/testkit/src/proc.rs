@@ -74,3 +74,36 @@ mod tests {
         assert!(wait_for_port(addr, Duration::from_millis(100)).is_err());
     }
 }
+
+/// A Lambda binary (`bootstrap`, `provisioner`) run for the Runtime API emulator: nothing of
+/// the test's environment but `env`, its stdout (the JSON log lines) kept in a file, its stderr
+/// piped (what a failed cold start says). Killed when dropped.
+#[derive(Debug)]
+pub struct FunctionProcess {
+    /// The process.
+    pub child: KillOnDrop,
+    log: tempfile::NamedTempFile,
+}
+
+impl FunctionProcess {
+    /// Starts `exe` with exactly `env`.
+    pub fn spawn(exe: &str, env: &[(&str, String)]) -> Result<FunctionProcess> {
+        let log = tempfile::NamedTempFile::new().context("a log file")?;
+        let child = std::process::Command::new(exe)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(log.reopen().context("the log file")?)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {exe}"))?;
+        Ok(FunctionProcess {
+            child: KillOnDrop(child),
+            log,
+        })
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}

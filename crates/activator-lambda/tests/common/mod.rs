@@ -3,7 +3,6 @@
 
 #![allow(dead_code)] // each test file uses its own part of this
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use aws_sdk_iot::types::CertificateStatus;
@@ -13,37 +12,16 @@ use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::lambda::{Invocation, RuntimeEmulator};
 use testkit::moto::MotoServer;
-use testkit::proc::KillOnDrop;
+use testkit::proc::FunctionProcess;
 
 pub(crate) const FLEET: u64 = 424242;
 pub(crate) const KEY: &str = "bootstrap-test-balena-key-do-not-log";
 pub(crate) const POLICY: &str = "jitr-device";
 pub(crate) const INVOKE: Duration = Duration::from_secs(30);
 
-pub(crate) struct Bootstrap {
-    pub(crate) child: KillOnDrop,
-    log: tempfile::NamedTempFile,
-}
-
-impl Bootstrap {
-    pub(crate) fn spawn(env: &[(&str, String)]) -> Bootstrap {
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_bootstrap"))
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(log.reopen().unwrap())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Bootstrap {
-            child: KillOnDrop(child),
-            log,
-        }
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap()
-    }
+/// The real `bootstrap` binary with exactly `env`.
+pub(crate) fn spawn_bootstrap(env: &[(&str, String)]) -> FunctionProcess {
+    FunctionProcess::spawn(env!("CARGO_BIN_EXE_bootstrap"), env).unwrap()
 }
 
 pub(crate) struct World {
