@@ -47,26 +47,36 @@ pub async fn active_attached<R: IotRegistry>(
     thing: &str,
     deadline: Instant,
 ) -> Result<Vec<CertificateId>, RegistryError> {
+    attached_where(iot, thing, deadline, |s| *s == CertificateStatus::Active).await
+}
+
+/// The certificates attached to `thing` whose status `keep` accepts (none when there is no
+/// such Thing), in the order AWS IoT lists its principals.
+pub async fn attached_where<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+    keep: impl Fn(&CertificateStatus) -> bool,
+) -> Result<Vec<CertificateId>, RegistryError> {
     let principals = match iot.thing_principals(thing, call_deadline(deadline)).await {
         Ok(p) => p,
         Err(e) if e.is_not_found() => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut active = Vec::new();
+    let mut kept = Vec::new();
     for arn in principals {
         let Some(id) = id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok()) else {
             continue;
         };
-        if iot
-            .describe_certificate(&id, call_deadline(deadline))
-            .await?
-            .status
-            == CertificateStatus::Active
-        {
-            active.push(id);
+        if keep(
+            &iot.describe_certificate(&id, call_deadline(deadline))
+                .await?
+                .status,
+        ) {
+            kept.push(id);
         }
     }
-    Ok(active)
+    Ok(kept)
 }
 
 /// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).

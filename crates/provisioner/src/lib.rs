@@ -204,29 +204,19 @@ impl Provisioner {
         device: &factory_ca::DeviceId,
         deadline: Instant,
     ) -> Result<Vec<CertificateId>, RegistryError> {
-        let registry = self.activator.registry();
-        let principals = match registry.thing_principals(device.as_str(), deadline).await {
-            Ok(p) => p,
-            Err(e) if e.is_not_found() => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut live = Vec::new();
-        for arn in principals {
-            let Some(id) =
-                activator::revoke::id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok())
-            else {
-                continue;
-            };
-            let status = registry.describe_certificate(&id, deadline).await?.status;
-            if matches!(
-                status,
-                activator::CertificateStatus::Active
-                    | activator::CertificateStatus::PendingActivation
-            ) {
-                live.push(id);
-            }
-        }
-        Ok(live)
+        activator::revoke::attached_where(
+            self.activator.registry(),
+            device.as_str(),
+            deadline,
+            |status| {
+                matches!(
+                    status,
+                    activator::CertificateStatus::Active
+                        | activator::CertificateStatus::PendingActivation
+                )
+            },
+        )
+        .await
     }
 
     /// Revokes `id` and detaches it from the device's Thing if the decision attached it,
