@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::error::error_chain;
+use crate::ledger::{Ledger, LedgerEntry, LedgerError, LedgerMark, LedgerMode, LedgerPort, Marked};
 use crate::ownership::{Owners, Retire};
 use crate::trust::{CaCache, Verdict};
 use crate::{
@@ -27,7 +28,8 @@ pub enum Outcome {
     /// It was active already; nothing written.
     AlreadyActive,
     /// Left PENDING_ACTIVATION on purpose: another certificate is the device's identity
-    /// (`jitr approve` can make this one it).
+    /// (`jitr approve` can make this one it), or the ledger (`JITR_LEDGER=require`) does not
+    /// list it.
     Held,
     /// Refused; the certificate was revoked (or deactivated).
     Rejected,
@@ -71,6 +73,8 @@ pub struct Activator<R, F> {
     /// CA descriptions by id, each trusted for [`crate::trust::CA_CACHE_TIME`].
     pub(crate) ca_cache: CaCache,
     pub(crate) clock: fn() -> OffsetDateTime,
+    /// The issuance ledger, when one is configured.
+    pub(crate) ledger: Option<LedgerPort>,
 }
 
 /// Who asks for the decision.
@@ -101,7 +105,20 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             policy,
             ca_cache: Mutex::new(HashMap::new()),
             clock: OffsetDateTime::now_utc,
+            ledger: None,
         }
+    }
+
+    /// The same, marking every decision in `ledger` and, in [`LedgerMode::Require`], holding
+    /// any certificate it does not list.
+    pub fn with_ledger(mut self, ledger: Box<dyn Ledger>, mode: LedgerMode) -> Self {
+        self.ledger = Some(LedgerPort { ledger, mode });
+        self
+    }
+
+    /// The ledger, when one is configured (for `jitr approve --add-to-ledger`).
+    pub fn ledger(&self) -> Option<&dyn Ledger> {
+        self.ledger.as_ref().map(|port| port.ledger.as_ref())
     }
 
     /// The same, judging validity at the time `clock` gives.
@@ -233,7 +250,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
 
     /// The decision, in at most five sequential round trips when nothing else is attached to
     /// the device's Thing: DescribeCertificate; the fleet check alongside the Thing's
-    /// principals; CreateThing alongside AttachPolicy; AttachThingPrincipal alongside the
+    /// principals (and the ledger's item, when it is required); CreateThing alongside AttachPolicy; AttachThingPrincipal alongside the
     /// certificate's status read again and the principals read again; UpdateCertificate
     /// ACTIVE, always last. The CA's description is cached, so only a cold start pays for it.
     async fn decide(
@@ -292,9 +309,10 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 return self.reject(id, thing.as_ref(), reason, deadline).await
             }
         };
-        let (membership, owners) = tokio::join!(
+        let (membership, owners, listing) = tokio::join!(
             self.fleet.membership(&device, deadline),
-            self.owners(device.as_str(), &cert.arn, deadline)
+            self.owners(device.as_str(), &cert.arn, deadline),
+            self.listing(id, deadline)
         );
         if membership.is_err() {
             crate::metrics::fleet_error();
@@ -311,12 +329,15 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             }
         };
         let owners = owners?;
+        if let Some(reason) = unlisted(id, &device, listing?) {
+            // Nothing to mark: the ledger has no item for it.
+            return done(Some(&device), Outcome::Held, reason);
+        }
         if mode == Mode::Automatic && !owners.contenders.is_empty() {
-            return done(
-                Some(&device),
-                Outcome::Held,
-                owners.held_reason(device.as_str()),
-            );
+            let reason = owners.held_reason(device.as_str());
+            self.mark(id, LedgerMark::Held(reason.clone()), deadline)
+                .await;
+            return done(Some(&device), Outcome::Held, reason);
         }
         self.activate_member(id, &cert, &device, &member, owners, mode, deadline)
             .await
@@ -366,6 +387,8 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 let reason = format!(
                     "another certificate ({rival}) was attached to Thing {device} at the same time: approve one with `jitr approve --certificate-id`"
                 );
+                self.mark(id, LedgerMark::Held(reason.clone()), deadline)
+                    .await;
                 return Ok((
                     decision(id, Some(device), Outcome::Held, reason),
                     Vec::new(),
@@ -376,24 +399,30 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         self.registry
             .set_certificate_status(id, CertificateStatus::Active, deadline)
             .await?;
-        self.detach_leftovers(device.as_str(), &owners, deadline)
-            .await;
-        let retired = match mode {
-            Mode::Approve(retire) => {
-                self.retire(device.as_str(), &owners, retire, deadline)
-                    .await?
+        // The device is active: what follows tidies up, and the ledger is marked alongside.
+        let tidy = async {
+            self.detach_leftovers(device.as_str(), &owners, deadline)
+                .await;
+            let retired = match mode {
+                Mode::Approve(retire) => {
+                    self.retire(device.as_str(), &owners, retire, deadline)
+                        .await?
+                }
+                Mode::Automatic => Vec::new(),
+            };
+            // The device is active whatever happens here: a failed write-back is only reported.
+            if let Err(error) = self.fleet.record_activation(member, id, deadline).await {
+                tracing::warn!(
+                    certificate_id = %id,
+                    device_id = %device,
+                    error = %error_chain(error.as_ref()),
+                    "fleet write-back failed; the device is activated all the same"
+                );
             }
-            Mode::Automatic => Vec::new(),
+            Ok::<_, ActivationError>(retired)
         };
-        // The device is active whatever happens here: a failed write-back is only reported.
-        if let Err(error) = self.fleet.record_activation(member, id, deadline).await {
-            tracing::warn!(
-                certificate_id = %id,
-                device_id = %device,
-                error = %error_chain(error.as_ref()),
-                "fleet write-back failed; the device is activated all the same"
-            );
-        }
+        let (retired, _) = tokio::join!(tidy, self.mark(id, LedgerMark::Activated, deadline));
+        let retired = retired?;
         let reason = format!("device {device} is in {}", self.fleet.label());
         Ok((
             decision(id, Some(device), Outcome::Activated, reason),
@@ -439,10 +468,84 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             RejectAction::Revoke => CertificateStatus::Revoked,
             RejectAction::Deactivate => CertificateStatus::Inactive,
         };
-        self.registry
-            .set_certificate_status(id, status, deadline)
-            .await?;
+        let (set, _) = tokio::join!(
+            self.registry.set_certificate_status(id, status, deadline),
+            self.mark(id, LedgerMark::Rejected(reason.clone()), deadline)
+        );
+        set?;
         Ok((decision(id, thing, Outcome::Rejected, reason), Vec::new()))
+    }
+
+    /// The ledger's item for `id` when the ledger is required (`None` when it is not, so
+    /// nothing is read).
+    async fn listing(
+        &self,
+        id: &CertificateId,
+        deadline: Instant,
+    ) -> Result<Option<Option<LedgerEntry>>, LedgerError> {
+        match &self.ledger {
+            Some(port) if port.mode == LedgerMode::Require => {
+                port.ledger.entry(id, deadline).await.map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Marks a decision in the ledger, if there is one: what marking did, `None` without a
+    /// ledger or when the write failed. Never fails the decision: a failed write is logged,
+    /// and the sweep marks what it finds ACTIVE.
+    pub(crate) async fn mark(
+        &self,
+        id: &CertificateId,
+        mark: LedgerMark,
+        deadline: Instant,
+    ) -> Option<Marked> {
+        let port = self.ledger.as_ref()?;
+        let now = factory_ca::show_time((self.clock)());
+        match port.ledger.mark(id, &mark, &now, deadline).await {
+            Ok(marked) => {
+                if marked == Marked::NotListed {
+                    tracing::debug!(
+                        certificate_id = %id,
+                        status = mark.status(),
+                        "the ledger does not list the certificate; nothing marked"
+                    );
+                }
+                Some(marked)
+            }
+            Err(error) => {
+                crate::metrics::ledger_error();
+                tracing::warn!(
+                    certificate_id = %id,
+                    status = mark.status(),
+                    error = %error_chain(&error),
+                    "ledger write failed; the decision stands, and the sweep marks it later"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Why a certificate the ledger is required for is held: not listed, or listed for another
+/// device. `None` when the ledger lists it for this device, or is not required.
+fn unlisted(
+    id: &CertificateId,
+    device: &DeviceId,
+    listing: Option<Option<LedgerEntry>>,
+) -> Option<String> {
+    match listing? {
+        None => Some(format!(
+            "{}: the factory never recorded certificate {id} (a CA key used outside the factory?); \
+             `jitr approve --certificate-id {id} --add-to-ledger` adds it",
+            crate::ledger::NOT_IN_LEDGER
+        )),
+        Some(entry) if entry.device_id != device.as_str() => Some(format!(
+            "{}: the ledger lists certificate {id} for device {}, not {device}",
+            crate::ledger::NOT_IN_LEDGER,
+            entry.device_id
+        )),
+        Some(_) => None,
     }
 }
 

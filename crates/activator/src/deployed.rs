@@ -84,5 +84,12 @@ pub fn build_with_sdk(
             FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?)
         }
     };
-    Ok(Activator::new(registry, fleet, config.policy))
+    let activator = Activator::new(registry, fleet, config.policy);
+    Ok(match &config.ledger {
+        Some(ledger) => activator.with_ledger(
+            Box::new(aws::DynamoLedger::new(sdk, &ledger.table)),
+            ledger.mode,
+        ),
+        None => activator,
+    })
 }

@@ -1,6 +1,6 @@
 //! Why an invocation did not reach a decision, and the one-line error formatter.
 
-use crate::{EventError, FleetError, RegistryError};
+use crate::{EventError, FleetError, LedgerError, RegistryError};
 
 /// Why an invocation did not reach a decision. The certificate is left as it was.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +14,9 @@ pub enum ActivationError {
     /// The fleet check could not be answered.
     #[error("fleet check failed")]
     Fleet(#[from] FleetError),
+    /// The ledger, required, could not be read: nothing is activated unread.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
     /// The certificate is not valid yet, by less than the allowed clock skew: a device clock
     /// (or ours) a little off, waited out rather than rejected for good.
     #[error("the certificate is not valid before {not_before} ({seconds} s from now, within JITR_CLOCK_SKEW_SECONDS): left pending")]
@@ -31,6 +34,7 @@ impl ActivationError {
         match self {
             ActivationError::Event(_) => false,
             ActivationError::Registry(e) => e.is_retryable(),
+            ActivationError::Ledger(e) => e.retryable,
             ActivationError::Fleet(_) | ActivationError::NotYetValid { .. } => true,
         }
     }

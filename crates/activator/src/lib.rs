@@ -20,6 +20,7 @@ mod event;
 pub mod fleet;
 mod ids;
 mod incoming;
+pub mod ledger;
 #[cfg(feature = "adapters")]
 pub mod lambda;
 #[cfg(feature = "testing")]
@@ -37,14 +38,15 @@ mod trust;
 
 pub use balena::FleetId;
 pub use config::{
-    balena_fleet_from_env, parse_duration, ApiKeySource, Config, ConfigError, FleetConfig, Policy,
-    RejectAction, WriteBack,
+    balena_fleet_from_env, parse_duration, ApiKeySource, Config, ConfigError, FleetConfig,
+    LedgerConfig, Policy, RejectAction, WriteBack,
 };
 pub use decision::{Activator, Approval, Decision, Outcome};
 pub use error::{error_chain, ActivationError};
 pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId};
 pub use incoming::{Incoming, ReplayRecord};
+pub use ledger::{Ledger, LedgerEntry, LedgerError, LedgerMark, LedgerMode, Marked};
 pub use ownership::Retire;
 pub use ports::{
     CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
@@ -52,7 +54,8 @@ pub use ports::{
     ListedCertificate, Membership, ProvisioningClaim, RegistryError, ThingSpec,
 };
 pub use sweep::{
-    Progress, SweepEvent, SweepOptions, SweepReport, SWEEP_DECISION_TIME, SWEEP_PAGE_TIME,
+    Progress, SweepEvent, SweepOptions, SweepReport, LEDGER_MARK_WINDOW, SWEEP_DECISION_TIME,
+    SWEEP_PAGE_TIME,
 };
 pub use trust::CA_CACHE_TIME;
 

@@ -4,7 +4,7 @@
 //!
 //! Namespace `jitr`, dimension `Function` (the Lambda's name) on everything and `Outcome` on
 //! decisions: `Decisions` and `DecisionDuration` (ms) by outcome, `AwsRetries`, `AwsGiveUps`,
-//! `FleetErrors`, and per sweep `SweepPages`, `SweepPending`, `SweepFailing`,
+//! `FleetErrors`, `LedgerErrors`, and per sweep `SweepPages`, `SweepPending`, `SweepFailing`,
 //! `SweepIncomplete`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +17,7 @@ pub const NAMESPACE: &str = "jitr";
 static AWS_RETRIES: AtomicU64 = AtomicU64::new(0);
 static AWS_GIVE_UPS: AtomicU64 = AtomicU64::new(0);
 static FLEET_ERRORS: AtomicU64 = AtomicU64::new(0);
+static LEDGER_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 /// An AWS IoT call was tried again after a throttle or a transient failure.
 pub fn aws_retry() {
@@ -33,6 +34,11 @@ pub fn fleet_error() {
     FLEET_ERRORS.fetch_add(1, Ordering::Relaxed);
 }
 
+/// A ledger write (or required read) failed.
+pub fn ledger_error() {
+    LEDGER_ERRORS.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The counters since the last call (they restart from zero).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -42,6 +48,8 @@ pub struct Counters {
     pub aws_give_ups: u64,
     /// Fleet checks that failed.
     pub fleet_errors: u64,
+    /// Ledger calls that failed.
+    pub ledger_errors: u64,
 }
 
 /// Takes the counters, leaving zeros.
@@ -50,6 +58,7 @@ pub fn take() -> Counters {
         aws_retries: AWS_RETRIES.swap(0, Ordering::Relaxed),
         aws_give_ups: AWS_GIVE_UPS.swap(0, Ordering::Relaxed),
         fleet_errors: FLEET_ERRORS.swap(0, Ordering::Relaxed),
+        ledger_errors: LEDGER_ERRORS.swap(0, Ordering::Relaxed),
     }
 }
 
@@ -99,6 +108,7 @@ pub fn counters_line(function: &str, timestamp_ms: i64, counters: Counters) -> S
             ("AwsRetries", "Count", counters.aws_retries as f64),
             ("AwsGiveUps", "Count", counters.aws_give_ups as f64),
             ("FleetErrors", "Count", counters.fleet_errors as f64),
+            ("LedgerErrors", "Count", counters.ledger_errors as f64),
         ],
     )
 }

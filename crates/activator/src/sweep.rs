@@ -6,6 +6,10 @@
 //! soon as a page names a pending certificate, every page and every decision has a deadline of
 //! its own, and each CA gets its own share of the time, so one CA whose listing keeps failing
 //! neither stops nor starves the others.
+//!
+//! With a ledger, the sweep also marks `activated` on every ACTIVE certificate registered in
+//! the last [`LEDGER_MARK_WINDOW`]: a decision whose ledger write failed is put right by the
+//! next sweeps (a conditional write that changes nothing when the mark is there already).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,6 +19,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::error::error_chain;
+use crate::ledger::{LedgerMark, Marked};
 use crate::{
     ActivationError, Activator, CertificateId, CertificateStatus, Decision, FleetDirectory,
     IotRegistry, ListedCertificate, Outcome,
@@ -31,6 +36,11 @@ pub const SWEEP_PAGE_TIME: Duration = Duration::from_secs(15);
 /// check alone wants 3 s left when it starts (time for what follows it), the registry keeps
 /// 0.5 s to answer, and the calls themselves take some.
 const SWEEP_DECISION_MIN_TIME: Duration = Duration::from_secs(5);
+
+/// How far back the sweep marks ACTIVE certificates in the ledger: eight sweeps at the
+/// deployed 15-minute rate, so a failed mark gets eight more tries while the cost stays with
+/// the recent activations, not the fleet.
+pub const LEDGER_MARK_WINDOW: Duration = Duration::from_secs(2 * 3600);
 
 /// What to sweep and how.
 #[derive(Debug, Clone)]
@@ -66,6 +76,8 @@ pub struct SweepReport {
     pub held: usize,
     /// Skipped or found already active by the time their turn came.
     pub skipped: usize,
+    /// ACTIVE certificates the ledger did not say were activated, marked now.
+    pub ledger_marked: usize,
     /// Certificates whose decision failed (still pending): id and reason.
     pub failing: Vec<(String, String)>,
     /// Every decision reached (empty on a dry run).
@@ -111,6 +123,22 @@ pub enum SweepEvent<'a> {
 
 /// Where sweep progress goes.
 pub type Progress<'a> = &'a (dyn Fn(SweepEvent<'_>) + Sync);
+
+/// What a sweep does with a listed certificate.
+enum Work {
+    /// Run the decision: it is pending.
+    Decide(CertificateId),
+    /// Mark it activated in the ledger: it is ACTIVE and recent.
+    Mark(CertificateId),
+}
+
+/// What a sweep did with a listed certificate.
+enum Done {
+    /// Decided, or not.
+    Decided(CertificateId, Result<Decision, SweepSkip>),
+    /// Marked in the ledger (`true` when the mark was written now).
+    Marked(bool),
+}
 
 /// Why a sweep did not decide a certificate.
 enum SweepSkip {
@@ -176,25 +204,39 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             incomplete: None,
         });
         let listing_ref = &listing;
+        let mark_since = (self.ledger.is_some() && !opts.dry_run).then(|| {
+            opts.now
+                .saturating_sub(LEDGER_MARK_WINDOW.as_secs() as i64)
+        });
         let pages = futures::stream::unfold((), move |()| async move {
             let listing = listing_ref;
             let page = self.next_page(ca, opts, oldest, listing, deadline).await?;
             let found = {
                 let mut state = listing.lock().unwrap_or_else(|e| e.into_inner());
-                let pending: Vec<CertificateId> = page
+                let work: Vec<Work> = page
                     .into_iter()
-                    .filter(|c| c.status == CertificateStatus::PendingActivation)
-                    .filter(|c| c.created.is_none_or(|t| t <= cutoff))
-                    .map(|c| c.id)
+                    .filter_map(|c| match c.status {
+                        CertificateStatus::PendingActivation
+                            if c.created.is_none_or(|t| t <= cutoff) =>
+                        {
+                            Some(Work::Decide(c.id))
+                        }
+                        CertificateStatus::Active
+                            if mark_since.is_some_and(|since| c.created.is_some_and(|t| t >= since)) =>
+                        {
+                            Some(Work::Mark(c.id))
+                        }
+                        _ => None,
+                    })
                     .collect();
-                state.pending += pending.len();
+                state.pending += work.iter().filter(|w| matches!(w, Work::Decide(_))).count();
                 progress(SweepEvent::Page {
                     ca,
                     pages: state.pages,
                     listed: state.listed,
                     pending: state.pending,
                 });
-                pending
+                work
             };
             Some((futures::stream::iter(found), ()))
         })
@@ -204,15 +246,41 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             ..SweepReport::default()
         };
         if opts.dry_run {
-            report.pending_ids = pages.map(|id| id.to_string()).collect().await;
+            report.pending_ids = pages
+                .filter_map(|work| async move {
+                    match work {
+                        Work::Decide(id) => Some(id.to_string()),
+                        Work::Mark(_) => None,
+                    }
+                })
+                .collect()
+                .await;
         } else {
             let results: Vec<_> = pages
-                .map(|id| self.sweep_one(id, ca, deadline))
+                .map(|work| async move {
+                    match work {
+                        Work::Decide(id) => {
+                            let (id, result) = self.sweep_one(id, ca, deadline).await;
+                            Done::Decided(id, result)
+                        }
+                        Work::Mark(id) => {
+                            let own = deadline.min(Instant::now() + SWEEP_PAGE_TIME);
+                            let marked = self.mark(&id, LedgerMark::Activated, own).await;
+                            if marked == Some(Marked::Written) {
+                                tracing::info!(certificate_id = %id, "ledger marked activated by the sweep");
+                            }
+                            Done::Marked(marked == Some(Marked::Written))
+                        }
+                    }
+                })
                 .buffer_unordered(opts.concurrency.max(1))
                 .collect()
                 .await;
-            for (id, result) in results {
-                report.record(&id, result, progress);
+            for done in results {
+                match done {
+                    Done::Decided(id, result) => report.record(&id, result, progress),
+                    Done::Marked(written) => report.ledger_marked += usize::from(written),
+                }
             }
         }
         let listing = listing.into_inner().unwrap_or_else(|e| e.into_inner());

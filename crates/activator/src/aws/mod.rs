@@ -29,7 +29,10 @@ use crate::{
 };
 
 mod admin;
+mod ledger;
 mod session;
+
+pub use ledger::{BatchReport, DynamoLedger};
 
 pub use session::{Session, SessionError};
 

@@ -66,6 +66,50 @@ pub struct Config {
     pub sweep_min_age: std::time::Duration,
     /// How far back a sweep looks, newest first (`JITR_SWEEP_WINDOW`, default 48h).
     pub sweep_window: std::time::Duration,
+    /// The issuance ledger (`JITR_LEDGER_TABLE`, `JITR_LEDGER`), when one is configured.
+    pub ledger: Option<LedgerConfig>,
+}
+
+/// The issuance ledger the activator marks its decisions in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// The DynamoDB table (`JITR_LEDGER_TABLE`).
+    pub table: String,
+    /// `record` (the default) or `require` (`JITR_LEDGER`).
+    pub mode: crate::LedgerMode,
+}
+
+impl LedgerConfig {
+    fn read(env: &Env<'_>) -> Result<Option<LedgerConfig>, ConfigError> {
+        let mode = env
+            .get("JITR_LEDGER")
+            .map(|v| crate::LedgerMode::parse(&v).map_err(|r| ConfigError::invalid("JITR_LEDGER", r)))
+            .transpose()?;
+        let Some(table) = env.get("JITR_LEDGER_TABLE") else {
+            if mode.is_some() {
+                return Err(ConfigError::Missing {
+                    var: "JITR_LEDGER_TABLE",
+                    hint: "JITR_LEDGER is set: name the DynamoDB table of the issuance ledger",
+                });
+            }
+            return Ok(None);
+        };
+        // DynamoDB table names: 3 to 255 of [a-zA-Z0-9_.-].
+        let valid = (3..=255).contains(&table.len())
+            && table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid {
+            return Err(ConfigError::invalid(
+                "JITR_LEDGER_TABLE",
+                format!("{table:?} is not a DynamoDB table name (3 to 255 of a-z A-Z 0-9 _ . -)"),
+            ));
+        }
+        Ok(Some(LedgerConfig {
+            table,
+            mode: mode.unwrap_or(crate::LedgerMode::Record),
+        }))
+    }
 }
 
 /// A duration as operators write one: `30s`, `10m`, `2h`, `1d` (a bare number is seconds).
@@ -150,11 +194,13 @@ impl Config {
                     ConfigError::invalid("JITR_SWEEP_WINDOW", "expected a duration like 48h or 2d")
                 })?,
         };
+        let ledger = LedgerConfig::read(&env)?;
         Ok(Config {
             policy,
             fleet,
             sweep_min_age,
             sweep_window,
+            ledger,
         })
     }
 }

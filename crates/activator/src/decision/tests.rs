@@ -450,3 +450,186 @@ async fn a_clock_a_little_behind_waits_and_one_far_behind_rejects() {
         decision.reason
     );
 }
+
+mod ledger {
+    use super::*;
+    use crate::ledger::item;
+    use crate::memory::MemoryLedger;
+    use crate::LedgerMode;
+
+    fn with_ledger(
+        world: &World,
+        mode: LedgerMode,
+    ) -> (Activator<MemoryIot, MemoryFleet>, MemoryLedger) {
+        let ledger = MemoryLedger::new();
+        let activator = world
+            .activator(RejectAction::Revoke)
+            .with_ledger(Box::new(ledger.clone()), mode);
+        (activator, ledger)
+    }
+
+    #[tokio::test]
+    async fn required_an_unlisted_certificate_is_held_with_nothing_written() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Require);
+        let decision = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Held, "{decision:?}");
+        assert!(
+            decision.reason.starts_with("not in the ledger"),
+            "{}",
+            decision.reason
+        );
+        assert!(world.iot.writes().is_empty(), "{:?}", world.iot.writes());
+        assert_eq!(
+            world.iot.status(cert.as_str()),
+            Some(CertificateStatus::PendingActivation)
+        );
+        assert!(ledger.marks().is_empty());
+    }
+
+    #[tokio::test]
+    async fn required_a_listed_certificate_is_activated_and_marked() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Require);
+        ledger.list(cert.as_str(), MEMBER);
+        let decision = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated, "{decision:?}");
+        assert_eq!(
+            ledger.status(cert.as_str()).as_deref(),
+            Some(item::STATUS_ACTIVATED)
+        );
+        assert_eq!(ledger.reads(), 1);
+    }
+
+    #[tokio::test]
+    async fn required_a_certificate_listed_for_another_device_is_held() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Require);
+        ledger.list(cert.as_str(), STRANGER);
+        let decision = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Held);
+        assert!(decision.reason.contains(STRANGER), "{}", decision.reason);
+        assert!(world.iot.writes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn required_an_unreadable_ledger_activates_nothing_and_is_retried() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Require);
+        ledger.list(cert.as_str(), MEMBER);
+        ledger.set_unavailable(true);
+        let err = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert!(world.iot.writes().is_empty());
+        ledger.set_unavailable(false);
+        let decision = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated);
+    }
+
+    #[tokio::test]
+    async fn recorded_a_failed_mark_never_blocks_the_activation() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Record);
+        ledger.list(cert.as_str(), MEMBER);
+        ledger.set_unavailable(true);
+        let decision = activator
+            .activate(&cert, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated);
+        assert_eq!(
+            world.iot.status(cert.as_str()),
+            Some(CertificateStatus::Active)
+        );
+        assert_eq!(
+            ledger.status(cert.as_str()).as_deref(),
+            Some(item::STATUS_ISSUED)
+        );
+        // Only recorded: nothing is read, and an unlisted certificate is decided as before.
+        assert_eq!(ledger.reads(), 0);
+        ledger.set_unavailable(false);
+        let other = world.connect(STRANGER);
+        let decision = activator
+            .activate(&other, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Rejected);
+    }
+
+    #[tokio::test]
+    async fn rejections_and_holds_are_marked_with_their_reasons() {
+        let world = World::new();
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Record);
+        let stranger = world.connect(STRANGER);
+        ledger.list(stranger.as_str(), STRANGER);
+        let first = world.connect(MEMBER);
+        ledger.list(first.as_str(), MEMBER);
+        for cert in [&stranger, &first] {
+            activator
+                .activate(cert, Some(&world.ca_id), deadline())
+                .await
+                .unwrap();
+        }
+        let second = world.connect(MEMBER);
+        ledger.list(second.as_str(), MEMBER);
+        let decision = activator
+            .activate(&second, Some(&world.ca_id), deadline())
+            .await
+            .unwrap();
+        assert_eq!(decision.outcome, Outcome::Held);
+        assert_eq!(
+            ledger.status(stranger.as_str()).as_deref(),
+            Some(item::STATUS_REJECTED)
+        );
+        assert_eq!(
+            ledger.status(first.as_str()).as_deref(),
+            Some(item::STATUS_ACTIVATED)
+        );
+        assert_eq!(
+            ledger.status(second.as_str()).as_deref(),
+            Some(item::STATUS_HELD)
+        );
+    }
+
+    /// The ledger read runs alongside the fleet check: each waits at a gate for the other, so
+    /// run one after the other they would never finish.
+    #[tokio::test]
+    async fn the_required_read_adds_no_round_trip() {
+        let world = World::new();
+        let cert = world.connect(MEMBER);
+        let (activator, ledger) = with_ledger(&world, LedgerMode::Require);
+        ledger.list(cert.as_str(), MEMBER);
+        let gate = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        world.fleet.set_gate(gate.clone());
+        ledger.set_read_gate(gate);
+        let decision = tokio::time::timeout(
+            Duration::from_secs(10),
+            activator.activate(&cert, Some(&world.ca_id), deadline()),
+        )
+        .await
+        .expect("the ledger read and the fleet check did not run alongside each other")
+        .unwrap();
+        assert_eq!(decision.outcome, Outcome::Activated, "{decision:?}");
+        assert_eq!(ledger.reads(), 1);
+    }
+}

@@ -21,6 +21,7 @@ pub enum Standing {
 struct FleetState {
     devices: HashMap<String, Standing>,
     unavailable: bool,
+    gate: Option<Arc<tokio::sync::Barrier>>,
     recorded: Vec<(String, String)>,
 }
 
@@ -48,6 +49,12 @@ impl MemoryFleet {
         self.state().unavailable = unavailable;
     }
 
+    /// Every membership check first waits at `gate` (with another port's call that must run
+    /// alongside it: run one after the other, they would wait for ever).
+    pub fn set_gate(&self, gate: Arc<tokio::sync::Barrier>) {
+        self.state().gate = Some(gate);
+    }
+
     /// The activations recorded: (device, certificate id).
     pub fn recorded(&self) -> Vec<(String, String)> {
         self.state().recorded.clone()
@@ -60,6 +67,10 @@ impl FleetDirectory for MemoryFleet {
         device: &DeviceId,
         _deadline: Instant,
     ) -> Result<Membership, FleetError> {
+        let gate = self.state().gate.clone();
+        if let Some(gate) = gate {
+            gate.wait().await;
+        }
         let state = self.state();
         if state.unavailable {
             return Err(FleetError("the fleet API is down (MemoryFleet)".into()));

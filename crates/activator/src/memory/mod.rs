@@ -1,7 +1,8 @@
 //! In-memory implementations of the ports (feature `testing`), for unit tests of the decision
 //! and the operator's workflows: [`MemoryIot`] keeps AWS IoT's state in maps and answers the
 //! way AWS IoT does (not found, idempotent creates, attachments), records every call, and fails
-//! chosen calls on request; [`MemoryFleet`] is a fleet of chosen devices.
+//! chosen calls on request; [`MemoryFleet`] is a fleet of chosen devices; [`MemoryLedger`] an
+//! issuance ledger.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -9,8 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::time::Instant;
 
 mod fleet;
+mod ledger;
 
 pub use fleet::{MemoryFleet, Standing};
+pub use ledger::MemoryLedger;
 
 use crate::ports::{CaDescription, CaRegistrationMode};
 use crate::{

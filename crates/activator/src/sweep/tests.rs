@@ -202,3 +202,39 @@ async fn a_sweep_out_of_time_says_how_far_it_got_and_decides_nothing_it_cannot_f
         Some(CertificateStatus::PendingActivation)
     );
 }
+
+#[tokio::test]
+async fn a_sweep_marks_recent_active_certificates_the_ledger_missed() {
+    let w = World::new();
+    let recent = format!("{:064x}", 7);
+    let old = format!("{:064x}", 8);
+    for (id, age) in [(&recent, 600), (&old, 3 * 3600)] {
+        w.iot.add_certificate_as(
+            id,
+            "device",
+            CertificateStatus::Active,
+            Some(&w.ca_id),
+            w.now - age,
+        );
+    }
+    let ledger = crate::memory::MemoryLedger::new();
+    ledger.list(&recent, "device");
+    ledger.list(&old, "device");
+    let activator = w
+        .activator()
+        .with_ledger(Box::new(ledger.clone()), crate::LedgerMode::Record);
+    let window = Some(Duration::from_secs(2 * DAY as u64));
+    let report = activator
+        .sweep(&w.ca_id, &w.options(window), in_a_minute(), &quiet)
+        .await;
+    assert_eq!(report.ledger_marked, 1, "{report:?}");
+    assert_eq!(ledger.status(&recent).as_deref(), Some("activated"));
+    // Older than LEDGER_MARK_WINDOW: marked by earlier sweeps, or never.
+    assert_eq!(ledger.status(&old).as_deref(), Some("issued"));
+    // Marked already: the next sweep writes nothing.
+    let again = activator
+        .sweep(&w.ca_id, &w.options(window), in_a_minute(), &quiet)
+        .await;
+    assert_eq!(again.ledger_marked, 0);
+    assert_eq!(ledger.marks().len(), 1);
+}
