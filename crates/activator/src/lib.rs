@@ -20,9 +20,9 @@ mod event;
 pub mod fleet;
 mod ids;
 mod incoming;
-pub mod ledger;
 #[cfg(feature = "adapters")]
 pub mod lambda;
+pub mod ledger;
 #[cfg(feature = "testing")]
 pub mod memory;
 pub mod metrics;

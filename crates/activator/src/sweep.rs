@@ -204,10 +204,8 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             incomplete: None,
         });
         let listing_ref = &listing;
-        let mark_since = (self.ledger.is_some() && !opts.dry_run).then(|| {
-            opts.now
-                .saturating_sub(LEDGER_MARK_WINDOW.as_secs() as i64)
-        });
+        let mark_since = (self.ledger.is_some() && !opts.dry_run)
+            .then(|| opts.now.saturating_sub(LEDGER_MARK_WINDOW.as_secs() as i64));
         let pages = futures::stream::unfold((), move |()| async move {
             let listing = listing_ref;
             let page = self.next_page(ca, opts, oldest, listing, deadline).await?;
@@ -222,7 +220,8 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                             Some(Work::Decide(c.id))
                         }
                         CertificateStatus::Active
-                            if mark_since.is_some_and(|since| c.created.is_some_and(|t| t >= since)) =>
+                            if mark_since
+                                .is_some_and(|since| c.created.is_some_and(|t| t >= since)) =>
                         {
                             Some(Work::Mark(c.id))
                         }

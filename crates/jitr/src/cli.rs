@@ -54,6 +54,49 @@ pub(crate) enum Command {
     /// our fleet check (the provisioner is the pre-provisioning hook).
     #[command(subcommand)]
     FleetProvisioning(FleetProvisioningCommand),
+    /// The issuance ledger (DynamoDB): what the factory issued, as the activator checks it.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LedgerCommand {
+    /// Write a manifest's certificates into the ledger, keeping what it says of those it
+    /// lists already (for certificates whose `--ledger` write failed, or issued without one).
+    Import(LedgerImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LedgerImportArgs {
+    /// The issuance manifest, e.g. devices/manifest.jsonl.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) manifest: PathBuf,
+    /// The ledger's DynamoDB table (the stack's LedgerTableName output).
+    #[arg(long, value_name = "TABLE")]
+    pub(crate) ledger: String,
+    /// The batch recorded on new items [default: import-<time>].
+    #[arg(long, value_name = "NAME")]
+    pub(crate) batch: Option<String>,
+    /// UpdateItem calls at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub(crate) concurrency: usize,
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+}
+
+/// `--ledger TABLE` on the commands that issue.
+#[derive(Debug, Args)]
+pub(crate) struct LedgerArgs {
+    /// Record every certificate issued in this DynamoDB table, the issuance ledger (the stack's
+    /// LedgerTableName output), which the activator checks with JITR_LEDGER=require. AWS
+    /// settings from the standard chain (AWS_REGION, AWS_ENDPOINT_URL, AWS_PROFILE).
+    #[arg(long, value_name = "TABLE")]
+    pub(crate) ledger: Option<String>,
+    /// The batch recorded with each certificate [default: issue-<time of issuance>].
+    #[arg(long, value_name = "NAME", requires = "ledger")]
+    pub(crate) batch: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -230,6 +273,16 @@ pub(crate) struct AwsArgs {
 }
 
 impl AwsArgs {
+    /// The standard chain alone (AWS_REGION, AWS_ENDPOINT_URL, AWS_PROFILE), for commands
+    /// without AWS flags of their own.
+    pub(crate) fn from_environment() -> AwsArgs {
+        AwsArgs {
+            region: None,
+            endpoint_url: None,
+            timeout: None,
+        }
+    }
+
     /// The command's deadline: `--timeout`, else `default`, from now.
     pub(crate) fn deadline(&self, default: std::time::Duration) -> tokio::time::Instant {
         tokio::time::Instant::now() + self.timeout.unwrap_or(default)
@@ -355,6 +408,8 @@ pub(crate) struct IssueArgs {
     #[arg(long, value_name = "N", default_value_t = ca_keys::DEFAULT_KMS_RATE, value_parser = parse_rate)]
     pub(crate) kms_rate: f64,
     #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
+    #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
@@ -454,6 +509,8 @@ pub(crate) struct SignCsrArgs {
     #[arg(long)]
     pub(crate) force: bool,
     #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
+    #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
@@ -524,6 +581,8 @@ pub(crate) struct RotateArgs {
     /// Device key type [default: from profile, p256].
     #[arg(long, value_name = "p256|p384")]
     pub(crate) key: Option<KeyAlgorithm>,
+    #[command(flatten)]
+    pub(crate) ledger: LedgerArgs,
     // --timeout (with the delivery's flags) bounds the whole rotation, AWS and balena alike.
     #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
@@ -617,6 +676,10 @@ pub(crate) struct ApproveArgs {
     /// What happens to the certificate(s) it replaces, once it is active.
     #[arg(long, value_name = "revoke|deactivate|keep", default_value = "revoke")]
     pub(crate) retire: activator::Retire,
+    /// With a ledger (JITR_LEDGER_TABLE): add the certificate to it first, so that a
+    /// certificate the factory never recorded can be approved under JITR_LEDGER=require.
+    #[arg(long)]
+    pub(crate) add_to_ledger: bool,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
     #[command(flatten)]

@@ -4,6 +4,7 @@ mod aws;
 mod cli;
 mod commands;
 mod keys;
+mod ledger;
 mod mqtt;
 mod passphrase;
 

@@ -74,9 +74,9 @@ impl DynamoLedger {
         R: std::fmt::Debug,
     {
         let retryable = match &err {
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-                true
-            }
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => true,
             SdkError::ServiceError(_) => matches!(
                 err.code(),
                 Some(
@@ -285,12 +285,16 @@ impl Ledger for DynamoLedger {
         deadline: Instant,
     ) -> LedgerFuture<'a, Marked> {
         Box::pin(self.bounded("UpdateItem", deadline, async move {
+            // Every attribute by a placeholder name: `status` and `region` are reserved words.
             let mut update = self
                 .client
                 .update_item()
                 .table_name(&self.table)
                 .key(item::CERTIFICATE_ID, AttributeValue::S(id.to_string()))
+                .expression_attribute_names("#id", item::CERTIFICATE_ID)
                 .expression_attribute_names("#s", item::STATUS)
+                .expression_attribute_names("#decided", item::DECIDED_AT)
+                .expression_attribute_names("#reason", item::REASON)
                 .expression_attribute_values(":s", AttributeValue::S(mark.status().into()))
                 .expression_attribute_values(":now", AttributeValue::S(now.into()))
                 .return_values_on_condition_check_failure(
@@ -299,32 +303,24 @@ impl Ledger for DynamoLedger {
             update = match mark {
                 LedgerMark::Activated => {
                     // Marked once: a second mark (the sweep's) keeps the first time.
-                    let mut set = format!(
-                        "SET #s = :s, {} = :now, {} = if_not_exists({}, :now)",
-                        item::DECIDED_AT,
-                        item::ACTIVATED_AT,
-                        item::ACTIVATED_AT
-                    );
+                    let mut set =
+                        "SET #s = :s, #decided = :now, #activated = if_not_exists(#activated, :now)"
+                            .to_owned();
+                    update = update.expression_attribute_names("#activated", item::ACTIVATED_AT);
                     if let Some(region) = &self.region {
-                        set.push_str(&format!(", {} = :region", item::REGION));
+                        set.push_str(", #region = :region");
                         update = update
+                            .expression_attribute_names("#region", item::REGION)
                             .expression_attribute_values(":region", AttributeValue::S(region.clone()));
                     }
                     update
-                        .update_expression(format!("{set} REMOVE {}", item::REASON))
-                        .condition_expression(format!(
-                            "attribute_exists({}) AND #s <> :s",
-                            item::CERTIFICATE_ID
-                        ))
+                        .update_expression(format!("{set} REMOVE #reason"))
+                        .condition_expression("attribute_exists(#id) AND #s <> :s")
                 }
                 LedgerMark::Held(reason) | LedgerMark::Rejected(reason) => update
-                    .update_expression(format!(
-                        "SET #s = :s, {} = :now, {} = :reason",
-                        item::DECIDED_AT,
-                        item::REASON
-                    ))
+                    .update_expression("SET #s = :s, #decided = :now, #reason = :reason")
                     .expression_attribute_values(":reason", AttributeValue::S(reason.clone()))
-                    .condition_expression(format!("attribute_exists({})", item::CERTIFICATE_ID)),
+                    .condition_expression("attribute_exists(#id)"),
             };
             match update.send().await {
                 Ok(_) => Ok(Marked::Written),
@@ -349,19 +345,25 @@ impl Ledger for DynamoLedger {
     fn add<'a>(&'a self, entry: &'a LedgerEntry, deadline: Instant) -> LedgerFuture<'a, ()> {
         Box::pin(self.bounded("UpdateItem", deadline, async move {
             let s = |v: &str| AttributeValue::S(v.to_owned());
+            // Every attribute by a placeholder name: `status` and `region` are reserved words.
             let mut set = vec![
-                format!("{} = :device", item::DEVICE_ID),
-                format!("{} = :serial", item::SERIAL),
-                format!("{} = :not_after", item::NOT_AFTER),
-                format!("{0} = if_not_exists({0}, :issued_at)", item::ISSUED_AT),
-                format!("{0} = if_not_exists({0}, :batch)", item::BATCH),
-                format!("#s = if_not_exists(#s, :s)"),
+                "#device = :device",
+                "#serial = :serial",
+                "#not_after = :not_after",
+                "#issued_at = if_not_exists(#issued_at, :issued_at)",
+                "#batch = if_not_exists(#batch, :batch)",
+                "#s = if_not_exists(#s, :s)",
             ];
             let mut update = self
                 .client
                 .update_item()
                 .table_name(&self.table)
                 .key(item::CERTIFICATE_ID, s(&entry.certificate_id))
+                .expression_attribute_names("#device", item::DEVICE_ID)
+                .expression_attribute_names("#serial", item::SERIAL)
+                .expression_attribute_names("#not_after", item::NOT_AFTER)
+                .expression_attribute_names("#issued_at", item::ISSUED_AT)
+                .expression_attribute_names("#batch", item::BATCH)
                 .expression_attribute_names("#s", item::STATUS)
                 .expression_attribute_values(":device", s(&entry.device_id))
                 .expression_attribute_values(":serial", s(&entry.serial))
@@ -370,8 +372,10 @@ impl Ledger for DynamoLedger {
                 .expression_attribute_values(":batch", s(&entry.batch))
                 .expression_attribute_values(":s", s(&entry.status));
             if let Some(region) = &entry.region {
-                set.push(format!("{0} = if_not_exists({0}, :region)", item::REGION));
-                update = update.expression_attribute_values(":region", s(region));
+                set.push("#region = if_not_exists(#region, :region)");
+                update = update
+                    .expression_attribute_names("#region", item::REGION)
+                    .expression_attribute_values(":region", s(region));
             }
             update
                 .update_expression(format!("SET {}", set.join(", ")))

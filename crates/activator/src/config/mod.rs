@@ -83,7 +83,9 @@ impl LedgerConfig {
     fn read(env: &Env<'_>) -> Result<Option<LedgerConfig>, ConfigError> {
         let mode = env
             .get("JITR_LEDGER")
-            .map(|v| crate::LedgerMode::parse(&v).map_err(|r| ConfigError::invalid("JITR_LEDGER", r)))
+            .map(|v| {
+                crate::LedgerMode::parse(&v).map_err(|r| ConfigError::invalid("JITR_LEDGER", r))
+            })
             .transpose()?;
         let Some(table) = env.get("JITR_LEDGER_TABLE") else {
             if mode.is_some() {

@@ -123,9 +123,7 @@ impl Ledger for MemoryLedger {
                 return Ok(Marked::Unchanged);
             }
             entry.status = mark.status().to_owned();
-            state
-                .marks
-                .push((id.to_string(), mark.status().to_owned()));
+            state.marks.push((id.to_string(), mark.status().to_owned()));
             Ok(Marked::Written)
         })
     }

@@ -1,7 +1,7 @@
 //! `jitr approve`: a held certificate made the device's identity, after the same checks as
 //! any decision; the certificate(s) it replaces retired once it is active.
 
-use activator::{CertificateId, Config, Outcome as DecisionOutcome};
+use activator::{CertificateId, Config, IotRegistry, Outcome as DecisionOutcome};
 use anyhow::{Context, Result};
 
 use super::{print_json, Outcome};
@@ -16,12 +16,41 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
     })?;
     // The Lambda's configuration, read the Lambda's way: the same checks, the same rules.
     let config = Config::from_env().context("activator configuration")?;
+    if args.add_to_ledger && config.ledger.is_none() {
+        return Err(crate::UsageError(
+            "--add-to-ledger needs the ledger: set JITR_LEDGER_TABLE (and JITR_LEDGER) as the Lambda has them"
+                .to_owned(),
+        )
+        .into());
+    }
     let approval = crate::aws::runtime()?.block_on(async {
         let session = crate::aws::session(&args.aws).await?;
         let activator = activator::build_with_sdk(config, session.config())?;
         let deadline = args.aws.deadline(APPROVE_TIME);
+        if let (true, Some(ledger)) = (args.add_to_ledger, activator.ledger()) {
+            // Listed first: the decision then reads it like any certificate the factory issued.
+            let cert = activator
+                .registry()
+                .describe_certificate(&id, activator::call_deadline(deadline))
+                .await?;
+            let entry = crate::ledger::entry_from_pem(
+                &cert.pem,
+                id.as_str(),
+                time::OffsetDateTime::now_utc(),
+            )?;
+            ledger
+                .add(&entry, activator::call_deadline(deadline))
+                .await
+                .context("cannot add the certificate to the ledger; nothing was activated")?;
+            eprintln!("added {id} (device {}) to the ledger", entry.device_id);
+        }
         anyhow::Ok(activator.approve(&id, args.retire, deadline).await?)
     })?;
+    if activator::metrics::take().ledger_errors > 0 {
+        eprintln!(
+            "warning: the decision could not be marked in the ledger; the activator's sweep marks it"
+        );
+    }
     if args.output.json {
         print_json(&approval)?;
     } else {

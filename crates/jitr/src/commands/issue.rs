@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use super::balena::Delivery;
 use super::{print_json, Outcome};
-use crate::cli::{IssueArgs, SignCsrArgs};
+use crate::cli::{IssueArgs, LedgerArgs, SignCsrArgs};
 use crate::UsageError;
 
 /// Batches smaller than this finish before a progress bar would be worth drawing.
@@ -95,6 +95,8 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         &args.out.display().to_string(),
         &args.out,
     );
+    // In the ledger before the credentials reach a device: a device connects listed.
+    let recorded = record(&args.ledger, &report.issued, &args.out, opts.now)?;
     let mut delivered = true;
     if delivery.wanted() {
         let issued: HashSet<&str> = report.issued.iter().map(|e| e.id.as_str()).collect();
@@ -112,7 +114,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         }
         delivered = delivery.deliver(&devices)?;
     }
-    Ok(if report.failures.is_empty() && delivered {
+    Ok(if report.failures.is_empty() && delivered && recorded {
         Outcome::Success
     } else {
         Outcome::Failed
@@ -175,11 +177,50 @@ fn issue_bundle(
         path.display().to_string()
     };
     report_issued(&report.failures, report.issued, &into, &args.out);
-    Ok(if report.failures.is_empty() {
+    let recorded = match &args.ledger.ledger {
+        None => true,
+        Some(_) => {
+            let failed: HashSet<&str> = report.failures.iter().map(|f| f.id.as_str()).collect();
+            let issued: HashSet<&str> = ids
+                .iter()
+                .map(DeviceId::as_str)
+                .filter(|id| !failed.contains(id))
+                .collect();
+            let manifest = args.out.join(factory_ca::MANIFEST_FILE);
+            let lines = crate::ledger::newest_entries(&manifest, &issued)?;
+            record(&args.ledger, &lines, &args.out, opts.now)?
+        }
+    };
+    Ok(if report.failures.is_empty() && recorded {
         Outcome::Success
     } else {
         Outcome::Failed
     })
+}
+
+/// With `--ledger`: the issued certificates written to the ledger; `false` when some were not
+/// (reported, with the command that writes them).
+fn record(
+    args: &LedgerArgs,
+    issued: &[factory_ca::ManifestEntry],
+    out: &Path,
+    now: OffsetDateTime,
+) -> Result<bool> {
+    let Some(table) = &args.ledger else {
+        return Ok(true);
+    };
+    let batch = crate::ledger::batch_name(args, now);
+    let at = factory_ca::show_time(now);
+    let entries: Vec<_> = issued
+        .iter()
+        .map(|line| crate::ledger::entry(line, &batch, &at, None))
+        .collect();
+    crate::ledger::write(
+        table,
+        &crate::cli::AwsArgs::from_environment(),
+        &entries,
+        &out.join(factory_ca::MANIFEST_FILE),
+    )
 }
 
 /// Each failed device on its own line, then the one-line summary.
@@ -271,6 +312,12 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
         )
         .with_context(|| args.csr.display().to_string())?;
     warn_if_capped(issued.capped_at);
+    let recorded = record(
+        &args.ledger,
+        std::slice::from_ref(&issued.entry),
+        &args.devices,
+        OffsetDateTime::now_utc(),
+    )?;
     if let Some(out) = &args.out {
         factory_ca::write_file_atomic(out, issued.chain_pem.as_bytes(), 0o644, true)?;
     }
@@ -299,5 +346,9 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
             return Ok(Outcome::Failed);
         }
     }
-    Ok(Outcome::Success)
+    Ok(if recorded {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
 }

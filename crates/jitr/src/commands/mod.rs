@@ -9,6 +9,7 @@ mod fleet_provisioning;
 mod inspect;
 mod issue;
 mod jitp;
+mod ledger;
 mod reconcile;
 mod revoke;
 mod rotate;
@@ -16,7 +17,9 @@ mod status;
 
 use anyhow::Result;
 
-use crate::cli::{BalenaCommand, CaCommand, Cli, Command, DeviceCommand, FleetProvisioningCommand};
+use crate::cli::{
+    BalenaCommand, CaCommand, Cli, Command, DeviceCommand, FleetProvisioningCommand, LedgerCommand,
+};
 
 /// How a command ended when it did not hit an error.
 #[derive(Debug, PartialEq, Eq)]
@@ -51,6 +54,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::FleetProvisioning(FleetProvisioningCommand::Claim(args)) => {
             fleet_provisioning::claim(args)
         }
+        Command::Ledger(LedgerCommand::Import(args)) => ledger::import(args),
     }
 }
 

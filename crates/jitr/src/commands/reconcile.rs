@@ -35,6 +35,19 @@ pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
                 .await,
         )
     })?;
+    // The activator logs a failed ledger write and goes on; here nobody reads its log.
+    let ledger_errors = activator::metrics::take().ledger_errors;
+    if ledger_errors > 0 {
+        eprintln!(
+            "reconcile: warning: {ledger_errors} ledger write(s) failed (the decisions stand; the next sweep marks the activations)"
+        );
+    }
+    if !args.dry_run {
+        let marked: usize = reports.iter().map(|r| r.ledger_marked).sum();
+        if marked > 0 {
+            eprintln!("reconcile: marked {marked} ACTIVE certificate(s) activated in the ledger");
+        }
+    }
 
     if args.output.json {
         let list: Vec<_> = reports

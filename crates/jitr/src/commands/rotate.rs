@@ -139,6 +139,23 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
         }),
     };
     let report = issue_batch(&ca, &ids, &opts, &|| {})?;
+    // In the ledger before AWS IoT knows them, as at issuance.
+    let ledger_entries: Vec<_> = match &args.ledger.ledger {
+        None => Vec::new(),
+        Some(_) => {
+            let batch = crate::ledger::batch_name(&args.ledger, now);
+            let at = factory_ca::show_time(now);
+            report
+                .issued
+                .iter()
+                .map(|line| crate::ledger::entry(line, &batch, &at, None))
+                .collect()
+        }
+    };
+    let mut recorded = match &args.ledger.ledger {
+        Some(table) => crate::ledger::write(table, &aws, &ledger_entries, &manifest_path)?,
+        None => true,
+    };
     rows.extend(report.failures.iter().map(|f| Rotated {
         device_id: f.id.clone(),
         new_certificate_id: None,
@@ -187,6 +204,10 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
                 )),
             }),
         }
+    }
+    if let Some(table) = &args.ledger.ledger {
+        let ids: Vec<&CertificateId> = installed.iter().map(|(_, new, _)| new).collect();
+        recorded &= runtime.block_on(crate::ledger::mark_activated(table, &aws, &ids, deadline))?;
     }
     // A failure here leaves the new certificates ACTIVE beside the old: reported, not fatal.
     let delivered = if delivery.wanted() {
@@ -267,11 +288,13 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             }
         }
     }
-    Ok(if rows.iter().all(|r| r.error.is_none()) && delivered {
-        Outcome::Success
-    } else {
-        Outcome::Failed
-    })
+    Ok(
+        if rows.iter().all(|r| r.error.is_none()) && delivered && recorded {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        },
+    )
 }
 
 /// `ids` split into the fleet's active members and the others (by id).
