@@ -31,11 +31,13 @@ ALIASES = {"FunctionArn": "ActivatorFunction.Arn", "FailureQueueUrl": "FailureQu
            "LogGroupName": "ActivatorLogGroup", "DeadLetterQueueArn": "DeadLetterQueue.Arn",
            "ProvisionerLogGroupName": "ProvisionerLogGroup",
            "AttemptsTableArn": "ProvisioningAttemptsTable.Arn",
-           "ProvisioningTemplateName": "ProvisioningTemplateName"}
+           "ProvisioningTemplateName": "ProvisioningTemplateName",
+           "LedgerTableArn": "LedgerTable.Arn"}
 # Files rendered as one JSON string (a property CloudFormation takes as text), not as YAML.
 STRING_BLOCKS = {"fleet-provisioning-template.json"}
 RULE_FILES = {"device-policy.json", "activator-policy.json", "topic-rule.json",
-              "provisioner-policy.json", "fleet-provisioning-template.json", "claim-policy.json"}
+              "provisioner-policy.json", "fleet-provisioning-template.json", "claim-policy.json",
+              "activator-ledger-policy.json", "factory-ledger-policy.json"}
 BLOCK = re.compile(r"^(?P<indent> *)# rules: (?P<file>[\w.-]+)(?P<vars>(?: \| [^\n]*)?)\n"
                    r"(?P=indent)(?P<key>\w+):(?P<inline>[^\n]*)\n(?P<body>.*?)"
                    r"^(?P=indent)# end rules: (?P=file)\n",
@@ -75,6 +77,9 @@ PROVISIONER = {
     **{a: {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${ProvisionerLogGroupName}:*"}
        for a in ("logs:CreateLogStream", "logs:PutLogEvents")},
 }
+# The ledger: the activator reads and marks, the factory only adds; nothing scans or deletes.
+ACTIVATOR_LEDGER = {a: {"${LedgerTableArn}"} for a in ("dynamodb:GetItem", "dynamodb:UpdateItem")}
+FACTORY_LEDGER = {"dynamodb:BatchWriteItem": {"${LedgerTableArn}"}}
 
 
 def q(text: str) -> str:
@@ -143,6 +148,8 @@ def check(root: Path) -> list[str]:
     device = json.loads((rules / "device-policy.json").read_text())
     activator = json.loads((rules / "activator-policy.json").read_text())
     provisioner = json.loads((rules / "provisioner-policy.json").read_text())
+    activator_ledger = json.loads((rules / "activator-ledger-policy.json").read_text())
+    factory_ledger = json.loads((rules / "factory-ledger-policy.json").read_text())
     rule = json.loads((rules / "topic-rule.json").read_text())
 
     def prop(name: str, problem):
@@ -184,7 +191,9 @@ def check(root: Path) -> list[str]:
          else f"template {default and default[1]!r}, {DELIVERY} {delivered and delivered[1]!r}")
 
     for role, policy, allowed in (("activator", activator, ACTIVATOR),
-                                  ("provisioner", provisioner, PROVISIONER)):
+                                  ("provisioner", provisioner, PROVISIONER),
+                                  ("activator ledger", activator_ledger, ACTIVATOR_LEDGER),
+                                  ("factory ledger", factory_ledger, FACTORY_LEDGER)):
         granted: dict[str, set[str]] = {}
         for s in allows(policy):
             for a in listed(s["Action"]):
@@ -263,6 +272,9 @@ def check(root: Path) -> list[str]:
              "Principal: iot.amazonaws.com\n      SourceAccount: !Ref AWS::AccountId"),
             ("the public URL invokes through the URL only",
              "Principal: \"*\"\n      InvokedViaFunctionUrl: true"),
+            ("the ledger outlives the stack",
+             "LedgerTable:\n    Type: AWS::DynamoDB::Table\n    Condition: HasLedger\n    DeletionPolicy: Retain"),
+            ("the ledger table has point-in-time recovery", "PointInTimeRecoveryEnabled: true"),
             ("the provisioner signs only through KMS",
              'JITR_CA_KEY_URI: !Sub "awskms:key-id=${ProvisionerCaKeyArn}"')]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
@@ -337,6 +349,18 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      '"Ref": "${UuidParameter}"', '"Ref": "AWS::IoT::ClientId"', "fleet provisioning template: the Thing"),
     ("the hook dropped", TEMPLATE, "TargetArn: !GetAtt ProvisionerFunction.Arn",
      "TargetArn: !GetAtt ActivatorFunction.Arn", "template: the pre-provisioning hook"),
+    ("the activator may scan the ledger", "rules/activator-ledger-policy.json", '"dynamodb:GetItem",',
+     '"dynamodb:GetItem", "dynamodb:Scan",', "activator ledger policy: only the actions"),
+    ("the activator may mark any table", "rules/activator-ledger-policy.json", '"Resource": "${LedgerTableArn}"',
+     '"Resource": "*"', "activator ledger policy: every grant"),
+    ("the factory may rewrite the ledger's items", "rules/factory-ledger-policy.json",
+     '"Action": "dynamodb:BatchWriteItem"', '"Action": ["dynamodb:BatchWriteItem", "dynamodb:UpdateItem"]',
+     "factory ledger policy: only the actions"),
+    ("the ledger deleted with the stack", TEMPLATE,
+     "Condition: HasLedger\n    DeletionPolicy: Retain", "Condition: HasLedger\n    DeletionPolicy: Delete",
+     "template: the ledger outlives the stack"),
+    ("the ledger without point-in-time recovery", TEMPLATE, "PointInTimeRecoveryEnabled: true",
+     "PointInTimeRecoveryEnabled: false", "template: the ledger table has point-in-time recovery"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),
