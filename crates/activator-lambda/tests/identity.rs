@@ -292,3 +292,69 @@ fn the_balena_answer_is_bounded_pinned_and_never_sent_in_the_clear() {
     std::io::Read::read_to_string(cold.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("BALENA_API_URL is invalid"), "{stderr}");
 }
+
+#[test]
+fn under_a_required_ledger_only_what_the_factory_listed_goes_live() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let w = world();
+    let dynamodb = aws_sdk_dynamodb::Client::new(&w.rt.block_on(testkit::iot::sdk_config(&w.moto)));
+    w.rt.block_on(testkit::dynamodb::create_table(
+        &dynamodb,
+        "ledger",
+        "certificate_id",
+    ))
+    .unwrap();
+    let emulator = RuntimeEmulator::start().unwrap();
+    let mut env = w.env(&emulator);
+    env.extend([
+        ("JITR_LEDGER_TABLE", "ledger".to_owned()),
+        ("JITR_LEDGER", "require".to_owned()),
+    ]);
+    let _bootstrap = spawn_bootstrap(&env);
+    let (issued, outsider) = (uuid(1), uuid(2));
+    for device in [&issued, &outsider] {
+        w.balena.add_device(common::FLEET, device, true);
+    }
+
+    // The factory listed one certificate; the CA key also signed another, outside it.
+    let listed = w.first_connect(&issued);
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    w.rt.block_on(
+        dynamodb
+            .put_item()
+            .table_name("ledger")
+            .item("certificate_id", s(&listed))
+            .item("device_id", s(&issued))
+            .item("status", s("issued"))
+            .send(),
+    )
+    .unwrap();
+    let unlisted = w.first_connect(&outsider);
+
+    let d = response(emulator.invoke(w.event(&listed), INVOKE).unwrap());
+    assert_eq!(outcome(&d), "activated", "{d}");
+    let field = |id: &str, name: &str| {
+        w.rt.block_on(testkit::dynamodb::string_attribute(
+            &dynamodb,
+            "ledger",
+            ("certificate_id", id),
+            name,
+        ))
+        .unwrap()
+    };
+    assert_eq!(field(&listed, "status").as_deref(), Some("activated"));
+    assert_eq!(field(&listed, "region").as_deref(), Some("us-east-1"));
+
+    // A member of the fleet, signed by our CA: held all the same, and never added.
+    let d = response(emulator.invoke(w.event(&unlisted), INVOKE).unwrap());
+    assert_eq!(outcome(&d), "held", "{d}");
+    assert!(
+        d["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("not in the ledger"),
+        "{d}"
+    );
+    assert_eq!(w.status(&unlisted), CertificateStatus::PendingActivation);
+    assert_eq!(field(&unlisted, "status"), None);
+}

@@ -10,10 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_iot::types::CertificateStatus;
 use testkit::certs::TestCa;
 use testkit::iot;
@@ -49,25 +46,7 @@ fn world() -> World {
     let ca_id = rt.block_on(async {
         iot::create_policy(&iot, POLICY).await.unwrap();
         let ca_id = iot::register_ca(&iot, &ca.cert_pem).await.unwrap();
-        dynamodb
-            .create_table()
-            .table_name(TABLE)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("certificate_id")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("certificate_id")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .unwrap(),
-            )
-            .send()
+        testkit::dynamodb::create_table(&dynamodb, TABLE, "certificate_id")
             .await
             .unwrap();
         ca_id

@@ -87,32 +87,12 @@ fn world() -> World {
         testkit::iot::register_ca(&iot, &ca_pem).await.unwrap()
     });
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    rt.block_on(async {
-        use aws_sdk_dynamodb::types::{
-            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-        };
-        dynamodb
-            .create_table()
-            .table_name(TABLE)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("device_id")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("device_id")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .unwrap(),
-            )
-            .send()
-            .await
-            .unwrap();
-    });
+    rt.block_on(testkit::dynamodb::create_table(
+        &dynamodb,
+        TABLE,
+        "device_id",
+    ))
+    .unwrap();
     let balena = FakeBalena::start(KEY).unwrap();
     balena.add_fleet(FLEET, "acme/sensors");
     let service = balena.add_service(FLEET, SERVICE);

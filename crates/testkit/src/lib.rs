@@ -22,6 +22,7 @@
 pub mod balena;
 pub mod burst;
 pub mod certs;
+pub mod dynamodb;
 pub mod first_connect;
 pub mod http;
 pub mod iot;

@@ -238,6 +238,42 @@ mod tests {
     const CA: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
     #[test]
+    fn the_ledger_is_off_unless_named_and_require_needs_its_table() {
+        let base = [
+            ("JITR_TRUSTED_CA_IDS", CA),
+            ("JITR_POLICY_NAME", "jitr-device"),
+            ("BALENA_FLEET_ID", "1234567"),
+            ("BALENA_API_KEY", "secret"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            Config::from_lookup(lookup(&all))
+        };
+        assert_eq!(with(&[]).unwrap().ledger, None);
+        let c = with(&[("JITR_LEDGER_TABLE", "jitr-ledger")]).unwrap();
+        assert_eq!(
+            c.ledger,
+            Some(LedgerConfig {
+                table: "jitr-ledger".into(),
+                mode: crate::LedgerMode::Record
+            })
+        );
+        let c = with(&[("JITR_LEDGER_TABLE", "t.l-1"), ("JITR_LEDGER", "require")]).unwrap();
+        assert_eq!(c.ledger.unwrap().mode, crate::LedgerMode::Require);
+        let e = with(&[("JITR_LEDGER", "require")]).unwrap_err().to_string();
+        assert!(e.starts_with("JITR_LEDGER_TABLE is not set"), "{e}");
+        let e = with(&[("JITR_LEDGER_TABLE", "x"), ("JITR_LEDGER", "strict")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("JITR_LEDGER is invalid"), "{e}");
+        let e = with(&[("JITR_LEDGER_TABLE", "no spaces")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a DynamoDB table name"), "{e}");
+    }
+
+    #[test]
     fn balena_is_the_default_backend() {
         let c = Config::from_lookup(lookup(&[
             ("JITR_TRUSTED_CA_IDS", CA),
