@@ -354,6 +354,16 @@ pub(crate) struct IssueArgs {
     /// shared by the account and region, is 300/s by default).
     #[arg(long, value_name = "N", default_value_t = ca_keys::DEFAULT_KMS_RATE, value_parser = parse_rate)]
     pub(crate) kms_rate: f64,
+    /// Each device's AWS region, for a fleet that connects in several: a file of
+    /// `device_id,region` lines (or the two separated by spaces; a `device_id,region` header
+    /// and #comments skipped). Every device issued must be listed; each is delivered its
+    /// region's data endpoint (asked from AWS IoT once per region) as AWS_DATA_ENDPOINT.
+    #[arg(long, value_name = "FILE", conflicts_with = "endpoint")]
+    pub(crate) region_of: Option<PathBuf>,
+    /// AWS endpoint URL for those questions, e.g. a local emulator [default: AWS_ENDPOINT_URL,
+    /// else AWS's own].
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint_url, requires = "region_of")]
+    pub(crate) endpoint_url: Option<String>,
     #[command(flatten)]
     pub(crate) balena: BalenaDeliveryArgs,
     #[command(flatten)]

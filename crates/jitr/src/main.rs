@@ -6,6 +6,7 @@ mod commands;
 mod keys;
 mod mqtt;
 mod passphrase;
+mod regions;
 
 use std::process::ExitCode;
 

@@ -1,6 +1,6 @@
 //! `jitr issue` and `jitr sign-csr`: device certificates, and their delivery to balena.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 
@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use super::balena::Delivery;
 use super::{print_json, Outcome};
 use crate::cli::{IssueArgs, SignCsrArgs};
+use crate::regions::{AwsRegion, RegionMap};
 use crate::UsageError;
 
 /// Batches smaller than this finish before a progress bar would be worth drawing.
@@ -64,9 +65,23 @@ fn progress_bar(len: usize) -> ProgressBar {
 
 pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
+    let region_map = args.region_of.as_deref().map(RegionMap::load).transpose()?;
     let ca = crate::keys::load_ca(&args.ca, Some(args.kms_rate))?;
     let device = &ca.profile().device;
     let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
+    // Every device has a region, and every region its endpoint, before anything is issued.
+    let endpoints = match &region_map {
+        Some(map) => {
+            let regions = map.regions_of(&ids)?;
+            report_regions(map, &ids);
+            if delivery.wanted() {
+                data_endpoints(&regions, args.endpoint_url.as_deref())?
+            } else {
+                BTreeMap::new()
+            }
+        }
+        None => BTreeMap::new(),
+    };
     if let Some(bundle) = &args.bundle {
         return issue_bundle(&args, &ca, &ids, bundle);
     }
@@ -108,7 +123,12 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
                     .with_context(|| format!("cannot read {}", path.display()))
             };
             let (chain, key) = (read("chain.pem")?, read("device.key")?);
-            devices.push(delivery.variables(id, &chain, Some(&key)));
+            let endpoint = region_map
+                .as_ref()
+                .and_then(|map| map.get(id.as_str()))
+                .and_then(|region| endpoints.get(region))
+                .map(String::as_str);
+            devices.push(delivery.variables_at(id, &chain, Some(&key), endpoint));
         }
         delivered = delivery.deliver(&devices)?;
     }
@@ -116,6 +136,46 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         Outcome::Success
     } else {
         Outcome::Failed
+    })
+}
+
+/// How many of the devices go to each region, on standard error.
+fn report_regions(map: &RegionMap, ids: &[DeviceId]) {
+    let mut counts: BTreeMap<&AwsRegion, usize> = BTreeMap::new();
+    for region in ids.iter().filter_map(|id| map.get(id.as_str())) {
+        *counts.entry(region).or_default() += 1;
+    }
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(region, n)| format!("{region} {n}"))
+        .collect();
+    eprintln!("devices per region: {}", counts.join(", "));
+}
+
+/// Each region's AWS IoT data endpoint (`iot:Data-ATS`), asked once per region.
+fn data_endpoints(
+    regions: &std::collections::BTreeSet<&AwsRegion>,
+    endpoint_url: Option<&str>,
+) -> Result<BTreeMap<AwsRegion, String>> {
+    use activator::IotAdmin;
+    crate::aws::runtime()?.block_on(async {
+        let mut endpoints = BTreeMap::new();
+        for region in regions {
+            let aws = crate::cli::AwsArgs {
+                region: Some(region.as_str().to_owned()),
+                endpoint_url: endpoint_url.map(str::to_owned),
+                timeout: None,
+            };
+            let registry = crate::aws::session(&aws).await?.registry();
+            let deadline = activator::call_deadline(aws.deadline(activator::OPERATOR_CALL_TIME));
+            let address = registry
+                .describe_endpoint(super::endpoint::ENDPOINT_TYPE, deadline)
+                .await
+                .with_context(|| format!("the data endpoint of {region} (nothing was issued)"))?;
+            eprintln!("data endpoint of {region}: {address}");
+            endpoints.insert((*region).clone(), address);
+        }
+        anyhow::Ok(endpoints)
     })
 }
 
