@@ -301,10 +301,30 @@ pub(crate) struct CaRegisterArgs {
     /// certificate the CA signed, with no fleet check; set on a CA registered before too.
     #[arg(long, value_name = "FILE")]
     pub(crate) jitp_template: Option<PathBuf>,
-    #[command(flatten)]
-    pub(crate) aws: AwsArgs,
+    /// AWS region; repeat it to register the CA in each region in turn (every id is recorded
+    /// in ca/aws-ca-ids.json) [default: AWS_REGION, else the AWS profile's region].
+    #[arg(long, value_name = "REGION")]
+    pub(crate) region: Vec<String>,
+    /// AWS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's own].
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint_url)]
+    pub(crate) endpoint_url: Option<String>,
+    /// Give up after this long in all, e.g. 30s, 10m [default: 60s per region; one call never
+    /// waits more than 10s].
+    #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
+    pub(crate) timeout: Option<std::time::Duration>,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
+}
+
+impl CaRegisterArgs {
+    /// The AWS settings for one region (`None`: the standard chain's).
+    pub(crate) fn aws(&self, region: Option<&str>) -> AwsArgs {
+        AwsArgs {
+            region: region.map(str::to_owned),
+            endpoint_url: self.endpoint_url.clone(),
+            timeout: self.timeout,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
