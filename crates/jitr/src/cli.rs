@@ -354,10 +354,30 @@ pub(crate) struct CaRegisterArgs {
     /// certificate the CA signed, with no fleet check; set on a CA registered before too.
     #[arg(long, value_name = "FILE")]
     pub(crate) jitp_template: Option<PathBuf>,
-    #[command(flatten)]
-    pub(crate) aws: AwsArgs,
+    /// AWS region; repeat it to register the CA in each region in turn (every id is recorded
+    /// in ca/aws-ca-ids.json) [default: AWS_REGION, else the AWS profile's region].
+    #[arg(long, value_name = "REGION")]
+    pub(crate) region: Vec<String>,
+    /// AWS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's own].
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint_url)]
+    pub(crate) endpoint_url: Option<String>,
+    /// Give up after this long in all, e.g. 30s, 10m [default: 60s per region; one call never
+    /// waits more than 10s].
+    #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
+    pub(crate) timeout: Option<std::time::Duration>,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
+}
+
+impl CaRegisterArgs {
+    /// The AWS settings for one region (`None`: the standard chain's).
+    pub(crate) fn aws(&self, region: Option<&str>) -> AwsArgs {
+        AwsArgs {
+            region: region.map(str::to_owned),
+            endpoint_url: self.endpoint_url.clone(),
+            timeout: self.timeout,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -407,6 +427,16 @@ pub(crate) struct IssueArgs {
     /// shared by the account and region, is 300/s by default).
     #[arg(long, value_name = "N", default_value_t = ca_keys::DEFAULT_KMS_RATE, value_parser = parse_rate)]
     pub(crate) kms_rate: f64,
+    /// Each device's AWS region, for a fleet that connects in several: a file of
+    /// `device_id,region` lines (or the two separated by spaces; a `device_id,region` header
+    /// and #comments skipped). Every device issued must be listed; each is delivered its
+    /// region's data endpoint (asked from AWS IoT once per region) as AWS_DATA_ENDPOINT.
+    #[arg(long, value_name = "FILE", conflicts_with = "endpoint")]
+    pub(crate) region_of: Option<PathBuf>,
+    /// AWS endpoint URL for those questions and the --ledger writes, e.g. a local emulator
+    /// [default: AWS_ENDPOINT_URL, else AWS's own].
+    #[arg(long, value_name = "URL", value_parser = parse_endpoint_url)]
+    pub(crate) endpoint_url: Option<String>,
     #[command(flatten)]
     pub(crate) ledger: LedgerArgs,
     #[command(flatten)]

@@ -267,6 +267,31 @@ fn the_ledger_lists_what_the_factory_issued_and_the_activator_requires_it() {
     assert!(text.contains("2 of 2 certificate(s)"), "{text}");
     assert_eq!(w.field(&listed, "status").as_deref(), Some("activated"));
     assert_eq!(w.field(&listed, "batch").as_deref(), Some("line-7"));
+
+    // A device bound for another region: the ledger records where it was sent.
+    std::fs::write(
+        w.work.path().join("regions.csv"),
+        format!("device_id,region\n{},eu-west-1\n", uuid(4)),
+    )
+    .unwrap();
+    ok(&w.jitr(
+        None,
+        &[
+            "issue",
+            "--dir",
+            &ca_dir,
+            "--id",
+            &uuid(4),
+            "--out",
+            "devices",
+            "--region-of",
+            "regions.csv",
+            "--ledger",
+            TABLE,
+        ],
+    ));
+    let bound = &manifest_ids(&w.work.path().join("devices"))[&uuid(4)];
+    assert_eq!(w.field(bound, "region").as_deref(), Some("eu-west-1"));
 }
 
 #[test]

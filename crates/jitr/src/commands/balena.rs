@@ -71,11 +71,23 @@ impl Delivery {
         chain_pem: &str,
         key_pem: Option<&str>,
     ) -> DeliveryVariables {
+        self.variables_at(id, chain_pem, key_pem, None)
+    }
+
+    /// The variables for one device with its own data endpoint (its region's), else
+    /// `--endpoint`'s.
+    pub(crate) fn variables_at(
+        &self,
+        id: &DeviceId,
+        chain_pem: &str,
+        key_pem: Option<&str>,
+        endpoint: Option<&str>,
+    ) -> DeliveryVariables {
         DeliveryVariables::new(
             id,
             chain_pem,
             key_pem,
-            self.endpoint.as_deref(),
+            endpoint.or(self.endpoint.as_deref()),
             &self.topic_prefix,
         )
     }

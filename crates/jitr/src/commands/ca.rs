@@ -1,6 +1,7 @@
 //! `jitr ca init`, `ca verification-cert` and `ca register`.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use activator::registration::{register_ca, Registration};
 use activator::CertificateId;
@@ -14,10 +15,13 @@ use time::OffsetDateTime;
 
 use super::{print_json, Outcome};
 use crate::cli::{CaInitArgs, CaRegisterArgs, VerificationCertArgs};
+use crate::regions::AwsRegion;
 use crate::{passphrase, UsageError};
 
 /// File in the CA folder that holds the caCertificateId AWS IoT gave the CA.
 const AWS_CA_ID_FILE: &str = "aws-ca-id";
+/// File in the CA folder that maps each region the CA is registered in to its id there.
+const AWS_CA_IDS_FILE: &str = "aws-ca-ids.json";
 
 pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
     let profile = Profile::load(&args.ca.dir)?;
@@ -191,6 +195,17 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
         .as_deref()
         .map(super::jitp::read_config)
         .transpose()?;
+    let mut regions: Vec<AwsRegion> = Vec::new();
+    for name in &args.region {
+        let region =
+            AwsRegion::parse(name).map_err(|reason| UsageError(format!("--region: {reason}")))?;
+        if !regions.contains(&region) {
+            regions.push(region);
+        }
+    }
+    let ids_file = args.ca.dir.join(AWS_CA_IDS_FILE);
+    // Read before any AWS call: a broken file must not cost a registration its record.
+    let mut ids = read_ca_ids(&ids_file)?;
     // Unlock the key before talking to AWS: a wrong passphrase should cost no AWS call.
     let ca = if args.sni_only {
         None
@@ -199,83 +214,279 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     };
     let expected_id = CertificateId::parse(&certificate_id(&ca_der))
         .map_err(|reason| anyhow::anyhow!("the CA's certificate id: {reason}"))?;
-    let registration = crate::aws::runtime()?.block_on(async {
-        let registry = crate::aws::session(&args.aws).await?.registry();
-        let deadline = args.aws.deadline(REGISTRATION_TIME);
-        let registration =
-            register_ca(&registry, ca.as_ref(), &ca_pem, &expected_id, deadline).await?;
-        if let Some(jitp) = &jitp {
-            use activator::IotAdmin;
-            let id = CertificateId::parse(&registration.id)
-                .map_err(|reason| anyhow::anyhow!("the CA id AWS IoT gave: {reason}"))?;
-            registry
-                .set_ca_jitp(&id, jitp, activator::call_deadline(deadline))
-                .await
-                .context("the CA is registered, but its JITP template could not be set")?;
+    // No --region: the standard chain's one region, exactly as before regions were repeatable.
+    let targets: Vec<Option<&str>> = if regions.is_empty() {
+        vec![None]
+    } else {
+        regions.iter().map(|r| Some(r.as_str())).collect()
+    };
+    let per_region = args
+        .timeout
+        .unwrap_or(REGISTRATION_TIME * targets.len().try_into().unwrap_or(u32::MAX));
+    let deadline = tokio::time::Instant::now() + per_region;
+    // Each region in turn: each has its own registration code and verification certificate.
+    let mut results: Vec<(String, Result<Registration>)> = crate::aws::runtime()?.block_on(async {
+        let mut results = Vec::with_capacity(targets.len());
+        for target in &targets {
+            let name = target.unwrap_or("the default region").to_owned();
+            let aws = args.aws(*target);
+            let result = register_in(
+                &aws,
+                ca.as_ref(),
+                &ca_pem,
+                &expected_id,
+                jitp.as_ref(),
+                deadline,
+            )
+            .await;
+            results.push(match result {
+                Ok((region, registration)) => (region, Ok(registration)),
+                Err(e) => (name, Err(e)),
+            });
         }
-        anyhow::Ok(registration)
-    })?;
-    report_registration(&args, &registration, expected_id.as_str())?;
+        results
+    });
+    // What succeeded is recorded even when another region failed.
+    for (region, result) in &results {
+        if let Ok(registration) = result {
+            ids.insert(region.clone(), registration.id.clone());
+        }
+    }
+    if results.iter().any(|(_, r)| r.is_ok()) {
+        write_ca_ids(&ids_file, &ids)?;
+    }
+    let succeeded = results.iter().any(|(_, r)| r.is_ok());
+    let outcome = if results.len() == 1 {
+        let (region, result) = results.swap_remove(0);
+        // One region: the contract from before there were several, ca/aws-ca-id included (the
+        // deployment reads it, and scripts written for one region keep working). With several,
+        // aws-ca-ids.json is the record: a file holding one region's id would mislead.
+        let registration = result?;
+        let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
+        factory_ca::write_file_atomic(
+            &id_file,
+            format!("{}\n", registration.id).as_bytes(),
+            0o644,
+            true,
+        )?;
+        report_registration(
+            &args,
+            &region,
+            &registration,
+            expected_id.as_str(),
+            &id_file,
+            &ids_file,
+        )?;
+        Outcome::Success
+    } else {
+        report_regions(&args, &results, expected_id.as_str(), &ids_file)?;
+        if results.iter().all(|(_, r)| r.is_ok()) {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        }
+    };
     if let Some(jitp) = &jitp {
-        if !args.output.json {
+        if succeeded && !args.output.json {
             println!("JITP template set  (role {}; AWS IoT provisions every certificate this CA signed, with no fleet check)", jitp.role_arn);
         }
     }
-    Ok(Outcome::Success)
+    Ok(outcome)
 }
 
-/// The longest `ca register` may take in all (four calls at most).
+/// Registers the CA in the region `aws` names (and sets its JITP template): the region's name
+/// as the session resolved it, and what AWS IoT holds there.
+async fn register_in(
+    aws: &crate::cli::AwsArgs,
+    ca: Option<&factory_ca::Ca>,
+    ca_pem: &str,
+    expected_id: &CertificateId,
+    jitp: Option<&activator::JitpConfig>,
+    deadline: tokio::time::Instant,
+) -> Result<(String, Registration)> {
+    let session = crate::aws::session(aws).await?;
+    let region = session
+        .config()
+        .region()
+        .map_or_else(|| "unknown".to_owned(), ToString::to_string);
+    let registry = session.registry();
+    let registration = register_ca(&registry, ca, ca_pem, expected_id, deadline).await?;
+    if let Some(jitp) = jitp {
+        use activator::IotAdmin;
+        let id = CertificateId::parse(&registration.id)
+            .map_err(|reason| anyhow::anyhow!("the CA id AWS IoT gave: {reason}"))?;
+        registry
+            .set_ca_jitp(&id, jitp, activator::call_deadline(deadline))
+            .await
+            .context("the CA is registered, but its JITP template could not be set")?;
+    }
+    Ok((region, registration))
+}
+
+/// The longest `ca register` may take in one region (four calls at most, six when DEFAULT
+/// mode falls back to SNI_ONLY).
 const REGISTRATION_TIME: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Writes ca/aws-ca-id and says what AWS IoT now holds, with a warning when devices would
-/// not be registered.
+/// `ca/aws-ca-ids.json` as it is (empty when absent): region → caCertificateId.
+fn read_ca_ids(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a JSON object of region to CA id ({e}): fix or remove it",
+            path.display()
+        )
+    })
+}
+
+/// Writes the merged map whole (pretty JSON, keys sorted), replacing the file atomically.
+fn write_ca_ids(path: &Path, ids: &BTreeMap<String, String>) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(ids)?;
+    text.push('\n');
+    factory_ca::write_file_atomic(path, text.as_bytes(), 0o644, true)?;
+    Ok(())
+}
+
+/// The certificate mode the CA holds after this run, as AWS IoT names it.
+fn mode_of(args: &CaRegisterArgs, registration: &Registration) -> &'static str {
+    if args.sni_only || registration.sni_only_fallback {
+        "SNI_ONLY"
+    } else {
+        "DEFAULT"
+    }
+}
+
+/// One line saying what AWS IoT holds for the CA in a region.
+fn what_was_done(args: &CaRegisterArgs, registration: &Registration) -> String {
+    if registration.already {
+        let details = match (&registration.status, &registration.auto_registration) {
+            (Some(status), Some(auto)) => format!(" (status {status}, auto-registration {auto})"),
+            (Some(status), None) => format!(" (status {status})"),
+            _ => String::new(),
+        };
+        format!("the CA is already registered in AWS IoT{details}")
+    } else {
+        format!(
+            "registered the CA in AWS IoT ({} mode, active, auto-registration on)",
+            mode_of(args, registration)
+        )
+    }
+}
+
+/// One region's result as JSON (the fields `ca register --json` has always printed).
+fn registration_json(
+    args: &CaRegisterArgs,
+    region: &str,
+    registration: &Registration,
+) -> serde_json::Value {
+    serde_json::json!({
+        "region": region,
+        "ca_certificate_id": registration.id,
+        "ca_certificate_arn": registration.arn,
+        "topic": format!("$aws/events/certificates/registered/{}", registration.id),
+        "already_registered": registration.already,
+        "certificate_mode": mode_of(args, registration),
+        "sni_only_fallback": registration.sni_only_fallback,
+        "status": registration.status,
+        "auto_registration_status": registration.auto_registration,
+        "jitp_template": args.jitp_template.is_some(),
+    })
+}
+
+/// Says what AWS IoT now holds in one region, with a warning when devices would not be
+/// registered there.
 fn report_registration(
     args: &CaRegisterArgs,
+    region: &str,
     registration: &Registration,
     expected_id: &str,
+    id_file: &Path,
+    ids_file: &Path,
 ) -> Result<()> {
-    let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
-    factory_ca::write_file_atomic(
-        &id_file,
-        format!("{}\n", registration.id).as_bytes(),
-        0o644,
-        true,
-    )?;
     let topic = format!("$aws/events/certificates/registered/{}", registration.id);
-    let mode = if args.sni_only { "SNI_ONLY" } else { "DEFAULT" };
     if args.output.json {
-        print_json(&serde_json::json!({
-            "ca_certificate_id": registration.id,
-            "ca_certificate_arn": registration.arn,
-            "topic": topic,
-            "already_registered": registration.already,
-            "certificate_mode": mode,
-            "status": registration.status,
-            "auto_registration_status": registration.auto_registration,
-            "jitp_template": args.jitp_template.is_some(),
-            "id_file": id_file,
-        }))?;
+        let mut json = registration_json(args, region, registration);
+        json["id_file"] = serde_json::json!(id_file);
+        json["ids_file"] = serde_json::json!(ids_file);
+        print_json(&json)?;
     } else {
-        if registration.already {
-            let details = match (&registration.status, &registration.auto_registration) {
-                (Some(status), Some(auto)) => {
-                    format!(" (status {status}, auto-registration {auto})")
-                }
-                (Some(status), None) => format!(" (status {status})"),
-                _ => String::new(),
-            };
-            println!("the CA is already registered in AWS IoT{details}");
-        } else {
-            println!("registered the CA in AWS IoT ({mode} mode, active, auto-registration on)");
-        }
+        println!("{}", what_was_done(args, registration));
         println!("CA certificate id  {}", registration.id);
         println!("event topic        {topic}");
         println!("id written to      {}", id_file.display());
     }
+    warn_about(region, registration, expected_id);
+    Ok(())
+}
+
+/// Several regions: one line per region, then where the ids went; failures on stderr.
+fn report_regions(
+    args: &CaRegisterArgs,
+    results: &[(String, Result<Registration>)],
+    expected_id: &str,
+    ids_file: &Path,
+) -> Result<()> {
+    let ids_file: PathBuf = ids_file.to_owned();
+    if args.output.json {
+        let regions: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(region, result)| match result {
+                Ok(registration) => registration_json(args, region, registration),
+                Err(e) => serde_json::json!({
+                    "region": region,
+                    "error": activator::error_chain(e.as_ref()),
+                }),
+            })
+            .collect();
+        print_json(&serde_json::json!({"regions": regions, "ids_file": ids_file}))?;
+    } else {
+        for (region, result) in results {
+            if let Ok(registration) = result {
+                println!("{region:<18} {}", what_was_done(args, registration));
+            }
+        }
+        let mut ids: Vec<&str> = results
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok().map(|r| r.id.as_str()))
+            .collect();
+        ids.dedup();
+        if let [id] = ids.as_slice() {
+            println!("CA certificate id  {id}");
+            println!("event topic        $aws/events/certificates/registered/{id}");
+        }
+        if !ids.is_empty() {
+            println!("ids written to     {}", ids_file.display());
+        }
+    }
+    for (region, result) in results {
+        match result {
+            Ok(registration) => warn_about(region, registration, expected_id),
+            Err(e) => eprintln!(
+                "jitr: error: {region}: {}",
+                activator::error_chain(e.as_ref())
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Warnings about one region's registration: an unexpected id, SNI_ONLY by necessity, a CA
+/// that will not register devices.
+fn warn_about(region: &str, registration: &Registration, expected_id: &str) {
     if registration.id != expected_id {
         eprintln!(
-            "warning: AWS IoT gave the CA id {} but the SHA-256 of its DER is {expected_id}",
+            "warning: AWS IoT gave the CA id {} in {region} but the SHA-256 of its DER is {expected_id}",
             registration.id
+        );
+    }
+    if registration.sni_only_fallback {
+        eprintln!(
+            "note: {region}: another AWS account holds this CA in DEFAULT mode there (one account \
+             per region may), so it was registered SNI_ONLY: devices must send the endpoint's \
+             name (SNI) when they connect, as AWS's device SDKs do"
         );
     }
     let inactive = registration
@@ -288,11 +499,10 @@ fn report_registration(
         .is_some_and(|s| s != "ENABLE");
     if inactive || no_auto {
         eprintln!(
-            "warning: devices will not be registered until the CA is active with \
-             auto-registration on: aws iot update-ca-certificate --certificate-id {} \
-             --new-status ACTIVE --new-auto-registration-status ENABLE",
+            "warning: devices will not be registered in {region} until the CA is active with \
+             auto-registration on: aws iot update-ca-certificate --region {region} \
+             --certificate-id {} --new-status ACTIVE --new-auto-registration-status ENABLE",
             registration.id
         );
     }
-    Ok(())
 }

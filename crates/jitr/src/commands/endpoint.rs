@@ -7,7 +7,7 @@ use super::{print_json, Outcome};
 use crate::cli::EndpointArgs;
 
 /// The endpoint type devices use: the Amazon Trust Services signed data endpoint.
-const ENDPOINT_TYPE: &str = "iot:Data-ATS";
+pub(crate) const ENDPOINT_TYPE: &str = "iot:Data-ATS";
 
 pub(crate) fn endpoint(args: EndpointArgs) -> Result<Outcome> {
     let address = crate::aws::runtime()?.block_on(async {

@@ -1,6 +1,6 @@
 //! `jitr issue` and `jitr sign-csr`: device certificates, and their delivery to balena.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 
@@ -12,7 +12,8 @@ use zeroize::Zeroizing;
 
 use super::balena::Delivery;
 use super::{print_json, Outcome};
-use crate::cli::{IssueArgs, LedgerArgs, SignCsrArgs};
+use crate::cli::{AwsArgs, IssueArgs, LedgerArgs, SignCsrArgs};
+use crate::regions::{AwsRegion, RegionMap};
 use crate::UsageError;
 
 /// Batches smaller than this finish before a progress bar would be worth drawing.
@@ -64,11 +65,25 @@ fn progress_bar(len: usize) -> ProgressBar {
 
 pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
+    let region_map = args.region_of.as_deref().map(RegionMap::load).transpose()?;
     let ca = crate::keys::load_ca(&args.ca, Some(args.kms_rate))?;
     let device = &ca.profile().device;
     let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
+    // Every device has a region, and every region its endpoint, before anything is issued.
+    let endpoints = match &region_map {
+        Some(map) => {
+            let regions = map.regions_of(&ids)?;
+            report_regions(map, &ids);
+            if delivery.wanted() {
+                data_endpoints(&regions, args.endpoint_url.as_deref())?
+            } else {
+                BTreeMap::new()
+            }
+        }
+        None => BTreeMap::new(),
+    };
     if let Some(bundle) = &args.bundle {
-        return issue_bundle(&args, &ca, &ids, bundle);
+        return issue_bundle(&args, &ca, &ids, bundle, region_map.as_ref());
     }
     let opts = BatchOptions {
         out_dir: args.out.clone(),
@@ -96,7 +111,15 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         &args.out,
     );
     // In the ledger before the credentials reach a device: a device connects listed.
-    let recorded = record(&args.ledger, &report.issued, &args.out, opts.now)?;
+    let aws = issue_aws(&args);
+    let recorded = record(
+        &args.ledger,
+        &aws,
+        &report.issued,
+        region_map.as_ref(),
+        &args.out,
+        opts.now,
+    )?;
     let mut delivered = true;
     if delivery.wanted() {
         let issued: HashSet<&str> = report.issued.iter().map(|e| e.id.as_str()).collect();
@@ -110,7 +133,12 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
                     .with_context(|| format!("cannot read {}", path.display()))
             };
             let (chain, key) = (read("chain.pem")?, read("device.key")?);
-            devices.push(delivery.variables(id, &chain, Some(&key)));
+            let endpoint = region_map
+                .as_ref()
+                .and_then(|map| map.get(id.as_str()))
+                .and_then(|region| endpoints.get(region))
+                .map(String::as_str);
+            devices.push(delivery.variables_at(id, &chain, Some(&key), endpoint));
         }
         delivered = delivery.deliver(&devices)?;
     }
@@ -118,6 +146,46 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         Outcome::Success
     } else {
         Outcome::Failed
+    })
+}
+
+/// How many of the devices go to each region, on standard error.
+fn report_regions(map: &RegionMap, ids: &[DeviceId]) {
+    let mut counts: BTreeMap<&AwsRegion, usize> = BTreeMap::new();
+    for region in ids.iter().filter_map(|id| map.get(id.as_str())) {
+        *counts.entry(region).or_default() += 1;
+    }
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(region, n)| format!("{region} {n}"))
+        .collect();
+    eprintln!("devices per region: {}", counts.join(", "));
+}
+
+/// Each region's AWS IoT data endpoint (`iot:Data-ATS`), asked once per region.
+fn data_endpoints(
+    regions: &std::collections::BTreeSet<&AwsRegion>,
+    endpoint_url: Option<&str>,
+) -> Result<BTreeMap<AwsRegion, String>> {
+    use activator::IotAdmin;
+    crate::aws::runtime()?.block_on(async {
+        let mut endpoints = BTreeMap::new();
+        for region in regions {
+            let aws = crate::cli::AwsArgs {
+                region: Some(region.as_str().to_owned()),
+                endpoint_url: endpoint_url.map(str::to_owned),
+                timeout: None,
+            };
+            let registry = crate::aws::session(&aws).await?.registry();
+            let deadline = activator::call_deadline(aws.deadline(activator::OPERATOR_CALL_TIME));
+            let address = registry
+                .describe_endpoint(super::endpoint::ENDPOINT_TYPE, deadline)
+                .await
+                .with_context(|| format!("the data endpoint of {region} (nothing was issued)"))?;
+            eprintln!("data endpoint of {region}: {address}");
+            endpoints.insert((*region).clone(), address);
+        }
+        anyhow::Ok(endpoints)
     })
 }
 
@@ -129,6 +197,7 @@ fn issue_bundle(
     ca: &factory_ca::Ca,
     ids: &[DeviceId],
     path: &Path,
+    regions: Option<&RegionMap>,
 ) -> Result<Outcome> {
     let device = &ca.profile().device;
     let opts = factory_ca::BundleOptions {
@@ -188,7 +257,14 @@ fn issue_bundle(
                 .collect();
             let manifest = args.out.join(factory_ca::MANIFEST_FILE);
             let lines = crate::ledger::newest_entries(&manifest, &issued)?;
-            record(&args.ledger, &lines, &args.out, opts.now)?
+            record(
+                &args.ledger,
+                &issue_aws(args),
+                &lines,
+                regions,
+                &args.out,
+                opts.now,
+            )?
         }
     };
     Ok(if report.failures.is_empty() && recorded {
@@ -202,7 +278,9 @@ fn issue_bundle(
 /// (reported, with the command that writes them).
 fn record(
     args: &LedgerArgs,
+    aws: &AwsArgs,
     issued: &[factory_ca::ManifestEntry],
+    regions: Option<&RegionMap>,
     out: &Path,
     now: OffsetDateTime,
 ) -> Result<bool> {
@@ -213,14 +291,22 @@ fn record(
     let at = factory_ca::show_time(now);
     let entries: Vec<_> = issued
         .iter()
-        .map(|line| crate::ledger::entry(line, &batch, &at, None))
+        .map(|line| {
+            let region = regions
+                .and_then(|map| map.get(&line.id))
+                .map(|r| r.as_str().to_owned());
+            crate::ledger::entry(line, &batch, &at, region)
+        })
         .collect();
-    crate::ledger::write(
-        table,
-        &crate::cli::AwsArgs::from_environment(),
-        &entries,
-        &out.join(factory_ca::MANIFEST_FILE),
-    )
+    crate::ledger::write(table, aws, &entries, &out.join(factory_ca::MANIFEST_FILE))
+}
+
+/// The AWS settings of `issue`: the standard chain, with `--endpoint-url` on top.
+fn issue_aws(args: &IssueArgs) -> AwsArgs {
+    AwsArgs {
+        endpoint_url: args.endpoint_url.clone(),
+        ..AwsArgs::from_environment()
+    }
 }
 
 /// Each failed device on its own line, then the one-line summary.
@@ -314,7 +400,9 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
     warn_if_capped(issued.capped_at);
     let recorded = record(
         &args.ledger,
+        &AwsArgs::from_environment(),
         std::slice::from_ref(&issued.entry),
+        None,
         &args.devices,
         OffsetDateTime::now_utc(),
     )?;
