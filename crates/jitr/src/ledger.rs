@@ -3,6 +3,7 @@
 //! LedgerWriterPolicy); `jitr ledger import` writes a manifest's certificates that never reached
 //! it; `jitr approve --add-to-ledger` adds one certificate.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use activator::aws::DynamoLedger;
@@ -58,16 +59,28 @@ pub(crate) fn write(
     if entries.is_empty() {
         return Ok(true);
     }
+    let bar = if entries.len() >= 200 && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(entries.len() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} in the ledger  {per_sec}  eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let report = crate::aws::runtime()?.block_on(async {
         let session = crate::aws::session(aws).await?;
         let ledger = DynamoLedger::new(session.config(), table);
         let deadline = aws.deadline(LEDGER_TIME);
         anyhow::Ok(
             ledger
-                .put_entries(entries, CONCURRENCY, deadline, &|_| {})
+                .put_entries(entries, CONCURRENCY, deadline, &|n| bar.inc(n as u64))
                 .await,
         )
     })?;
+    bar.finish_and_clear();
     if report.unwritten.is_empty() {
         eprintln!(
             "recorded {} certificate(s) in the ledger {table}",
