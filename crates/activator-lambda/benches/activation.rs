@@ -14,7 +14,11 @@
 //!   Lambdas do) on JITR_BENCH_BASELINE (default 10) other devices, and the ratio;
 //! - cold start, process spawn to the first `next` poll, median of JITR_BENCH_COLD_STARTS
 //!   (default 10) fresh processes (target <= 30 ms);
-//! - peak RSS (VmHWM) of the warm `bootstrap` after its activations (target <= 32 MiB).
+//! - peak RSS (VmHWM) of the warm `bootstrap` after its activations (target <= 32 MiB);
+//! - the same warm activations with the issuance ledger required (JITR_LEDGER=require, a
+//!   DynamoDB table on moto behind the same proxy): the round trips up to UpdateCertificate
+//!   ACTIVE must be as many as without it (the ledger is read alongside the fleet check), and the
+//!   mark that follows the activation is shown with its cost to the invocation.
 //!
 //! Round trips are counted from the proxies' logs: requests of one activation are sorted by
 //! arrival, and a request that arrives more than half the added latency after the previous
@@ -213,6 +217,37 @@ impl World {
         env
     }
 
+    /// A ledger table on moto listing `devices`' certificates (written directly); the
+    /// variables that make bootstrap require it.
+    fn ledger(&self, devices: &[Device]) -> Vec<(&'static str, String)> {
+        use aws_sdk_dynamodb::types::AttributeValue;
+        let sdk = self.rt.block_on(iot::sdk_config(&self._moto));
+        let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+        self.rt.block_on(async {
+            testkit::dynamodb::create_table(&dynamodb, "bench-ledger", "certificate_id")
+                .await
+                .unwrap();
+            for device in devices {
+                dynamodb
+                    .put_item()
+                    .table_name("bench-ledger")
+                    .item(
+                        "certificate_id",
+                        AttributeValue::S(device.certificate_id.clone()),
+                    )
+                    .item("device_id", AttributeValue::S(device.uuid.clone()))
+                    .item("status", AttributeValue::S("issued".into()))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        });
+        vec![
+            ("JITR_LEDGER_TABLE", "bench-ledger".to_owned()),
+            ("JITR_LEDGER", "require".to_owned()),
+        ]
+    }
+
     /// Positions in both proxy logs, to read what one activation sent.
     fn mark(&self) -> (usize, usize) {
         (self.moto_proxy.count(), self.balena_proxy.count())
@@ -303,6 +338,7 @@ impl Bootstrap {
 
 /// One activation as measured.
 struct Sample {
+    started: Instant,
     took: Duration,
     requests: Vec<(&'static str, ProxiedRequest)>,
 }
@@ -310,17 +346,40 @@ struct Sample {
 impl Sample {
     /// Sequential round trips: requests more than half the latency apart start a new one.
     fn round_trips(&self, latency: Duration) -> usize {
-        let mut trips = 0;
-        let mut last: Option<Instant> = None;
-        for (_, r) in &self.requests {
-            if last.is_none_or(|l| r.arrived.duration_since(l) > latency / 2) {
-                trips += 1;
-            }
-            last = Some(r.arrived);
-        }
-        trips
+        trips(self.requests.iter(), latency)
     }
 
+    /// The round trips up to and including UpdateCertificate (the moment the device may
+    /// connect), and how long after the invocation began that request arrived.
+    fn to_activation(&self, latency: Duration) -> (usize, Duration) {
+        let upto = self
+            .requests
+            .iter()
+            .position(|(s, r)| operation(s, r) == "UpdateCertificate")
+            .expect("an UpdateCertificate in every activation");
+        let at = self.requests[upto].1.arrived.duration_since(self.started);
+        (trips(self.requests[..=upto].iter(), latency), at)
+    }
+}
+
+/// Round trips in `requests` (arrival order): one more whenever a request arrives more than
+/// half the latency after the one before it.
+fn trips<'a>(
+    requests: impl Iterator<Item = &'a (&'static str, ProxiedRequest)>,
+    latency: Duration,
+) -> usize {
+    let mut trips = 0;
+    let mut last: Option<Instant> = None;
+    for (_, r) in requests {
+        if last.is_none_or(|l| r.arrived.duration_since(l) > latency / 2) {
+            trips += 1;
+        }
+        last = Some(r.arrived);
+    }
+    trips
+}
+
+impl Sample {
     /// The requests as `op ‖ op → op ...`, grouped by round trip.
     fn timeline(&self, latency: Duration) -> String {
         let mut out = String::new();
@@ -350,6 +409,8 @@ fn operation(service: &str, r: &ProxiedRequest) -> String {
         ("iot", "PUT", ["things", _, "principals"]) => "AttachThingPrincipal",
         ("iot", "GET", ["things", _, "principals"]) => "ListThingPrincipals",
         ("iot", "PUT", ["certificates", _]) => "UpdateCertificate",
+        ("iot", "POST", []) if r.body.contains("UpdateExpression") => "DynamoDB UpdateItem",
+        ("iot", "POST", []) if r.body.contains("ConsistentRead") => "DynamoDB GetItem",
         ("balena", "GET", ["v7", "device"]) => "GET balena device",
         ("balena", "GET", ["v7", app]) if app.starts_with("application") => {
             "GET balena application"
@@ -392,9 +453,15 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// Activations through `bootstrap`: the samples (first = warm-up) and the process's peak RSS.
-fn run_bootstrap(world: &World, devices: &[Device]) -> (Vec<Sample>, u64, String) {
+fn run_bootstrap(
+    world: &World,
+    devices: &[Device],
+    extra_env: &[(&'static str, String)],
+) -> (Vec<Sample>, u64, String) {
     let emulator = RuntimeEmulator::start().unwrap();
-    let mut bootstrap = Bootstrap::spawn(&world.bootstrap_env(&emulator));
+    let mut env = world.bootstrap_env(&emulator);
+    env.extend_from_slice(extra_env);
+    let mut bootstrap = Bootstrap::spawn(&env);
     bootstrap.first_poll(&emulator);
     let mut samples = Vec::new();
     for device in devices {
@@ -411,6 +478,7 @@ fn run_bootstrap(world: &World, devices: &[Device]) -> (Vec<Sample>, u64, String
             other => panic!("{}: {other:?}\n{}", device.uuid, bootstrap.log()),
         }
         samples.push(Sample {
+            started,
             took,
             requests: world.requests_since(mark),
         });
@@ -557,6 +625,7 @@ fn run_baseline(world: &World, devices: &[Device]) -> Vec<Sample> {
         let took = started.elapsed();
         assert_eq!(thing, device.uuid);
         samples.push(Sample {
+            started,
             took,
             requests: world.requests_since(mark),
         });
@@ -577,8 +646,11 @@ fn main() {
     let jitr_devices = world.devices(settings.activations);
     let baseline_devices = world.devices(settings.baseline);
 
-    let (samples, peak_rss, log) = run_bootstrap(&world, &jitr_devices);
+    let (samples, peak_rss, log) = run_bootstrap(&world, &jitr_devices, &[]);
     let baseline = run_baseline(&world, &baseline_devices);
+    let ledger_devices = world.devices(settings.activations);
+    let ledger_env = world.ledger(&ledger_devices);
+    let (with_ledger, _, _) = run_bootstrap(&world, &ledger_devices, &ledger_env);
     let (cold, cold_rss) = run_cold_starts(&world, settings.cold_starts);
     // The same activation with no latency added: what moto, the fake balena API and
     // bootstrap themselves take on this machine, which the round trips' latency adds to.
@@ -586,7 +658,7 @@ fn main() {
     for proxy in [&world.moto_proxy, &world.balena_proxy] {
         proxy.set_plan(FaultPlan::default());
     }
-    let (own, _, _) = run_bootstrap(&world, &own_devices);
+    let (own, _, _) = run_bootstrap(&world, &own_devices, &[]);
     let own_median = median(&own[1..].iter().map(|s| ms(s.took)).collect::<Vec<_>>());
 
     let warm = &samples[1..];
@@ -704,7 +776,46 @@ fn main() {
         "peak RSS (VmHWM) at the first `next` poll, median",
         median(&cold_rss)
     );
+    let activation_of = |samples: &[Sample]| {
+        let (trips, at): (Vec<usize>, Vec<f64>) = samples[1..]
+            .iter()
+            .map(|s| {
+                let (t, at) = s.to_activation(latency);
+                (t, ms(at))
+            })
+            .unzip();
+        (trips, median(&at))
+    };
+    let (plain_to_active, plain_at) = activation_of(&samples);
+    let (ledger_to_active, ledger_at) = activation_of(&with_ledger);
+    let ledger_ms: Vec<f64> = with_ledger[1..].iter().map(|s| ms(s.took)).collect();
+    let ledger_trips: Vec<usize> = with_ledger[1..]
+        .iter()
+        .map(|s| s.round_trips(latency))
+        .collect();
+    let same_trips = ledger_to_active.iter().max() <= plain_to_active.iter().min();
+    println!(
+        "  {:<58} {:>12}   {:<16} {}",
+        "round trips to UpdateCertificate ACTIVE, ledger required",
+        range(&ledger_to_active),
+        format!("= without ({})", range(&plain_to_active)),
+        verdict(same_trips)
+    );
+    println!(
+        "  {:<58} {:>9.1} ms   (without: {plain_at:.1} ms)",
+        "UpdateCertificate ACTIVE sent after, ledger required, median", ledger_at
+    );
+    println!(
+        "  {:<58} {:>9.1} ms   ({} round trips: the mark follows the activation)",
+        "whole invocation, ledger required, median",
+        median(&ledger_ms),
+        range(&ledger_trips)
+    );
     println!("  critical path, warm:     {}", warm[0].timeline(latency));
+    println!(
+        "  critical path, ledger:   {}",
+        with_ledger[1].timeline(latency)
+    );
     println!(
         "  critical path, first:    {}",
         samples[0].timeline(latency)
@@ -726,6 +837,11 @@ fn main() {
         decisions,
         samples.len(),
         "one decision log line per activation"
+    );
+    assert!(
+        same_trips,
+        "the ledger added a round trip before the activation: {}",
+        with_ledger[1].timeline(latency)
     );
     assert!(
         max_trips <= TARGET_ROUND_TRIPS,
