@@ -162,7 +162,8 @@ fn main() {
         "  jitr register --status ACTIVE          {elapsed:>8.1} s   {:>6.1} devices/s",
         devices as f64 / elapsed
     );
-    println!("  quota-bound time ({slowest} {rate}/s)  {bound:>8.1} s   {rate:>6.1} devices/s");
+    let label = format!("quota-bound time ({slowest} {rate}/s)");
+    println!("  {label:<38} {bound:>8.1} s   {rate:>6.1} devices/s");
     println!(
         "  elapsed / quota bound                  {:>8.2} x",
         elapsed / bound
