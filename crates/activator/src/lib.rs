@@ -10,6 +10,7 @@
 pub mod allowlist;
 #[cfg(feature = "adapters")]
 pub mod aws;
+pub mod bulk;
 mod config;
 mod decision;
 #[cfg(feature = "adapters")]

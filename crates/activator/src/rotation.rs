@@ -29,22 +29,18 @@ pub async fn install<A: IotAdmin>(
     placement: &Placement<'_>,
     deadline: Instant,
 ) -> Result<CertificateId, RegistryError> {
-    let d = || call_deadline(deadline);
-    let id = iot
-        .register_certificate(pem, ca_pem, CertificateStatus::Inactive, d())
-        .await?;
-    let arn = iot.describe_certificate(&id, d()).await?.arn;
-    iot.create_thing(&placement.thing, d()).await?;
-    if let Some(group) = placement.group {
-        iot.add_thing_to_group(&placement.thing.name, group, d())
-            .await?;
-    }
-    iot.attach_policy(placement.policy, &arn, d()).await?;
-    iot.attach_thing_principal(&placement.thing.name, &arn, d())
-        .await?;
-    iot.set_certificate_status(&id, CertificateStatus::Active, d())
-        .await?;
-    Ok(id)
+    // The one install order (INACTIVE, Thing, policy, attachment, ACTIVE last), unpaced: one
+    // device at a time.
+    crate::bulk::install(
+        iot,
+        pem,
+        ca_pem,
+        placement,
+        None,
+        &crate::bulk::Paces::unlimited(),
+        deadline,
+    )
+    .await
 }
 
 /// Retires the certificates `old` once `new` is ACTIVE (checked first): revoked, policies and

@@ -40,6 +40,10 @@ pub(crate) enum Command {
     /// A device's next certificate in place before its old one goes: issued, delivered,
     /// ACTIVE, the old retired after --grace.
     Rotate(RotateArgs),
+    /// Register certificates issued ahead (the manifest's) in AWS IoT: PENDING_ACTIVATION for
+    /// the activator to decide, or ACTIVE with Thing and policy, at AWS's quota rates; a rerun
+    /// skips what is done.
+    Register(RegisterArgs),
     /// Act as a device: connect to AWS IoT (or any MQTT broker) with its certificate.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -714,6 +718,62 @@ pub(crate) struct ApproveArgs {
     pub(crate) output: OutputArgs,
     #[command(flatten)]
     pub(crate) aws: AwsArgs,
+}
+
+/// `jitr register`: the certificates are read from devices/<id>/device.crt beside the manifest.
+#[derive(Debug, Args)]
+pub(crate) struct RegisterArgs {
+    /// The issuance manifest (devices/manifest.jsonl); each device's certificate is read from
+    /// <id>/device.crt in the manifest's folder (a --bundle issuance has no such folders).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) manifest: PathBuf,
+    /// PENDING_ACTIVATION: registered only, the activator decides on the first connect (fleet
+    /// check, Thing, policy). ACTIVE: the Thing made, policy and Thing attached, ACTIVE last;
+    /// the activator is not involved.
+    #[arg(long, value_name = "ACTIVE|PENDING_ACTIVATION", default_value = "PENDING_ACTIVATION", value_parser = parse_register_status)]
+    pub(crate) status: activator::bulk::Wanted,
+    /// Register only active members of the balena fleet (BALENA_API_KEY, BALENA_FLEET_ID);
+    /// the others are reported and skipped. Without it no fleet check is made.
+    #[arg(long)]
+    pub(crate) fleet_check: bool,
+    /// CA folder: ca.crt, the CA that signed the certificates, registered in AWS IoT.
+    #[arg(long, default_value = "ca", value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+    /// With ACTIVE: the device IoT policy attached to each certificate, as the activator's.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "JITR_POLICY_NAME",
+        default_value = "jitr-device"
+    )]
+    pub(crate) policy: String,
+    /// With ACTIVE: the Thing attribute `fleet=balena-fleet-<id>` the activator sets.
+    #[arg(long, value_name = "ID", env = "BALENA_FLEET_ID")]
+    pub(crate) fleet_id: Option<u64>,
+    /// With ACTIVE: thing type given to each Thing (must exist), as JITR_THING_TYPE.
+    #[arg(long, value_name = "NAME", env = "JITR_THING_TYPE")]
+    pub(crate) thing_type: Option<String>,
+    /// With ACTIVE: static thing group each Thing joins (must exist), as JITR_THING_GROUP.
+    #[arg(long, value_name = "NAME", env = "JITR_THING_GROUP")]
+    pub(crate) thing_group: Option<String>,
+    /// Devices in flight at once (each operation is paced at AWS IoT's default rate anyway).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub(crate) concurrency: usize,
+    // --timeout defaults to twice the time AWS's quotas need for the manifest, plus 10 minutes.
+    #[command(flatten)]
+    pub(crate) aws: AwsArgs,
+    // --json: one line per device, then one summary line.
+    #[command(flatten)]
+    pub(crate) output: OutputArgs,
+}
+
+/// `clap` value parser for `register --status`.
+fn parse_register_status(value: &str) -> Result<activator::bulk::Wanted, String> {
+    match value {
+        "ACTIVE" => Ok(activator::bulk::Wanted::Active),
+        "PENDING_ACTIVATION" => Ok(activator::bulk::Wanted::PendingActivation),
+        _ => Err("ACTIVE or PENDING_ACTIVATION".to_owned()),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ mod issue;
 mod jitp;
 mod ledger;
 mod reconcile;
+mod register;
 mod revoke;
 mod rotate;
 mod status;
@@ -45,6 +46,7 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
         Command::Approve(args) => approve::approve(args),
         Command::Status(args) => status::status(args),
         Command::Rotate(args) => rotate::rotate(args),
+        Command::Register(args) => register::register(args),
         Command::Device(DeviceCommand::Connect(args)) => device::connect(args),
         Command::Balena(BalenaCommand::FleetVars(args)) => balena::fleet_vars(args),
         Command::JitpTemplate(args) => jitp::template(args),

@@ -1,0 +1,519 @@
+//! `jitr register --manifest F [--status ACTIVE|PENDING_ACTIVATION] [--fleet-check]`: the
+//! certificates `jitr issue` made, registered in AWS IoT under their CA without waiting for the
+//! devices' first connect, paced at AWS IoT's default rates (`activator::bulk`).
+//!
+//! Resumable: what AWS IoT has is read first (one listing of the CA), so a rerun skips what is
+//! done. An ACTIVE registration goes INACTIVE first and ACTIVE last; a journal beside the
+//! manifest (`register-journal.jsonl`) records, before the first write, that the certificate is
+//! ours to finish, and after the last that it is done. A rerun finishes only the INACTIVE
+//! certificates the journal says it left so: any other INACTIVE one may be an operator's
+//! deactivation, which is never undone.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use activator::bulk::{self, Paces, Plan, Rates, Wanted};
+use activator::rotation::Placement;
+use activator::{call_deadline, error_chain, CertificateId, CertificateStatus, ThingSpec};
+use anyhow::{Context, Result};
+use factory_ca::{DeviceId, IdFormat};
+use futures::stream::{self, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use super::{print_json, Outcome};
+use crate::cli::RegisterArgs;
+use crate::UsageError;
+
+/// The journal's name, in the manifest's folder.
+const JOURNAL_FILE: &str = "register-journal.jsonl";
+/// The device certificate `jitr issue` writes into each device's folder.
+const CERT_FILE: &str = "device.crt";
+/// Time allowed beyond the quota-bound time for the whole run, unless `--timeout`.
+const SLACK: Duration = Duration::from_secs(600);
+
+/// What happened to one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Done {
+    /// Registered now (with ACTIVE: provisioned and activated).
+    Registered,
+    /// An earlier run's unfinished registration, finished now.
+    Resumed,
+    /// Registered already with the status asked for.
+    Skipped,
+    /// Registered with another status, or the device has another live certificate: untouched.
+    Left,
+    /// Not an active member of the fleet (`--fleet-check`): not registered.
+    NotMember,
+    /// Could not be registered; a rerun tries again.
+    Failed,
+}
+
+/// One device's line.
+#[derive(Debug, Serialize)]
+struct Row {
+    device_id: String,
+    certificate_id: String,
+    outcome: Done,
+    /// The certificate's status in AWS IoT as far as known.
+    status: Option<String>,
+    reason: String,
+}
+
+/// A journal line: `inactive` before the certificate is registered INACTIVE, `active` once it
+/// was activated.
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalLine {
+    certificate_id: String,
+    step: String,
+}
+
+/// The append-only journal of ACTIVE registrations in progress.
+struct Journal {
+    file: Mutex<File>,
+}
+
+impl Journal {
+    /// Opens `path` for appending; the certificates it leaves unfinished.
+    fn open(path: &Path) -> Result<(Journal, HashSet<String>)> {
+        let mut unfinished = HashSet::new();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                // A torn last line (a crash mid-write) is ignored: its step did not happen yet.
+                for line in text.lines() {
+                    if let Ok(entry) = serde_json::from_str::<JournalLine>(line) {
+                        if entry.step == "inactive" {
+                            unfinished.insert(entry.certificate_id);
+                        } else {
+                            unfinished.remove(&entry.certificate_id);
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok((
+            Journal {
+                file: Mutex::new(file),
+            },
+            unfinished,
+        ))
+    }
+
+    /// Appends one line; `sync` puts it on disk before anything else happens (write-ahead).
+    fn record(&self, id: &CertificateId, step: &str, sync: bool) -> std::io::Result<()> {
+        let mut line = serde_json::to_string(&JournalLine {
+            certificate_id: id.to_string(),
+            step: step.to_owned(),
+        })?;
+        line.push('\n');
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(line.as_bytes())?;
+        if sync {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// A manifest device whose certificate was found and matches its line.
+struct Device {
+    id: DeviceId,
+    certificate_id: CertificateId,
+    pem: String,
+}
+
+pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
+    let started = Instant::now();
+    let wanted = args.status;
+    let (ca_pem, ca_der) = super::ca::read_ca_pem(&args.dir)?;
+    let ca_id = CertificateId::parse(&factory_ca::certificate_id(&ca_der))
+        .map_err(|reason| anyhow::anyhow!("{}: {reason}", args.dir.display()))?;
+    let fleet = if args.fleet_check {
+        let fleet = activator::balena_fleet_from_env()
+            .context("--fleet-check needs BALENA_API_KEY and BALENA_FLEET_ID")?;
+        if args
+            .fleet_id
+            .is_some_and(|id| id.to_string() != fleet.id().to_string())
+        {
+            return Err(UsageError(format!(
+                "--fleet-id differs from BALENA_FLEET_ID ({}), the fleet --fleet-check asks",
+                fleet.id()
+            ))
+            .into());
+        }
+        Some(fleet)
+    } else {
+        None
+    };
+    let fleet_label = fleet
+        .as_ref()
+        .map(|f| f.id().to_string())
+        .or_else(|| args.fleet_id.map(|id| id.to_string()))
+        .map(|id| format!("balena-fleet-{id}"));
+
+    // The manifest's last line per device is its current certificate (a reissue appends).
+    let entries = factory_ca::read_manifest(&args.manifest)?;
+    let lines = entries.len();
+    let mut latest: HashMap<String, factory_ca::ManifestEntry> = HashMap::new();
+    let mut order = Vec::new();
+    for entry in entries {
+        if !latest.contains_key(&entry.id) {
+            order.push(entry.id.clone());
+        }
+        latest.insert(entry.id.clone(), entry);
+    }
+    let folder = args
+        .manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut rows = Vec::new();
+    let mut devices = Vec::new();
+    for id in &order {
+        let entry = &latest[id];
+        match load(&folder, entry) {
+            Ok(device) => devices.push(device),
+            Err(reason) => rows.push(Row {
+                device_id: entry.id.clone(),
+                certificate_id: entry.certificate_id.clone(),
+                outcome: Done::Failed,
+                status: None,
+                reason,
+            }),
+        }
+    }
+    let superseded = lines - order.len();
+
+    let (journal, unfinished) = Journal::open(&folder.join(JOURNAL_FILE))?;
+    let rates = Rates::default();
+    let (slowest, bound_rate) = rates.bound(wanted, args.thing_group.is_some());
+    let quota_time = Duration::from_secs_f64(order.len() as f64 / bound_rate);
+    let deadline = tokio::time::Instant::now() + args.aws.timeout.unwrap_or(quota_time * 2 + SLACK);
+    let placement_of = |id: &DeviceId| Placement {
+        thing: ThingSpec {
+            name: id.to_string(),
+            thing_type: args.thing_type.clone(),
+            attributes: fleet_label
+                .iter()
+                .map(|label| ("fleet".to_owned(), label.clone()))
+                .collect(),
+        },
+        group: args.thing_group.as_deref(),
+        policy: &args.policy,
+    };
+    let paces = Paces::new(&rates);
+    let bar = progress_bar(devices.len());
+
+    let runtime = crate::aws::runtime()?;
+    let done: Vec<Row> = runtime.block_on(async {
+        let iot = crate::aws::session(&args.aws).await?.registry();
+        let arn_prefix = bulk::certificate_arn_prefix(&iot, &ca_id, &paces, deadline)
+            .await
+            .with_context(|| {
+                format!("the CA {ca_id} in AWS IoT (registered? `jitr ca register` does it)")
+            })?;
+        bar.set_message("reading the CA's certificates");
+        let known = bulk::registered_under(&iot, &ca_id, &paces, &|_| bar.tick(), deadline)
+            .await
+            .with_context(|| format!("listing the certificates of CA {ca_id}"))?;
+        bar.set_message("");
+        let ctx = Ctx {
+            iot: &iot,
+            wanted,
+            ca_pem: &ca_pem,
+            arn_prefix: arn_prefix.as_deref(),
+            known: &known,
+            unfinished: &unfinished,
+            fleet: fleet.as_ref(),
+            journal: &journal,
+            paces: &paces,
+            deadline,
+        };
+        let rows = stream::iter(&devices)
+            .map(|device| {
+                let ctx = &ctx;
+                let placement = placement_of(&device.id);
+                let bar = &bar;
+                async move {
+                    let row = ctx.one(device, &placement).await;
+                    bar.inc(1);
+                    row
+                }
+            })
+            .buffer_unordered(args.concurrency.max(1))
+            .collect::<Vec<Row>>()
+            .await;
+        anyhow::Ok(rows)
+    })?;
+    bar.finish_and_clear();
+    rows.extend(done);
+    let elapsed = started.elapsed();
+
+    let count = |d: Done| rows.iter().filter(|r| r.outcome == d).count();
+    let (registered, resumed, skipped, left, strangers, failed) = (
+        count(Done::Registered),
+        count(Done::Resumed),
+        count(Done::Skipped),
+        count(Done::Left),
+        count(Done::NotMember),
+        count(Done::Failed),
+    );
+    let rate = (registered + resumed) as f64 / elapsed.as_secs_f64().max(1e-3);
+    if args.output.json {
+        for row in &rows {
+            print_json(row)?;
+        }
+        print_json(&serde_json::json!({"summary": {
+            "status": wanted.status().as_str(),
+            "registered": registered + resumed,
+            "resumed": resumed,
+            "skipped": skipped,
+            "left": left,
+            "not_member": strangers,
+            "failed": failed,
+            "superseded_lines": superseded,
+            "fleet_check": args.fleet_check,
+            "elapsed_s": elapsed.as_secs_f64(),
+            "per_second": rate,
+            "quota_bound_s": quota_time.as_secs_f64(),
+        }}))?;
+    } else {
+        for row in rows
+            .iter()
+            .filter(|r| matches!(r.outcome, Done::Left | Done::NotMember | Done::Failed))
+        {
+            let outcome = serde_json::to_value(row.outcome)?;
+            println!(
+                "{:<10} {:<32}  {}…  {}",
+                outcome.as_str().unwrap_or_default(),
+                row.device_id,
+                row.certificate_id.get(..12).unwrap_or(&row.certificate_id),
+                row.reason
+            );
+        }
+        println!(
+            "register {}: registered {} ({resumed} resumed), skipped {skipped} existing, {left} left as they were, {strangers} not in the fleet, {failed} failed, in {:.1} s ({rate:.1}/s; AWS's default quotas allow {bound_rate}/s, {slowest})",
+            wanted.status().as_str(),
+            registered + resumed,
+            elapsed.as_secs_f64(),
+        );
+        if superseded > 0 {
+            println!("{superseded} earlier manifest line(s) of reissued devices: only each device's last certificate is registered");
+        }
+        if !args.fleet_check {
+            println!("no fleet check was made (--fleet-check registers only active members of the balena fleet)");
+        }
+        if failed > 0 {
+            println!(
+                "run the same command again to retry the failed devices; done ones are skipped"
+            );
+        }
+    }
+    Ok(if failed == 0 {
+        Outcome::Success
+    } else {
+        Outcome::Failed
+    })
+}
+
+/// A device's certificate from `<folder>/<id>/device.crt`, checked against its manifest line.
+fn load(folder: &Path, entry: &factory_ca::ManifestEntry) -> Result<Device, String> {
+    let id = DeviceId::parse(&entry.id, IdFormat::Any).map_err(|e| e.to_string())?;
+    let path: PathBuf = folder.join(&entry.id).join(CERT_FILE);
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "{} is missing (register reads the devices folder `jitr issue` writes; a --bundle issuance keeps certificates in the bundle only)",
+                path.display()
+            )
+        } else {
+            format!("cannot read {}: {e}", path.display())
+        }
+    })?;
+    let der = factory_ca::certificates_from_pem_or_der(pem.as_bytes())
+        .map_err(|reason| format!("{}: {reason}", path.display()))?;
+    let actual = factory_ca::certificate_id(&der[0]);
+    if actual != entry.certificate_id {
+        return Err(format!(
+            "{} is not the manifest's certificate (its SHA-256 is {actual})",
+            path.display()
+        ));
+    }
+    let certificate_id =
+        CertificateId::parse(&actual).map_err(|reason| format!("{}: {reason}", path.display()))?;
+    Ok(Device {
+        id,
+        certificate_id,
+        pem,
+    })
+}
+
+/// What every device's registration shares.
+struct Ctx<'a, R> {
+    iot: &'a R,
+    wanted: Wanted,
+    ca_pem: &'a str,
+    arn_prefix: Option<&'a str>,
+    known: &'a HashMap<CertificateId, CertificateStatus>,
+    unfinished: &'a HashSet<String>,
+    fleet: Option<&'a balena::Fleet>,
+    journal: &'a Journal,
+    paces: &'a Paces,
+    deadline: tokio::time::Instant,
+}
+
+impl<R: activator::IotAdmin> Ctx<'_, R> {
+    async fn one(&self, device: &Device, placement: &Placement<'_>) -> Row {
+        let row = |outcome: Done, status: Option<&CertificateStatus>, reason: String| Row {
+            device_id: device.id.to_string(),
+            certificate_id: device.certificate_id.to_string(),
+            outcome,
+            status: status.map(|s| s.as_str().to_owned()),
+            reason,
+        };
+        let existing = self.known.get(&device.certificate_id);
+        let unfinished = self.unfinished.contains(device.certificate_id.as_str());
+        let resume = match bulk::plan(self.wanted, existing, unfinished) {
+            Plan::Skip => return row(Done::Skipped, existing, "registered already".into()),
+            Plan::Leave(status) => {
+                return row(
+                    Done::Left,
+                    Some(&status),
+                    format!("registered already as {status}: left as it is"),
+                )
+            }
+            Plan::Register => false,
+            Plan::Resume => true,
+        };
+        if let Some(fleet) = self.fleet {
+            match fleet
+                .membership(&device.id, call_deadline(self.deadline))
+                .await
+            {
+                Ok(balena::Membership::Member(_)) => {}
+                Ok(balena::Membership::Inactive(_)) => {
+                    return row(
+                        Done::NotMember,
+                        existing,
+                        "inactive in the balena fleet: not registered".into(),
+                    )
+                }
+                Ok(balena::Membership::NotMember) => {
+                    return row(
+                        Done::NotMember,
+                        existing,
+                        "not a device of the balena fleet: not registered".into(),
+                    )
+                }
+                Err(e) => {
+                    return row(
+                        Done::Failed,
+                        existing,
+                        format!("fleet check: {}", error_chain(&e)),
+                    )
+                }
+            }
+        }
+        let result = match self.wanted {
+            Wanted::PendingActivation => bulk::register_pending(
+                self.iot,
+                &device.pem,
+                self.ca_pem,
+                self.paces,
+                self.deadline,
+            )
+            .await
+            .map(|_| None)
+            .map_err(|e| format!("{} (a rerun tries again)", error_chain(&e))),
+            Wanted::Active => self.activate(device, placement).await,
+        };
+        match result {
+            Ok(None) => row(
+                if resume {
+                    Done::Resumed
+                } else {
+                    Done::Registered
+                },
+                Some(&self.wanted.status()),
+                String::new(),
+            ),
+            Ok(Some((other, status))) => row(
+                Done::Left,
+                existing,
+                format!(
+                    "the device's Thing has another {status} certificate, {other}: not registered (`jitr rotate` replaces an identity)"
+                ),
+            ),
+            Err(e) => row(Done::Failed, existing, e),
+        }
+    }
+
+    /// The ACTIVE path: INACTIVE, Thing, policy, attachment, ACTIVE, journaled around it.
+    /// `Some` names another live certificate of the device, which keeps its place.
+    async fn activate(
+        &self,
+        device: &Device,
+        placement: &Placement<'_>,
+    ) -> Result<Option<(CertificateId, CertificateStatus)>, String> {
+        let thing = &placement.thing.name;
+        let other = bulk::live_identity(
+            self.iot,
+            thing,
+            &device.certificate_id,
+            self.known,
+            self.paces,
+            self.deadline,
+        )
+        .await
+        .map_err(|e| error_chain(&e))?;
+        if other.is_some() {
+            return Ok(other);
+        }
+        self.journal
+            .record(&device.certificate_id, "inactive", true)
+            .map_err(|e| format!("cannot write the journal: {e}"))?;
+        bulk::install(
+            self.iot,
+            &device.pem,
+            self.ca_pem,
+            placement,
+            self.arn_prefix,
+            self.paces,
+            self.deadline,
+        )
+        .await
+        .map_err(|e| format!("{} (a rerun finishes it)", error_chain(&e)))?;
+        // The certificate is ACTIVE: a lost line only means a rerun skips it as ACTIVE.
+        let _ = self.journal.record(&device.certificate_id, "active", false);
+        Ok(None)
+    }
+}
+
+/// A progress bar on a terminal.
+fn progress_bar(len: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} devices  {per_sec}  eta {eta}  {msg}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
