@@ -250,9 +250,11 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
 
     /// The decision, in at most five sequential round trips when nothing else is attached to
     /// the device's Thing: DescribeCertificate; the fleet check alongside the Thing's
-    /// principals (and the ledger's item, when it is required); CreateThing alongside AttachPolicy; AttachThingPrincipal alongside the
-    /// certificate's status read again and the principals read again; UpdateCertificate
-    /// ACTIVE, always last. The CA's description is cached, so only a cold start pays for it.
+    /// principals (and the ledger's item, when it is required); CreateThing alongside
+    /// AttachPolicy; AttachThingPrincipal alongside the certificate's status read again and the
+    /// principals read again; UpdateCertificate ACTIVE, always last. The CA's description is
+    /// cached, so only a cold start pays for it. With a ledger, the decision is marked after
+    /// it is made, alongside the tidying up that follows an activation.
     async fn decide(
         &self,
         id: &CertificateId,

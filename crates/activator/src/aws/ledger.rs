@@ -54,11 +54,6 @@ impl DynamoLedger {
         }
     }
 
-    /// The table's name.
-    pub fn table(&self) -> &str {
-        &self.table
-    }
-
     fn error(&self, op: &'static str, retryable: bool, reason: String) -> LedgerError {
         LedgerError {
             op,
