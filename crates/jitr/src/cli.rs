@@ -108,6 +108,14 @@ pub(crate) struct JitpTemplateArgs {
     /// The IAM role AWS IoT assumes to provision (e.g. with the AWSIoTThingsRegistration policy).
     #[arg(long, value_name = "ARN")]
     pub(crate) role_arn: String,
+    #[command(flatten)]
+    pub(crate) thing: ThingArgs,
+}
+
+/// What each Thing and certificate get, as the activator gives them (`jitp-template`,
+/// `register --status ACTIVE`).
+#[derive(Debug, Args)]
+pub(crate) struct ThingArgs {
     /// The device IoT policy attached to each certificate.
     #[arg(
         long,
@@ -739,23 +747,9 @@ pub(crate) struct RegisterArgs {
     /// CA folder: ca.crt, the CA that signed the certificates, registered in AWS IoT.
     #[arg(long, default_value = "ca", value_name = "DIR")]
     pub(crate) dir: PathBuf,
-    /// With ACTIVE: the device IoT policy attached to each certificate, as the activator's.
-    #[arg(
-        long,
-        value_name = "NAME",
-        env = "JITR_POLICY_NAME",
-        default_value = "jitr-device"
-    )]
-    pub(crate) policy: String,
-    /// With ACTIVE: the Thing attribute `fleet=balena-fleet-<id>` the activator sets.
-    #[arg(long, value_name = "ID", env = "BALENA_FLEET_ID")]
-    pub(crate) fleet_id: Option<u64>,
-    /// With ACTIVE: thing type given to each Thing (must exist), as JITR_THING_TYPE.
-    #[arg(long, value_name = "NAME", env = "JITR_THING_TYPE")]
-    pub(crate) thing_type: Option<String>,
-    /// With ACTIVE: static thing group each Thing joins (must exist), as JITR_THING_GROUP.
-    #[arg(long, value_name = "NAME", env = "JITR_THING_GROUP")]
-    pub(crate) thing_group: Option<String>,
+    /// With ACTIVE: the policy, fleet attribute, type and group of each Thing.
+    #[command(flatten)]
+    pub(crate) thing: ThingArgs,
     /// Devices in flight at once (each operation is paced at AWS IoT's default rate anyway).
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub(crate) concurrency: usize,

@@ -44,9 +44,9 @@ pub(crate) fn template(args: JitpTemplateArgs) -> Result<Outcome> {
         .into());
     }
     for (flag, value) in [
-        ("--policy", Some(&args.policy)),
-        ("--thing-type", args.thing_type.as_ref()),
-        ("--thing-group", args.thing_group.as_ref()),
+        ("--policy", Some(&args.thing.policy)),
+        ("--thing-type", args.thing.thing_type.as_ref()),
+        ("--thing-group", args.thing.thing_group.as_ref()),
     ] {
         if let Some(value) = value {
             if !valid_name(value) {
@@ -58,14 +58,14 @@ pub(crate) fn template(args: JitpTemplateArgs) -> Result<Outcome> {
         }
     }
     let mut thing = json!({"ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}});
-    if let Some(fleet) = args.fleet_id {
+    if let Some(fleet) = args.thing.fleet_id {
         // The attribute the activator writes: its fleet label, spaces as dashes.
         thing["AttributePayload"] = json!({"fleet": format!("balena-fleet-{fleet}")});
     }
-    if let Some(thing_type) = &args.thing_type {
+    if let Some(thing_type) = &args.thing.thing_type {
         thing["ThingTypeName"] = json!(thing_type);
     }
-    if let Some(group) = &args.thing_group {
+    if let Some(group) = &args.thing.thing_group {
         thing["ThingGroups"] = json!([group]);
     }
     let body = json!({
@@ -92,7 +92,7 @@ pub(crate) fn template(args: JitpTemplateArgs) -> Result<Outcome> {
             },
             "policy": {
                 "Type": "AWS::IoT::Policy",
-                "Properties": {"PolicyName": args.policy}
+                "Properties": {"PolicyName": args.thing.policy}
             }
         }
     });

@@ -147,6 +147,7 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
         let fleet = activator::balena_fleet_from_env()
             .context("--fleet-check needs BALENA_API_KEY and BALENA_FLEET_ID")?;
         if args
+            .thing
             .fleet_id
             .is_some_and(|id| id.to_string() != fleet.id().to_string())
         {
@@ -163,7 +164,7 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
     let fleet_label = fleet
         .as_ref()
         .map(|f| f.id().to_string())
-        .or_else(|| args.fleet_id.map(|id| id.to_string()))
+        .or_else(|| args.thing.fleet_id.map(|id| id.to_string()))
         .map(|id| format!("balena-fleet-{id}"));
 
     // The manifest's last line per device is its current certificate (a reissue appends).
@@ -201,20 +202,20 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
 
     let (journal, unfinished) = Journal::open(&folder.join(JOURNAL_FILE))?;
     let rates = Rates::default();
-    let (slowest, bound_rate) = rates.bound(wanted, args.thing_group.is_some());
+    let (slowest, bound_rate) = rates.bound(wanted, args.thing.thing_group.is_some());
     let quota_time = Duration::from_secs_f64(order.len() as f64 / bound_rate);
     let deadline = tokio::time::Instant::now() + args.aws.timeout.unwrap_or(quota_time * 2 + SLACK);
     let placement_of = |id: &DeviceId| Placement {
         thing: ThingSpec {
             name: id.to_string(),
-            thing_type: args.thing_type.clone(),
+            thing_type: args.thing.thing_type.clone(),
             attributes: fleet_label
                 .iter()
                 .map(|label| ("fleet".to_owned(), label.clone()))
                 .collect(),
         },
-        group: args.thing_group.as_deref(),
-        policy: &args.policy,
+        group: args.thing.thing_group.as_deref(),
+        policy: &args.thing.policy,
     };
     let paces = Paces::new(&rates);
     let bar = progress_bar(devices.len());
