@@ -14,8 +14,9 @@ use tokio::time::Instant;
 
 use crate::pace::Pace;
 use crate::revoke::id_from_arn;
-use crate::rotation::Placement;
-use crate::{call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError};
+use crate::{
+    call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec,
+};
 
 // AWS IoT Core's default control-plane quotas, requests a second per account and region
 // ("AWS IoT Core API throttling limits", AWS General Reference, "AWS IoT Core endpoints and
@@ -33,6 +34,18 @@ const ATTACH_POLICY_TPS: f64 = 15.0;
 const CREATE_THING_TPS: f64 = 100.0;
 const ADD_THING_TO_THING_GROUP_TPS: f64 = 100.0;
 const ATTACH_THING_PRINCIPAL_TPS: f64 = 100.0;
+
+/// Where a certificate goes: its device's Thing, the Thing's group and the device policy
+/// (`jitr register`, and `jitr rotate` through [`crate::rotation::install`]).
+#[derive(Debug, Clone)]
+pub struct Placement<'a> {
+    /// The device's Thing.
+    pub thing: ThingSpec,
+    /// Its Thing group, if the fleet uses one.
+    pub group: Option<&'a str>,
+    /// The device policy.
+    pub policy: &'a str,
+}
 
 /// Requests a second for each operation a registration makes.
 #[derive(Debug, Clone, Copy, PartialEq)]

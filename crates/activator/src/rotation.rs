@@ -6,19 +6,9 @@
 
 use tokio::time::Instant;
 
+use crate::bulk::Placement;
 use crate::revoke::{revoke, RevokeReport, Target};
-use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError, ThingSpec};
-
-/// Where the new certificate goes.
-#[derive(Debug, Clone)]
-pub struct Placement<'a> {
-    /// The device's Thing.
-    pub thing: ThingSpec,
-    /// Its Thing group, if the fleet uses one.
-    pub group: Option<&'a str>,
-    /// The device policy.
-    pub policy: &'a str,
-}
+use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
 
 /// Registers `pem` under the CA `ca_pem` and makes it the device's, ACTIVE last. Idempotent:
 /// run again, each step finds itself done. The certificate's id.
@@ -75,7 +65,7 @@ pub async fn retire<A: IotAdmin>(
 mod tests {
     use super::*;
     use crate::memory::MemoryIot;
-    use crate::IotRegistry;
+    use crate::{IotRegistry, ThingSpec};
 
     fn deadline() -> Instant {
         Instant::now() + std::time::Duration::from_secs(10)

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use activator::bulk::Placement;
 use activator::bulk::{self, Paces, Plan, Rates, Wanted};
-use activator::rotation::Placement;
 use activator::{call_deadline, error_chain, CertificateId, CertificateStatus, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{DeviceId, IdFormat};

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use activator::rotation::{self, Placement};
+use activator::bulk::Placement;
+use activator::rotation;
 use activator::status::{self, Known, Rates, State};
 use activator::{CertificateId, Config, FleetConfig, ThingSpec};
 use anyhow::{Context, Result};
