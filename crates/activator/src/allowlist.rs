@@ -75,4 +75,8 @@ impl FleetDirectory for AllowlistDirectory {
     fn label(&self) -> String {
         "the allowlist".into()
     }
+
+    fn mark(&self) -> crate::FleetMark {
+        crate::FleetMark::Allowlist
+    }
 }

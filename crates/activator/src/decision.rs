@@ -442,7 +442,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let thing = ThingSpec {
             name: device.to_string(),
             thing_type: self.policy.thing_type.clone(),
-            attributes: vec![("fleet".into(), self.fleet.label().replace(' ', "-"))],
+            attributes: vec![crate::fleet_attribute(self.fleet.mark())],
         };
         let create = async {
             self.registry.create_thing(&thing, deadline).await?;

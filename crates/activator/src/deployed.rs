@@ -35,6 +35,13 @@ impl FleetDirectory for FleetBackend {
         }
     }
 
+    fn mark(&self) -> crate::FleetMark {
+        match self {
+            FleetBackend::Balena(d) => d.mark(),
+            FleetBackend::Allowlist(d) => d.mark(),
+        }
+    }
+
     async fn record_activation(
         &self,
         member: &FleetMember,

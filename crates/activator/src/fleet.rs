@@ -153,6 +153,10 @@ impl FleetDirectory for BalenaDirectory {
         format!("balena fleet {}", self.fleet_id)
     }
 
+    fn mark(&self) -> crate::FleetMark {
+        crate::FleetMark::Balena(self.fleet_id.get())
+    }
+
     async fn record_activation(
         &self,
         member: &FleetMember,

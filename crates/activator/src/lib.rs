@@ -27,8 +27,9 @@ pub mod ledger;
 #[cfg(feature = "testing")]
 pub mod memory;
 pub mod metrics;
-mod ownership;
+pub mod ownership;
 pub mod pace;
+pub mod presence;
 mod ports;
 pub mod registration;
 pub mod revoke;
@@ -48,7 +49,7 @@ pub use event::{EventError, RegisteredEvent};
 pub use ids::{AccountId, CertificateId};
 pub use incoming::{Incoming, ReplayRecord};
 pub use ledger::{Ledger, LedgerEntry, LedgerError, LedgerMark, LedgerMode, Marked};
-pub use ownership::Retire;
+pub use ownership::{fleet_attribute, FleetMark, Ownership, Retire};
 pub use ports::{
     CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
     CertificateStatus, FleetDirectory, FleetError, FleetMember, IotAdmin, IotRegistry, JitpConfig,

@@ -1,6 +1,21 @@
-//! One device, one identity: who else is attached to the device's Thing, and what happens to
-//! them. Another certificate that is ACTIVE (or PENDING_ACTIVATION and attached, a decision
-//! under way or cut short) keeps its place: a new one is `held` until an operator approves it.
+//! What jitr owns, and one device, one identity.
+//!
+//! **Ownership.** An AWS account holds other applications' Things and certificates; jitr reads
+//! and touches only its own. A certificate is jitr's when it is registered under a trusted CA
+//! (JITR_TRUSTED_CA_IDS). A Thing is jitr's when ([`Ownership::owns`]):
+//! - it carries the fleet attribute jitr sets ([`fleet_attribute`]; with no fleet known, any
+//!   value that function makes), or jitr's revocation mark ([`REVOKED_ATTRIBUTE`]); or
+//! - it has the thing type jitr gives its Things (JITR_THING_TYPE), when one is configured; or
+//! - its name is a device jitr knows: in the fleet's roster, the manifest, or the CN of a
+//!   certificate under a trusted CA.
+//!
+//! Anything else is foreign: listed as such, never changed. Principals that are not
+//! certificates (Cognito identities, say) are never detached, and a Thing holding one is not
+//! empty.
+//!
+//! **One identity.** Who else is attached to the device's Thing, and what happens to them.
+//! Another certificate that is ACTIVE (or PENDING_ACTIVATION and attached, a decision under
+//! way or cut short) keeps its place: a new one is `held` until an operator approves it.
 //! INACTIVE or REVOKED ones are left-overs: detached once the new one is active, so a device
 //! re-flashed after a revocation needs no human.
 
@@ -10,7 +25,96 @@ use tokio::time::Instant;
 use crate::revoke::id_from_arn;
 use crate::{
     Activator, CertificateId, CertificateStatus, FleetDirectory, IotRegistry, RegistryError,
+    ThingSpec,
 };
+
+/// The Thing attribute naming the fleet a Thing was made for.
+pub const FLEET_ATTRIBUTE: &str = "fleet";
+
+/// The Thing attribute `jitr revoke --id` leaves (its value: when, RFC 3339): the device is cut
+/// off for good. The activator rejects its certificates and the provisioner refuses it until
+/// `jitr approve --device` removes the mark.
+pub const REVOKED_ATTRIBUTE: &str = "jitr-revoked";
+
+/// The fleet a Thing was made for, as its [`FLEET_ATTRIBUTE`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetMark {
+    /// A balena fleet, by id.
+    Balena(u64),
+    /// The allowlist backend.
+    Allowlist,
+    /// The in-memory fleet of tests.
+    Memory,
+}
+
+/// The one function that makes the fleet attribute jitr sets on every Thing it creates:
+/// `fleet=balena-fleet-<id>` (or `the-allowlist`).
+pub fn fleet_attribute(fleet: FleetMark) -> (String, String) {
+    let value = match fleet {
+        FleetMark::Balena(id) => format!("{BALENA_PREFIX}{id}"),
+        FleetMark::Allowlist => ALLOWLIST.to_owned(),
+        FleetMark::Memory => MEMORY.to_owned(),
+    };
+    (FLEET_ATTRIBUTE.to_owned(), value)
+}
+
+const BALENA_PREFIX: &str = "balena-fleet-";
+const ALLOWLIST: &str = "the-allowlist";
+const MEMORY: &str = "the-memory-fleet";
+
+/// Whether `value` is one [`fleet_attribute`] makes, for some fleet.
+fn is_fleet_value(value: &str) -> bool {
+    value == ALLOWLIST
+        || value == MEMORY
+        || value
+            .strip_prefix(BALENA_PREFIX)
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The value of attribute `name` on `thing`.
+pub fn attribute<'a>(thing: &'a ThingSpec, name: &str) -> Option<&'a str> {
+    thing
+        .attributes
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// When the device was cut off for good, if its Thing carries the mark.
+pub fn revoked_mark(thing: &ThingSpec) -> Option<&str> {
+    attribute(thing, REVOKED_ATTRIBUTE)
+}
+
+/// The ownership rule of the module docs, for one fleet and configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Ownership {
+    /// The fleet jitr serves here, when known (else any fleet jitr could have marked).
+    pub fleet: Option<FleetMark>,
+    /// JITR_THING_TYPE, when configured.
+    pub thing_type: Option<String>,
+}
+
+impl Ownership {
+    /// Whether `thing` is jitr's; `known_device` says whether its name is a device jitr knows
+    /// (roster, manifest, or a trusted CA's certificate).
+    pub fn owns(&self, thing: &ThingSpec, known_device: bool) -> bool {
+        let marked = attribute(thing, FLEET_ATTRIBUTE).is_some_and(|v| match self.fleet {
+            Some(fleet) => v == fleet_attribute(fleet).1,
+            None => is_fleet_value(v),
+        });
+        let typed = self
+            .thing_type
+            .as_deref()
+            .is_some_and(|t| thing.thing_type.as_deref() == Some(t));
+        known_device || marked || typed || revoked_mark(thing).is_some()
+    }
+}
+
+/// Whether a principal ARN is a certificate's (`arn:aws:iot:…:cert/<id>`); Cognito identities
+/// and other principals are not jitr's to detach.
+pub fn is_certificate_arn(arn: &str) -> bool {
+    arn.starts_with("arn:") && arn.contains(":cert/")
+}
 
 /// What `jitr approve` does to the certificates a held one replaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -99,8 +99,8 @@ pub struct CertificatePage {
     pub next_marker: Option<String>,
 }
 
-/// The Thing to create for an activated device.
-#[derive(Debug, Clone)]
+/// A Thing: the one to create for an activated device, or one as AWS IoT lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThingSpec {
     /// Thing name: the device id.
     pub name: String,
@@ -277,6 +277,19 @@ pub trait IotRegistry: Send + Sync {
         status: CertificateStatus,
         deadline: Instant,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    /// DescribeThing: the Thing's name, type and attributes; `None` when there is no such Thing.
+    fn describe_thing(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Option<ThingSpec>, RegistryError>> + Send;
+    /// UpdateThing, merging: each attribute with a value set, each without one removed.
+    fn update_thing_attributes(
+        &self,
+        thing: &str,
+        attributes: &[(String, Option<String>)],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// ListThingPrincipals: the principals (ARNs) attached to a Thing.
     fn thing_principals(
         &self,
@@ -347,11 +360,11 @@ pub trait IotAdmin: IotRegistry {
         thing: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
-    /// ListThings: every Thing's name, every page.
+    /// ListThings: every Thing (name, type, attributes), every page.
     fn list_things(
         &self,
         deadline: Instant,
-    ) -> impl Future<Output = Result<Vec<String>, RegistryError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ThingSpec>, RegistryError>> + Send;
     /// RegisterCertificate under the CA `ca_pem` with `status`: the certificate's id. One that
     /// is registered already is success (its status is left as it is).
     fn register_certificate(
@@ -455,8 +468,10 @@ pub trait FleetDirectory: Send + Sync {
         device: &DeviceId,
         deadline: Instant,
     ) -> impl Future<Output = Result<Membership, FleetError>> + Send;
-    /// A short name for the fleet, recorded on the Thing (`fleet` attribute).
+    /// A short name for the fleet, for logs and reasons.
     fn label(&self) -> String;
+    /// The fleet, as the Thing's fleet attribute records it ([`crate::fleet_attribute`]).
+    fn mark(&self) -> crate::FleetMark;
     /// Records on the fleet side that `member` was activated with `certificate` (balena: device
     /// tags). Best effort, after activation: a failure is logged and changes nothing. The
     /// default records nothing.

@@ -300,7 +300,12 @@ pub async fn observe<A: IotAdmin>(
     }
     // 3. Every Thing.
     things_pace.take().await;
-    let things: BTreeSet<String> = iot.list_things(d()).await?.into_iter().collect();
+    let things: BTreeSet<String> = iot
+        .list_things(d())
+        .await?
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     progress.step("things listed", things.len(), None);
 
     // 4. The attachments that decide a state.

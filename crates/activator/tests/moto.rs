@@ -454,6 +454,25 @@ impl CrashAt<'_> {
 }
 
 impl IotRegistry for CrashAt<'_> {
+    async fn describe_thing(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> Result<Option<activator::ThingSpec>, RegistryError> {
+        self.check("DescribeThing")?;
+        self.inner.describe_thing(thing, deadline).await
+    }
+    async fn update_thing_attributes(
+        &self,
+        thing: &str,
+        attributes: &[(String, Option<String>)],
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        self.check("UpdateThing")?;
+        self.inner
+            .update_thing_attributes(thing, attributes, deadline)
+            .await
+    }
     async fn thing_principals(
         &self,
         thing: &str,

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::{every_page, malformed, AwsIotRegistry, PAGE_SIZE};
 use crate::ports::CaRegistrationMode;
 use crate::{CertificateId, CertificateStatus};
-use crate::{IotAdmin, JitpConfig, ProvisioningClaim, RegistryError};
+use crate::{IotAdmin, JitpConfig, ProvisioningClaim, RegistryError, ThingSpec};
 
 impl IotAdmin for AwsIotRegistry {
     async fn describe_endpoint(
@@ -149,7 +149,7 @@ impl IotAdmin for AwsIotRegistry {
         }
     }
 
-    async fn list_things(&self, deadline: Instant) -> Result<Vec<String>, RegistryError> {
+    async fn list_things(&self, deadline: Instant) -> Result<Vec<ThingSpec>, RegistryError> {
         let things = every_page(|token| async move {
             let out = self
                 .send("ListThings", deadline, || {
@@ -163,7 +163,10 @@ impl IotAdmin for AwsIotRegistry {
             let names = out
                 .things()
                 .iter()
-                .filter_map(|t| t.thing_name().map(str::to_owned))
+                .filter_map(|t| {
+                    let name = t.thing_name()?;
+                    Some(super::thing_spec(name, t.thing_type_name(), t.attributes()))
+                })
                 .collect();
             Ok((names, out.next_token().map(str::to_owned)))
         })

@@ -294,6 +294,25 @@ fn status_from_sdk(s: Option<&SdkStatus>) -> CertificateStatus {
     }
 }
 
+/// A Thing as DescribeThing or ListThings gives it, attributes in name order.
+pub(crate) fn thing_spec<S: BuildHasher>(
+    name: &str,
+    thing_type: Option<&str>,
+    attributes: Option<&std::collections::HashMap<String, String, S>>,
+) -> ThingSpec {
+    let mut attributes: Vec<(String, String)> = attributes
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    attributes.sort();
+    ThingSpec {
+        name: name.to_owned(),
+        thing_type: thing_type.map(str::to_owned),
+        attributes,
+    }
+}
+
 fn malformed(op: &'static str, what: &'static str) -> RegistryError {
     RegistryError::failed(op, format!("the answer lacks {what}"))
 }
@@ -483,6 +502,50 @@ impl IotRegistry for AwsIotRegistry {
                 .update_certificate()
                 .certificate_id(id.as_str())
                 .new_status(status.clone())
+                .send()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn describe_thing(
+        &self,
+        thing: &str,
+        deadline: Instant,
+    ) -> Result<Option<ThingSpec>, RegistryError> {
+        let result = self
+            .send("DescribeThing", deadline, || {
+                self.client.describe_thing().thing_name(thing).send()
+            })
+            .await;
+        match result {
+            Ok(out) => Ok(Some(thing_spec(
+                out.thing_name().unwrap_or(thing),
+                out.thing_type_name(),
+                out.attributes(),
+            ))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn update_thing_attributes(
+        &self,
+        thing: &str,
+        attributes: &[(String, Option<String>)],
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        // With merge, an empty value removes the attribute (UpdateThing's documented rule).
+        let mut payload = AttributePayload::builder().merge(true);
+        for (k, v) in attributes {
+            payload = payload.attributes(k, v.clone().unwrap_or_default());
+        }
+        let payload = payload.build();
+        self.send("UpdateThing", deadline, || {
+            self.client
+                .update_thing()
+                .thing_name(thing)
+                .attribute_payload(payload.clone())
                 .send()
         })
         .await

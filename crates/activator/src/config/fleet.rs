@@ -51,6 +51,14 @@ pub enum FleetConfig {
 }
 
 impl FleetConfig {
+    /// The fleet, as the Thing's fleet attribute records it ([`crate::fleet_attribute`]).
+    pub fn mark(&self) -> crate::FleetMark {
+        match self {
+            FleetConfig::Balena { fleet_id, .. } => crate::FleetMark::Balena(fleet_id.get()),
+            FleetConfig::Allowlist { .. } => crate::FleetMark::Allowlist,
+        }
+    }
+
     /// Reads the backend; `id_format` is the policy's (balena needs balena UUIDs).
     pub(super) fn read(env: &Env<'_>, id_format: IdFormat) -> Result<FleetConfig, ConfigError> {
         let write_back = match env.get("JITR_BALENA_WRITE_BACK").as_deref() {

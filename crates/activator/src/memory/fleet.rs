@@ -89,6 +89,10 @@ impl FleetDirectory for MemoryFleet {
         "the memory fleet".into()
     }
 
+    fn mark(&self) -> crate::FleetMark {
+        crate::FleetMark::Memory
+    }
+
     async fn record_activation(
         &self,
         member: &FleetMember,

@@ -436,6 +436,36 @@ impl IotRegistry for MemoryIot {
         Ok(())
     }
 
+    async fn describe_thing(
+        &self,
+        thing: &str,
+        _deadline: Instant,
+    ) -> Result<Option<ThingSpec>, RegistryError> {
+        let state = self.enter("DescribeThing")?;
+        Ok(state.things.get(thing).cloned())
+    }
+
+    async fn update_thing_attributes(
+        &self,
+        thing: &str,
+        attributes: &[(String, Option<String>)],
+        _deadline: Instant,
+    ) -> Result<(), RegistryError> {
+        const OP: &str = "UpdateThing";
+        let mut state = self.enter(OP)?;
+        let Some(spec) = state.things.get_mut(thing) else {
+            return Err(RegistryError::not_found(OP, format!("no Thing {thing}")));
+        };
+        for (k, v) in attributes {
+            spec.attributes.retain(|(name, _)| name != k);
+            if let Some(v) = v {
+                spec.attributes.push((k.clone(), v.clone()));
+            }
+        }
+        spec.attributes.sort();
+        Ok(())
+    }
+
     async fn thing_principals(
         &self,
         thing: &str,
@@ -614,9 +644,9 @@ impl IotAdmin for MemoryIot {
         Ok(state.things.remove(thing).is_some())
     }
 
-    async fn list_things(&self, _deadline: Instant) -> Result<Vec<String>, RegistryError> {
+    async fn list_things(&self, _deadline: Instant) -> Result<Vec<ThingSpec>, RegistryError> {
         let state = self.enter("ListThings")?;
-        Ok(state.things.keys().cloned().collect())
+        Ok(state.things.values().cloned().collect())
     }
 
     async fn register_certificate(

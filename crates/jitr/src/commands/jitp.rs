@@ -59,8 +59,9 @@ pub(crate) fn template(args: JitpTemplateArgs) -> Result<Outcome> {
     }
     let mut thing = json!({"ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}});
     if let Some(fleet) = args.thing.fleet_id {
-        // The attribute the activator writes: its fleet label, spaces as dashes.
-        thing["AttributePayload"] = json!({"fleet": format!("balena-fleet-{fleet}")});
+        // The attribute the activator writes (the ownership rule's fleet attribute).
+        let (name, value) = activator::fleet_attribute(activator::FleetMark::Balena(fleet));
+        thing["AttributePayload"] = json!({ name: value });
     }
     if let Some(thing_type) = &args.thing.thing_type {
         thing["ThingTypeName"] = json!(thing_type);

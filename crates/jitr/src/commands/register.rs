@@ -163,9 +163,9 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
     };
     let fleet_label = fleet
         .as_ref()
-        .map(|f| f.id().to_string())
-        .or_else(|| args.thing.fleet_id.map(|id| id.to_string()))
-        .map(|id| format!("balena-fleet-{id}"));
+        .map(|f| f.id().get())
+        .or(args.thing.fleet_id)
+        .map(|id| activator::fleet_attribute(activator::FleetMark::Balena(id)));
 
     // The manifest's last line per device is its current certificate (a reissue appends).
     let entries = factory_ca::read_manifest(&args.manifest)?;
@@ -209,10 +209,7 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
         thing: ThingSpec {
             name: id.to_string(),
             thing_type: args.thing.thing_type.clone(),
-            attributes: fleet_label
-                .iter()
-                .map(|label| ("fleet".to_owned(), label.clone()))
-                .collect(),
+            attributes: fleet_label.iter().cloned().collect(),
         },
         group: args.thing.thing_group.as_deref(),
         policy: &args.thing.policy,

@@ -167,10 +167,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
     }));
 
     // Registered and ACTIVE, then delivered, then (grace 0) the old retired.
-    let label = match &config.fleet {
-        FleetConfig::Balena { fleet_id, .. } => format!("balena-fleet-{fleet_id}"),
-        FleetConfig::Allowlist { .. } => "the-allowlist".to_owned(),
-    };
+    let fleet_attribute = activator::fleet_attribute(config.fleet.mark());
     let mut installed = Vec::new();
     for entry in &report.issued {
         let pem = std::fs::read_to_string(args.out.join(&entry.id).join("device.crt"))?;
@@ -178,7 +175,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             thing: ThingSpec {
                 name: entry.id.clone(),
                 thing_type: config.policy.thing_type.clone(),
-                attributes: vec![("fleet".into(), label.clone())],
+                attributes: vec![fleet_attribute.clone()],
             },
             group: config.policy.thing_group.as_deref(),
             policy: &config.policy.policy_name,
