@@ -311,11 +311,19 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 return self.reject(id, thing.as_ref(), reason, deadline).await
             }
         };
-        let (membership, owners, listing) = tokio::join!(
+        let (membership, owners, listing, thing) = tokio::join!(
             self.fleet.membership(&device, deadline),
             self.owners(device.as_str(), &cert.arn, deadline),
-            self.listing(id, deadline)
+            self.listing(id, deadline),
+            self.registry.describe_thing(device.as_str(), deadline)
         );
+        // Cut off for good by `jitr revoke`: rejected until `jitr approve --device` lifts it.
+        if let Some(at) = thing?.as_ref().and_then(crate::ownership::revoked_mark) {
+            let reason = format!(
+                "device {device} was cut off by jitr revoke at {at}: `jitr approve --device {device}` lifts it"
+            );
+            return self.reject(id, Some(&device), reason, deadline).await;
+        }
         if membership.is_err() {
             crate::metrics::fleet_error();
         }
@@ -326,8 +334,14 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 return self.reject(id, Some(&device), reason, deadline).await;
             }
             Membership::Inactive => {
-                let reason = format!("device {device} is inactive in {}", self.fleet.label());
-                return self.reject(id, Some(&device), reason, deadline).await;
+                // Paused, which can be undone: held, never revoked; the sweep decides again.
+                let reason = format!(
+                    "device {device} is inactive in {}: held until it is active again",
+                    self.fleet.label()
+                );
+                self.mark(id, LedgerMark::Held(reason.clone()), deadline)
+                    .await;
+                return done(Some(&device), Outcome::Held, reason);
             }
         };
         let owners = owners?;

@@ -54,6 +54,29 @@ pub fn last_connected(connections: &[Connection]) -> Option<&Connection> {
     connections.iter().max_by_key(|c| c.connected_at)
 }
 
+/// Waits until `device` has connected with `certificate_id` (at or after `since`), asking `log`
+/// every `poll`, for at most until `until`: whether it did. Read errors end the wait (the
+/// caller decides; nothing is retired on a failed read).
+pub async fn wait_connected<P: PresenceLog>(
+    log: &P,
+    device: &str,
+    certificate_id: &str,
+    since: Option<i64>,
+    poll: std::time::Duration,
+    until: Instant,
+) -> Result<bool, RegistryError> {
+    loop {
+        let connections = log.device(device, until).await?;
+        if has_connected(&connections, certificate_id, since) {
+            return Ok(true);
+        }
+        if Instant::now() + poll > until {
+            return Ok(false);
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// Presence records kept in memory (tests, and a world without a presence table: nothing).
 #[derive(Debug, Default)]
 pub struct MemoryPresence {

@@ -38,6 +38,12 @@ pub struct RevokeReport {
     pub not_registered: Vec<String>,
     /// Things deleted.
     pub things_deleted: Vec<String>,
+    /// Things kept although their deletion was asked: another application's principal (not a
+    /// certificate) is attached, and jitr never detaches those.
+    pub things_kept: Vec<String>,
+    /// The device's Thing now carrying the revocation mark (`--id` without deletion): the
+    /// activator and the provisioner refuse the device until `jitr approve --device` lifts it.
+    pub marked: Option<String>,
 }
 
 /// The ACTIVE certificates attached to `thing` (none when there is no such Thing), in the order
@@ -86,8 +92,11 @@ pub fn id_from_arn(arn: &str) -> Option<&str> {
 
 /// Revokes `target` and the certificates `also` names (from the manifest: a device's
 /// certificates that never got a Thing, registered or still pending); with `delete_things`,
-/// deletes the Things involved. Each call is bounded by [`crate::OPERATOR_CALL_TIME`] and the
-/// whole by `deadline`; every listing is read to its last page.
+/// deletes the Things involved (not one holding another application's principal). A device
+/// target keeps its Thing, made if need be, with the revocation mark
+/// ([`crate::ownership::REVOKED_ATTRIBUTE`]), unless it is deleted. Only certificates are
+/// revoked and detached. Each call is bounded by [`crate::OPERATOR_CALL_TIME`] and the whole by
+/// `deadline`; every listing is read to its last page.
 pub async fn revoke<A: IotAdmin>(
     iot: &A,
     target: &Target,
@@ -102,7 +111,7 @@ pub async fn revoke<A: IotAdmin>(
             Ok(principals) => (
                 principals
                     .into_iter()
-                    .filter(|p| id_from_arn(p).is_some())
+                    .filter(|p| crate::ownership::is_certificate_arn(p))
                     .collect(),
                 vec![thing.clone()],
             ),
@@ -154,10 +163,70 @@ pub async fn revoke<A: IotAdmin>(
     }
     if delete_things {
         for thing in things {
-            if iot.delete_thing(&thing, d()).await? {
+            let others = match iot.thing_principals(&thing, d()).await {
+                Ok(p) => p
+                    .iter()
+                    .any(|arn| !crate::ownership::is_certificate_arn(arn)),
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            if others {
+                report.things_kept.push(thing);
+            } else if iot.delete_thing(&thing, d()).await? {
                 report.things_deleted.push(thing);
             }
         }
     }
+    if let Target::Device(thing) = target {
+        if !report.things_deleted.contains(thing) {
+            mark_revoked(iot, thing, d()).await?;
+            report.marked = Some(thing.clone());
+        }
+    }
     Ok(report)
+}
+
+/// Leaves the revocation mark on `thing` (made if it does not exist): the time, RFC 3339.
+async fn mark_revoked<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+) -> Result<(), RegistryError> {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mark = (crate::ownership::REVOKED_ATTRIBUTE.to_owned(), now);
+    if iot.describe_thing(thing, deadline).await?.is_none() {
+        let spec = crate::ThingSpec {
+            name: thing.to_owned(),
+            thing_type: None,
+            attributes: vec![mark.clone()],
+        };
+        iot.create_thing(&spec, deadline).await?;
+    }
+    iot.update_thing_attributes(thing, &[(mark.0, Some(mark.1))], deadline)
+        .await
+}
+
+/// Lifts the revocation mark from `thing`: `true` when there was one.
+pub async fn lift_mark<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+) -> Result<bool, RegistryError> {
+    let marked = iot
+        .describe_thing(thing, deadline)
+        .await?
+        .is_some_and(|t| crate::ownership::revoked_mark(&t).is_some());
+    if marked {
+        iot.update_thing_attributes(
+            thing,
+            &[(crate::ownership::REVOKED_ATTRIBUTE.to_owned(), None)],
+            deadline,
+        )
+        .await?;
+    }
+    Ok(marked)
 }

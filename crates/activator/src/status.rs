@@ -27,8 +27,11 @@ use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryE
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
-    /// An ACTIVE certificate, but the device left the fleet or is inactive there.
+    /// An ACTIVE certificate, but the device is not in the fleet.
     Drifted,
+    /// The device is inactive in the fleet (paused, which can be undone): its certificates
+    /// are held as they are and its Thing kept; nothing is revoked or deleted.
+    Inactive,
     /// More than one ACTIVE certificate (past a rotation's grace, if any).
     Duplicate,
     /// A certificate waiting for approval beside an ACTIVE one.
@@ -41,7 +44,7 @@ pub enum State {
     Orphan,
     /// In the fleet or the manifest, nothing registered in AWS IoT.
     NotConnected,
-    /// Every certificate REVOKED or INACTIVE.
+    /// Every certificate REVOKED or INACTIVE, or the device cut off by `jitr revoke`.
     Revoked,
     /// One ACTIVE certificate, attached, the device an active member.
     Active,
@@ -49,8 +52,9 @@ pub enum State {
 
 impl State {
     /// Every state, in order.
-    pub const ALL: [State; 9] = [
+    pub const ALL: [State; 10] = [
         State::Drifted,
+        State::Inactive,
         State::Duplicate,
         State::Held,
         State::Expiring,
@@ -65,6 +69,7 @@ impl State {
     pub fn as_str(self) -> &'static str {
         match self {
             State::Drifted => "drifted",
+            State::Inactive => "inactive",
             State::Duplicate => "duplicate",
             State::Held => "held",
             State::Expiring => "expiring",
@@ -78,7 +83,7 @@ impl State {
 
     /// Whether a fleet in this state needs nobody (the exit code's rule).
     pub fn is_fine(self) -> bool {
-        matches!(self, State::Active | State::NotConnected)
+        matches!(self, State::Active | State::NotConnected | State::Inactive)
     }
 }
 
@@ -115,6 +120,12 @@ pub struct DeviceStatus {
     pub thing: Option<String>,
     /// Whether it is an active member of the fleet.
     pub fleet_member: bool,
+    /// The certificate that connected last, when the presence table records one.
+    pub last_connected: Option<crate::presence::Connection>,
+    /// Whether the newest ACTIVE certificate has connected (the proof a duplicate's older
+    /// certificates may be retired on).
+    #[serde(skip)]
+    pub newest_connected: bool,
     /// Why this state, in a few words.
     pub reason: String,
 }
@@ -176,10 +187,19 @@ pub struct Observed {
     pub certificates: Vec<Listed>,
     /// What is known about them, by certificate id.
     pub known: HashMap<String, Known>,
-    /// Every Thing.
+    /// Every Thing jitr owns ([`crate::Ownership`]).
     pub things: BTreeSet<String>,
+    /// How many Things were listed that jitr does not own: left alone.
+    pub foreign_things: usize,
+    /// Owned Things carrying the revocation mark, and when they were cut off.
+    pub revoked_marks: HashMap<String, String>,
     /// The certificate ids attached to a Thing, for the Things whose attachments were read.
     pub principals: HashMap<String, Vec<String>>,
+    /// For those Things: how many attached principals are not certificates (never detached;
+    /// a Thing holding one is not empty).
+    pub other_principals: HashMap<String, usize>,
+    /// Every device's connections (the presence table), when one was read.
+    pub presence: Option<HashMap<String, Vec<crate::presence::Connection>>>,
     /// For ACTIVE certificates without a Thing of their device's name whose attachments were
     /// read: the Things they are attached to.
     pub certificate_things: HashMap<String, Vec<String>>,
@@ -230,21 +250,43 @@ fn live(status: &CertificateStatus) -> bool {
     )
 }
 
-/// Reads AWS IoT for the certificates under `cas`, the Things and the attachments that
-/// matter; `known` (from a manifest) spares a DescribeCertificate per certificate it names.
-/// The roster and manifest devices are the caller's. Every call is bounded by `deadline`.
-#[allow(clippy::too_many_arguments)]
+/// What [`observe`] reads, and what it already knows.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// The trusted CAs whose certificates are read.
+    pub cas: Vec<CertificateId>,
+    /// What the manifest says, by certificate id (spares a DescribeCertificate each).
+    pub known: HashMap<String, Known>,
+    /// The fleet's roster (`None`: not read, and then no device is judged drifted).
+    pub roster: Option<HashMap<String, Standing>>,
+    /// Devices the manifest names.
+    pub manifest_devices: BTreeSet<String>,
+    /// Which Things are jitr's.
+    pub ownership: crate::Ownership,
+    /// Read every owned Thing's attachments, not only where they decide a state.
+    pub deep: bool,
+    /// How fast each kind of read goes.
+    pub rates: Rates,
+}
+
+/// Reads AWS IoT for the certificates under the scope's CAs, the Things jitr owns and the
+/// attachments that matter. Foreign Things are counted, never read further. Every call is
+/// bounded by `deadline`.
 pub async fn observe<A: IotAdmin>(
     iot: &A,
-    cas: &[CertificateId],
-    mut known: HashMap<String, Known>,
-    roster: Option<HashMap<String, Standing>>,
-    manifest_devices: BTreeSet<String>,
-    deep: bool,
-    rates: Rates,
+    scope: Scope,
     progress: &dyn Progress,
     deadline: Instant,
 ) -> Result<Observed, RegistryError> {
+    let Scope {
+        cas,
+        mut known,
+        roster,
+        manifest_devices,
+        ownership,
+        deep,
+        rates,
+    } = scope;
     let d = || call_deadline(deadline);
     let (list_pace, describe_pace, principals_pace, things_pace) = (
         Pace::new(rates.per_operation),
@@ -254,7 +296,7 @@ pub async fn observe<A: IotAdmin>(
     );
     // 1. Every certificate under each trusted CA, oldest first.
     let mut certificates = Vec::new();
-    for ca in cas {
+    for ca in &cas {
         let mut marker = None;
         loop {
             list_pace.take().await;
@@ -298,23 +340,36 @@ pub async fn observe<A: IotAdmin>(
         }
         progress.step("certificates described", n + 1, Some(total));
     }
-    // 3. Every Thing.
+    // 3. Every Thing, of which only jitr's are kept.
     things_pace.take().await;
-    let things: BTreeSet<String> = iot
-        .list_things(d())
-        .await?
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
-    progress.step("things listed", things.len(), None);
-
-    // 4. The attachments that decide a state.
+    let listed = iot.list_things(d()).await?;
+    progress.step("things listed", listed.len(), None);
     let mut by_device: BTreeMap<&str, Vec<&Listed>> = BTreeMap::new();
     for c in &certificates {
         if let Some(k) = known.get(c.id.as_str()) {
             by_device.entry(k.device.as_str()).or_default().push(c);
         }
     }
+    let known_device = |name: &str| {
+        by_device.contains_key(name)
+            || manifest_devices.contains(name)
+            || roster.as_ref().is_some_and(|r| r.contains_key(name))
+    };
+    let mut things = BTreeSet::new();
+    let mut revoked_marks = HashMap::new();
+    let mut foreign_things = 0;
+    for thing in &listed {
+        if !ownership.owns(thing, known_device(&thing.name)) {
+            foreign_things += 1;
+            continue;
+        }
+        if let Some(at) = crate::ownership::revoked_mark(thing) {
+            revoked_marks.insert(thing.name.clone(), at.to_owned());
+        }
+        things.insert(thing.name.clone());
+    }
+
+    // 4. The attachments that decide a state.
     let active = |device: &str| {
         by_device.get(device).map_or(0, |cs| {
             cs.iter()
@@ -341,24 +396,31 @@ pub async fn observe<A: IotAdmin>(
         })
         .collect();
     let total = things_to_read.len() + certificates_to_read.len();
-    let principals: Vec<Result<(String, Vec<String>), RegistryError>> =
+    let principals: Vec<Result<(String, Vec<String>, usize), RegistryError>> =
         stream::iter(things_to_read)
             .map(|thing| async {
                 principals_pace.take().await;
                 let arns = iot.thing_principals(thing, d()).await?;
-                let ids = arns
+                let (certs, others): (Vec<&String>, Vec<&String>) = arns
                     .iter()
+                    .partition(|arn| crate::ownership::is_certificate_arn(arn));
+                let ids = certs
+                    .into_iter()
                     .filter_map(|arn| id_from_arn(arn).map(str::to_owned))
                     .collect();
-                Ok((thing.clone(), ids))
+                Ok((thing.clone(), ids, others.len()))
             })
             .buffer_unordered(rates.concurrency.max(1))
             .collect()
             .await;
     let mut done = 0;
     let mut thing_principals = HashMap::new();
+    let mut other_principals = HashMap::new();
     for result in principals {
-        let (thing, ids) = result?;
+        let (thing, ids, others) = result?;
+        if others > 0 {
+            other_principals.insert(thing.clone(), others);
+        }
         thing_principals.insert(thing, ids);
         done += 1;
         progress.step("attachments read", done, Some(total));
@@ -384,7 +446,11 @@ pub async fn observe<A: IotAdmin>(
         certificates,
         known,
         things,
+        foreign_things,
+        revoked_marks,
         principals: thing_principals,
+        other_principals,
+        presence: None,
         certificate_things,
         roster,
         manifest_devices,
@@ -505,14 +571,37 @@ fn classify_device(
                     .all(|old| k.supersedes.as_deref() == Some(old.id.as_str()))
         })
     };
-    let (state, reason) = if !active.is_empty() && judged && !member {
-        let why = match standing {
-            Some(Standing::Inactive) => "the device is inactive in the fleet",
-            _ => "the device is not in the fleet",
-        };
+    let revoked_mark = observed.revoked_marks.get(device);
+    let connections = observed
+        .presence
+        .as_ref()
+        .and_then(|p| p.get(device))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let last_connected = crate::presence::last_connected(connections).cloned();
+    let newest_connected = active.last().is_some_and(|newest| {
+        crate::presence::has_connected(connections, newest.id.as_str(), None)
+    });
+    let (state, reason) = if let (Some(at), false) = (revoked_mark, active.is_empty()) {
         (
             State::Drifted,
-            format!("{} ACTIVE certificate(s), but {why}", active.len()),
+            format!(
+                "cut off by jitr revoke at {at}, yet {} ACTIVE certificate(s)",
+                active.len()
+            ),
+        )
+    } else if !active.is_empty() && judged && standing.is_none() {
+        (
+            State::Drifted,
+            format!(
+                "{} ACTIVE certificate(s), but the device is not in the fleet",
+                active.len()
+            ),
+        )
+    } else if standing == Some(Standing::Inactive) && !(active.is_empty() && pending.is_empty()) {
+        (
+            State::Inactive,
+            "inactive in the fleet (paused): its certificates are held as they are".to_owned(),
         )
     } else if active.len() >= 2 && !rotating {
         let attached = observed
@@ -525,12 +614,18 @@ fn classify_device(
                     .count()
             })
             .map_or(String::new(), |n| format!(", {n} attached to the Thing"));
+        let newest = active[active.len() - 1];
+        let proof = if newest_connected {
+            "it has connected".to_owned()
+        } else {
+            "held for the operator: no record that it has connected".to_owned()
+        };
         (
             State::Duplicate,
             format!(
-                "{} ACTIVE certificates{attached}: keep the newest ({})",
+                "{} ACTIVE certificates{attached}: the newest ({}) replaces the others; {proof}",
                 active.len(),
-                short(&active[active.len() - 1].id)
+                short(&newest.id)
             ),
         )
     } else if !pending.is_empty() && !active.is_empty() {
@@ -567,7 +662,13 @@ fn classify_device(
                 short(&pending[0].id)
             ),
         )
+    } else if let (Some(at), true) = (revoked_mark, active.is_empty()) {
+        (
+            State::Revoked,
+            format!("cut off by jitr revoke at {at} (jitr approve --device lifts it)"),
+        )
     } else if thing.is_some()
+        && !observed.other_principals.contains_key(device)
         && observed
             .principals
             .get(device)
@@ -621,6 +722,8 @@ fn classify_device(
         certificates: rows,
         thing,
         fleet_member: member,
+        last_connected,
+        newest_connected,
         reason,
     }
 }
@@ -695,13 +798,14 @@ impl fmt::Display for Fix {
     }
 }
 
-/// The safe fixes for `rows`: a drifted device's ACTIVE certificates revoked and its Thing
-/// deleted; a duplicate's ACTIVE certificates but the newest revoked (only `with_manifest`:
-/// without it a rotation's grace period is unknown, and retiring early would cut a device off);
-/// an orphan Thing deleted; an orphan certificate attached again to its device's Thing when the
-/// device is an active member and the certificate is attached nowhere else (revoking it would
-/// take the device's only identity), revoked otherwise. Nothing else is touched.
-pub fn plan_fixes(rows: &[DeviceStatus], with_manifest: bool) -> Vec<Fix> {
+/// The safe fixes for `rows` (every row a device jitr owns): a drifted device's ACTIVE
+/// certificates revoked (and its Thing deleted, with `delete_things`); a duplicate's ACTIVE
+/// certificates but the newest revoked, only once the newest has connected (proof of use:
+/// without it, nothing); an orphan Thing deleted (with `delete_things`); an orphan certificate
+/// attached again to its device's Thing when the device is an active member and the certificate
+/// is attached nowhere else (revoking it would take the device's only identity), revoked
+/// otherwise. An inactive device is never touched. Nothing else is.
+pub fn plan_fixes(rows: &[DeviceStatus], delete_things: bool) -> Vec<Fix> {
     let mut fixes = Vec::new();
     for row in rows {
         let active: Vec<&CertificateRow> = row
@@ -721,20 +825,20 @@ pub fn plan_fixes(rows: &[DeviceStatus], with_manifest: bool) -> Vec<Fix> {
                 fixes.extend(
                     active
                         .iter()
-                        .map(|c| revoke(c, "the device left the fleet")),
+                        .map(|c| revoke(c, "not in the fleet, or cut off by jitr revoke")),
                 );
                 // Its Thing goes too, once nothing live is attached (an orphan otherwise).
-                if let Some(thing) = &row.thing {
+                if let (Some(thing), true) = (&row.thing, delete_things) {
                     fixes.push(Fix {
                         device_id: row.device_id.clone(),
                         action: FixAction::DeleteThing {
                             thing: thing.clone(),
                         },
-                        reason: "the device left the fleet".to_owned(),
+                        reason: "not in the fleet, or cut off by jitr revoke".to_owned(),
                     });
                 }
             }
-            State::Duplicate if with_manifest => {
+            State::Duplicate if row.newest_connected => {
                 // Certificates are listed oldest first: all but the last go.
                 let keep = active.len().saturating_sub(1);
                 fixes.extend(
@@ -744,7 +848,7 @@ pub fn plan_fixes(rows: &[DeviceStatus], with_manifest: bool) -> Vec<Fix> {
                 );
             }
             State::Orphan => match (&row.thing, active.first()) {
-                (Some(thing), None) => fixes.push(Fix {
+                (Some(thing), None) if delete_things => fixes.push(Fix {
                     device_id: row.device_id.clone(),
                     action: FixAction::DeleteThing {
                         thing: thing.clone(),
@@ -779,8 +883,14 @@ pub struct Applied {
     pub error: Option<String>,
 }
 
-/// Applies `fixes` one after the other (each idempotent: a second run finds them done).
-pub async fn apply_fixes<A: IotAdmin>(iot: &A, fixes: &[Fix], deadline: Instant) -> Vec<Applied> {
+/// Applies `fixes` one after the other (each idempotent: a second run finds them done); a
+/// Thing made again gets what `ownership` says jitr's Things carry.
+pub async fn apply_fixes<A: IotAdmin>(
+    iot: &A,
+    fixes: &[Fix],
+    ownership: &crate::Ownership,
+    deadline: Instant,
+) -> Vec<Applied> {
     let mut applied = Vec::new();
     for fix in fixes {
         let result = match &fix.action {
@@ -794,7 +904,7 @@ pub async fn apply_fixes<A: IotAdmin>(iot: &A, fixes: &[Fix], deadline: Instant)
             FixAction::Reattach {
                 certificate_id,
                 thing,
-            } => reattach(iot, certificate_id, thing, deadline).await,
+            } => reattach(iot, certificate_id, thing, ownership, deadline).await,
         };
         applied.push(Applied {
             fix: fix.clone(),
@@ -809,6 +919,7 @@ async fn reattach<A: IotAdmin>(
     iot: &A,
     certificate_id: &str,
     thing: &str,
+    ownership: &crate::Ownership,
     deadline: Instant,
 ) -> Result<(), RegistryError> {
     let d = || call_deadline(deadline);
@@ -817,15 +928,21 @@ async fn reattach<A: IotAdmin>(
     let arn = iot.describe_certificate(&id, d()).await?.arn;
     let spec = crate::ThingSpec {
         name: thing.to_owned(),
-        thing_type: None,
-        attributes: Vec::new(),
+        thing_type: ownership.thing_type.clone(),
+        attributes: ownership
+            .fleet
+            .map(crate::fleet_attribute)
+            .into_iter()
+            .collect(),
     };
     iot.create_thing(&spec, d()).await?;
     iot.attach_thing_principal(thing, &arn, d()).await
 }
 
-/// Deletes a Thing after detaching what is still attached to it, none of it ACTIVE (an ACTIVE
-/// certificate stops the deletion: that device is not done with its Thing).
+/// Deletes a Thing after detaching the certificates still attached to it, none of them ACTIVE
+/// (an ACTIVE certificate stops the deletion: that device is not done with its Thing). A
+/// principal that is not a certificate stops it too: it is another application's, never
+/// detached by jitr.
 async fn delete_thing<A: IotAdmin>(
     iot: &A,
     thing: &str,
@@ -846,6 +963,26 @@ async fn delete_thing<A: IotAdmin>(
         Err(e) if e.is_not_found() => return Ok(()),
         Err(e) => return Err(e),
     };
+    if let Some(other) = principals
+        .iter()
+        .find(|arn| !crate::ownership::is_certificate_arn(arn))
+    {
+        return Err(RegistryError::failed(
+            "DeleteThing",
+            format!("{other} is attached to {thing} and is not a certificate: the Thing stays"),
+        ));
+    }
+    if let Some(mark) = iot
+        .describe_thing(thing, d())
+        .await?
+        .as_ref()
+        .and_then(|t| crate::ownership::revoked_mark(t).map(str::to_owned))
+    {
+        return Err(RegistryError::failed(
+            "DeleteThing",
+            format!("{thing} carries the revocation mark of {mark}: the Thing stays"),
+        ));
+    }
     for arn in &principals {
         iot.detach_thing_principal(thing, arn, d()).await?;
     }

@@ -1431,6 +1431,9 @@ impl activator::FleetDirectory for EveryDevice {
     fn label(&self) -> String {
         "every fleet".into()
     }
+    fn mark(&self) -> activator::FleetMark {
+        activator::FleetMark::Memory
+    }
     async fn record_activation(
         &self,
         member: &activator::FleetMember,

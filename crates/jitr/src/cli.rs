@@ -610,10 +610,16 @@ pub(crate) struct RotateArgs {
     /// status, with the manifest under --out).
     #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
     pub(crate) expiring_within: Option<std::time::Duration>,
-    /// How long the old certificate stays ACTIVE beside the new one, e.g. 24h; 0 retires it as
-    /// soon as the new one is ACTIVE and delivered.
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = activator::parse_duration)]
-    pub(crate) grace: std::time::Duration,
+    /// How long the old certificate stays ACTIVE beside the new one, e.g. 24h [default: 24h
+    /// with --push-balena]; 0 retires it as soon as the device has connected with the new one
+    /// (JITR_PRESENCE_TABLE). Without delivery there is no grace: the old one stays ACTIVE
+    /// until the device is seen using the new one (then `jitr status --fix` retires it).
+    #[arg(long, value_name = "DURATION", value_parser = activator::parse_duration)]
+    pub(crate) grace: Option<std::time::Duration>,
+    /// With --grace 0: how long to wait for the device to connect with its new certificate
+    /// before leaving the old one ACTIVE.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = activator::parse_duration)]
+    pub(crate) wait_connected: std::time::Duration,
     /// Output folder: devices/<id>/ are replaced, the manifest records what each supersedes.
     #[arg(long, default_value = "devices", value_name = "DIR")]
     pub(crate) out: PathBuf,
@@ -668,13 +674,18 @@ pub(crate) struct StatusArgs {
     /// Requests per second for each AWS IoT read (AWS's default quota for most is 10).
     #[arg(long, value_name = "N", default_value_t = 10.0)]
     pub(crate) rate: f64,
-    /// Show the safe fixes: revoke the certificates of drifted devices, all but the newest
-    /// ACTIVE certificate of a duplicate, orphan certificates; delete orphan Things.
+    /// Show the safe fixes, on jitr's own Things and certificates only: revoke the
+    /// certificates of devices not in the fleet, all but the newest ACTIVE certificate of a
+    /// duplicate once the newest has connected (JITR_PRESENCE_TABLE), orphan certificates;
+    /// delete orphan Things (with --delete-things). Inactive devices are never touched.
     #[arg(long)]
     pub(crate) fix: bool,
-    /// Apply the fixes --fix shows.
+    /// Apply the fixes --fix shows (revokes and re-attachments).
     #[arg(long, requires = "fix")]
     pub(crate) yes: bool,
+    /// With --fix --yes: also delete the Things the fixes name (asked on a terminal otherwise).
+    #[arg(long, requires = "yes")]
+    pub(crate) delete_things: bool,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
     #[command(flatten)]
@@ -690,7 +701,9 @@ pub(crate) struct RevokeArgs {
     /// One certificate.
     #[arg(long, value_name = "ID")]
     pub(crate) certificate_id: Option<String>,
-    /// Delete the Thing too.
+    /// Delete the Thing too. Without it, `--id` leaves the revocation mark on the device's
+    /// Thing (made if need be): the device stays cut off, through a re-flash or the
+    /// provisioner, until `jitr approve --device`. Deleting the Thing deletes the mark.
     #[arg(long)]
     pub(crate) delete_thing: bool,
     /// With --id: also revoke the certificates this manifest lists for the device (those
@@ -711,10 +724,15 @@ pub(crate) struct RevokeArgs {
 /// the Lambda (JITR_TRUSTED_CA_IDS, JITR_POLICY_NAME, JITR_FLEET_BACKEND, BALENA_*...) and runs
 /// the same checks before it activates anything.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["certificate_id", "device"])))]
 pub(crate) struct ApproveArgs {
     /// The held certificate.
     #[arg(long, value_name = "ID")]
-    pub(crate) certificate_id: String,
+    pub(crate) certificate_id: Option<String>,
+    /// Lift the revocation mark `jitr revoke --id` left on this device's Thing (first, when
+    /// given with --certificate-id): its certificates are decided as anyone's again.
+    #[arg(long, value_name = "DEVICE")]
+    pub(crate) device: Option<String>,
     /// What happens to the certificate(s) it replaces, once it is active.
     #[arg(long, value_name = "revoke|deactivate|keep", default_value = "revoke")]
     pub(crate) retire: activator::Retire,

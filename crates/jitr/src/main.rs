@@ -7,6 +7,7 @@ mod keys;
 mod ledger;
 mod mqtt;
 mod passphrase;
+mod presence;
 mod regions;
 
 use std::process::ExitCode;

@@ -391,3 +391,53 @@ fn revoke_reads_every_page_and_the_manifests_certificates_without_a_thing() {
         assert_eq!(w.status(id), CertificateStatus::Revoked);
     }
 }
+
+/// #21 case 4: revocation lasts. `jitr revoke --id` leaves the mark on the device's Thing; a
+/// re-flashed device's fresh certificate is rejected until `jitr approve --device` lifts it.
+/// Another application's things in the account are untouched throughout.
+#[test]
+fn a_revoked_device_stays_cut_off_until_approved_again() {
+    let w = world(true);
+    let foreign =
+        w.rt.block_on(testkit::foreign::Foreign::plant(&w.moto, &w.client))
+            .unwrap();
+    let first = w.register(&uuid(1));
+    assert!(w
+        .jitr(&["reconcile", "--older-than", "0s"])
+        .status
+        .success());
+    assert_eq!(w.status(&first), CertificateStatus::Active);
+    let out = w.jitr(&["revoke", "--id", &uuid(1)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cut off for good"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Re-flashed: a fresh certificate, a member of the fleet all along, rejected.
+    let second = w.register(&uuid(1));
+    w.jitr(&["reconcile", "--older-than", "0s"]);
+    assert_eq!(w.status(&second), CertificateStatus::Revoked);
+
+    // Nothing to lift on a device never cut off: exit 1.
+    let out = w.jitr(&["approve", "--device", &uuid(2)]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = w.jitr(&["approve", "--device", &uuid(1)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let third = w.register(&uuid(1));
+    assert!(w
+        .jitr(&["reconcile", "--older-than", "0s"])
+        .status
+        .success());
+    assert_eq!(w.status(&third), CertificateStatus::Active);
+    w.rt.block_on(foreign.assert_untouched(&w.client)).unwrap();
+}

@@ -32,6 +32,8 @@ struct World {
     ca_id: String,
     balena: FakeBalena,
     manifest: tempfile::TempDir,
+    /// Another application's things in the same account: never touched.
+    foreign: testkit::foreign::Foreign,
 }
 
 impl World {
@@ -47,6 +49,9 @@ impl World {
             iot::create_policy(&client, POLICY).await.unwrap();
             iot::register_ca(&client, &ca.cert_pem).await.unwrap()
         });
+        let foreign = rt
+            .block_on(testkit::foreign::Foreign::plant(&moto, &client))
+            .unwrap();
         let balena = FakeBalena::start(KEY).unwrap();
         balena.add_fleet(FLEET, "acme/status");
         World {
@@ -57,7 +62,15 @@ impl World {
             ca_id,
             balena,
             manifest: tempfile::tempdir().unwrap(),
+            foreign,
         }
+    }
+
+    /// Fails the test unless the foreign application's things are as planted.
+    fn foreign_untouched(&self) {
+        self.rt
+            .block_on(self.foreign.assert_untouched(&self.client))
+            .unwrap();
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
@@ -188,6 +201,7 @@ struct Devices {
     lost_cert: String,
     waiting: String,
     revoked: String,
+    paused: String,
 }
 
 fn every_state(w: &World) -> (Devices, BTreeMap<&'static str, String>) {
@@ -203,6 +217,7 @@ fn every_state(w: &World) -> (Devices, BTreeMap<&'static str, String>) {
         lost_cert: uuid(8),
         waiting: uuid(9),
         revoked: uuid(10),
+        paused: uuid(11),
     };
     let mut certs = BTreeMap::new();
     for device in [
@@ -232,6 +247,9 @@ fn every_state(w: &World) -> (Devices, BTreeMap<&'static str, String>) {
     w.thing(&d.bare_thing);
     certs.insert("lost", w.cert(&d.lost_cert, 365, Active, false));
     certs.insert("revoked", w.cert(&d.revoked, 365, Revoked, false));
+    // Paused in balena, which can be undone: held, never revoked.
+    w.member(&d.paused, false);
+    certs.insert("paused", w.cert(&d.paused, 365, Active, true));
     (d, certs)
 }
 
@@ -252,6 +270,7 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
         (&d.lost_cert, "orphan"),
         (&d.waiting, "not-connected"),
         (&d.revoked, "revoked"),
+        (&d.paused, "inactive"),
     ];
     for (device, state) in want {
         assert_eq!(
@@ -287,24 +306,50 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
     let text = w.jitr(w.manifest.path(), &["status", "--manifest", &manifest]);
     let last = stdout(&text).lines().last().unwrap_or_default().to_owned();
     assert!(
-        last.starts_with("10 device(s): 1 drifted, 1 duplicate"),
+        last.starts_with("11 device(s): 1 drifted, 1 inactive, 1 duplicate"),
         "{last}"
     );
 
-    // --fix shows the plan and changes nothing.
+    // Foreign Things are not jitr's: never listed as devices, counted on stderr.
+    assert!(
+        stderr(&out).contains("4 Thing(s) in the account are not jitr's"),
+        "{}",
+        stderr(&out)
+    );
+
+    // --fix shows the plan and changes nothing: the drifted certificate revoked, the lost one
+    // attached again. No Thing deleted without --delete-things; the duplicate's newer
+    // certificate never connected, so nothing proves the older one is unused: held.
     let (_, plan, _) = w.states(&["--fix"]);
     assert_eq!(
         plan["fixes"].as_array().unwrap().len(),
-        5,
+        2,
         "{}",
         plan["fixes"]
     );
     assert_eq!(w.status(&certs["drifted"]), CertificateStatus::Active);
+    let text = w.jitr(
+        w.manifest.path(),
+        &["status", "--manifest", &manifest, "--fix"],
+    );
+    assert!(
+        stdout(&text).contains("2 Thing(s) left in place: deleting them needs --delete-things"),
+        "{}",
+        stdout(&text)
+    );
 
-    // --fix --yes applies it: the drifted certificate revoked and its Thing deleted, the
-    // older duplicate retired, the bare Thing deleted, the lost certificate attached again;
-    // nothing else touched.
-    let (_, applied, out) = w.states(&["--fix", "--yes"]);
+    // --fix --yes applies the revokes only.
+    let (_, applied, _) = w.states(&["--fix", "--yes"]);
+    assert_eq!(applied["applied"].as_array().unwrap().len(), 2, "{applied}");
+    w.foreign_untouched();
+    let things = w.rt.block_on(w.client.list_things().send()).unwrap();
+    assert!(things
+        .things()
+        .iter()
+        .any(|t| t.thing_name() == Some(d.bare_thing.as_str())));
+
+    // --delete-things: the drifted device's Thing and the bare Thing go; nothing else.
+    let (_, applied, out) = w.states(&["--fix", "--yes", "--delete-things"]);
     assert!(
         applied["applied"]
             .as_array()
@@ -316,11 +361,9 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
     assert_eq!(w.status(&certs["drifted"]), CertificateStatus::Revoked);
     // The lost certificate of an active member is attached again, not revoked: its only identity.
     assert_eq!(w.status(&certs["lost"]), CertificateStatus::Active);
-    assert_eq!(
-        w.status(&certs["duplicate-old"]),
-        CertificateStatus::Revoked
-    );
+    assert_eq!(w.status(&certs["duplicate-old"]), CertificateStatus::Active);
     assert_eq!(w.status(&certs["duplicate-new"]), CertificateStatus::Active);
+    assert_eq!(w.status(&certs["paused"]), CertificateStatus::Active);
     assert_eq!(
         w.status(&certs["held-pending"]),
         CertificateStatus::PendingActivation
@@ -333,16 +376,22 @@ fn status_names_each_state_and_fix_repairs_only_what_is_safe() {
             .iter()
             .any(|t| t.thing_name() == Some(gone.as_str())));
     }
+    assert!(things
+        .things()
+        .iter()
+        .any(|t| t.thing_name() == Some(d.paused.as_str())));
     // Held, expiring and pending remain: they need an operator or a device, not a fix.
     assert_eq!(out.status.code(), Some(1));
 
-    let (states, again, _) = w.states(&["--fix", "--yes"]);
+    let (states, again, _) = w.states(&["--fix", "--yes", "--delete-things"]);
     assert_eq!(again["fixes"].as_array().unwrap().len(), 0, "{again}");
     assert_eq!(states[&d.drifted], "revoked");
     assert_eq!(again["summary"]["orphan"], 0, "{again}");
-    assert_eq!(states[&d.duplicate], "active");
+    assert_eq!(states[&d.duplicate], "duplicate");
+    assert_eq!(states[&d.paused], "inactive");
     assert_eq!(states[&d.bare_thing], "not-connected");
     assert_eq!(states[&d.lost_cert], "active");
+    w.foreign_untouched();
 }
 
 #[test]
@@ -362,7 +411,17 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
     let out = w.jitr(
         w.manifest.path(),
         &[
-            "rotate", "--dir", &ca_dir, "--out", &out_dir, "--id", &a, "--grace", "1h", "--json",
+            "rotate",
+            "--dir",
+            &ca_dir,
+            "--out",
+            &out_dir,
+            "--id",
+            &a,
+            "--grace",
+            "1h",
+            "--push-balena",
+            "--json",
         ],
     );
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
@@ -449,4 +508,68 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
         .unwrap()
         .contains("not an active member"));
     assert!(!std::path::Path::new(&out_dir).join(&stranger).exists());
+}
+
+/// #21 case 2: a rotation without delivery never retires the old certificate on a guess.
+/// `--grace` without delivery is refused; without it the new certificate is ACTIVE beside the
+/// old, and `status --fix --yes` leaves the old one ACTIVE while nothing shows the device uses
+/// the new one.
+#[test]
+fn a_rotation_whose_new_certificate_never_connects_leaves_the_old_one_active() {
+    let w = World::new();
+    let device = uuid(31);
+    w.member(&device, true);
+    let old = w.cert(&device, 365, CertificateStatus::Active, true);
+    let ca_dir = w.ca.dir().display().to_string();
+    let out_dir = w.manifest.path().display().to_string();
+
+    let refused = w.jitr(
+        w.manifest.path(),
+        &[
+            "rotate", "--dir", &ca_dir, "--out", &out_dir, "--id", &device, "--grace", "2s",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("--grace needs --push-balena"),
+        "{}",
+        stderr(&refused)
+    );
+
+    let out = w.jitr(
+        w.manifest.path(),
+        &[
+            "rotate", "--dir", &ca_dir, "--out", &out_dir, "--id", &device, "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let new = rows[0]["new_certificate_id"].as_str().unwrap().to_owned();
+    assert!(rows[0]["retire_after"].is_null(), "{rows}");
+    let manifest = std::fs::read_to_string(w.manifest_path()).unwrap();
+    let line: serde_json::Value = serde_json::from_str(manifest.lines().last().unwrap()).unwrap();
+    assert!(
+        line.get("retire_after").is_none_or(|v| v.is_null()),
+        "{line}"
+    );
+
+    // Both ACTIVE: a duplicate, held for the operator, and --fix revokes neither.
+    let (states, value, _) = w.states(&["--fix", "--yes", "--delete-things"]);
+    assert_eq!(states[&device], "duplicate", "{value}");
+    let row = value["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["device_id"] == device.as_str())
+        .unwrap();
+    assert!(
+        row["reason"]
+            .as_str()
+            .unwrap()
+            .contains("held for the operator"),
+        "{row}"
+    );
+    assert_eq!(w.status(&old), CertificateStatus::Active);
+    assert_eq!(w.status(&new), CertificateStatus::Active);
+    w.foreign_untouched();
 }

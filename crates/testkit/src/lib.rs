@@ -24,6 +24,7 @@ pub mod burst;
 pub mod certs;
 pub mod dynamodb;
 pub mod first_connect;
+pub mod foreign;
 pub mod http;
 pub mod iot;
 pub mod iot_endpoint;

@@ -75,7 +75,7 @@ pub struct Config {
 pub struct LedgerConfig {
     /// The DynamoDB table (`JITR_LEDGER_TABLE`).
     pub table: String,
-    /// `record` (the default) or `require` (`JITR_LEDGER`).
+    /// `require` (the default: a table named alone is a gate) or `record` (`JITR_LEDGER`).
     pub mode: crate::LedgerMode,
 }
 
@@ -109,7 +109,9 @@ impl LedgerConfig {
         }
         Ok(Some(LedgerConfig {
             table,
-            mode: mode.unwrap_or(crate::LedgerMode::Record),
+            // The gate belongs to the ledger, not to each shell: a command that names the table
+            // without saying `record` honours it as the Lambda under `require` does.
+            mode: mode.unwrap_or(crate::LedgerMode::Require),
         }))
     }
 }
@@ -256,9 +258,15 @@ mod tests {
             c.ledger,
             Some(LedgerConfig {
                 table: "jitr-ledger".into(),
-                mode: crate::LedgerMode::Record
+                mode: crate::LedgerMode::Require
             })
         );
+        let c = with(&[
+            ("JITR_LEDGER_TABLE", "jitr-ledger"),
+            ("JITR_LEDGER", "record"),
+        ])
+        .unwrap();
+        assert_eq!(c.ledger.unwrap().mode, crate::LedgerMode::Record);
         let c = with(&[("JITR_LEDGER_TABLE", "t.l-1"), ("JITR_LEDGER", "require")]).unwrap();
         assert_eq!(c.ledger.unwrap().mode, crate::LedgerMode::Require);
         let e = with(&[("JITR_LEDGER", "require")]).unwrap_err().to_string();

@@ -633,3 +633,79 @@ mod ledger {
         assert_eq!(ledger.reads(), 1);
     }
 }
+
+#[tokio::test]
+async fn an_inactive_member_is_held_never_revoked() {
+    let world = World::new();
+    world.fleet.add(STRANGER, Standing::Inactive);
+    let cert = world.connect(STRANGER);
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&cert, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Held, "{decision:?}");
+    assert!(decision.reason.contains("inactive"), "{}", decision.reason);
+    assert_eq!(
+        world.iot.status(cert.as_str()),
+        Some(CertificateStatus::PendingActivation)
+    );
+    assert!(!world.iot.thing_exists(STRANGER));
+    // Active again: the next decision (the sweep's) activates it.
+    world.fleet.add(STRANGER, Standing::Member);
+    let decision = world
+        .activator(RejectAction::Revoke)
+        .activate(&cert, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Activated, "{decision:?}");
+}
+
+#[tokio::test]
+async fn a_device_cut_off_by_revoke_is_rejected_until_the_mark_is_lifted() {
+    let world = World::new();
+    let first = world.connect(MEMBER);
+    let activator = world.activator(RejectAction::Revoke);
+    activator
+        .activate(&first, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    let report = crate::revoke::revoke(
+        &world.iot,
+        &crate::revoke::Target::Device(MEMBER.into()),
+        &[],
+        false,
+        deadline(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.marked.as_deref(), Some(MEMBER));
+    // The device is re-flashed with a fresh certificate: still cut off.
+    let again = world.connect(MEMBER);
+    let decision = activator
+        .activate(&again, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Rejected, "{decision:?}");
+    assert!(
+        decision.reason.contains("jitr approve --device"),
+        "{}",
+        decision.reason
+    );
+    assert_eq!(
+        world.iot.status(again.as_str()),
+        Some(CertificateStatus::Revoked)
+    );
+    assert!(crate::revoke::lift_mark(&world.iot, MEMBER, deadline())
+        .await
+        .unwrap());
+    assert!(!crate::revoke::lift_mark(&world.iot, MEMBER, deadline())
+        .await
+        .unwrap());
+    let third = world.connect(MEMBER);
+    let decision = activator
+        .activate(&third, Some(&world.ca_id), deadline())
+        .await
+        .unwrap();
+    assert_eq!(decision.outcome, Outcome::Activated, "{decision:?}");
+}

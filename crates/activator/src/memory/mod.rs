@@ -196,8 +196,9 @@ impl MemoryIot {
 
     /// The calls that change something, in order.
     pub fn writes(&self) -> Vec<&'static str> {
-        const WRITES: [&str; 8] = [
+        const WRITES: [&str; 9] = [
             "CreateThing",
+            "UpdateThing",
             "AddThingToThingGroup",
             "AttachPolicy",
             "AttachThingPrincipal",

@@ -52,6 +52,18 @@ impl World {
         );
     }
 
+    fn connected(&mut self, device: &str, n: u8, at: i64) {
+        self.observed
+            .presence
+            .get_or_insert_with(HashMap::new)
+            .entry(device.to_owned())
+            .or_default()
+            .push(crate::presence::Connection {
+                certificate_id: id(n).to_string(),
+                connected_at: at,
+            });
+    }
+
     fn member(&mut self, device: &str, standing: Standing) {
         self.observed
             .roster
@@ -121,7 +133,7 @@ fn each_device_gets_its_most_urgent_state() {
     let expect = [
         ("active", State::Active),
         ("drifted", State::Drifted),
-        ("sleeping", State::Drifted),
+        ("sleeping", State::Inactive),
         ("dup", State::Duplicate),
         ("held", State::Held),
         ("old", State::Expiring),
@@ -143,7 +155,8 @@ fn each_device_gets_its_most_urgent_state() {
     // Most urgent first.
     let rows = classify(&w.observed, w.now, time::Duration::days(30));
     assert!(rows.windows(2).all(|p| p[0].state <= p[1].state));
-    assert_eq!(summary(&rows)[&State::Drifted], 2);
+    assert_eq!(summary(&rows)[&State::Drifted], 1);
+    assert_eq!(summary(&rows)[&State::Inactive], 1);
 }
 
 #[test]
@@ -168,7 +181,8 @@ fn a_rotation_in_its_grace_is_active_and_past_it_a_duplicate() {
 
 #[test]
 fn fixes_revoke_what_drifted_or_is_duplicated_and_clear_orphans_only() {
-    let w = every_state();
+    let mut w = every_state();
+    w.connected("dup", 5, 1_000);
     let rows = classify(&w.observed, w.now, time::Duration::days(30));
     let fixes = plan_fixes(&rows, true);
     let planned: BTreeSet<(String, FixAction)> =
@@ -182,13 +196,6 @@ fn fixes_revoke_what_drifted_or_is_duplicated_and_clear_orphans_only() {
             "drifted".to_owned(),
             FixAction::DeleteThing {
                 thing: "drifted".into(),
-            },
-        ),
-        ("sleeping".to_owned(), revoke(3)),
-        (
-            "sleeping".to_owned(),
-            FixAction::DeleteThing {
-                thing: "sleeping".into(),
             },
         ),
         ("dup".to_owned(), revoke(4)), // the older one; 5 stays
@@ -212,12 +219,38 @@ fn fixes_revoke_what_drifted_or_is_duplicated_and_clear_orphans_only() {
 }
 
 #[test]
-fn duplicates_are_fixed_only_with_the_manifest_and_a_rotation_expires_on_its_newest() {
-    let w = every_state();
+fn duplicates_are_fixed_only_once_the_newest_has_connected_and_a_rotation_expires_on_its_newest() {
+    let mut w = every_state();
     let rows = classify(&w.observed, w.now, time::Duration::days(30));
-    assert!(!plan_fixes(&rows, false)
-        .iter()
-        .any(|f| f.device_id == "dup"));
+    assert!(!plan_fixes(&rows, true).iter().any(|f| f.device_id == "dup"));
+    let dup = rows.iter().find(|r| r.device_id == "dup").unwrap();
+    assert!(
+        dup.reason.contains("held for the operator"),
+        "{}",
+        dup.reason
+    );
+    // The old one connecting proves nothing about the new one.
+    w.connected("dup", 4, 2_000);
+    let rows = classify(&w.observed, w.now, time::Duration::days(30));
+    assert!(!plan_fixes(&rows, true).iter().any(|f| f.device_id == "dup"));
+    let dup = rows.iter().find(|r| r.device_id == "dup").unwrap();
+    assert_eq!(
+        dup.last_connected.as_ref().unwrap().certificate_id,
+        id(4).to_string()
+    );
+    w.connected("dup", 5, 1_500);
+    let rows = classify(&w.observed, w.now, time::Duration::days(30));
+    let dup_fixes: Vec<_> = plan_fixes(&rows, true)
+        .into_iter()
+        .filter(|f| f.device_id == "dup")
+        .collect();
+    assert_eq!(dup_fixes.len(), 1);
+    assert_eq!(
+        dup_fixes[0].action,
+        FixAction::Revoke {
+            certificate_id: id(4).to_string()
+        }
+    );
     // A rotation of an expiring certificate: the old one ends soon, the new one does not.
     let mut w = World::new();
     w.cert("dev", 1, Active, 5, 300);
@@ -228,4 +261,108 @@ fn duplicates_are_fixed_only_with_the_manifest_and_a_rotation_expires_on_its_new
     new.supersedes = Some(id(1).to_string());
     new.retire_after = Some(w.now + time::Duration::hours(2));
     assert_eq!(w.states()["dev"].0, State::Active);
+}
+
+#[test]
+fn things_are_deleted_only_when_asked_and_never_one_holding_another_principal_or_the_mark() {
+    let mut w = every_state();
+    // A Thing whose only principal is a Cognito identity is not empty.
+    w.thing("shared", &[]);
+    w.member("shared", Standing::Active);
+    w.observed.other_principals.insert("shared".into(), 1);
+    // A device cut off by jitr revoke: its Thing holds the mark.
+    w.thing("cut", &[]);
+    w.member("cut", Standing::Active);
+    w.observed
+        .revoked_marks
+        .insert("cut".into(), "2026-12-01T00:00:00Z".into());
+    let states = w.states();
+    assert_ne!(states["shared"].0, State::Orphan, "{:?}", states["shared"]);
+    assert_eq!(states["cut"].0, State::Revoked, "{:?}", states["cut"]);
+    assert!(states["cut"].1.contains("jitr approve --device"));
+    let rows = classify(&w.observed, w.now, time::Duration::days(30));
+    let deletes = |delete_things: bool| -> BTreeSet<String> {
+        plan_fixes(&rows, delete_things)
+            .into_iter()
+            .filter_map(|f| match f.action {
+                FixAction::DeleteThing { thing } => Some(thing),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(deletes(false).is_empty());
+    let asked = deletes(true);
+    assert!(
+        asked.contains("bare") && asked.contains("drifted"),
+        "{asked:?}"
+    );
+    assert!(!asked.contains("shared") && !asked.contains("cut") && !asked.contains("sleeping"));
+}
+
+#[test]
+fn an_inactive_device_is_held_never_revoked() {
+    let w = every_state();
+    let rows = classify(&w.observed, w.now, time::Duration::days(30));
+    let sleeping = rows.iter().find(|r| r.device_id == "sleeping").unwrap();
+    assert_eq!(sleeping.state, State::Inactive);
+    assert!(sleeping.state.is_fine());
+    assert!(!plan_fixes(&rows, true)
+        .iter()
+        .any(|f| f.device_id == "sleeping"));
+}
+
+#[test]
+fn the_ownership_rule() {
+    use crate::ownership::{Ownership, REVOKED_ATTRIBUTE};
+    use crate::{fleet_attribute, FleetMark, ThingSpec};
+    let thing = |attributes: Vec<(String, String)>, thing_type: Option<&str>| ThingSpec {
+        name: "warehouse-door-sensor-7".into(),
+        thing_type: thing_type.map(str::to_owned),
+        attributes,
+    };
+    let ours = Ownership {
+        fleet: Some(FleetMark::Balena(42)),
+        thing_type: Some("jitr-device".into()),
+    };
+    let foreign = thing(vec![("app".into(), "facilities".into())], None);
+    assert!(!ours.owns(&foreign, false));
+    assert!(ours.owns(&foreign, true), "a device jitr knows by name");
+    assert!(ours.owns(
+        &thing(vec![fleet_attribute(FleetMark::Balena(42))], None),
+        false
+    ));
+    assert!(!ours.owns(
+        &thing(vec![fleet_attribute(FleetMark::Balena(43))], None),
+        false
+    ));
+    assert!(!ours.owns(
+        &thing(vec![("fleet".into(), "balena-fleet-x".into())], None),
+        false
+    ));
+    assert!(ours.owns(&thing(Vec::new(), Some("jitr-device")), false));
+    assert!(!ours.owns(&thing(Vec::new(), Some("door-sensor")), false));
+    assert!(ours.owns(
+        &thing(vec![(REVOKED_ATTRIBUTE.into(), "t".into())], None),
+        false
+    ));
+    // With no fleet known, any fleet jitr marks.
+    let any = Ownership::default();
+    assert!(any.owns(
+        &thing(vec![fleet_attribute(FleetMark::Balena(43))], None),
+        false
+    ));
+    assert!(any.owns(
+        &thing(vec![fleet_attribute(FleetMark::Allowlist)], None),
+        false
+    ));
+    assert!(!any.owns(
+        &thing(vec![("fleet".into(), "facilities".into())], None),
+        false
+    ));
+    assert!(crate::ownership::is_certificate_arn(
+        "arn:aws:iot:us-east-1:123456789012:cert/abc"
+    ));
+    assert!(!crate::ownership::is_certificate_arn(
+        "us-east-1:1f2e3d4c-0000-0000-0000-000000000000"
+    ));
 }

@@ -11,9 +11,21 @@ use crate::cli::ApproveArgs;
 const APPROVE_TIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
-    let id = CertificateId::parse(&args.certificate_id).map_err(|reason| {
-        anyhow::anyhow!("--certificate-id {:?}: {reason}", args.certificate_id)
-    })?;
+    if let Some(device) = &args.device {
+        let lifted = lift(device, &args)?;
+        if args.certificate_id.is_none() {
+            return Ok(if lifted {
+                Outcome::Success
+            } else {
+                Outcome::Failed
+            });
+        }
+    }
+    let Some(certificate_id) = &args.certificate_id else {
+        return Err(crate::UsageError("give --certificate-id or --device".to_owned()).into());
+    };
+    let id = CertificateId::parse(certificate_id)
+        .map_err(|reason| anyhow::anyhow!("--certificate-id {certificate_id:?}: {reason}"))?;
     // The Lambda's configuration, read the Lambda's way: the same checks, the same rules.
     let config = Config::from_env().context("activator configuration")?;
     if args.add_to_ledger && config.ledger.is_none() {
@@ -64,6 +76,22 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
         DecisionOutcome::Activated | DecisionOutcome::AlreadyActive => Outcome::Success,
         _ => Outcome::Failed,
     })
+}
+
+/// Lifts the revocation mark from `device`'s Thing: whether there was one (said either way).
+fn lift(device: &str, args: &ApproveArgs) -> Result<bool> {
+    let device = factory_ca::DeviceId::parse(device, factory_ca::IdFormat::Any)?;
+    let lifted = crate::aws::runtime()?.block_on(async {
+        let registry = crate::aws::session(&args.aws).await?.registry();
+        let deadline = args.aws.deadline(APPROVE_TIME);
+        anyhow::Ok(activator::revoke::lift_mark(&registry, device.as_str(), deadline).await?)
+    })?;
+    if lifted {
+        println!("lifted the revocation mark from {device}: its certificates are decided as anyone's again");
+    } else {
+        eprintln!("jitr: {device} carries no revocation mark: nothing to lift");
+    }
+    Ok(lifted)
 }
 
 fn retire_word(retire: activator::Retire) -> &'static str {

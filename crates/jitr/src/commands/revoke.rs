@@ -126,6 +126,12 @@ fn print_report(report: &RevokeReport) {
         println!("{id} was never registered in AWS IoT: nothing to revoke");
     }
     for thing in &report.things_deleted {
-        println!("deleted Thing {thing}");
+        println!("deleted Thing {thing} (and with it any revocation mark: the device may register again)");
+    }
+    for thing in &report.things_kept {
+        println!("kept Thing {thing}: another application's principal is attached to it");
+    }
+    if let Some(thing) = &report.marked {
+        println!("{thing} is cut off for good: the activator and the provisioner refuse it until `jitr approve --device {thing}`");
     }
 }

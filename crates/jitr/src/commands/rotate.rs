@@ -37,30 +37,38 @@ struct Rotated {
 
 pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
     let config = Config::from_env().context("activator configuration")?;
-    if args.grace.is_zero() && !args.balena.push_balena {
-        // Retiring at once is safe only when the new credentials reach the device here.
-        return Err(crate::UsageError(
-            "--grace 0 retires the old certificate at once: only with --push-balena, which puts the new one on the device first"
-                .to_owned(),
-        )
-        .into());
-    }
+    let grace = grace(args.grace, args.balena.push_balena)?;
     let delivery = Delivery::from_args(&args.balena)?;
     let ca = crate::keys::load_ca(&args.ca, None)?;
     let format = ca.profile().device.id_format;
     let aws = args.aws();
     let deadline = aws.deadline(DEFAULT_TIMEOUT);
     let now = OffsetDateTime::now_utc();
-    let grace = time::Duration::try_from(args.grace).context("--grace is too long")?;
-    let retire_after = (!grace.is_zero()).then(|| {
-        (now + grace)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    });
+    let retire_after = match grace {
+        Some(grace) if !grace.is_zero() => {
+            let grace = time::Duration::try_from(grace).context("--grace is too long")?;
+            Some(
+                (now + grace)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+            )
+        }
+        _ => None,
+    };
+    let retire_now = grace.is_some_and(|g| g.is_zero());
     let manifest_path = args.out.join(factory_ca::MANIFEST_FILE);
     let runtime = crate::aws::runtime()?;
-    let registry =
-        runtime.block_on(async { anyhow::Ok(crate::aws::session(&aws).await?.registry()) })?;
+    let (registry, presence) = runtime.block_on(async {
+        let session = crate::aws::session(&aws).await?;
+        anyhow::Ok((session.registry(), crate::presence::log(&session)))
+    })?;
+    if retire_now && presence.is_none() {
+        return Err(crate::UsageError(format!(
+            "--grace 0 retires the old certificate once the device has connected with the new one: set {} (the stack's PresenceTable) so that can be seen",
+            crate::presence::PRESENCE_TABLE
+        ))
+        .into());
+    }
 
     // The devices: named, or those whose ACTIVE certificate is expiring.
     let ids: Vec<DeviceId> = match args.expiring_within {
@@ -76,14 +84,19 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
                     known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
                 }
             }
+            let scope = status::Scope {
+                cas: config.policy.trusted_ca_ids.clone(),
+                known,
+                ownership: activator::Ownership {
+                    fleet: Some(config.fleet.mark()),
+                    thing_type: config.policy.thing_type.clone(),
+                },
+                rates: Rates::default(),
+                ..status::Scope::default()
+            };
             let observed = runtime.block_on(status::observe(
                 &registry,
-                &config.policy.trusted_ca_ids,
-                known,
-                None,
-                Default::default(),
-                false,
-                Rates::default(),
+                scope,
                 &|_: &str, _: usize, _: Option<usize>| {},
                 deadline,
             ))?;
@@ -233,6 +246,40 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
     } else {
         true
     };
+    // --grace 0: the old ones go once the device is seen with the new one, all waited at once.
+    let proven: HashMap<String, Result<bool, String>> = match (&presence, retire_now && delivered) {
+        (Some(log), true) => {
+            let until = std::cmp::min(tokio::time::Instant::now() + args.wait_connected, deadline);
+            let waits = installed
+                .iter()
+                .filter(|(_, _, olds)| !olds.is_empty())
+                .map(|(id, new, _)| async move {
+                    let seen = activator::presence::wait_connected(
+                        log,
+                        id,
+                        new.as_str(),
+                        None,
+                        Duration::from_secs(2),
+                        until,
+                    )
+                    .await
+                    .map_err(|e| activator::error_chain(&e));
+                    (id.clone(), seen)
+                });
+            if !installed.is_empty() {
+                eprintln!(
+                    "rotate: waiting up to {}s for {} device(s) to connect with their new certificate",
+                    args.wait_connected.as_secs(),
+                    installed.len()
+                );
+            }
+            runtime
+                .block_on(futures::future::join_all(waits))
+                .into_iter()
+                .collect()
+        }
+        _ => HashMap::new(),
+    };
     for (id, new, olds) in installed {
         let mut row = Rotated {
             device_id: id,
@@ -242,18 +289,29 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             retired: false,
             error: None,
         };
-        if retire_after.is_none() && !olds.is_empty() {
-            if delivered {
-                match runtime.block_on(rotation::retire(&registry, &new, &olds, deadline)) {
-                    Ok(_) => row.retired = true,
-                    Err(e) => row.error = Some(activator::error_chain(&e)),
-                }
-            } else {
-                row.error = Some(
+        if retire_now && !olds.is_empty() {
+            row.error = match (delivered, proven.get(&row.device_id)) {
+                (false, _) => Some(
                     "the new credentials were not delivered: the old certificate stays ACTIVE"
                         .to_owned(),
-                );
-            }
+                ),
+                (true, Some(Ok(true))) => {
+                    match runtime.block_on(rotation::retire(&registry, &new, &olds, deadline)) {
+                        Ok(_) => {
+                            row.retired = true;
+                            None
+                        }
+                        Err(e) => Some(activator::error_chain(&e)),
+                    }
+                }
+                (true, Some(Err(e))) => Some(format!(
+                    "cannot read the presence table ({e}): the old certificate stays ACTIVE"
+                )),
+                (true, _) => Some(format!(
+                    "the device has not connected with the new certificate within {}s: the old one stays ACTIVE (jitr status --fix retires it once it has)",
+                    args.wait_connected.as_secs()
+                )),
+            };
         }
         rows.push(row);
     }
@@ -278,7 +336,9 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
                                 "{n} old certificate(s) ACTIVE until {at} (then jitr status --fix)"
                             )
                         }
-                        (false, None, n) => format!("{n} old certificate(s) still ACTIVE"),
+                        (false, None, n) => format!(
+                            "{n} old certificate(s) still ACTIVE, until the device is seen with the new one (then jitr status --fix)"
+                        ),
                     };
                     println!("{}: {new} ACTIVE; {old}", row.device_id);
                 }
@@ -293,6 +353,21 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             Outcome::Failed
         },
     )
+}
+
+/// The grace asked for, checked against delivery: `None` when the old certificate never retires
+/// on its own (nothing delivers the new one here, so only the device's connect proves it).
+fn grace(asked: Option<Duration>, delivering: bool) -> Result<Option<Duration>> {
+    match (asked, delivering) {
+        (Some(_), false) => Err(crate::UsageError(
+            "--grace needs --push-balena: without delivery the new certificate may never reach the device, so the old one stays ACTIVE until the device connects with the new one (jitr status --fix then retires it)"
+                .to_owned(),
+        )
+        .into()),
+        (Some(grace), true) => Ok(Some(grace)),
+        (None, true) => Ok(Some(Duration::from_secs(24 * 3600))),
+        (None, false) => Ok(None),
+    }
 }
 
 /// `ids` split into the fleet's active members and the others (by id).

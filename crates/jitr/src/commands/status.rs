@@ -6,8 +6,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use activator::status::{self, DeviceStatus, Known, Rates, Standing, State};
-use activator::{Config, FleetConfig};
+use activator::status::{self, DeviceStatus, Known, Rates, Scope, Standing, State};
+use activator::{Config, FleetConfig, Ownership};
 use anyhow::{Context, Result};
 
 use super::reconcile::chosen_cas;
@@ -29,44 +29,59 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
             known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
         }
     }
-    let with_manifest = args.manifest.is_some();
     let deadline = args.aws.deadline(DEFAULT_TIMEOUT);
-    let rates = Rates {
-        per_operation: args.rate,
-        ..Rates::default()
+    let ownership = Ownership {
+        fleet: Some(config.fleet.mark()),
+        thing_type: config.policy.thing_type.clone(),
     };
     let progress = Progress::new();
-    let (rows, applied) = crate::aws::runtime()?.block_on(async {
+    let window =
+        time::Duration::try_from(args.expiring_within).context("--expiring-within is too long")?;
+    let runtime = crate::aws::runtime()?;
+    let (rows, foreign, registry) = runtime.block_on(async {
         let roster = roster(&config.fleet, deadline, &progress).await?;
-        let registry = crate::aws::session(&args.aws).await?.registry();
-        let observed = status::observe(
-            &registry,
-            &ca_ids,
+        let session = crate::aws::session(&args.aws).await?;
+        let registry = session.registry();
+        let scope = Scope {
+            cas: ca_ids,
             known,
-            Some(roster),
+            roster: Some(roster),
             manifest_devices,
-            args.deep,
-            rates,
-            &|what: &str, done: usize, total: Option<usize>| progress.step(what, done, total),
-            deadline,
-        )
-        .await?;
-        progress.done();
-        let now = time::OffsetDateTime::now_utc();
-        let window = time::Duration::try_from(args.expiring_within)
-            .context("--expiring-within is too long")?;
-        let rows = status::classify(&observed, now, window);
-        let applied = if args.fix && args.yes {
-            let fixes = status::plan_fixes(&rows, with_manifest);
-            let fixes = still_drifted(&config.fleet, &rows, fixes, deadline).await?;
-            Some(status::apply_fixes(&registry, &fixes, deadline).await)
-        } else {
-            None
+            ownership: ownership.clone(),
+            deep: args.deep,
+            rates: Rates {
+                per_operation: args.rate,
+                ..Rates::default()
+            },
         };
-        anyhow::Ok((rows, applied))
+        let progress_step =
+            |what: &str, done: usize, total: Option<usize>| progress.step(what, done, total);
+        let mut observed = status::observe(&registry, scope, &progress_step, deadline).await?;
+        observed.presence = crate::presence::read(&session, deadline).await?;
+        progress.done();
+        let rows = status::classify(&observed, time::OffsetDateTime::now_utc(), window);
+        anyhow::Ok((rows, observed.foreign_things, registry))
     })?;
+    // Revokes are what --yes covers; deleting a Thing asks for its own yes.
+    let every_fix = status::plan_fixes(&rows, true);
+    let deletes = every_fix
+        .iter()
+        .filter(|f| matches!(f.action, status::FixAction::DeleteThing { .. }))
+        .count();
+    let delete_things =
+        args.delete_things || (args.fix && args.yes && deletes > 0 && confirm_deletes(deletes));
+    let fixes = status::plan_fixes(&rows, delete_things);
+    let applied = if args.fix && args.yes {
+        runtime.block_on(async {
+            let fixes = still_drifted(&config.fleet, &rows, fixes.clone(), deadline).await?;
+            anyhow::Ok(Some(
+                status::apply_fixes(&registry, &fixes, &ownership, deadline).await,
+            ))
+        })?
+    } else {
+        None
+    };
 
-    let fixes = status::plan_fixes(&rows, with_manifest);
     if args.output.json {
         let mut value = serde_json::json!({
             "devices": rows,
@@ -83,7 +98,13 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
         print_rows(&rows);
         if args.fix {
             print_fixes(&fixes, applied.as_deref());
+            if !delete_things && deletes > 0 {
+                println!("{deletes} Thing(s) left in place: deleting them needs --delete-things");
+            }
         }
+    }
+    if foreign > 0 {
+        eprintln!("status: {foreign} Thing(s) in the account are not jitr's: left alone");
     }
     let fixed: BTreeSet<&str> = fixes.iter().map(|f| f.device_id.as_str()).collect();
     let fine = |row: &DeviceStatus| {
@@ -97,6 +118,16 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// Asks on a terminal whether `n` Things may be deleted; `false` anywhere else.
+fn confirm_deletes(n: usize) -> bool {
+    if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+        return false;
+    }
+    eprint!("delete {n} Thing(s) of jitr's devices (their certificates are gone)? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).is_ok() && matches!(answer.trim(), "y" | "Y" | "yes")
 }
 
 /// The fleet's roster: balena's devices (BALENA_API_KEY, BALENA_FLEET_ID), or the allowlist.
@@ -193,8 +224,15 @@ fn print_rows(rows: &[DeviceStatus]) {
             .iter()
             .map(|c| format!("{}…:{}", &c.certificate_id[..12], c.status))
             .collect();
+        let seen = row.last_connected.as_ref().map_or(String::new(), |c| {
+            format!(
+                " [last connected: {}… at {}]",
+                &c.certificate_id[..12.min(c.certificate_id.len())],
+                epoch_ms(c.connected_at)
+            )
+        });
         println!(
-            "{:<13} {:<32}  {:<40}  {}",
+            "{:<13} {:<32}  {:<40}  {}{seen}",
             row.state.as_str(),
             row.device_id,
             certificates.join(" "),
@@ -222,6 +260,17 @@ fn print_rows(rows: &[DeviceStatus]) {
             counts.join(", ")
         }
     );
+}
+
+/// Epoch milliseconds as RFC 3339 (the number itself when out of range).
+fn epoch_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 fn print_fixes(fixes: &[status::Fix], applied: Option<&[status::Applied]>) {
