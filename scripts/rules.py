@@ -78,9 +78,20 @@ PROVISIONER = {
     **{a: {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${ProvisionerLogGroupName}:*"}
        for a in ("logs:CreateLogStream", "logs:PutLogEvents")},
 }
-# The ledger: the activator reads and marks, the factory only adds; nothing scans or deletes.
+# The ledger: the activator reads and marks, the factory writes issued certificates (batches,
+# and `jitr ledger import`'s updates); nothing scans, queries or deletes one item.
 ACTIVATOR_LEDGER = {a: {"${LedgerTableArn}"} for a in ("dynamodb:GetItem", "dynamodb:UpdateItem")}
-FACTORY_LEDGER = {"dynamodb:BatchWriteItem": {"${LedgerTableArn}"}}
+FACTORY_LEDGER = {a: {"${LedgerTableArn}"} for a in ("dynamodb:BatchWriteItem", "dynamodb:UpdateItem")}
+# Where the ledger's DynamoDB calls are made, and for whom: function in LEDGER_CODE -> (the
+# policy that must grant its calls, the helpers whose attribute names it writes too).
+LEDGER_CODE = "crates/activator/src/aws/ledger.rs"
+LEDGER_NAMES = "crates/activator/src/ledger.rs"
+LEDGER_CALLS = {
+    "entry": ("activator-ledger-policy.json", ()),     # the activator's check under `require`
+    "mark": ("activator-ledger-policy.json", ()),      # the activator's (and sweep's) marks
+    "put_chunk": ("factory-ledger-policy.json", ("put_request", "attributes")),  # issue --ledger
+    "add": ("factory-ledger-policy.json", ()),         # jitr ledger import
+}
 
 
 def q(text: str) -> str:
@@ -247,6 +258,12 @@ class Reference:
                         keys |= {k.lower() for res in service["resources"]
                                  if res["resource"] == kind[:-1] for k in res.get("condition_keys", [])}
                 self.keys[name] = keys
+
+    @classmethod
+    def cached(cls) -> "Reference":
+        if not hasattr(cls, "_cached"):
+            cls._cached = cls()
+        return cls._cached
 
     def actions(self, pattern: str) -> list[str]:
         """The actions `pattern` names (wildcards expanded), lowercase `svc:action`."""
@@ -435,7 +452,7 @@ def grant_problems(template: dict, reference: Reference) -> list[str]:
                     out.append(f"{at}: {name} is not an action in AWS's authorization reference")
                 actions += [(name, a) for a in found]
             for op, keys in (s.get("Condition") or {}).items():
-                for key in keys:
+                for key in keys or {}:
                     if kind == "iot" and key.lower().startswith("iot:"):
                         continue  # IoT policy variables, evaluated by AWS IoT at connect
                     for name, a in actions:
@@ -487,7 +504,7 @@ def service_principals(statement: dict) -> list[str]:
 
 def condition_keys(statement: dict) -> dict[str, str]:
     """key (lowercase) -> the operator it is tested with."""
-    return {k.lower(): op for op, keys in (statement.get("Condition") or {}).items() for k in keys}
+    return {k.lower(): op for op, keys in (statement.get("Condition") or {}).items() for k in keys or {}}
 
 
 def confused_deputy_problems(template: dict) -> list[str]:
@@ -515,6 +532,50 @@ def confused_deputy_problems(template: dict) -> list[str]:
                         out.append(f"{logical}: the trust of {service} has no StringEquals aws:SourceAccount")
                     if service in SOURCE_ARN_SERVICES and keys.get("aws:sourcearn") not in ("ArnLike", "ArnEquals"):
                         out.append(f"{logical}: the trust of {service} has no aws:SourceArn (ArnLike/ArnEquals)")
+    return out
+
+
+def rust_fn(text: str, name: str) -> str | None:
+    """The body of `fn name` in `text`, to the next item at the same or lower indent."""
+    m = re.search(rf"^(?P<indent> *)(?:pub(?:\([a-z]+\))? )?(?:async )?fn {name}\b.*?^(?P=indent)\}}", text,
+                  re.M | re.S)
+    return m[0] if m else None
+
+
+def ledger_problems(root: Path) -> list[str]:
+    """Each ledger call against the grant of the role that makes it: the operation granted, every
+    attribute it names allowed by the grant's dynamodb:Attributes, and no grant left uncalled."""
+    code = (root / LEDGER_CODE).read_text()
+    names = dict(re.findall(r'pub const (\w+): &str = "([^"]*)";', (root / LEDGER_NAMES).read_text()))
+    out, called = [], {}
+    for fn, (policy_file, helpers) in LEDGER_CALLS.items():
+        bodies = [rust_fn(code, f) for f in (fn, *helpers)]
+        if None in bodies:
+            out.append(f"{LEDGER_CODE}: no fn {[f for f, b in zip((fn, *helpers), bodies) if b is None][0]}")
+            continue
+        body = "\n".join(bodies)
+        ops = {"dynamodb:" + "".join(w.title() for w in op.split("_"))
+               for op in re.findall(r"\.(\w+_item)\(\)", body)}
+        attributes = {names[c] for c in re.findall(r"item::([A-Z_]+)\b", body)
+                      if c in names and not c.startswith("STATUS_")}
+        if not ops:
+            out.append(f"{LEDGER_CODE} fn {fn}: no DynamoDB call found")
+        policy = json.loads((root / "rules" / policy_file).read_text())
+        for op in sorted(ops):
+            called.setdefault(policy_file, set()).add(op)
+            grants = [s for s in allows(policy) if op in listed(s["Action"])]
+            if not grants:
+                out.append(f"fn {fn} calls {op}, which {policy_file} does not grant")
+            for s in grants:
+                limit = (s.get("Condition") or {}).get("ForAllValues:StringEquals", {}).get("dynamodb:Attributes")
+                if limit is not None and attributes - set(limit):
+                    out.append(f"fn {fn} names {sorted(attributes - set(limit))} in {op}, which "
+                               f"{policy_file} statement {s.get('Sid')} does not allow")
+    for policy_file in sorted({p for p, _ in LEDGER_CALLS.values()}):
+        policy = json.loads((root / "rules" / policy_file).read_text())
+        granted = {a for s in allows(policy) for a in listed(s["Action"])}
+        for a in sorted(granted - called.get(policy_file, set())):
+            out.append(f"{policy_file} grants {a}, which no ledger call of its role makes")
     return out
 
 
@@ -546,10 +607,13 @@ def check(root: Path) -> list[str]:
     except Exception as e:  # noqa: BLE001 - a template that does not load fails every property
         deployed = {}
         prop("template: loads and passes the SAM transform", str(e).splitlines()[0])
-    reference = Reference()
+    reference = Reference.cached()
     problems = grant_problems(deployed, reference)
     prop(f"grants: every action, resource and condition key as AWS's authorization reference has "
          f"them ({sum(1 for _ in policies(deployed))} policies)",
+         "; ".join(problems) if problems else None)
+    problems = ledger_problems(root)
+    prop("ledger grants: exactly the calls each role's commands make, on the attributes they name",
          "; ".join(problems) if problems else None)
     problems = confused_deputy_problems(deployed)
     prop("invoke permissions and service trusts: aws:SourceAccount, and aws:SourceArn where the "
@@ -740,13 +804,66 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      '"Ref": "${UuidParameter}"', '"Ref": "AWS::IoT::ClientId"', "fleet provisioning template: the Thing"),
     ("the hook dropped", TEMPLATE, "TargetArn: !GetAtt ProvisionerFunction.Arn",
      "TargetArn: !GetAtt ActivatorFunction.Arn", "template: the pre-provisioning hook"),
-    ("the activator may scan the ledger", "rules/activator-ledger-policy.json", '"dynamodb:GetItem",',
-     '"dynamodb:GetItem", "dynamodb:Scan",', "activator ledger policy: only the actions"),
+    ("the activator may scan the ledger", "rules/activator-ledger-policy.json", '"Action": "dynamodb:GetItem"',
+     '"Action": ["dynamodb:GetItem", "dynamodb:Scan"]', "activator ledger policy: only the actions"),
     ("the activator may mark any table", "rules/activator-ledger-policy.json", '"Resource": "${LedgerTableArn}"',
      '"Resource": "*"', "activator ledger policy: every grant"),
-    ("the factory may rewrite the ledger's items", "rules/factory-ledger-policy.json",
-     '"Action": "dynamodb:BatchWriteItem"', '"Action": ["dynamodb:BatchWriteItem", "dynamodb:UpdateItem"]',
+    ("the factory may scan the ledger", "rules/factory-ledger-policy.json",
+     '"Action": "dynamodb:BatchWriteItem"', '"Action": ["dynamodb:BatchWriteItem", "dynamodb:Scan"]',
      "factory ledger policy: only the actions"),
+    # Grants against AWS's authorization reference.
+    ("RegisterCertificate on cert/* (AWS honours only \"*\" for it)", "rules/provisioner-policy.json",
+     '"Action": "iot:RegisterCertificate",\n      "Resource": "*"',
+     '"Action": "iot:RegisterCertificate",\n      "Resource": "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:cert/*"',
+     "grants: every action"),
+    ("an action AWS does not have", TEMPLATE, "                  - iot:ListThings\n",
+     "                  - iot:ListThing\n", "grants: every action"),
+    ("a read on the wrong resource type", TEMPLATE,
+     "Action: iot:DescribeCACertificate\n                Resource: !Sub \"arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:cacert/*\"",
+     "Action: iot:DescribeCACertificate\n                Resource: !Sub \"arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:cert/*\"",
+     "grants: every action"),
+    ("a '*' where the action has a resource type", "rules/activator-policy.json",
+     '"Action": "iot:DescribeCACertificate",\n      "Resource": "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:cacert/*"',
+     '"Action": "iot:DescribeCACertificate",\n      "Resource": "*"', "grants: every action"),
+    ("AddThingToThingGroup without its thing group", "rules/activator-policy.json",
+     '"arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:thing/*",\n        "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:thinggroup/*"',
+     '"arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:thing/*"', "grants: every action"),
+    ("a condition key the action does not take", "rules/factory-ledger-policy.json",
+     '"dynamodb:ReturnValues": "NONE"', '"dynamodb:ReturnValue": "NONE"', "grants: every action"),
+    # The ledger grants against the calls.
+    ("ledger import's UpdateItem not granted to the factory", "rules/factory-ledger-policy.json",
+     '"Action": "dynamodb:UpdateItem"', '"Action": "dynamodb:PutItem"', "ledger grants"),
+    ("a mark's attribute outside the activator's grant", "rules/activator-ledger-policy.json",
+     '"region",\n            "reason"', '"region"', "ledger grants"),
+    ("a batch's attribute outside the factory's grant", "rules/factory-ledger-policy.json",
+     '"status",\n            "region"\n          ]\n        }\n      }\n    },',
+     '"status"\n          ]\n        }\n      }\n    },', "ledger grants"),
+    ("a ledger grant no command uses", "rules/activator-ledger-policy.json",
+     '"Action": "dynamodb:GetItem"', '"Action": ["dynamodb:GetItem", "dynamodb:PutItem"]', "ledger grants"),
+    ("a ledger call moved out of its role's grant", LEDGER_CODE, ".batch_write_item()", ".transact_write_items()",
+     "ledger grants"),
+    # Confused deputies.
+    ("the hook's permission without SourceArn", TEMPLATE,
+     '      SourceArn: !Sub "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:provisioningtemplate/${ProvisioningTemplateName}"\n\n',
+     "\n", "invoke permissions and service trusts"),
+    ("the certificate provider's permission without SourceAccount", TEMPLATE,
+     "      SourceAccount: !Ref AWS::AccountId\n      SourceArn: !Sub \"arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:certificateprovider/",
+     "      SourceArn: !Sub \"arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:certificateprovider/",
+     "invoke permissions and service trusts"),
+    ("the sweep's permission without SourceAccount", TEMPLATE,
+     "      SourceAccount: !Ref AWS::AccountId\n      SourceArn: !GetAtt SweepRule.Arn",
+     "      SourceArn: !GetAtt SweepRule.Arn", "invoke permissions and service trusts"),
+    ("the provisioning role's trust without aws:SourceArn", TEMPLATE,
+     '              ArnLike:\n                aws:SourceArn: !Sub "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:provisioningtemplate/',
+     '              ArnLikeGone:\n                aws:SourceArn: !Sub "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:provisioningtemplate/',
+     "invoke permissions and service trusts"),
+    ("a Lambda role's trust without aws:SourceAccount", TEMPLATE,
+     "            Condition:\n              StringEquals:\n                aws:SourceAccount: !Ref AWS::AccountId\n"
+     "      Policies:\n        - PolicyName: jitr-activator",
+     "      Policies:\n        - PolicyName: jitr-activator", "invoke permissions and service trusts"),
+    ("the audit role's trust without aws:SourceArn", TEMPLATE,
+     '              ArnLike:\n                aws:SourceArn: !Sub "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:*"\n', "",
+     "invoke permissions and service trusts"),
     ("the ledger deleted with the stack", TEMPLATE,
      "Condition: HasLedger\n    DeletionPolicy: Retain", "Condition: HasLedger\n    DeletionPolicy: Delete",
      "template: the ledger outlives the stack"),
@@ -765,8 +882,9 @@ def self_test() -> int:
             work = Path(tmp) / str(i)
             for part in ("rules", "infra"):
                 shutil.copytree(REPO / part, work / part)
-            (work / DELIVERY).parent.mkdir(parents=True)
-            shutil.copy(REPO / DELIVERY, work / DELIVERY)
+            for rel_copy in (DELIVERY, LEDGER_CODE, LEDGER_NAMES):
+                (work / rel_copy).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / rel_copy, work / rel_copy)
             target = work / rel
             text = target.read_text()
             if old not in text:
