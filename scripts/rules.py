@@ -3,8 +3,12 @@
 infra/template.yaml takes them from there.
 
     scripts/rules.py render      rewrite the template's generated blocks from rules/
-    scripts/rules.py check       the blocks match rules/, and the security properties hold
+    scripts/rules.py check       the blocks match rules/, the security properties hold, every
+                                 grant is one AWS's authorization reference allows, every invoke
+                                 permission and service trust names its source
     scripts/rules.py self-test   break copies on purpose: every break must be caught
+    scripts/rules.py all-on      print the template with every optional part on (SAM-transformed)
+    scripts/rules.py lint        checkov and parliament over that, skips as rules/lint-skips.json says
 
 A generated block in the template starts with `# rules: FILE [| VAR: EXPR]...` on the line
 before its key and ends with `# end rules: FILE`. Rendering turns rules/' JSON into YAML:
@@ -535,6 +539,151 @@ def confused_deputy_problems(template: dict) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The stack with every optional part on, for the linters (checkov, parliament).
+
+LINT_SKIPS = "rules/lint-skips.json"
+INTRINSICS = {"Ref", "Condition", "Fn::GetAtt", "Fn::If", "Fn::Sub", "Fn::Join", "Fn::Select",
+              "Fn::Split", "Fn::Equals", "Fn::Not", "Fn::And", "Fn::Or"}
+
+
+def condition_value(node, template: dict, params: dict) -> object:
+    """A Conditions expression (or a value inside one) evaluated with `params`."""
+    if isinstance(node, dict) and len(node) == 1:
+        (fn, arg), = node.items()
+        ev = lambda n: condition_value(n, template, params)  # noqa: E731
+        if fn == "Fn::Equals":
+            return str(ev(arg[0])) == str(ev(arg[1]))
+        if fn == "Fn::Not":
+            return not ev(arg[0])
+        if fn == "Fn::And":
+            return all(ev(a) for a in arg)
+        if fn == "Fn::Or":
+            return any(ev(a) for a in arg)
+        if fn == "Condition":
+            return ev(template["Conditions"][arg])
+        if fn == "Ref":
+            return params[arg]
+        if fn == "Fn::Select":
+            return ev(arg[1])[int(arg[0])]
+        if fn == "Fn::Split":
+            return str(ev(arg[1])).split(arg[0])
+    return node
+
+
+def all_on(root: Path) -> dict:
+    """The template as CloudFormation deploys it (SAM transformed) with ALL_ON's parameters as
+    the defaults, so every condition holds and no optional resource is left out of a linter's
+    view; each checkov skip of LINT_SKIPS is written into its resource's Metadata."""
+    raw = load_template(root / TEMPLATE, sam=False)
+    params = {name: str(p.get("Default", "")) for name, p in raw["Parameters"].items()}
+    params.update(ALL_ON)
+    off = [c for c, expr in raw.get("Conditions", {}).items() if condition_value(expr, raw, params) is not True]
+    if off:
+        raise ValueError(f"ALL_ON leaves conditions false: {', '.join(off)} (set their parameters in ALL_ON)")
+    for name, value in ALL_ON.items():
+        raw["Parameters"][name]["Default"] = value
+    template = load_template_dict(root / TEMPLATE, raw)
+    skips = json.loads((root / LINT_SKIPS).read_text())
+    for check_id, skip in skips["checkov"].items():
+        for logical in skip["resources"]:
+            if logical not in template["Resources"]:
+                raise ValueError(f"{LINT_SKIPS}: checkov {check_id}: no resource {logical}")
+            metadata = template["Resources"][logical].setdefault("Metadata", {})
+            metadata.setdefault("checkov", {}).setdefault("skip", []).append(
+                {"id": check_id, "comment": skip["reason"]})
+    return template
+
+
+def load_template_dict(path: Path, template: dict) -> dict:
+    import logging
+    from cfnlint.template.transforms._sam import Transform
+    logging.getLogger("cfnlint").setLevel(logging.CRITICAL)
+    transform = Transform(str(path), template, "eu-west-1")
+    problems = transform.transform_template()
+    if problems:
+        raise ValueError(f"SAM transform: {problems[0]}")
+    return transform.template()
+
+
+def concrete(node, resolve: Resolver):
+    """`node` with every intrinsic replaced by the value(s) it takes: a policy parliament can read."""
+    if isinstance(node, dict):
+        if len(node) == 1 and next(iter(node)) in INTRINSICS:
+            values = resolve.values(node)
+            return values[0] if len(values) == 1 else values
+        return {k: concrete(v, resolve) for k, v in node.items()}
+    if isinstance(node, list):
+        out = []
+        for item in node:
+            value = concrete(item, resolve)
+            out += value if isinstance(value, list) and isinstance(item, dict) and len(item) == 1 \
+                and next(iter(item)) in INTRINSICS else [value]
+        return out
+    return node
+
+
+def run_linters(root: Path) -> list[str]:
+    """checkov over the all-on template, parliament over each of its IAM policies; the findings
+    LINT_SKIPS does not name (with its reason), and the skips no finding needs any more."""
+    import subprocess
+    venv = lint_venv() / "bin"
+    for tool in ("checkov", "parliament"):
+        if not (venv / tool).exists():
+            raise SystemExit(f"rules.py: {tool} is not installed in {lint_venv()} (run scripts/setup)")
+    template = all_on(root)
+    skips = json.loads((root / LINT_SKIPS).read_text())
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "template.json"
+        path.write_text(json.dumps(template, indent=1, default=str))
+        run = subprocess.run([str(venv / "checkov"), "-f", str(path), "--framework", "cloudformation",
+                              "-o", "json", "--skip-download"],
+                             capture_output=True, text=True, timeout=600)
+        try:
+            report = json.loads(run.stdout)
+        except json.JSONDecodeError:
+            raise SystemExit(f"rules.py: checkov gave no report (exit {run.returncode}): "
+                             f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}")
+        results = report.get("results", {}) if isinstance(report, dict) else {}
+        failed = results.get("failed_checks", [])
+        skipped = {(c["check_id"], c["resource"].split(".", 1)[-1]) for c in results.get("skipped_checks", [])}
+        passed = results.get("passed_checks", [])
+        print(f"checkov {report.get('summary', {}).get('checkov_version', '')}: {len(passed)} passed, "
+              f"{len(failed)} failed, {len(skipped)} skipped (each named in {LINT_SKIPS})")
+        for c in failed:
+            out.append(f"checkov {c['check_id']} on {c['resource']}: {c['check_name']}")
+        for check_id, skip in skips["checkov"].items():
+            for logical in skip["resources"]:
+                if (check_id, logical) not in skipped:
+                    out.append(f"{LINT_SKIPS}: checkov {check_id} on {logical} is skipped but not run there")
+        resolve = Resolver(template)
+        documents = [(where, d) for where, d, kind in policies(template) if kind == "iam"]
+        ignored, used = skips["parliament"], {}
+        for where, document in documents:
+            policy = Path(tmp) / (re.sub(r"\W+", "-", where) + ".json")
+            policy.write_text(json.dumps(concrete(document, resolve), indent=1))
+            run = subprocess.run([str(venv / "parliament"), "--string", policy.read_text(), "--json",
+                                  "--include-community-auditors"],
+                                 capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+            findings = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+            if run.returncode not in (0, 1) or (run.returncode and not findings):
+                out.append(f"parliament on {where}: exit {run.returncode}: {run.stderr.strip()[-200:]}")
+            for f in findings:
+                actions = {d.get("action") for d in f.get("detail") or [] if isinstance(d, dict)}
+                skip = ignored.get(f["issue"])
+                if skip and actions and actions <= set(skip["actions"]):
+                    used.setdefault(f["issue"], set()).update(actions)
+                    continue
+                out.append(f"parliament {f['issue']} in {where}: {f.get('title', '')} {f.get('detail', '')}")
+        for issue, skip in ignored.items():
+            for action in sorted(set(skip["actions"]) - used.get(issue, set())):
+                out.append(f"{LINT_SKIPS}: parliament {issue} for {action} is skipped but not found")
+        print(f"parliament: {len(documents)} policies, "
+              f"{sum(len(v) for v in used.values())} action(s) skipped (each named in {LINT_SKIPS})")
+    return out
+
+
 def rust_fn(text: str, name: str) -> str | None:
     """The body of `fn name` in `text`, to the next item at the same or lower indent."""
     m = re.search(rf"^(?P<indent> *)(?:pub(?:\([a-z]+\))? )?(?:async )?fn {name}\b.*?^(?P=indent)\}}", text,
@@ -875,6 +1024,15 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
 ]
 
 
+LINT_MUTATIONS = [  # (what, file, old, new, what all-on must say)
+    ("an optional part all-on leaves off", TEMPLATE, "  HasLedger: !Not [!Equals [!Ref Ledger, \"off\"]]\n",
+     "  HasLedger: !Not [!Equals [!Ref Ledger, \"off\"]]\n  HasExtra: !Equals [!Ref RuleName, \"extra\"]\n",
+     "ALL_ON leaves conditions false: HasExtra"),
+    ("a checkov skip of a resource that is gone", LINT_SKIPS, '"resources": [\n        "ProvisionerFunctionUrl"\n      ]',
+     '"resources": ["ProvisionerUrl"]', "no resource ProvisionerUrl"),
+]
+
+
 def self_test() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -899,7 +1057,26 @@ def self_test() -> int:
             caught = [f for f in quiet(check, work) if f.startswith(expected)]
             print(f"{'ok  ' if caught else 'FAIL'} mutation '{what}' caught by '{expected}'")
             failed += not caught
-    print(f"{len(MUTATIONS) - failed} caught, {failed} missed")
+        # The linters' view: every optional part on, every skip about a resource that exists.
+        for what, rel, old, new, expected in LINT_MUTATIONS:
+            work = Path(tmp) / f"lint-{len(what)}"
+            for part in ("rules", "infra"):
+                shutil.copytree(REPO / part, work / part)
+            target = work / rel
+            if old not in target.read_text():
+                print(f"FAIL mutation '{what}': {old!r} is no longer in {rel}")
+                failed += 1
+                continue
+            target.write_text(target.read_text().replace(old, new, 1))
+            try:
+                all_on(work)
+                caught = False
+            except ValueError as e:
+                caught = expected in str(e)
+            print(f"{'ok  ' if caught else 'FAIL'} mutation '{what}' caught by all-on ('{expected}')")
+            failed += not caught
+    total = len(MUTATIONS) + len(LINT_MUTATIONS)
+    print(f"{total - failed} caught, {failed} missed")
     return 1 if failed else 0
 
 
@@ -922,6 +1099,15 @@ def main() -> int:
         return 1 if failures else 0
     if command == "self-test":
         return self_test()
+    if command == "all-on":
+        print(json.dumps(all_on(REPO), indent=1, default=str))
+        return 0
+    if command == "lint":
+        problems = run_linters(REPO)
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"{len(problems)} failed")
+        return 1 if problems else 0
     print(__doc__.strip(), file=sys.stderr)
     return 2
 
