@@ -55,7 +55,9 @@ ACTIVATOR = {
                                          "iot:AttachPolicy", "iot:AttachThingPrincipal",
                                          "iot:DetachThingPrincipal")},
     "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
-    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:ListThingPrincipals")},
+    # DescribeThing: the revocation mark `jitr revoke --id` leaves (#21).
+    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:DescribeThing",
+                                         "iot:ListThingPrincipals")},
     "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
     # No resource-level permissions exist for this one: IAM honours only "*".
     "iot:ListCertificatesByCA": {"*"},
@@ -71,7 +73,9 @@ PROVISIONER = {
                                          "iot:UpdateCertificate", "iot:AttachPolicy",
                                          "iot:AttachThingPrincipal", "iot:DetachThingPrincipal")},
     "iot:DescribeCACertificate": {IOT_ARN + "cacert/*"},
-    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:ListThingPrincipals")},
+    # DescribeThing: the revocation mark `jitr revoke --id` leaves (#21).
+    **{a: {IOT_ARN + "thing/*"} for a in ("iot:CreateThing", "iot:DescribeThing",
+                                         "iot:ListThingPrincipals")},
     "iot:AddThingToThingGroup": {IOT_ARN + "thing/*", IOT_ARN + "thinggroup/*"},
     # No resource-level permissions exist for these: IAM honours only "*".
     "iot:RegisterCertificate": {"*"},
