@@ -36,12 +36,15 @@ ALIASES = {"FunctionArn": "ActivatorFunction.Arn", "FailureQueueUrl": "FailureQu
            "ProvisionerLogGroupName": "ProvisionerLogGroup",
            "AttemptsTableArn": "ProvisioningAttemptsTable.Arn",
            "ProvisioningTemplateName": "ProvisioningTemplateName",
-           "LedgerTableArn": "LedgerTable.Arn"}
+           "LedgerTableArn": "LedgerTable.Arn",
+           "PresenceTable": "PresenceTable", "PresenceTableArn": "PresenceTable.Arn",
+           "PresenceRoleArn": "PresenceRuleRole.Arn"}
 # Files rendered as one JSON string (a property CloudFormation takes as text), not as YAML.
 STRING_BLOCKS = {"fleet-provisioning-template.json"}
 RULE_FILES = {"device-policy.json", "activator-policy.json", "topic-rule.json",
               "provisioner-policy.json", "fleet-provisioning-template.json", "claim-policy.json",
-              "activator-ledger-policy.json", "factory-ledger-policy.json"}
+              "activator-ledger-policy.json", "factory-ledger-policy.json",
+              "presence-rule.json", "presence-writer-policy.json"}
 BLOCK = re.compile(r"^(?P<indent> *)# rules: (?P<file>[\w.-]+)(?P<vars>(?: \| [^\n]*)?)\n"
                    r"(?P=indent)(?P<key>\w+):(?P<inline>[^\n]*)\n(?P<body>.*?)"
                    r"^(?P=indent)# end rules: (?P=file)\n",
@@ -148,7 +151,7 @@ def render(text: str, rules: Path) -> str:
         if m["file"] in STRING_BLOCKS:
             text = json.dumps(document, separators=(",", ":"))
             return head + f"{m['indent']}{m['key']}: {scalar(text, variables)}\n" + tail
-        body = to_yaml(document, len(m["indent"]) + 2, variables, m["file"] == "topic-rule.json")
+        body = to_yaml(document, len(m["indent"]) + 2, variables, m["file"].endswith("-rule.json"))
         return head + f"{m['indent']}{m['key']}:\n" + "\n".join(body) + "\n" + tail
     return BLOCK.sub(block, text)
 
