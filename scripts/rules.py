@@ -859,6 +859,11 @@ def check(root: Path) -> list[str]:
                          ("event invoke config: failures to the failure queue",
                           "OnFailure:\n          Destination: !GetAtt FailureQueue.Arn")]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
+    # The records that matter (the factory's ledger, the proof of use) can be restored.
+    for table in ("LedgerTable", "PresenceTable"):
+        body = re.search(rf"\n  {table}:\n((?:    .*\n|\n)*)", template)
+        prop(f"template: {table} has point-in-time recovery",
+             None if body and "PointInTimeRecoveryEnabled: true" in body[1] else "missing")
     prop("template: no managed policy on any role",
          "ManagedPolicyArns found" if "ManagedPolicyArns" in template else None)
     for name, needle in [
@@ -885,7 +890,6 @@ def check(root: Path) -> list[str]:
              "Principal: \"*\"\n      InvokedViaFunctionUrl: true"),
             ("the ledger outlives the stack",
              "LedgerTable:\n    Type: AWS::DynamoDB::Table\n    Condition: HasLedger\n    DeletionPolicy: Retain"),
-            ("the ledger table has point-in-time recovery", "PointInTimeRecoveryEnabled: true"),
             ("the provisioner signs only through KMS",
              'JITR_CA_KEY_URI: !Sub "awskms:key-id=${ProvisionerCaKeyArn}"')]:
         prop(f"template: {name}", None if needle in template else f"{needle!r} missing")
@@ -1024,7 +1028,7 @@ MUTATIONS = [  # (what, file, old, new, the property that must fail)
      "Condition: HasLedger\n    DeletionPolicy: Retain", "Condition: HasLedger\n    DeletionPolicy: Delete",
      "template: the ledger outlives the stack"),
     ("the ledger without point-in-time recovery", TEMPLATE, "PointInTimeRecoveryEnabled: true",
-     "PointInTimeRecoveryEnabled: false", "template: the ledger table has point-in-time recovery"),
+     "PointInTimeRecoveryEnabled: false", "template: LedgerTable has point-in-time recovery"),
     ("a managed policy", TEMPLATE, "      Policies:\n        - PolicyName: jitr-activator",
      "      ManagedPolicyArns: [arn:aws:iam::aws:policy/AdministratorAccess]\n      Policies:\n"
      "        - PolicyName: jitr-activator", "template: no managed policy"),
