@@ -1835,7 +1835,8 @@ async fn fleet_answers_that_prove_nothing_never_activate_or_revoke() {
     // Proven answers decide.
     for (name, device, want) in [
         ("a stranger", uuid(953), Outcome::Rejected),
-        ("an inactive device", inactive.clone(), Outcome::Rejected),
+        // Paused, which can be undone: held, never revoked (#21 case 5).
+        ("an inactive device", inactive.clone(), Outcome::Held),
         (
             "a device of another fleet the key sees",
             elsewhere.clone(),

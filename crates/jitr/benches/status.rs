@@ -8,7 +8,14 @@
 //! extrapolated: a per-device loop (ListThingPrincipals, then DescribeCertificate for each
 //! principal) at the same pace, which is what a script without bulk listings does.
 //!
-//! Run by `cargo test` (without `--bench`) it does a quick pass over 100 devices.
+//! A real account holds other applications: `JITR_STATUS_FOREIGN` foreign Things (default
+//! 1,000; attribute `app=facilities`, nothing attached, the kind `--fix` used to delete) and
+//! the testkit's foreign set (a certificate of another CA, a Cognito identity) sit beside the
+//! fleet. `status --fix --yes --delete-things` runs twice after the read, timed beside it, and
+//! every foreign Thing must still be there, as planted.
+//!
+//! Run by `cargo test` (without `--bench`) it does a quick pass over 100 devices and 20 foreign
+//! Things.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a panic is the report
 
@@ -38,6 +45,11 @@ fn main() {
         100
     } else {
         env_count("JITR_STATUS_DEVICES", 10_000)
+    };
+    let foreign_things = if quick {
+        20
+    } else {
+        env_count("JITR_STATUS_FOREIGN", 1_000)
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,6 +108,33 @@ fn main() {
             .buffer_unordered(8)
             .collect::<Vec<()>>(),
     );
+    let foreign_names: Vec<String> = (0..foreign_things)
+        .map(|n| format!("facilities-sensor-{n}"))
+        .collect();
+    rt.block_on(
+        stream::iter(&foreign_names)
+            .map(|name| {
+                let client = client.clone();
+                async move {
+                    client
+                        .create_thing()
+                        .thing_name(name)
+                        .attribute_payload(
+                            aws_sdk_iot::types::AttributePayload::builder()
+                                .attributes("app", "facilities")
+                                .build(),
+                        )
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<()>>(),
+    );
+    let foreign = rt
+        .block_on(testkit::foreign::Foreign::plant(&moto, &client))
+        .unwrap();
     let setup = setup.elapsed();
 
     let jitr = env!("CARGO_BIN_EXE_jitr");
@@ -108,25 +147,58 @@ fn main() {
         ("BALENA_API_KEY", KEY.to_owned()),
         ("BALENA_FLEET_ID", FLEET.to_string()),
     ]);
-    let started = Instant::now();
-    let out = Command::new(jitr)
-        .args(["status", "--json", "--manifest"])
-        .arg(&manifest)
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let elapsed = started.elapsed();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(value["summary"]["active"], devices, "{}", value["summary"]);
+    let status = |extra: &[&str]| {
+        let started = Instant::now();
+        let out = Command::new(jitr)
+            .args(["status", "--json", "--manifest"])
+            .arg(&manifest)
+            .args(extra)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let elapsed = started.elapsed();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(value["summary"]["active"], devices, "{}", value["summary"]);
+        (elapsed, value)
+    };
+    let (elapsed, _) = status(&[]);
+    // --fix twice: nothing of the fleet needs fixing, and nothing foreign may be touched.
+    let (first_fix, value) = status(&["--fix", "--yes", "--delete-things"]);
+    assert_eq!(value["fixes"].as_array().map(Vec::len), Some(0), "{value}");
+    let (second_fix, _) = status(&["--fix", "--yes", "--delete-things"]);
+    let left: std::collections::HashSet<String> = rt.block_on(async {
+        let mut names = std::collections::HashSet::new();
+        let mut token = None;
+        loop {
+            let page = client
+                .list_things()
+                .set_next_token(token)
+                .send()
+                .await
+                .unwrap();
+            names.extend(
+                page.things()
+                    .iter()
+                    .filter_map(|t| t.thing_name().map(str::to_owned)),
+            );
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                break names;
+            }
+        }
+    });
+    let missing = foreign_names.iter().filter(|n| !left.contains(*n)).count();
+    assert_eq!(missing, 0, "{missing} foreign Things deleted");
+    rt.block_on(foreign.assert_untouched(&client)).unwrap();
 
     // The baseline: per device, ListThingPrincipals, then DescribeCertificate per principal,
     // each operation paced at 10 a second as AWS would allow.
@@ -165,14 +237,21 @@ fn main() {
 
     if quick {
         println!(
-            "status (quick pass, {devices} devices): {:.1} s",
-            elapsed.as_secs_f64()
+            "status (quick pass, {devices} devices, {foreign_things} foreign Things): {:.1} s; --fix twice {:.1} s, {:.1} s; foreign untouched",
+            elapsed.as_secs_f64(),
+            first_fix.as_secs_f64(),
+            second_fix.as_secs_f64()
         );
         return;
     }
     println!(
-        "status benchmark: {devices} devices in moto (ACTIVE certificate + Thing each, set up in {:.0} s), the fleet on the fake balena API, --manifest; reads paced at 10/s per operation",
+        "status benchmark: {devices} devices in moto (ACTIVE certificate + Thing each) and {foreign_things} foreign Things plus a foreign certificate and Cognito identity (set up in {:.0} s), the fleet on the fake balena API, --manifest; reads paced at 10/s per operation",
         setup.as_secs_f64()
+    );
+    println!(
+        "  jitr status --fix --yes --delete-things, twice: {:.1} s, {:.1} s; all {foreign_things} foreign Things and the foreign certificate and identity untouched",
+        first_fix.as_secs_f64(),
+        second_fix.as_secs_f64()
     );
     println!(
         "  jitr status --manifest --json         {:>8.1} s   target <= 60 s: {}",
