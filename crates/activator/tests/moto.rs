@@ -183,7 +183,7 @@ async fn fleet_membership_decides_activation() {
     );
     w.assert_untouched(&id, SdkStatus::Revoked).await;
 
-    // In the fleet but deactivated.
+    // In the fleet but deactivated (paused, which can be undone): held, never revoked.
     let inactive = uuid(4);
     w.balena.add_device(FLEET, &inactive, false);
     let id = w.connect(&w.ca.device_pem(&inactive).unwrap()).await;
@@ -193,9 +193,9 @@ async fn fleet_membership_decides_activation() {
         .unwrap();
     assert_eq!(
         (d.outcome, d.reason.contains("inactive")),
-        (Outcome::Rejected, true)
+        (Outcome::Held, true)
     );
-    w.assert_untouched(&id, SdkStatus::Revoked).await;
+    w.assert_untouched(&id, SdkStatus::PendingActivation).await;
     assert_eq!(w.thing_count().await, 1, "only the member got a Thing");
 
     // JITR_REJECT_ACTION=deactivate leaves the certificate INACTIVE instead.
