@@ -17,6 +17,11 @@
 //! the client, as AWS IoT does), SUBSCRIBE (`iot:Subscribe` on `topicfilter/<filter>`; refused
 //! filters get a failure code) and receive what others publish (`iot:Receive`). Packets are
 //! rumqttc's MQTT 3.1.1 codec; TLS is rustls. Everything seen is recorded ([`Seen`]).
+//!
+//! With [`EndpointOptions::presence`], every accepted connection (once CONNACK is sent) also
+//! publishes AWS IoT's lifecycle event on `$aws/events/presence/connected/<client id>`, handed
+//! to the presence sink as the stack's presence topic rule receives it
+//! ([`crate::presence::PresenceRule`] runs that rule into a DynamoDB table).
 
 pub mod client;
 mod policy;
@@ -30,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use aws_sdk_iot::types::CertificateStatus;
 use bytes::BytesMut;
+use futures::future::BoxFuture;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode,
 };
@@ -54,6 +60,38 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where certificate-registered events go (the topic rule's Lambda action).
 pub type EventSink = Box<dyn Fn(Value) + Send + Sync>;
+
+/// Where lifecycle events go: called with the topic and the event, awaited in the connection's
+/// task (so one connection's events are handed over in order).
+pub type PresenceSink = Arc<dyn Fn(String, Value) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A client's TLS configuration, as [`client::tls_config`] makes it.
+pub type ClientTls = Arc<rustls::ClientConfig>;
+
+/// The topic AWS IoT publishes a client's connected events on.
+pub const PRESENCE_CONNECTED_TOPIC: &str = "$aws/events/presence/connected";
+
+/// What an endpoint does besides JITR and policy enforcement.
+#[derive(Default)]
+pub struct EndpointOptions {
+    presence: Option<PresenceSink>,
+}
+
+impl std::fmt::Debug for EndpointOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointOptions")
+            .field("presence", &self.presence.is_some())
+            .finish()
+    }
+}
+
+impl EndpointOptions {
+    /// Publishes a connected lifecycle event to `sink` on every accepted connection.
+    pub fn presence(mut self, sink: PresenceSink) -> Self {
+        self.presence = Some(sink);
+        self
+    }
+}
 
 /// One thing the endpoint saw happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +166,9 @@ struct Shared {
     client: aws_sdk_iot::Client,
     cas: Vec<(RegisteredCa, Vec<u8>)>,
     sink: EventSink,
+    presence: Option<PresenceSink>,
+    /// The last lifecycle event version number given, per client id.
+    versions: Mutex<HashMap<String, u64>>,
     account: String,
     seen: Mutex<Vec<(Instant, Seen)>>,
     subscribers: Mutex<Vec<Subscriber>>,
@@ -167,6 +208,16 @@ impl IotEndpoint {
         cas: Vec<RegisteredCa>,
         sink: EventSink,
     ) -> Result<IotEndpoint> {
+        IotEndpoint::start_with(client, cas, sink, EndpointOptions::default())
+    }
+
+    /// [`IotEndpoint::start`] with `options`.
+    pub fn start_with(
+        client: aws_sdk_iot::Client,
+        cas: Vec<RegisteredCa>,
+        sink: EventSink,
+        options: EndpointOptions,
+    ) -> Result<IotEndpoint> {
         let (server_config, server_ca_pem) = tls_config(&cas)?;
         let cas = cas
             .into_iter()
@@ -181,6 +232,8 @@ impl IotEndpoint {
             client,
             cas,
             sink,
+            presence: options.presence,
+            versions: Mutex::new(HashMap::new()),
             account: crate::moto::ACCOUNT_ID.to_owned(),
             seen: Mutex::new(Vec::new()),
             subscribers: Mutex::new(Vec::new()),
@@ -291,6 +344,8 @@ async fn accept_loop(
 struct Session {
     connection: u64,
     client_id: String,
+    /// The certificate the client presented (its id).
+    certificate_id: String,
     policies: Arc<Policies>,
     context: PolicyContext,
 }
@@ -303,6 +358,7 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|c| c.as_ref().to_vec());
+    let peer = tls.get_ref().0.peer_addr().ok();
     let (mut reader, mut writer) = tokio::io::split(tls);
     let mut buffer = BytesMut::with_capacity(4096);
     let Ok(Some(Packet::Connect(connect))) =
@@ -335,6 +391,14 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
     shared.record(Seen::Connected {
         client_id: session.client_id.clone(),
     });
+    if let Some(presence) = &shared.presence {
+        // AWS IoT sends no lifecycle events for client ids holding a wildcard.
+        if !session.client_id.contains(['#', '+']) {
+            let event = connected_event(shared, &session, peer);
+            let topic = format!("{PRESENCE_CONNECTED_TOPIC}/{}", session.client_id);
+            presence(topic, event).await;
+        }
+    }
     let (outbox, mut inbox) = mpsc::unbounded_channel::<Publish>();
     loop {
         tokio::select! {
@@ -418,6 +482,7 @@ async fn admit(shared: &Shared, leaf: &[u8], client_id: &str) -> Result<Session,
     Ok(Session {
         connection: shared.next_connection.fetch_add(1, Ordering::Relaxed),
         client_id: client_id.to_owned(),
+        certificate_id,
         policies: Arc::new(policies),
         context,
     })
@@ -464,6 +529,33 @@ fn publish_event(shared: &Shared, certificate_id: &str, ca_id: Option<&str>) {
     let mut event = crate::iot::registered_event(certificate_id, ca_id);
     event["awsAccountId"] = Value::String(shared.account.clone());
     (shared.sink)(event);
+}
+
+/// The event AWS IoT publishes on `$aws/events/presence/connected/<client id>`, in the shape
+/// of AWS IoT's documentation ("Lifecycle events"): for a client authenticated by an X.509
+/// certificate, `principalIdentifier` is the certificate id; `timestamp` is epoch milliseconds;
+/// `versionNumber` grows with each connection of the client id.
+fn connected_event(shared: &Shared, session: &Session, peer: Option<SocketAddr>) -> Value {
+    let version = {
+        let mut versions = shared
+            .versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let version = versions.entry(session.client_id.clone()).or_insert(0);
+        *version += 1;
+        *version
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let timestamp = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    serde_json::json!({
+        "clientId": session.client_id,
+        "timestamp": timestamp,
+        "eventType": "connected",
+        "sessionIdentifier": format!("{:016x}-{:08x}", timestamp, session.connection),
+        "principalIdentifier": session.certificate_id,
+        "ipAddress": peer.map(|p| p.ip().to_string()).unwrap_or_default(),
+        "versionNumber": version,
+    })
 }
 
 fn pem_of(der: &[u8]) -> String {
@@ -615,7 +707,7 @@ fn relay(shared: &Shared, publish: &Publish, resource: &str) -> usize {
 }
 
 /// MQTT topic filter matching: `+` one level, `#` the rest.
-fn filter_matches(filter: &str, topic: &str) -> bool {
+pub(crate) fn filter_matches(filter: &str, topic: &str) -> bool {
     let mut levels = topic.split('/');
     for part in filter.split('/') {
         match part {

@@ -6,6 +6,9 @@
 //! - [`iot`]: an AWS IoT client for moto and the steps every scenario repeats.
 //! - [`iot_endpoint::IotEndpoint`]: AWS IoT's MQTT data plane as a device meets it, which moto
 //!   lacks: TLS with client certificates, JITR on first connect, policy enforcement, relay.
+//! - [`presence::PresenceRule`]: the stack's presence topic rule (`rules/presence-rule.json`,
+//!   run by [`topic_rule::TopicRule`], a tiny rules engine) writing the endpoint's connected
+//!   events into a DynamoDB table in moto.
 //! - [`proxy::Proxy`]: the one HTTP proxy, in front of moto or the fake balena API: latency,
 //!   AWS IoT throttling, 5xx, dropped connections, slow answers, per-operation quotas, and
 //!   answers of its own for chosen operations; every request recorded.
@@ -30,8 +33,10 @@ pub mod iot;
 pub mod iot_endpoint;
 pub mod lambda;
 pub mod moto;
+pub mod presence;
 pub mod proc;
 pub mod proxy;
 mod server;
+pub mod topic_rule;
 
 pub use proc::{free_port, wait_for_port};

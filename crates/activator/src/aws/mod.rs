@@ -30,6 +30,7 @@ use crate::{
 
 mod admin;
 mod ledger;
+pub mod presence;
 mod session;
 
 pub use ledger::{BatchReport, DynamoLedger};
