@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 
-use activator::presence::Connection;
-use anyhow::Result;
+use activator::aws::presence::DynamoPresence;
+use activator::presence::{Connection, PresenceLog};
+use anyhow::{Context, Result};
 
 /// The variable naming the presence table.
 pub(crate) const PRESENCE_TABLE: &str = "JITR_PRESENCE_TABLE";
@@ -17,22 +18,21 @@ pub(crate) fn table() -> Option<String> {
 }
 
 /// The presence log, when a presence table is configured.
-pub(crate) fn log(session: &activator::aws::Session) -> Option<PresenceTable> {
-    let _ = session;
-    table().map(|_| PresenceTable::new())
+pub(crate) fn log(session: &activator::aws::Session) -> Option<DynamoPresence> {
+    table().map(|table| DynamoPresence::new(session.config(), &table))
 }
-
-/// The presence table's reader. FIXME(lead): DynamoPresence once it lands.
-pub(crate) type PresenceTable = activator::presence::MemoryPresence;
 
 /// Every device's connections, when a presence table is configured.
 pub(crate) async fn read(
     session: &activator::aws::Session,
     deadline: tokio::time::Instant,
 ) -> Result<Option<HashMap<String, Vec<Connection>>>> {
-    let Some(table) = table() else {
+    let Some(log) = log(session) else {
         return Ok(None);
     };
-    let _ = (session, deadline);
-    anyhow::bail!("{PRESENCE_TABLE}={table}: reading the presence table is not built yet")
+    let all = log
+        .all(deadline)
+        .await
+        .with_context(|| format!("the presence table {} ({PRESENCE_TABLE})", log.table()))?;
+    Ok(Some(all))
 }

@@ -23,6 +23,7 @@ use common::{stderr, stdout, uuid};
 const POLICY: &str = "jitr-device";
 const FLEET: u64 = 777;
 const KEY: &str = "status-test-key";
+const PRESENCE_TABLE: &str = "jitr-presence";
 
 struct World {
     rt: tokio::runtime::Runtime,
@@ -141,6 +142,67 @@ impl World {
             }
         });
         certificate_id
+    }
+
+    /// The presence table in moto, and the stack's presence rule writing into it.
+    fn presence_table(&self) -> std::sync::Arc<testkit::presence::PresenceRule> {
+        self.rt.block_on(async {
+            let config = iot::sdk_config(&self.moto).await;
+            let dynamodb = aws_sdk_dynamodb::Client::new(&config);
+            testkit::presence::create_presence_table(&dynamodb, PRESENCE_TABLE)
+                .await
+                .unwrap();
+            testkit::presence::PresenceRule::new(dynamodb, PRESENCE_TABLE).unwrap()
+        })
+    }
+
+    /// The device `device`: waits (up to a minute) for credentials delivered to it in balena,
+    /// then connects with them; AWS IoT's connected event goes through the presence rule.
+    fn device_connects_with_delivered(
+        &self,
+        device: &str,
+        rule: &testkit::presence::PresenceRule,
+    ) {
+        use base64::Engine as _;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let chain = loop {
+            let delivered = self
+                .balena
+                .env_vars(self.balena_id(device))
+                .into_iter()
+                .find(|(name, _)| name == "AWS_CERT");
+            if let Some((_, value)) = delivered {
+                break base64::engine::general_purpose::STANDARD
+                    .decode(value)
+                    .unwrap();
+            }
+            assert!(std::time::Instant::now() < until, "nothing delivered to {device}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let der = factory_ca::certificates_from_pem_or_der(&chain).unwrap();
+        let certificate_id = factory_ca::certificate_id(&der[0]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        rt.block_on(rule.deliver(
+            format!("$aws/events/presence/connected/{device}"),
+            serde_json::json!({
+                "clientId": device,
+                "timestamp": now,
+                "eventType": "connected",
+                "sessionIdentifier": "00000000-0000-0000-0000-000000000000",
+                "principalIdentifier": certificate_id,
+                "ipAddress": "127.0.0.1",
+                "versionNumber": 1,
+            }),
+        ));
+        assert!(
+            rule.deliveries().iter().all(|d| d.result.is_ok()),
+            "{:?}",
+            rule.deliveries()
+        );
     }
 
     fn thing(&self, device: &str) {
@@ -443,23 +505,33 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
         .join("device.key")
         .exists());
 
-    // --expiring-within picks b; --grace 0 retires its old certificate once the new is ACTIVE.
-    let out = w.jitr(
-        w.manifest.path(),
-        &[
-            "rotate",
-            "--dir",
-            &ca_dir,
-            "--out",
-            &out_dir,
-            "--expiring-within",
-            "30d",
-            "--grace",
-            "0",
-            "--push-balena",
-            "--json",
-        ],
-    );
+    // --expiring-within picks b; --grace 0 retires its old certificate once the device has
+    // connected with the new one: here the device picks up its delivered credentials and
+    // connects, which AWS IoT's connected event and the stack's presence rule record.
+    let presence = w.presence_table();
+    let mut env = w.env();
+    env.push(("JITR_PRESENCE_TABLE", PRESENCE_TABLE.to_owned()));
+    let rotate_b = [
+        "rotate",
+        "--dir",
+        &ca_dir,
+        "--out",
+        &out_dir,
+        "--expiring-within",
+        "30d",
+        "--grace",
+        "0",
+        "--push-balena",
+        "--wait-connected",
+        "60s",
+        "--json",
+    ];
+    let out = std::thread::scope(|scope| {
+        let device = scope.spawn(|| w.device_connects_with_delivered(&b, &presence));
+        let out = common::jitr(w.manifest.path(), &rotate_b, &env);
+        device.join().unwrap();
+        out
+    });
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
@@ -468,6 +540,21 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
     let new_b = rows[0]["new_certificate_id"].as_str().unwrap();
     assert_eq!(w.status(new_b), CertificateStatus::Active);
     assert_eq!(w.status(&old_b), CertificateStatus::Revoked);
+    // status shows the certificate that last connected.
+    let manifest = w.manifest_path().display().to_string();
+    let out = common::jitr(
+        w.manifest.path(),
+        &["status", "--json", "--manifest", &manifest],
+        &env,
+    );
+    let value: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let row = value["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["device_id"] == b.as_str())
+        .unwrap();
+    assert_eq!(row["last_connected"]["certificate_id"], new_b, "{row}");
     let principals =
         w.rt.block_on(w.client.list_thing_principals().thing_name(&b).send())
             .unwrap();
@@ -571,5 +658,55 @@ fn a_rotation_whose_new_certificate_never_connects_leaves_the_old_one_active() {
     );
     assert_eq!(w.status(&old), CertificateStatus::Active);
     assert_eq!(w.status(&new), CertificateStatus::Active);
+
+    // --grace 0 with delivery waits for the device's connect with the new certificate; it
+    // never comes, so the old one stays ACTIVE and the rotation says so (exit 1).
+    let presence = w.presence_table();
+    let mut env = w.env();
+    env.push(("JITR_PRESENCE_TABLE", PRESENCE_TABLE.to_owned()));
+    let out = common::jitr(
+        w.manifest.path(),
+        &[
+            "rotate",
+            "--dir",
+            &ca_dir,
+            "--out",
+            &out_dir,
+            "--id",
+            &device,
+            "--grace",
+            "0",
+            "--push-balena",
+            "--wait-connected",
+            "3s",
+            "--json",
+        ],
+        &env,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("has not connected"),
+        "{rows}"
+    );
+    assert_eq!(rows[0]["retired"], false);
+    assert_eq!(w.status(&old), CertificateStatus::Active);
+    assert_eq!(w.status(&new), CertificateStatus::Active);
+    let newest = rows[0]["new_certificate_id"].as_str().unwrap().to_owned();
+
+    // Once the device connects with its newest certificate, that is proof: --fix retires the
+    // others.
+    w.device_connects_with_delivered(&device, &presence);
+    let manifest = w.manifest_path().display().to_string();
+    let out = common::jitr(
+        w.manifest.path(),
+        &["status", "--json", "--manifest", &manifest, "--fix", "--yes"],
+        &env,
+    );
+    let value: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(value["fixes"].as_array().unwrap().len(), 2, "{value}");
+    assert_eq!(w.status(&old), CertificateStatus::Revoked);
+    assert_eq!(w.status(&new), CertificateStatus::Revoked);
+    assert_eq!(w.status(&newest), CertificateStatus::Active);
     w.foreign_untouched();
 }
