@@ -223,6 +223,25 @@ fn spawn(env: &[(&str, String)]) -> FunctionProcess {
     FunctionProcess::spawn(env!("CARGO_BIN_EXE_provisioner"), env).unwrap()
 }
 
+/// The exit status and standard error of a provisioner that must stop at its cold start,
+/// within 20 s (else the test fails, and the process is killed as it is dropped).
+fn exit_of(mut provisioner: FunctionProcess) -> (std::process::ExitStatus, String) {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = provisioner.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the provisioner did not stop at its cold start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(provisioner.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
 /// A function URL event (payload format 2.0) as AWS builds it for cloud-relay's POST.
 fn url_event(method: &str, body: &str) -> Value {
     json!({
@@ -640,12 +659,8 @@ fn a_bad_configuration_fails_the_cold_start_naming_the_variable() {
             .filter(|(k, _)| *k != var)
             .chain(value.map(|v| (var, v.to_owned())))
             .collect();
-        let mut provisioner = spawn(&env);
-        let status = provisioner.child.wait().unwrap();
+        let (status, stderr) = exit_of(spawn(&env));
         assert!(!status.success(), "{var}");
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(provisioner.child.stderr.as_mut().unwrap(), &mut stderr)
-            .unwrap();
         assert!(stderr.contains(expected), "{var}: {stderr}");
     }
     assert_eq!(emulator.polls(), 0, "never asked for an event");
@@ -828,11 +843,8 @@ fn the_token_can_come_from_secrets_manager_and_a_bad_one_fails_the_start() {
         ("jitr/short", "at least 32"),
         ("jitr/missing", "ResourceNotFound"),
     ] {
-        let mut provisioner = spawn(&with_secret(id));
-        assert!(!provisioner.child.wait().unwrap().success(), "{id}");
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(provisioner.child.stderr.as_mut().unwrap(), &mut stderr)
-            .unwrap();
+        let (status, stderr) = exit_of(spawn(&with_secret(id)));
+        assert!(!status.success(), "{id}");
         assert!(
             stderr.contains("JITR_PROVISION_TOKEN_SECRET_ID"),
             "{stderr}"
