@@ -89,7 +89,7 @@ impl Provisioner {
         }
         self.may_have_a_first_certificate(&device, budget)
             .await
-            .map_err(Refusal::into_reason)?;
+            .map_err(|refusal| refusal.to_string())?;
         Ok(device.to_string())
     }
 
@@ -209,12 +209,6 @@ enum Refusal {
     /// It could not be found out (balena or AWS IoT did not answer): asking again may succeed.
     #[error("{0}")]
     Unknown(String),
-}
-
-impl Refusal {
-    fn into_reason(self) -> String {
-        self.to_string()
-    }
 }
 
 /// The device a CSR (PEM or DER) names: its one CN, a device id in `format`. Only read here;
