@@ -7,6 +7,8 @@ use std::time::Duration;
 use activator::{CertificateId, FleetConfig};
 use ca_keys::KeyUri;
 
+use crate::request::ProvisionToken;
+
 /// The template parameter that holds the device UUID in a fleet provisioning request, unless
 /// `JITR_FP_UUID_PARAMETER` says another.
 pub const DEFAULT_UUID_PARAMETER: &str = "DeviceUuid";
@@ -41,6 +43,16 @@ pub enum ConfigError {
     },
 }
 
+/// Where the secret that `PROVISION_URL` carries comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// `JITR_PROVISION_TOKEN`: the token itself.
+    Value(ProvisionToken),
+    /// `JITR_PROVISION_TOKEN_SECRET_ID`: a Secrets Manager secret (name or ARN) whose string
+    /// is the token, read once at the cold start.
+    Secret(String),
+}
+
 /// Everything the provisioner reads from the environment.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -71,6 +83,10 @@ pub struct Config {
     /// `JITR_PROVISION_SERVICES` (comma-separated, default `cloud-relay`): the only services a
     /// request may name; a key is never delivered to any other service.
     pub services: Vec<String>,
+    /// `JITR_PROVISION_TOKEN` or `JITR_PROVISION_TOKEN_SECRET_ID` (at most one): the secret a
+    /// request must present in the URL, else it is answered 403 before anything is read. None:
+    /// any caller is heard, and can tell a member from a stranger by the answer.
+    pub token: Option<TokenSource>,
 }
 
 impl Config {
@@ -184,7 +200,27 @@ impl Config {
                 reason: format!("{bad:?} is not a service name"),
             });
         }
+        let token = match (
+            var("JITR_PROVISION_TOKEN"),
+            var("JITR_PROVISION_TOKEN_SECRET_ID"),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    var: "JITR_PROVISION_TOKEN",
+                    reason: "set it or JITR_PROVISION_TOKEN_SECRET_ID, not both".into(),
+                })
+            }
+            (Some(text), None) => Some(TokenSource::Value(ProvisionToken::parse(&text).map_err(
+                |reason| ConfigError::Invalid {
+                    var: "JITR_PROVISION_TOKEN",
+                    reason,
+                },
+            )?)),
+            (None, Some(id)) => Some(TokenSource::Secret(id)),
+            (None, None) => None,
+        };
         Ok(Config {
+            token,
             services,
             activator,
             ca_key,
@@ -233,6 +269,37 @@ mod tests {
         assert_eq!(config.interval, DEFAULT_INTERVAL);
         assert_eq!(config.data_endpoint, None);
         assert_eq!(config.services, vec!["cloud-relay".to_owned()]);
+        assert!(config.token.is_none());
+    }
+
+    #[test]
+    fn the_token_comes_from_the_variable_or_a_secret_never_both() {
+        let token = "f".repeat(64);
+        let mut vars = base();
+        vars.insert("JITR_PROVISION_TOKEN", token);
+        assert!(matches!(
+            read(&vars).unwrap().token,
+            Some(TokenSource::Value(_))
+        ));
+        vars.insert(
+            "JITR_PROVISION_TOKEN_SECRET_ID",
+            "jitr/provision-token".into(),
+        );
+        let e = read(&vars).unwrap_err().to_string();
+        assert!(e.starts_with("JITR_PROVISION_TOKEN is invalid"), "{e}");
+        vars.remove("JITR_PROVISION_TOKEN");
+        assert!(matches!(
+            read(&vars).unwrap().token,
+            Some(TokenSource::Secret(id)) if id == "jitr/provision-token"
+        ));
+        vars.remove("JITR_PROVISION_TOKEN_SECRET_ID");
+        vars.insert("JITR_PROVISION_TOKEN", "short".into());
+        let e = read(&vars).unwrap_err().to_string();
+        assert!(
+            e.starts_with("JITR_PROVISION_TOKEN is invalid: a token has at least 32"),
+            "{e}"
+        );
+        assert!(!e.contains("short"), "the value is not echoed: {e}");
     }
 
     #[test]

@@ -4,12 +4,16 @@
 //!   certificatePem, templateArn, clientId, parameters}` and waits at most 5 s for
 //!   `{allowProvisioning, parameterOverrides}`. Allowed only for an active member of the pinned
 //!   fleet (its UUID in the template parameter `JITR_FP_UUID_PARAMETER`) with no ACTIVE or
-//!   pending certificate, presenting a certificate our CA signed whose CN is that UUID.
+//!   pending certificate and no revocation mark on its Thing, presenting a certificate our CA
+//!   signed whose CN is that UUID.
 //!   Answered within [`HOOK_BUDGET`] whatever balena or AWS IoT do: no answer in time is a
 //!   refusal.
 //! - the **certificate provider**: AWS sends the device's `certificateSigningRequest` from
 //!   `CreateCertificateFromCsr` and takes back `{certificatePem}`: signed here by the CA in
-//!   KMS, to the device profile (the CSR's CN is the device UUID).
+//!   KMS, to the device profile, only when the CSR's CN is an active member of the fleet
+//!   whose Thing has no revocation mark and no live (ACTIVE or PENDING_ACTIVATION) certificate
+//!   attached. The provider is the account's: any principal allowed
+//!   `CreateCertificateFromCsr` reaches it, so it is a door of its own, checked like the hook.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
@@ -18,7 +22,7 @@ use activator::error_chain;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::time::Instant;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate, X509CertificationRequest};
 
 use crate::Provisioner;
 
@@ -83,31 +87,60 @@ impl Provisioner {
                 "the certificate names {named:?}, the parameter {device}"
             ));
         }
-        let fleet = self.balena().await?;
-        let (membership, live) = tokio::join!(
-            fleet.membership(&device, budget),
-            self.live_certificates(&device, budget)
-        );
-        match membership.map_err(|e| error_chain(&e))? {
-            balena::Membership::Member(_) => {}
-            balena::Membership::Inactive(_) => {
-                return Err(format!("device {device} is inactive in the fleet"))
-            }
-            balena::Membership::NotMember => {
-                return Err(format!("device {device} is not in the fleet"))
-            }
-        }
-        let live = live.map_err(|e| error_chain(&e))?;
-        if let Some(id) = live.first() {
-            return Err(format!(
-                "device {device} has an ACTIVE or pending certificate already ({id})"
-            ));
-        }
+        self.may_have_a_first_certificate(&device, budget)
+            .await
+            .map_err(|refusal| refusal.to_string())?;
         Ok(device.to_string())
     }
 
-    /// The certificate provider's answer: `{"certificatePem": "..."}`.
-    pub async fn certificate_provider(&self, event: &Value) -> Result<Value, ProviderError> {
+    /// Whether `device` may be given its first certificate by fleet provisioning: an active
+    /// member of the fleet, its Thing without the revocation mark, and no ACTIVE or
+    /// PENDING_ACTIVATION certificate attached to it (of any CA: one of the fleet CA's is the
+    /// device's identity, and any other a claim to the name that an operator must settle).
+    async fn may_have_a_first_certificate(
+        &self,
+        device: &factory_ca::DeviceId,
+        budget: Instant,
+    ) -> Result<(), Refusal> {
+        let fleet = self.balena().await.map_err(Refusal::Unknown)?;
+        let (membership, live, mark) = tokio::join!(
+            fleet.membership(device, budget),
+            self.live_certificates(device, budget),
+            self.revoked_mark(device, budget)
+        );
+        let unknown = |e: &dyn std::error::Error| Refusal::Unknown(error_chain(e));
+        match membership.map_err(|e| unknown(&e))? {
+            balena::Membership::Member(_) => {}
+            balena::Membership::Inactive(_) => {
+                return Err(Refusal::No(format!(
+                    "device {device} is inactive in the fleet"
+                )))
+            }
+            balena::Membership::NotMember => {
+                return Err(Refusal::No(format!("device {device} is not in the fleet")))
+            }
+        }
+        if let Some(at) = mark.map_err(|e| unknown(&e))? {
+            return Err(Refusal::No(format!(
+                "device {device} was revoked for good at {at} (the Thing's jitr-revoked mark)"
+            )));
+        }
+        let live = live.map_err(|e| unknown(&e))?;
+        if let Some(id) = live.first() {
+            return Err(Refusal::No(format!(
+                "device {device} has an ACTIVE or pending certificate already ({id})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The certificate provider's answer: `{"certificatePem": "..."}`, for a device that may
+    /// have a first certificate; the checks end within [`HOOK_BUDGET`] or by `deadline`.
+    pub async fn certificate_provider(
+        &self,
+        event: &Value,
+        deadline: Instant,
+    ) -> Result<Value, ProviderError> {
         let started = StdInstant::now();
         let Some(csr) = event["certificateSigningRequest"].as_str() else {
             return Err(ProviderError::Refused(
@@ -118,6 +151,29 @@ impl Provisioner {
             return Err(ProviderError::Refused(format!(
                 "certificateSigningRequest is larger than {MAX_CSR} bytes"
             )));
+        }
+        let budget = deadline.min(Instant::now() + HOOK_BUDGET);
+        let checked = async {
+            let device = csr_device(csr.as_bytes(), self.activator.policy().id_format)
+                .map_err(Refusal::No)?;
+            self.may_have_a_first_certificate(&device, budget).await?;
+            Ok::<_, Refusal>(device)
+        };
+        let checked = match tokio::time::timeout_at(budget, checked).await {
+            Ok(checked) => checked,
+            Err(_) => Err(Refusal::Unknown(
+                "no answer from balena or AWS IoT within the budget".into(),
+            )),
+        };
+        if let Err(refusal) = checked {
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let principal_id = event["principalId"].as_str().unwrap_or("");
+            let reason = refusal.to_string();
+            tracing::warn!(principal_id, reason = %reason, duration_ms, "certificate provider refused");
+            return Err(match refusal {
+                Refusal::No(_) => ProviderError::Refused(reason),
+                Refusal::Unknown(_) => ProviderError::Failed(reason),
+            });
         }
         let (ca, csr, days) = (Arc::clone(&self.ca), csr.as_bytes().to_vec(), self.days);
         let signed =
@@ -142,6 +198,43 @@ impl Provisioner {
             }
         }
     }
+}
+
+/// Why a device may not have a first certificate.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    /// It may not (permanent).
+    #[error("{0}")]
+    No(String),
+    /// It could not be found out (balena or AWS IoT did not answer): asking again may succeed.
+    #[error("{0}")]
+    Unknown(String),
+}
+
+/// The device a CSR (PEM or DER) names: its one CN, a device id in `format`. Only read here;
+/// the signing checks the CSR in full.
+fn csr_device(bytes: &[u8], format: factory_ca::IdFormat) -> Result<factory_ca::DeviceId, String> {
+    let pem;
+    let der = if bytes.starts_with(b"-----") {
+        pem = x509_parser::pem::parse_x509_pem(bytes)
+            .map_err(|e| format!("certificateSigningRequest: malformed PEM: {e}"))?
+            .1;
+        &pem.contents
+    } else {
+        bytes
+    };
+    let (_, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| format!("certificateSigningRequest does not parse: {e}"))?;
+    let mut cns = csr.certification_request_info.subject.iter_common_name();
+    let cn = cns
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or("the CSR has no CN")?;
+    if cns.next().is_some() {
+        return Err("the CSR has more than one CN".to_owned());
+    }
+    factory_ca::DeviceId::parse(cn, format)
+        .map_err(|_| format!("the CSR's CN {cn:?} is not a device id"))
 }
 
 impl Provisioner {

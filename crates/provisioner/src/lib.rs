@@ -4,15 +4,19 @@
 //! One Lambda binary, `provisioner`, answers three events:
 //!
 //! - **cloud-relay's `PROVISION_URL`** ([`request`], [`Provisioner::provision`]), through a
-//!   function URL: the device must be an active member of the pinned fleet and have no ACTIVE
-//!   certificate; one attempt per device per interval ([`attempts`]); the key and certificate
+//!   function URL: the URL's token first when one is configured (else the same 403 as a
+//!   stranger gets); an undo an earlier attempt left unfinished is finished; the device must
+//!   be an active member of the pinned fleet, its Thing without the revocation mark, and have
+//!   no ACTIVE certificate; one attempt per device per interval ([`attempts`]); the key and certificate
 //!   are made here, the certificate registered PENDING_ACTIVATION, the variables written to the
 //!   device's service through balena, and only then the activator's decision activates it.
 //!   The answer never carries key material: the key reaches only the device.
 //! - **the fleet provisioning pre-provisioning hook** ([`fleet_provisioning`]): allows
-//!   `RegisterThing` only for an active fleet member with no ACTIVE certificate, within 4 s.
+//!   `RegisterThing` only for an active fleet member with no ACTIVE certificate and no
+//!   revocation mark, within 4 s.
 //! - **the certificate provider** for `CreateCertificateFromCsr` ([`fleet_provisioning`]):
-//!   signs the device's CSR with the KMS CA, to the device profile.
+//!   signs the device's CSR with the KMS CA, to the device profile, only for the same devices
+//!   the hook allows.
 
 pub mod attempts;
 pub mod config;
@@ -31,8 +35,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 pub use attempts::{Attempts, Claim};
-pub use config::{Config, ConfigError};
-pub use request::{HttpRequest, HttpResponse, ProvisionRequest};
+pub use config::{Config, ConfigError, TokenSource};
+pub use request::{HttpRequest, HttpResponse, ProvisionRequest, ProvisionToken};
 
 /// The event kinds the binary answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,14 @@ pub enum StartError {
         /// Why.
         reason: String,
     },
+    /// The token's secret could not be read, or does not hold a token.
+    #[error("JITR_PROVISION_TOKEN_SECRET_ID {id}: {reason}")]
+    Token {
+        /// The secret's name or ARN.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// The data endpoint could not be asked.
     #[error("cannot ask AWS IoT for the data endpoint (set JITR_DATA_ENDPOINT to skip it): {0}")]
     Endpoint(String),
@@ -92,6 +104,7 @@ pub struct Provisioner {
     ca: Arc<Ca>,
     ca_id: CertificateId,
     attempts: Attempts,
+    token: Option<ProvisionToken>,
     endpoint: String,
     topic_prefix: String,
     uuid_parameter: String,
@@ -162,7 +175,16 @@ impl Provisioner {
                 .await
                 .map_err(|e| StartError::Endpoint(activator::error_chain(&e)))?,
         };
+        let token = match config.token {
+            None => None,
+            Some(TokenSource::Value(token)) => Some(token),
+            Some(TokenSource::Secret(id)) => Some(read_token(&sdk, &id, deadline).await?),
+        };
+        if token.is_none() {
+            tracing::warn!("no JITR_PROVISION_TOKEN: any caller of the URL can tell a fleet member from a stranger by the answer");
+        }
         Ok(Provisioner {
+            token,
             attempts: Attempts::new(&sdk, &config.attempts_table, config.interval),
             activator,
             ca: Arc::new(ca),
@@ -219,38 +241,76 @@ impl Provisioner {
         .await
     }
 
-    /// Revokes `id` and detaches it from the device's Thing if the decision attached it,
-    /// logging a failure (the caller is already on a failure path).
-    async fn revoke_quietly(
+    /// Revokes `id` (unless it is REVOKED already) and detaches it from the device's Thing if
+    /// it is attached: safe to run again. A certificate AWS IoT does not know is done.
+    pub(crate) async fn retract(
         &self,
         id: &CertificateId,
         device: &factory_ca::DeviceId,
         deadline: Instant,
-    ) {
+    ) -> Result<(), RegistryError> {
         let registry = self.activator.registry();
-        let revoked = registry
-            .set_certificate_status(id, activator::CertificateStatus::Revoked, deadline)
-            .await;
-        let detached = async {
-            let arn = registry.describe_certificate(id, deadline).await?.arn;
-            match registry.thing_principals(device.as_str(), deadline).await {
-                Ok(principals) if principals.contains(&arn) => {
-                    registry
-                        .detach_thing_principal(device.as_str(), &arn, deadline)
-                        .await
-                }
-                Ok(_) => Ok(()),
-                Err(e) if e.is_not_found() => Ok(()),
-                Err(e) => Err(e),
-            }
+        let described = match registry.describe_certificate(id, deadline).await {
+            Ok(described) => described,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if described.status != activator::CertificateStatus::Revoked {
+            registry
+                .set_certificate_status(id, activator::CertificateStatus::Revoked, deadline)
+                .await?;
         }
-        .await;
-        for (what, result) in [("revoke", revoked), ("detach", detached)] {
-            if let Err(e) = result {
-                tracing::error!(certificate_id = %id, error = %activator::error_chain(&e), "could not {what} the certificate of a failed provisioning; do it by hand (jitr revoke --certificate-id)");
+        match registry.thing_principals(device.as_str(), deadline).await {
+            Ok(principals) if principals.contains(&described.arn) => {
+                registry
+                    .detach_thing_principal(device.as_str(), &described.arn, deadline)
+                    .await
             }
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
         }
     }
+
+    /// When the device's Thing carries the revocation mark (`jitr revoke --id` left it), the
+    /// mark's value; `None` for no mark or no Thing.
+    async fn revoked_mark(
+        &self,
+        device: &factory_ca::DeviceId,
+        deadline: Instant,
+    ) -> Result<Option<String>, RegistryError> {
+        let thing = self
+            .activator
+            .registry()
+            .describe_thing(device.as_str(), deadline)
+            .await?;
+        Ok(thing
+            .as_ref()
+            .and_then(activator::ownership::revoked_mark)
+            .map(str::to_owned))
+    }
+}
+
+/// The token a Secrets Manager secret holds (its `SecretString`, trimmed), by `deadline`.
+async fn read_token(
+    sdk: &aws_config::SdkConfig,
+    id: &str,
+    deadline: Instant,
+) -> Result<ProvisionToken, StartError> {
+    let error = |reason: String| StartError::Token {
+        id: id.to_owned(),
+        reason,
+    };
+    let client = aws_sdk_secretsmanager::Client::new(sdk);
+    let read = client.get_secret_value().secret_id(id).send();
+    let out = tokio::time::timeout_at(deadline, read)
+        .await
+        .map_err(|_| error("no answer from Secrets Manager in time".into()))?
+        .map_err(|e| error(aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string()))?;
+    let text = out
+        .secret_string()
+        .ok_or_else(|| error("the secret has no SecretString".into()))?;
+    ProvisionToken::parse(text.trim()).map_err(error)
 }
 
 /// Registers `pem` under the CA, PENDING_ACTIVATION: nothing can connect with it yet.

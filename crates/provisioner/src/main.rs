@@ -30,7 +30,7 @@ async fn handle(provisioner: &Provisioner, event: LambdaEvent<Value>) -> Result<
             Ok(provisioner.pre_provisioning_hook(&payload, deadline).await)
         }
         Some(EventKind::CertificateProvider) => provisioner
-            .certificate_provider(&payload)
+            .certificate_provider(&payload, deadline)
             .await
             .map_err(|e| match e {
                 ProviderError::Refused(m) => diagnostic("MalformedEvent", m),

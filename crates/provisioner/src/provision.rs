@@ -1,5 +1,6 @@
-//! cloud-relay's provisioning request, answered safely: checked, limited, made, delivered,
-//! then activated by the activator's own decision, or undone.
+//! cloud-relay's provisioning request, answered safely: the token, an unfinished undo
+//! finished, checked, limited, made, delivered, then activated by the activator's own
+//! decision, or undone (and what could not be undone recorded, for the next request).
 
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
@@ -12,6 +13,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use crate::attempts::PendingUndo;
 use crate::request::{HttpRequest, HttpResponse, ProvisionRequest};
 use crate::{epoch_seconds, register_pending, Claim, Provisioner};
 
@@ -20,11 +22,22 @@ type Answer = (HttpResponse, String);
 
 /// Time kept from the forward path for undoing a failure (revoke, detach, remove variables).
 const UNDO_RESERVE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Time kept from the undo for recording what it could not do.
+const RECORD_RESERVE: std::time::Duration = std::time::Duration::from_millis(1500);
 
 impl Provisioner {
     /// Answers one function URL request. Every path ends in an HTTP answer and one log line.
     pub async fn provision(&self, event: &serde_json::Value, deadline: Instant) -> HttpResponse {
         let started = StdInstant::now();
+        // Before anything else, the body included: without the token, a caller learns nothing,
+        // not even whether its request was well-formed.
+        if let Some(token) = &self.token {
+            if !token.presented_in(event) {
+                let refused = HttpResponse::forbidden();
+                log(None, &refused, "no or wrong provisioning token", started);
+                return refused;
+            }
+        }
         let request = match HttpRequest::from_event(event)
             .and_then(|r| ProvisionRequest::parse(&r, self.activator.policy().id_format))
         {
@@ -50,6 +63,9 @@ impl Provisioner {
             Ok(fleet) => fleet,
             Err(e) => return (HttpResponse::unavailable("the fleet cannot be checked"), e),
         };
+        if let Err(answer) = self.finish_undo(fleet, request, work).await {
+            return answer;
+        }
         let member = match self.eligible(fleet, request, work).await {
             Ok(member) => member,
             Err(answer) => return answer,
@@ -92,9 +108,77 @@ impl Provisioner {
             .await
     }
 
-    /// The device may be provisioned: an active member of the fleet, running a service the
-    /// provisioner serves, with neither an ACTIVE certificate nor credentials delivered another
-    /// way. Else the answer (403, 409, 503) and why.
+    /// Finishes what an earlier attempt for the device could not undo (its certificate revoked
+    /// and detached, its credentials removed from the service), before anything else is read:
+    /// a device is never left with a revoked `AWS_CERT`, answered "provisioned already". While
+    /// the undo cannot be finished, the answer is 503.
+    async fn finish_undo(
+        &self,
+        fleet: &balena::Fleet,
+        request: &ProvisionRequest,
+        work: Instant,
+    ) -> Result<(), Answer> {
+        let device = &request.device;
+        let pending = match self.attempts.pending_undo(device, work).await {
+            Ok(Some(pending)) => pending,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let answer = HttpResponse::unavailable("the attempts table cannot be read");
+                return Err((answer, e.to_string()));
+            }
+        };
+        let member = match &pending.service {
+            None => None,
+            Some(_) => match fleet.membership(device, work).await {
+                Ok(balena::Membership::Member(d) | balena::Membership::Inactive(d)) => Some(d),
+                // Gone from the fleet: its variables went with it.
+                Ok(balena::Membership::NotMember) => None,
+                Err(e) => {
+                    let answer = HttpResponse::unavailable("the fleet cannot be checked");
+                    return Err((answer, error_chain(&e)));
+                }
+            },
+        };
+        let pending = PendingUndo {
+            service: pending.service.filter(|_| member.is_some()),
+            ..pending
+        };
+        let steps = work
+            .checked_sub(RECORD_RESERVE)
+            .unwrap_or_else(Instant::now);
+        let (left, why) = self
+            .undo_steps(member.as_ref(), device, &pending, steps)
+            .await;
+        let recorded = self
+            .attempts
+            .record_undo(device, &left, epoch_seconds(), work)
+            .await;
+        match (left.is_empty(), recorded) {
+            (true, Ok(())) => {
+                tracing::info!(device_id = %device, "finished the undo an earlier attempt left");
+                Ok(())
+            }
+            (true, Err(e)) => Err((
+                HttpResponse::unavailable("the attempts table cannot be written"),
+                format!("the earlier attempt is undone, but its record stays: {e}"),
+            )),
+            (false, recorded) => {
+                let mut note = format!("an earlier attempt is still not undone: {why}");
+                if let Err(e) = recorded {
+                    note.push_str(&format!("; {e}"));
+                }
+                Err((
+                    HttpResponse::unavailable("an earlier attempt is still being undone"),
+                    note,
+                ))
+            }
+        }
+    }
+
+    /// The device may be provisioned: an active member of the fleet, its Thing without the
+    /// revocation mark, running a service the provisioner serves, with neither an ACTIVE
+    /// certificate nor credentials delivered another way. Else the answer (403, 409, 503) and
+    /// why; every refusal of the device itself is the one 403.
     async fn eligible(
         &self,
         fleet: &balena::Fleet,
@@ -104,9 +188,10 @@ impl Provisioner {
         let device = &request.device;
         let unavailable = |what: &str, why: String| (HttpResponse::unavailable(what), why);
         // Fleet first: a stranger learns nothing, not even whether a Thing exists.
-        let (membership, active) = tokio::join!(
+        let (membership, active, mark) = tokio::join!(
             fleet.membership(device, work),
-            self.active_certificates(device, work)
+            self.active_certificates(device, work),
+            self.revoked_mark(device, work)
         );
         let member = match membership {
             Ok(balena::Membership::Member(member)) => member,
@@ -118,6 +203,16 @@ impl Provisioner {
             }
             Err(e) => return Err(unavailable("the fleet cannot be checked", error_chain(&e))),
         };
+        // Cut off for good by `jitr revoke --id`: refused, whatever else it has, until
+        // `jitr approve --device` clears the mark.
+        match mark {
+            Ok(Some(at)) => {
+                let note = format!("revoked for good at {at} (the Thing's jitr-revoked mark)");
+                return Err((HttpResponse::forbidden(), note));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(unavailable("AWS IoT cannot be read", error_chain(&e))),
+        }
         // The key goes to a configured service only, and only if the device runs it.
         if !self.services.contains(&request.service) {
             let note = format!(
@@ -223,7 +318,12 @@ impl Provisioner {
             Outcome::Rejected => {
                 // Revoked (or deactivated) by the decision, before anything was attached: the
                 // device left the fleet meanwhile.
-                self.remove_credentials(member, request, deadline).await;
+                let undo = PendingUndo {
+                    certificate: None,
+                    service: Some(request.service.clone()),
+                };
+                self.undo_recorded(member, &request.device, undo, deadline)
+                    .await;
                 (HttpResponse::forbidden(), decision.reason)
             }
             Outcome::AlreadyActive | Outcome::Skipped => {
@@ -258,33 +358,110 @@ impl Provisioner {
         id: &CertificateId,
         deadline: Instant,
     ) {
-        self.revoke_quietly(id, &request.device, deadline).await;
-        self.remove_credentials(member, request, deadline).await;
+        let undo = PendingUndo {
+            certificate: Some(id.clone()),
+            service: Some(request.service.clone()),
+        };
+        self.undo_recorded(member, &request.device, undo, deadline)
+            .await;
     }
 
-    /// Removes `AWS_CERT` and `AWS_PRIVATE_KEY` from the request's service on the device: the
-    /// two this request created (they were nowhere on the device before it). Nothing
-    /// device-wide, no other service, no other variable.
+    /// Does `undo`; what it cannot do is recorded in the attempts table (by `deadline`, the
+    /// steps ending [`RECORD_RESERVE`] before it), for the device's next request to finish.
+    async fn undo_recorded(
+        &self,
+        member: &balena::Device,
+        device: &DeviceId,
+        undo: PendingUndo,
+        deadline: Instant,
+    ) {
+        let steps = deadline
+            .checked_sub(RECORD_RESERVE)
+            .unwrap_or_else(Instant::now);
+        let (left, why) = self.undo_steps(Some(member), device, &undo, steps).await;
+        if left.is_empty() {
+            return;
+        }
+        let certificate_id = left.certificate.as_ref().map(CertificateId::as_str);
+        let service = left.service.as_deref();
+        match self
+            .attempts
+            .record_undo(device, &left, epoch_seconds(), deadline)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(device_id = %device, certificate_id, service, error = %why, "could not undo a failed provisioning; recorded, the device's next request finishes it");
+            }
+            Err(e) => {
+                tracing::error!(device_id = %device, certificate_id, service, error = %why, record = %e, "could not undo a failed provisioning, nor record it; revoke the certificate (jitr revoke --certificate-id) and remove AWS_CERT and AWS_PRIVATE_KEY from that service by hand");
+            }
+        }
+    }
+
+    /// Runs the steps of `undo` by `deadline` (the certificate revoked and detached, and the
+    /// service's credentials removed when `member` is given): what is left, and why.
+    async fn undo_steps(
+        &self,
+        member: Option<&balena::Device>,
+        device: &DeviceId,
+        undo: &PendingUndo,
+        deadline: Instant,
+    ) -> (PendingUndo, String) {
+        let retracted = async {
+            match &undo.certificate {
+                Some(id) => self
+                    .retract(id, device, deadline)
+                    .await
+                    .map_err(|e| error_chain(&e)),
+                None => Ok(()),
+            }
+        };
+        let removed = async {
+            match (member, &undo.service) {
+                (Some(member), Some(service)) => {
+                    self.remove_credentials(member, service, deadline).await
+                }
+                _ => Ok(()),
+            }
+        };
+        let (retracted, removed) = tokio::join!(retracted, removed);
+        let mut why = Vec::new();
+        let mut left = PendingUndo::default();
+        if let Err(e) = retracted {
+            left.certificate = undo.certificate.clone();
+            why.push(format!("certificate: {e}"));
+        }
+        if let Err(e) = removed {
+            left.service = undo.service.clone();
+            why.push(format!("variables: {e}"));
+        }
+        (left, why.join("; "))
+    }
+
+    /// Removes `AWS_CERT` and `AWS_PRIVATE_KEY` from `service` on the device: the two a
+    /// request of the provisioner created (they were nowhere on the device before it). Nothing
+    /// device-wide, no other service, no other variable; a service no longer installed has
+    /// none.
     async fn remove_credentials(
         &self,
         member: &balena::Device,
-        request: &ProvisionRequest,
+        service: &str,
         deadline: Instant,
-    ) {
-        let removed = match self.balena().await {
-            Ok(fleet) => fleet
-                .remove_service_vars(
-                    member,
-                    &request.service,
-                    &[delivery::AWS_CERT, delivery::AWS_PRIVATE_KEY],
-                    deadline,
-                )
-                .await
-                .map_err(|e| error_chain(&e)),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = removed {
-            tracing::error!(device_id = %member.uuid, service = %request.service, error = %e, "could not remove the delivered credentials; remove AWS_CERT and AWS_PRIVATE_KEY from that service by hand");
+    ) -> Result<(), String> {
+        let fleet = self.balena().await?;
+        match fleet
+            .remove_service_vars(
+                member,
+                service,
+                &[delivery::AWS_CERT, delivery::AWS_PRIVATE_KEY],
+                deadline,
+            )
+            .await
+        {
+            Ok(()) | Err(balena::Error::NoService { .. } | balena::Error::NotInstalled { .. }) => {
+                Ok(())
+            }
+            Err(e) => Err(error_chain(&e)),
         }
     }
 }

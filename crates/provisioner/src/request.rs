@@ -5,15 +5,85 @@
 //! `{"uuid": "<device uuid>", "balena_service": "<service name>"}` to `PROVISION_URL`, then
 //! waits for the variables to reach it through balenaCloud. A non-2xx answer whose body is
 //! exactly `thing already exists` means "provisioned already: refresh my variables".
+//!
+//! cloud-relay requests `PROVISION_URL` as given, path and query included, so the URL can carry
+//! a secret: with a [`ProvisionToken`] configured, a request that does not present it (as a
+//! path segment, `https://<url>/<token>`, or as `?token=<token>`) is answered 403 before
+//! anything else is read, the same 403 a stranger's UUID gets.
 
 use base64::Engine;
 use factory_ca::{DeviceId, IdFormat};
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 /// The largest body accepted.
 pub const MAX_BODY: usize = 4096;
 /// The body cloud-relay recognises as "provisioned already".
 pub const ALREADY_EXISTS: &str = "thing already exists";
+
+/// The shortest token accepted: 32 characters of [`TOKEN_CHARS`] (`openssl rand -hex 32`
+/// makes 64).
+pub const MIN_TOKEN_LEN: usize = 32;
+/// The characters a token may hold: those a URL carries unescaped in a path or a query.
+pub const TOKEN_CHARS: &str = "letters, digits, '-', '.', '_', '~'";
+
+/// The secret `PROVISION_URL` carries (`JITR_PROVISION_TOKEN`): only a request presenting it
+/// is read further. Never logged, never in a `Debug` output.
+#[derive(Clone)]
+pub struct ProvisionToken(Zeroizing<String>);
+
+impl std::fmt::Debug for ProvisionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProvisionToken(<redacted>)")
+    }
+}
+
+impl ProvisionToken {
+    /// A token: at least [`MIN_TOKEN_LEN`] of [`TOKEN_CHARS`], so that it travels in a URL as
+    /// written and cannot be guessed. The refusal says why, never the value.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "a token has at least {MIN_TOKEN_LEN} characters (this has {}); make one with `openssl rand -hex 32`",
+                text.len()
+            ));
+        }
+        if !text.bytes().all(is_token_byte) {
+            return Err(format!("a token holds only {TOKEN_CHARS}"));
+        }
+        Ok(ProvisionToken(Zeroizing::new(text.to_owned())))
+    }
+
+    /// Whether the function URL event presents the token: one segment of its path, or the
+    /// value of a `token` parameter of its query.
+    pub fn presented_in(&self, event: &Value) -> bool {
+        let path = event["rawPath"].as_str().unwrap_or_default();
+        let query = event["rawQueryString"].as_str().unwrap_or_default();
+        let in_path = path.split('/').any(|segment| self.is(segment));
+        let in_query = query
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("token="))
+            .any(|value| self.is(value));
+        // Both looked at whatever the first says: the time taken does not tell where it failed.
+        in_path | in_query
+    }
+
+    /// Compares in time that depends on the lengths only, never on where the bytes differ.
+    fn is(&self, presented: &str) -> bool {
+        let (ours, theirs) = (self.0.as_bytes(), presented.as_bytes());
+        if ours.len() != theirs.len() {
+            return false;
+        }
+        ours.iter()
+            .zip(theirs)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
 
 /// What a function URL invocation carries that the provisioner reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +218,9 @@ impl HttpResponse {
         HttpResponse::json(400, &json!({"error": "bad request", "reason": reason}))
     }
 
-    /// 403, saying nothing that would help tell a stranger from a missing device.
+    /// 403, saying nothing that would help tell a stranger from a missing device: the one
+    /// answer to a request without the token, to a stranger, to an inactive or revoked device,
+    /// to a service the provisioner does not serve.
     pub fn forbidden() -> Self {
         HttpResponse::json(403, &json!({"error": "forbidden"}))
     }
@@ -282,6 +354,65 @@ mod tests {
             assert_eq!(refused.status, status, "{body:.80}");
             assert!(refused.body.contains(reason), "{}: {reason}", refused.body);
         }
+    }
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef-_.~";
+
+    fn with_url(path: &str, query: &str) -> Value {
+        let mut e = event("POST", "{}", false);
+        e["rawPath"] = path.into();
+        e["rawQueryString"] = query.into();
+        e
+    }
+
+    #[test]
+    fn the_token_is_presented_as_a_path_segment_or_the_token_parameter() {
+        let token = ProvisionToken::parse(TOKEN).unwrap();
+        for (path, query) in [
+            (format!("/{TOKEN}"), String::new()),
+            (format!("/provision/{TOKEN}/"), String::new()),
+            ("/".to_owned(), format!("token={TOKEN}")),
+            ("/".to_owned(), format!("a=1&token={TOKEN}&b=2")),
+        ] {
+            assert!(
+                token.presented_in(&with_url(&path, &query)),
+                "{path}?{query}"
+            );
+        }
+        let near = &TOKEN[..TOKEN.len() - 1];
+        for (path, query) in [
+            ("/".to_owned(), String::new()),
+            (format!("/{near}"), String::new()),
+            (format!("/{TOKEN}x"), String::new()),
+            ("/".to_owned(), format!("token={near}")),
+            ("/".to_owned(), format!("secret={TOKEN}")),
+            ("/".to_owned(), format!("token=x{TOKEN}")),
+            (format!("/{}", TOKEN.to_uppercase()), String::new()),
+        ] {
+            assert!(
+                !token.presented_in(&with_url(&path, &query)),
+                "{path}?{query}"
+            );
+        }
+        assert!(
+            !token.presented_in(&event("POST", "{}", false)),
+            "no path at all"
+        );
+    }
+
+    #[test]
+    fn a_short_or_unsafe_token_is_refused_without_echoing_it() {
+        let short = ProvisionToken::parse("abc123").unwrap_err();
+        assert!(short.contains("at least 32"), "{short}");
+        assert!(!short.contains("abc123"));
+        let spaced = format!("{TOKEN} x");
+        let e = ProvisionToken::parse(&spaced).unwrap_err();
+        assert!(e.contains("only letters"), "{e}");
+        for unsafe_char in ["/", "?", "&", "=", "%", "#"] {
+            assert!(ProvisionToken::parse(&format!("{TOKEN}{unsafe_char}")).is_err());
+        }
+        let debug = format!("{:?}", ProvisionToken::parse(TOKEN).unwrap());
+        assert!(!debug.contains(TOKEN), "{debug}");
     }
 
     #[test]

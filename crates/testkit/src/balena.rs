@@ -57,6 +57,15 @@ pub enum Fault {
         /// The status of every later POST.
         status: u16,
     },
+    /// Serve the next `ok` creations (POST), then answer every write (POST, PATCH, DELETE)
+    /// with `status` as [`Fault::WriteStatus`] does: a delivery cut off half-way whose undo
+    /// cannot remove what was written either.
+    WritesFailAfter {
+        /// Creations served first.
+        ok: u32,
+        /// The status of every later write.
+        status: u16,
+    },
     /// Answer every read with HTTP 200 and a JSON-looking body of this many bytes (a proxy
     /// gone wrong, or a query that matched far too much).
     Body {
@@ -601,6 +610,17 @@ async fn handle(
                 fault = Fault::None;
             }
         }
+        if let Fault::WritesFailAfter { ok, status } = fault {
+            if ok == 0 {
+                db.fault = Fault::WriteStatus(status);
+                fault = Fault::WriteStatus(status);
+            } else if method == Method::POST {
+                db.fault = Fault::WritesFailAfter { ok: ok - 1, status };
+                fault = Fault::None;
+            } else {
+                fault = Fault::None;
+            }
+        }
         if let Fault::RateLimited {
             retry_after_secs,
             times,
@@ -645,6 +665,8 @@ async fn handle(
             return text(status, status.canonical_reason().unwrap_or("Error"));
         }
         (Fault::RateLimited { times: 0, .. }, authorized) => authorized,
+        // Turned into None or WriteStatus above.
+        (Fault::WritesFailAfter { .. }, authorized) => authorized,
         (
             Fault::RateLimited {
                 retry_after_secs, ..
