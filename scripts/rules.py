@@ -84,7 +84,9 @@ PROVISIONER = {
     "iot:RegisterCertificate": {"*"},
     "iot:DescribeEndpoint": {"*"},
     **{a: {"${ProvisionerCaKeyArn}"} for a in ("kms:DescribeKey", "kms:GetPublicKey", "kms:Sign")},
-    "dynamodb:PutItem": {"${AttemptsTableArn}"},
+    # Attempts, and an unfinished undo read back and cleared on the device's next request (#21).
+    **{a: {"${AttemptsTableArn}"} for a in ("dynamodb:GetItem", "dynamodb:PutItem",
+                                           "dynamodb:DeleteItem")},
     "secretsmanager:GetSecretValue": {"${BalenaApiKeySecretArn}"},
     **{a: {"arn:${AWS::Partition}:logs:${AWS::Region}:${AWS::AccountId}:log-group:${ProvisionerLogGroupName}:*"}
        for a in ("logs:CreateLogStream", "logs:PutLogEvents")},
@@ -183,13 +185,15 @@ PARAM_SAMPLES = {
     "ProvisionerCaKeyArn": "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
     "AlarmTopicArn": "arn:aws:sns:eu-west-1:123456789012:jitr-alarms",
     "ThingTypeName": "jitr-device", "ThingGroupName": "jitr-fleet",
+    "ProvisionerTokenSecretId": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:jitr/provision-token-AbCdEf",
 }
 # Every optional part of the stack on: the parameters `all-on` sets (the other defaults stand).
 ALL_ON = {"BalenaApiKeySecretId": PARAM_SAMPLES["BalenaApiKeySecretId"],
           "CaCertificateId": PARAM_SAMPLES["CaCertificateId"], "BalenaFleetId": PARAM_SAMPLES["BalenaFleetId"],
           "ProvisionerCaKeyArn": PARAM_SAMPLES["ProvisionerCaKeyArn"], "FleetProvisioning": "true",
           "DeviceDefenderAudit": "true", "Ledger": "require", "AlarmTopicArn": PARAM_SAMPLES["AlarmTopicArn"],
-          "ThingTypeName": PARAM_SAMPLES["ThingTypeName"], "ThingGroupName": PARAM_SAMPLES["ThingGroupName"]}
+          "ThingTypeName": PARAM_SAMPLES["ThingTypeName"], "ThingGroupName": PARAM_SAMPLES["ThingGroupName"],
+          "ProvisionerTokenSecretId": PARAM_SAMPLES["ProvisionerTokenSecretId"]}
 # What a resource's Ref and Fn::GetAtt give, by resource type ({n}: the logical id).
 R, A = PSEUDO["AWS::Region"], PSEUDO["AWS::AccountId"]
 REFS = {"AWS::SQS::Queue": f"https://sqs.{R}.amazonaws.com/{A}/{{n}}",
