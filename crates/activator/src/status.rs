@@ -396,23 +396,24 @@ pub async fn observe<A: IotAdmin>(
         })
         .collect();
     let total = things_to_read.len() + certificates_to_read.len();
-    let principals: Vec<Result<(String, Vec<String>, usize), RegistryError>> =
-        stream::iter(things_to_read)
-            .map(|thing| async {
-                principals_pace.take().await;
-                let arns = iot.thing_principals(thing, d()).await?;
-                let (certs, others): (Vec<&String>, Vec<&String>) = arns
-                    .iter()
-                    .partition(|arn| crate::ownership::is_certificate_arn(arn));
-                let ids = certs
-                    .into_iter()
-                    .filter_map(|arn| id_from_arn(arn).map(str::to_owned))
-                    .collect();
-                Ok((thing.clone(), ids, others.len()))
-            })
-            .buffer_unordered(rates.concurrency.max(1))
-            .collect()
-            .await;
+    // Per Thing: its certificate ids, and how many other principals it holds.
+    type Attached = (String, Vec<String>, usize);
+    let principals: Vec<Result<Attached, RegistryError>> = stream::iter(things_to_read)
+        .map(|thing| async {
+            principals_pace.take().await;
+            let arns = iot.thing_principals(thing, d()).await?;
+            let (certs, others): (Vec<&String>, Vec<&String>) = arns
+                .iter()
+                .partition(|arn| crate::ownership::is_certificate_arn(arn));
+            let ids = certs
+                .into_iter()
+                .filter_map(|arn| id_from_arn(arn).map(str::to_owned))
+                .collect();
+            Ok((thing.clone(), ids, others.len()))
+        })
+        .buffer_unordered(rates.concurrency.max(1))
+        .collect()
+        .await;
     let mut done = 0;
     let mut thing_principals = HashMap::new();
     let mut other_principals = HashMap::new();

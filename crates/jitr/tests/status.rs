@@ -158,11 +158,7 @@ impl World {
 
     /// The device `device`: waits (up to a minute) for credentials delivered to it in balena,
     /// then connects with them; AWS IoT's connected event goes through the presence rule.
-    fn device_connects_with_delivered(
-        &self,
-        device: &str,
-        rule: &testkit::presence::PresenceRule,
-    ) {
+    fn device_connects_with_delivered(&self, device: &str, rule: &testkit::presence::PresenceRule) {
         use base64::Engine as _;
         let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let chain = loop {
@@ -176,7 +172,10 @@ impl World {
                     .decode(value)
                     .unwrap();
             }
-            assert!(std::time::Instant::now() < until, "nothing delivered to {device}");
+            assert!(
+                std::time::Instant::now() < until,
+                "nothing delivered to {device}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(200));
         };
         let der = factory_ca::certificates_from_pem_or_der(&chain).unwrap();
@@ -683,10 +682,19 @@ fn a_rotation_whose_new_certificate_never_connects_leaves_the_old_one_active() {
         ],
         &env,
     );
-    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     let rows: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert!(
-        rows[0]["error"].as_str().unwrap().contains("has not connected"),
+        rows[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("has not connected"),
         "{rows}"
     );
     assert_eq!(rows[0]["retired"], false);
@@ -700,7 +708,14 @@ fn a_rotation_whose_new_certificate_never_connects_leaves_the_old_one_active() {
     let manifest = w.manifest_path().display().to_string();
     let out = common::jitr(
         w.manifest.path(),
-        &["status", "--json", "--manifest", &manifest, "--fix", "--yes"],
+        &[
+            "status",
+            "--json",
+            "--manifest",
+            &manifest,
+            "--fix",
+            "--yes",
+        ],
         &env,
     );
     let value: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
