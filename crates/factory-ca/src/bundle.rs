@@ -19,8 +19,8 @@ use time::OffsetDateTime;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::issue::{check_new_ids, remove_temporaries, Prepared};
-use crate::run::{Clock, RunControl, Stage, Timings};
 use crate::keys::{DeviceKey, PLAIN_LABEL};
+use crate::run::{Clock, RunControl, Stage, Timings};
 use crate::write::create_dir;
 use crate::{certificate_id, pem};
 use crate::{Ca, DeviceFailure, DeviceId, Error, KeyAlgorithm, Manifest};

@@ -13,8 +13,8 @@ use zeroize::Zeroizing;
 
 use crate::ca::{pem_encode, random_serial, validity};
 use crate::keys::DeviceKey;
-use crate::template::DeviceTemplate;
 use crate::run::{Clock, RunControl, Stage, Timings};
+use crate::template::DeviceTemplate;
 use crate::write::{create_dir, write_dir_atomic, DirFile};
 use crate::{
     certificate_id, Ca, DeviceId, Error, KeyAlgorithm, Manifest, ManifestEntry, MANIFEST_FILE,
@@ -456,8 +456,7 @@ pub(crate) fn remove_temporaries(dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let temporary = name.starts_with('.')
-            && (name.contains(".tmp.") || name.contains(".old."));
+        let temporary = name.starts_with('.') && (name.contains(".tmp.") || name.contains(".old."));
         if temporary {
             let path = entry.path();
             if path.is_dir() {

@@ -38,7 +38,8 @@ pub use inspect::{
     InspectOptions, Inspection,
 };
 pub use issue::{
-    issue_batch, issue_batch_with, BatchOptions, BatchReport, DeviceFailure, IssuedDevice, Rotation, REMOTE_JOBS,
+    issue_batch, issue_batch_with, BatchOptions, BatchReport, DeviceFailure, IssuedDevice,
+    Rotation, REMOTE_JOBS,
 };
 pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
 pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIFEST_FILE};

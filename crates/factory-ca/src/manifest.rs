@@ -43,7 +43,10 @@ pub fn certificate_id(der: &[u8]) -> String {
 /// when one follows them (a run stopped while writing it). A last line with no newline that
 /// still reads as an entry is whole: only its newline is missing.
 fn whole_lines(text: &[u8]) -> (usize, Option<usize>) {
-    let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
+    let whole = text
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |at| at + 1);
     let tail = &text[whole..];
     if tail.iter().all(u8::is_ascii_whitespace)
         || serde_json::from_slice::<ManifestEntry>(tail).is_ok()
@@ -175,11 +178,12 @@ impl Manifest {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let keys: Keys<'_> = serde_json::from_slice(line).map_err(|source| Error::Manifest {
-                path: path.clone(),
-                line: n + 1,
-                source,
-            })?;
+            let keys: Keys<'_> =
+                serde_json::from_slice(line).map_err(|source| Error::Manifest {
+                    path: path.clone(),
+                    line: n + 1,
+                    source,
+                })?;
             manifest.ids.insert(keys.id.into_owned());
             manifest.serials.insert(keys.serial.into_owned());
         }

@@ -72,25 +72,29 @@ fn collect_ids(args: &IssueArgs, format: IdFormat) -> Result<IdList> {
         problems += 1;
     };
     let mut first_seen: std::collections::HashMap<String, String> = Default::default();
-    let mut add = |list: &mut IdList, text: &str, line: usize, problem: &mut dyn FnMut(String, String)| {
-        let origin = if line == 0 {
-            "--id".to_owned()
-        } else {
-            format!("{}:{line}", list.file)
-        };
-        match DeviceId::parse(text, format) {
-            Ok(id) => {
-                if let Some(first) = first_seen.get(id.as_str()) {
-                    problem(origin, format!("device {id} appears again (first at {first})"));
-                } else {
-                    first_seen.insert(id.as_str().to_owned(), origin);
-                    list.ids.push(id);
-                    list.lines.push(line);
+    let mut add =
+        |list: &mut IdList, text: &str, line: usize, problem: &mut dyn FnMut(String, String)| {
+            let origin = if line == 0 {
+                "--id".to_owned()
+            } else {
+                format!("{}:{line}", list.file)
+            };
+            match DeviceId::parse(text, format) {
+                Ok(id) => {
+                    if let Some(first) = first_seen.get(id.as_str()) {
+                        problem(
+                            origin,
+                            format!("device {id} appears again (first at {first})"),
+                        );
+                    } else {
+                        first_seen.insert(id.as_str().to_owned(), origin);
+                        list.ids.push(id);
+                        list.lines.push(line);
+                    }
                 }
+                Err(e) => problem(origin, e.to_string()),
             }
-            Err(e) => problem(origin, e.to_string()),
-        }
-    };
+        };
     for id in &args.id {
         add(&mut list, id, 0, &mut problem);
     }
@@ -252,7 +256,11 @@ impl Summary<'_> {
                 "  {:<9} {:>8.2} s worker time  {:>5.1}%  {:>7.1} µs/device",
                 stage.name(),
                 seconds,
-                if total > 0.0 { 100.0 * seconds / total } else { 0.0 },
+                if total > 0.0 {
+                    100.0 * seconds / total
+                } else {
+                    0.0
+                },
                 per_device(seconds)
             );
         }
@@ -386,11 +394,13 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         }
         delivered = delivery.deliver(&devices)?;
     }
-    Ok(if report.failures.is_empty() && !report.stopped && delivered && recorded {
-        Outcome::Success
-    } else {
-        Outcome::Failed
-    })
+    Ok(
+        if report.failures.is_empty() && !report.stopped && delivered && recorded {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        },
+    )
 }
 
 /// How many of the devices go to each region, on standard error.
@@ -680,11 +690,7 @@ fn report_issued(
     if !failures.is_empty() {
         notes.push_str(&format!(", {} failed", failures.len()));
     }
-    let stopped = if summary.stopped {
-        "interrupted: "
-    } else {
-        ""
-    };
+    let stopped = if summary.stopped { "interrupted: " } else { "" };
     eprintln!(
         "{stopped}issued {} device certificate(s) into {into} (manifest {}){notes}",
         summary.issued,
