@@ -18,8 +18,9 @@ use rayon::prelude::*;
 use time::OffsetDateTime;
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::issue::{check_new_ids, Prepared};
+use crate::issue::{check_new_ids, remove_temporaries, Prepared};
 use crate::keys::{DeviceKey, PLAIN_LABEL};
+use crate::run::{Clock, RunControl, Stage, Timings};
 use crate::write::create_dir;
 use crate::{certificate_id, pem};
 use crate::{Ca, DeviceFailure, DeviceId, Error, KeyAlgorithm, Manifest};
@@ -55,6 +56,12 @@ pub struct BundleReport {
     pub failures: Vec<DeviceFailure>,
     /// Set when notAfter was cut to the CA's own (this date).
     pub capped_at: Option<OffsetDateTime>,
+    /// Ids left out because the manifest holds them (with [`RunControl::skip_issued`]).
+    pub skipped: usize,
+    /// The run was stopped before every device was started: the bundle holds those issued.
+    pub stopped: bool,
+    /// The number of the cut-off last manifest line removed before the run.
+    pub repaired: Option<usize>,
 }
 
 /// Appends `text` as a JSON string (PEM, ids and dates need no escaping but quotes,
@@ -153,11 +160,12 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     /// Writes a chunk's lines, then its manifest lines to the pending file.
-    fn drain(&self, chunk: &mut Chunk, pending: &Path) {
+    fn drain(&self, chunk: &mut Chunk, pending: &Path, timings: &Timings) {
         if chunk.lines.is_empty() {
             return;
         }
         if !self.failed.load(Ordering::Relaxed) {
+            let mut clock = Clock::start();
             let mut out = self.out.lock().unwrap_or_else(PoisonError::into_inner);
             let (bundle, manifest) = &mut *out;
             let result = bundle
@@ -166,6 +174,7 @@ impl Sink<'_> {
                     path: PathBuf::from("the bundle"),
                     source,
                 });
+            clock.lap(timings, Stage::Write);
             let result = result.and_then(|()| {
                 manifest
                     .write_all(&chunk.manifest)
@@ -189,6 +198,8 @@ impl Sink<'_> {
                         .get_or_insert(e);
                 }
             }
+            drop(out);
+            clock.lap(timings, Stage::Manifest);
         }
         chunk.lines.zeroize();
         chunk.lines.clear();
@@ -221,9 +232,54 @@ pub fn issue_bundle_then(
     progress: &(dyn Fn() + Sync),
     commit: &mut dyn FnMut() -> std::io::Result<()>,
 ) -> Result<BundleReport, Error> {
+    let sinks = BundleSinks {
+        out,
+        commit,
+        undo: &mut || {},
+    };
+    issue_bundle_with(ca, ids, opts, &RunControl::default(), sinks, progress)
+}
+
+/// Where a bundle run's lines go and how the caller makes them final: `commit` once every
+/// line is written and flushed, before the manifest records them (sync the file and link it
+/// into place); `undo` if the manifest then cannot record them (unlink it: a bundle whose
+/// devices are not in the manifest must not be flashed).
+pub struct BundleSinks<'a> {
+    /// The bundle's lines.
+    pub out: &'a mut (dyn Write + Send),
+    /// Makes the written bundle durable and visible.
+    pub commit: &'a mut dyn FnMut() -> std::io::Result<()>,
+    /// Takes back what `commit` did.
+    pub undo: &'a mut dyn FnMut(),
+}
+
+impl std::fmt::Debug for BundleSinks<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleSinks").finish_non_exhaustive()
+    }
+}
+
+/// [`issue_bundle_then`] steered by `control`: a stop ends the run after the devices in flight
+/// (the bundle then holds, and the manifest records, those issued); ids already issued are
+/// skipped; each stage is timed.
+pub fn issue_bundle_with(
+    ca: &Ca,
+    ids: &[DeviceId],
+    opts: &BundleOptions,
+    control: &RunControl,
+    sinks: BundleSinks<'_>,
+    progress: &(dyn Fn() + Sync),
+) -> Result<BundleReport, Error> {
+    let BundleSinks { out, commit, undo } = sinks;
+    let timings = &control.timings;
     create_dir(&opts.manifest_dir)?;
-    let mut manifest = Manifest::open(&opts.manifest_dir)?;
-    check_new_ids(ids, &manifest, opts.force)?;
+    let mut manifest = if control.skip_issued {
+        Manifest::open_repairing(&opts.manifest_dir)?
+    } else {
+        Manifest::open(&opts.manifest_dir)?
+    };
+    let todo = check_new_ids(ids, &manifest, opts.force, control.skip_issued)?;
+    remove_temporaries(&opts.manifest_dir);
     let pending_path = manifest.path().with_extension("jsonl.pending");
     let pending = OpenOptions::new()
         .write(true)
@@ -248,7 +304,11 @@ pub fn issue_bundle_then(
         out: Mutex::new((out, pending)),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
-        report: Mutex::new(BundleReport::default()),
+        report: Mutex::new(BundleReport {
+            skipped: ids.len() - todo.len(),
+            repaired: manifest.repaired(),
+            ..BundleReport::default()
+        }),
     };
     let prepared = ca.prepare(opts.days, opts.now)?;
     let shared = Shared {
@@ -263,21 +323,26 @@ pub fn issue_bundle_then(
     pool.install(|| {
         // Blocks of devices, each drained at its end: no line waits in a buffer after its
         // block is done.
-        ids.par_chunks(BLOCK).for_each(|block| {
+        todo.par_chunks(BLOCK).for_each(|block| {
             let mut chunk = Chunk {
                 lines: Vec::with_capacity(CHUNK + 8192),
                 manifest: Vec::with_capacity(CHUNK / 8),
                 issued: 0,
             };
-            for id in block {
+            for &id in block {
                 if sink.failed.load(Ordering::Relaxed) {
                     return;
                 }
-                match issue_one(ca, &prepared, id, opts.key, existing) {
+                if control.stopped() {
+                    break;
+                }
+                let mut clock = Clock::start();
+                match issue_one(ca, &prepared, id, opts.key, existing, timings, &mut clock) {
                     Ok(device) => {
                         push_device(&mut chunk, &shared, &prepared, id, &device);
+                        clock.lap(timings, Stage::Encode);
                         if chunk.lines.len() >= CHUNK {
-                            sink.drain(&mut chunk, &pending_path);
+                            sink.drain(&mut chunk, &pending_path, timings);
                         }
                     }
                     Err(error) => sink
@@ -292,22 +357,25 @@ pub fn issue_bundle_then(
                 }
                 progress();
             }
-            sink.drain(&mut chunk, &pending_path);
+            sink.drain(&mut chunk, &pending_path, timings);
         });
     });
     let (out, pending) = sink
         .out
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
+    let mut clock = Clock::start();
     let flushed = out.flush().map_err(|source| Error::Write {
         path: PathBuf::from("the bundle"),
         source,
     });
+    clock.lap(timings, Stage::Write);
     let synced = pending.sync_all().map_err(|source| Error::Write {
         path: pending_path.clone(),
         source,
     });
     drop(pending);
+    clock.lap(timings, Stage::Manifest);
     let failure = sink
         .error
         .into_inner()
@@ -323,11 +391,18 @@ pub fn issue_bundle_then(
         let _ = std::fs::remove_file(&pending_path);
         return Err(e);
     }
-    let report = sink
+    clock.lap(timings, Stage::Write);
+    let mut report = sink
         .report
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
-    manifest.append_pending(&pending_path)?;
+    if let Err(e) = manifest.append_pending(&pending_path) {
+        undo();
+        let _ = std::fs::remove_file(&pending_path);
+        return Err(e);
+    }
+    clock.lap(timings, Stage::Manifest);
+    report.stopped = control.stopped() && report.issued + report.failures.len() < todo.len();
     Ok(report)
 }
 
@@ -346,10 +421,14 @@ fn issue_one(
     id: &DeviceId,
     key: KeyAlgorithm,
     manifest: &Manifest,
+    timings: &Timings,
+    clock: &mut Clock,
 ) -> Result<Device, Error> {
     let device_key = DeviceKey::generate(key)?;
     let key_der = device_key.pkcs8_der()?;
+    clock.lap(timings, Stage::Keygen);
     let (cert_der, serial) = ca.sign_raw(prepared, id, &device_key)?;
+    clock.lap(timings, Stage::Sign);
     let serial_hex = crate::manifest::hex(&serial);
     if manifest.contains_serial(&serial_hex) {
         // 126 random bits make this practically impossible; never record a serial twice.

@@ -99,7 +99,7 @@ impl Ca {
         }
         create_dir(opts.devices)?;
         let mut manifest = Manifest::open(opts.devices)?;
-        check_new_ids([&id], &manifest, opts.force)?;
+        check_new_ids([&id], &manifest, opts.force, false)?;
         let issued = self.sign_csr(csr, opts.days, opts.now)?;
         if opts.write_folder {
             write_device(opts.devices, &issued)?;

@@ -60,9 +60,19 @@ pub enum Error {
     /// A CSR naming another device than the one expected.
     #[error("the CSR is for device {found}, not {expected}")]
     UnexpectedCsrId { expected: String, found: String },
-    /// The id is already in the manifest.
-    #[error("device {id} was already issued (in {}); use --force to issue it again", manifest.display())]
-    AlreadyIssued { id: String, manifest: PathBuf },
+    /// Ids of the input are already in the manifest (`id` the first of `count`).
+    #[error("device {id}{} already issued (in {}): --resume skips issued ids, --force issues them again", if *count > 1 { format!(" and {} more were", count - 1) } else { " was".to_owned() }, manifest.display())]
+    AlreadyIssued {
+        id: String,
+        count: usize,
+        manifest: PathBuf,
+    },
+    /// The manifest ends in part of a line: a run was stopped while writing it.
+    #[error("{}:{line}: the last line is cut off (a run was stopped while writing it): rerun the same `jitr issue` with --resume, which removes it and issues that device again", path.display())]
+    TornManifest { path: PathBuf, line: usize },
+    /// Another run holds the manifest.
+    #[error("{} is in use by another jitr run on the same folder", path.display())]
+    ManifestBusy { path: PathBuf },
     /// The same id appears twice in one request.
     #[error("device {id} appears more than once in the input")]
     DuplicateInput { id: String },

@@ -37,11 +37,16 @@ impl DeviceId {
     /// Validates `id` against `format`.
     pub fn parse(id: &str, format: IdFormat) -> Result<Self, Error> {
         let invalid = |reason| Error::InvalidDeviceId {
-            id: id.to_owned(),
+            id: shown(id),
             reason,
         };
         match format {
             IdFormat::BalenaUuid => {
+                if id.len() == 36 && id.bytes().filter(|&b| b == b'-').count() == 4 {
+                    return Err(invalid(
+                        "a balena UUID has no dashes (32 lowercase hex characters)",
+                    ));
+                }
                 if id.len() != 32 && id.len() != 62 {
                     return Err(invalid("a balena UUID has 32 (or 62) characters"));
                 }
@@ -70,6 +75,17 @@ impl DeviceId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// Characters of a rejected id that an error message shows.
+const SHOWN_CHARS: usize = 70;
+
+/// `id` as an error message shows it: cut to [`SHOWN_CHARS`] characters, saying how long it was.
+fn shown(id: &str) -> String {
+    match id.char_indices().nth(SHOWN_CHARS) {
+        None => id.to_owned(),
+        Some((at, _)) => format!("{}… ({} bytes)", &id[..at], id.len()),
     }
 }
 
@@ -103,6 +119,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_long_rejected_id_is_cut_and_a_dashed_uuid_gets_a_hint() {
+        let long = "x".repeat(10_000_000);
+        let message = DeviceId::parse(&long, IdFormat::BalenaUuid)
+            .unwrap_err()
+            .to_string();
+        assert!(message.len() < 200, "{}", message.len());
+        assert!(message.contains("10000000 bytes"), "{message}");
+        let dashed = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+        let message = DeviceId::parse(dashed, IdFormat::BalenaUuid)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("no dashes"), "{message}");
     }
 
     #[test]

@@ -13,9 +13,12 @@ use zeroize::Zeroizing;
 
 use crate::ca::{pem_encode, random_serial, validity};
 use crate::keys::DeviceKey;
+use crate::run::{Clock, RunControl, Stage, Timings};
 use crate::template::DeviceTemplate;
 use crate::write::{create_dir, write_dir_atomic, DirFile};
-use crate::{certificate_id, Ca, DeviceId, Error, KeyAlgorithm, Manifest, ManifestEntry};
+use crate::{
+    certificate_id, Ca, DeviceId, Error, KeyAlgorithm, Manifest, ManifestEntry, MANIFEST_FILE,
+};
 
 /// A device certificate, its key when we generated it, and its manifest line.
 pub struct IssuedDevice {
@@ -107,27 +110,39 @@ impl Ca {
         key_pem: Option<Zeroizing<String>>,
     ) -> Result<IssuedDevice, Error> {
         let (cert_der, serial_bytes) = self.sign_raw(prepared, id, public_key)?;
+        Ok(self.assemble(prepared, id, cert_der, &serial_bytes, key_pem))
+    }
+
+    /// A signed certificate's PEM, chain and manifest line.
+    pub(crate) fn assemble(
+        &self,
+        prepared: &Prepared,
+        id: &DeviceId,
+        cert_der: Vec<u8>,
+        serial_bytes: &[u8],
+        key_pem: Option<Zeroizing<String>>,
+    ) -> IssuedDevice {
         let cert_pem = pem_encode("CERTIFICATE", &cert_der);
         let mut chain_pem = String::with_capacity(cert_pem.len() + self.cert_pem.len());
         chain_pem.push_str(&cert_pem);
         chain_pem.push_str(&self.cert_pem);
         let entry = ManifestEntry {
             id: id.to_string(),
-            serial: crate::manifest::hex(&serial_bytes),
+            serial: crate::manifest::hex(serial_bytes),
             not_before: prepared.not_before.clone(),
             not_after: prepared.not_after.clone(),
             certificate_id: certificate_id(&cert_der),
             supersedes: None,
             retire_after: None,
         };
-        Ok(IssuedDevice {
+        IssuedDevice {
             key_pem,
             cert_der,
             cert_pem,
             chain_pem,
             entry,
             capped_at: prepared.capped_at,
-        })
+        }
     }
 
     /// Signs a device certificate for `public_key` with the device profile.
@@ -251,27 +266,43 @@ pub struct BatchReport {
     /// Set when notAfter was cut to the CA's own (this date) because the validity asked for
     /// would have outlived it.
     pub capped_at: Option<OffsetDateTime>,
+    /// Ids left out because the manifest holds them (with [`RunControl::skip_issued`]).
+    pub skipped: usize,
+    /// The run was stopped before every device was started.
+    pub stopped: bool,
+    /// The number of the cut-off last manifest line removed before the run.
+    pub repaired: Option<usize>,
 }
 
-/// Refuses duplicates within `ids` and, unless `force`, ids the manifest already holds.
+/// The ids to issue: duplicates within `ids` refused; ids the manifest already holds refused
+/// (all counted, the first named), or left out with `skip_issued`, or issued again with `force`.
 pub(crate) fn check_new_ids<'a>(
     ids: impl IntoIterator<Item = &'a DeviceId>,
     manifest: &Manifest,
     force: bool,
-) -> Result<(), Error> {
+    skip_issued: bool,
+) -> Result<Vec<&'a DeviceId>, Error> {
     let mut seen = HashSet::new();
+    let mut new = Vec::new();
+    let mut issued: Option<(&DeviceId, usize)> = None;
     for id in ids {
         if !seen.insert(id.as_str()) {
             return Err(Error::DuplicateInput { id: id.to_string() });
         }
-        if !force && manifest.contains_id(id.as_str()) {
-            return Err(Error::AlreadyIssued {
-                id: id.to_string(),
-                manifest: manifest.path().to_owned(),
-            });
+        if force || !manifest.contains_id(id.as_str()) {
+            new.push(id);
+        } else if !skip_issued {
+            issued.get_or_insert((id, 0)).1 += 1;
         }
     }
-    Ok(())
+    if let Some((id, count)) = issued {
+        return Err(Error::AlreadyIssued {
+            id: id.to_string(),
+            count,
+            manifest: manifest.path().to_owned(),
+        });
+    }
+    Ok(new)
 }
 
 /// Appends the manifest line of a device whose files are in place, or records its failure;
@@ -323,9 +354,27 @@ pub fn issue_batch(
     opts: &BatchOptions,
     progress: &(dyn Fn() + Sync),
 ) -> Result<BatchReport, Error> {
+    issue_batch_with(ca, ids, opts, &RunControl::default(), progress)
+}
+
+/// [`issue_batch`] steered by `control`: stopped from outside (the devices in flight finish,
+/// each with its folder and its line), ids already issued skipped, each stage timed.
+pub fn issue_batch_with(
+    ca: &Ca,
+    ids: &[DeviceId],
+    opts: &BatchOptions,
+    control: &RunControl,
+    progress: &(dyn Fn() + Sync),
+) -> Result<BatchReport, Error> {
     create_dir(&opts.out_dir)?;
-    let manifest = Manifest::open(&opts.out_dir)?;
-    check_new_ids(ids, &manifest, opts.force)?;
+    let manifest = if control.skip_issued {
+        Manifest::open_repairing(&opts.out_dir)?
+    } else {
+        Manifest::open(&opts.out_dir)?
+    };
+    let todo = check_new_ids(ids, &manifest, opts.force, control.skip_issued)?;
+    // The manifest is locked: what a stopped or crashed run left half-made is no one's.
+    remove_temporaries(&opts.out_dir);
     let jobs = match opts.jobs {
         0 if ca.remote_key_uri().is_some() => REMOTE_JOBS,
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -339,31 +388,83 @@ pub fn issue_batch(
     // Workers record their own results: a lock taken once per device costs far less
     // than waking a collector thread for every certificate.
     let prepared = ca.prepare(opts.days, opts.now)?;
-    let shared = Mutex::new((manifest, BatchReport::default()));
+    let report = BatchReport {
+        skipped: ids.len() - todo.len(),
+        repaired: manifest.repaired(),
+        ..BatchReport::default()
+    };
+    let shared = Mutex::new((manifest, report));
+    let timings = &control.timings;
     pool.install(|| {
-        ids.par_iter().for_each(|id| {
-            let result = ca
-                .issue_prepared(&prepared, id, opts.key)
-                .map(|mut issued| {
-                    if let Some(rotation) = &opts.rotation {
-                        issued.entry.supersedes = rotation.supersedes.get(id.as_str()).cloned();
-                        issued.entry.retire_after = issued
-                            .entry
-                            .supersedes
-                            .as_ref()
-                            .and(rotation.retire_after.clone());
-                    }
-                    issued
-                })
+        todo.par_iter().for_each(|&id| {
+            if control.stopped() {
+                return;
+            }
+            let mut clock = Clock::start();
+            let result = issue_timed(ca, &prepared, id, opts, timings, &mut clock)
                 .and_then(|issued| write_device(&opts.out_dir, &issued).map(|_| issued));
+            clock.lap(timings, Stage::Write);
             let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
             let (manifest, report) = &mut *guard;
             record(manifest, report, &opts.out_dir, id, result);
             drop(guard);
+            clock.lap(timings, Stage::Manifest);
             progress();
         });
     });
-    let (mut manifest, report) = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let (mut manifest, mut report) = shared.into_inner().unwrap_or_else(PoisonError::into_inner);
+    let mut clock = Clock::start();
     manifest.flush()?;
+    clock.lap(timings, Stage::Manifest);
+    report.stopped = control.stopped() && report.issued.len() + report.failures.len() < todo.len();
     Ok(report)
+}
+
+/// One device's key and certificate, each stage charged to `timings`.
+fn issue_timed(
+    ca: &Ca,
+    prepared: &Prepared,
+    id: &DeviceId,
+    opts: &BatchOptions,
+    timings: &Timings,
+    clock: &mut Clock,
+) -> Result<IssuedDevice, Error> {
+    let key = DeviceKey::generate(opts.key)?;
+    clock.lap(timings, Stage::Keygen);
+    let (cert_der, serial) = ca.sign_raw(prepared, id, &key)?;
+    clock.lap(timings, Stage::Sign);
+    let mut issued = ca.assemble(prepared, id, cert_der, &serial, Some(key.pkcs8_pem()?));
+    if let Some(rotation) = &opts.rotation {
+        issued.entry.supersedes = rotation.supersedes.get(id.as_str()).cloned();
+        issued.entry.retire_after = issued
+            .entry
+            .supersedes
+            .as_ref()
+            .and(rotation.retire_after.clone());
+    }
+    clock.lap(timings, Stage::Encode);
+    Ok(issued)
+}
+
+/// Removes what a stopped or crashed run left half-made in `dir`: temporary device folders
+/// (`.<id>.tmp.<hex>`, `.<id>.old.<hex>`) and a bundle run's pending manifest lines. Called
+/// only with the manifest locked, so no live run owns them.
+pub(crate) fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let temporary = name.starts_with('.') && (name.contains(".tmp.") || name.contains(".old."));
+        if temporary {
+            let path = entry.path();
+            if path.is_dir() {
+                let _ = std::fs::remove_dir_all(&path);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(MANIFEST_FILE).with_extension("jsonl.pending"));
 }

@@ -18,11 +18,14 @@ mod manifest;
 mod pem;
 mod profile;
 mod random;
+mod run;
 mod signer;
 mod template;
 mod write;
 
-pub use bundle::{issue_bundle, issue_bundle_then, BundleOptions, BundleReport};
+pub use bundle::{
+    issue_bundle, issue_bundle_then, issue_bundle_with, BundleOptions, BundleReport, BundleSinks,
+};
 pub use ca::{
     ca_key_uri, read_certificate, Ca, CaFiles, CaInit, IssuingCa, CA_CERT_FILE, CA_KEY_FILE,
     CA_KEY_URI_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE,
@@ -35,11 +38,13 @@ pub use inspect::{
     InspectOptions, Inspection,
 };
 pub use issue::{
-    issue_batch, BatchOptions, BatchReport, DeviceFailure, IssuedDevice, Rotation, REMOTE_JOBS,
+    issue_batch, issue_batch_with, BatchOptions, BatchReport, DeviceFailure, IssuedDevice,
+    Rotation, REMOTE_JOBS,
 };
 pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
 pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIFEST_FILE};
 pub use profile::{Profile, Subject, DEFAULT_MAX_DEVICE_DAYS, PROFILE_FILE};
+pub use run::{RunControl, Stage, Timings};
 pub use signer::RemoteKey;
 pub use write::write_file_atomic;
 

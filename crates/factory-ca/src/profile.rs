@@ -190,6 +190,23 @@ impl Subject {
         Subject(parts)
     }
 
+    /// The subject of the issuing CA under a root of this subject: the same names, its CN
+    /// saying "issuing" (`O=Acme,CN=Acme fleet CA` -> `O=Acme,CN=Acme fleet issuing CA`), so the
+    /// CA that AWS IoT sees in every chain carries the owner's name, not jitr's.
+    pub fn issuing_below(&self) -> Subject {
+        let cn = self
+            .0
+            .iter()
+            .find(|(k, _)| *k == DnKind::Cn)
+            .map_or("", |(_, v)| v.as_str());
+        let issuing = match cn.strip_suffix(" CA") {
+            Some(stem) => format!("{stem} issuing CA"),
+            None if cn.is_empty() => "issuing CA".to_owned(),
+            None => format!("{cn} issuing CA"),
+        };
+        self.with_common_name(&issuing)
+    }
+
     pub(crate) fn to_rcgen(&self) -> DistinguishedName {
         let mut dn = DistinguishedName::new();
         for (kind, value) in &self.0 {
@@ -269,6 +286,25 @@ mod tests {
     fn parses_subject_with_escaped_comma() {
         let s: Subject = "C=DE, O=Acme\\, Inc.,CN=Fleet CA".parse().unwrap();
         assert_eq!(s.to_string(), "C=DE,O=Acme\\, Inc.,CN=Fleet CA");
+    }
+
+    #[test]
+    fn the_issuing_subject_keeps_the_owners_names() {
+        let root: Subject = "O=Acme,CN=Acme fleet CA".parse().unwrap();
+        assert_eq!(
+            root.issuing_below().to_string(),
+            "O=Acme,CN=Acme fleet issuing CA"
+        );
+        let root: Subject = "C=DE,O=Acme,CN=Acme devices".parse().unwrap();
+        assert_eq!(
+            root.issuing_below().to_string(),
+            "C=DE,O=Acme,CN=Acme devices issuing CA"
+        );
+        let default: Subject = Profile::default().root.subject.parse().unwrap();
+        assert_eq!(
+            default.issuing_below().to_string(),
+            Profile::default().issuing_ca.subject
+        );
     }
 
     #[test]

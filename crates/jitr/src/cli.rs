@@ -321,7 +321,8 @@ pub(crate) struct CaInitArgs {
     /// Validity of the top CA in days [default: from profile, 20 years].
     #[arg(long, value_name = "N")]
     pub(crate) days: Option<u32>,
-    /// Subject of the issuing CA (with --with-issuing-ca).
+    /// Subject of the issuing CA (with --with-issuing-ca) [default: --subject's names with
+    /// "issuing" in its CN, e.g. O=Acme,CN=Acme fleet issuing CA].
     #[arg(long, requires = "with_issuing_ca")]
     pub(crate) issuing_subject: Option<String>,
     /// Validity of the issuing CA in days (with --with-issuing-ca) [default: 5 years].
@@ -418,7 +419,8 @@ pub(crate) struct IssueArgs {
     /// certificate_id, serial, not_after, chain_pem, key_pem), the form a flashing station
     /// consumes; FILE is created with mode 0600 (never over an existing one), `-` is standard
     /// output. The manifest still goes under --out.
-    #[arg(long, value_name = "FILE|-", conflicts_with_all = ["balena_env", "push_balena", "json"])]
+    /// With --json, one summary object is printed on standard output instead of the lines.
+    #[arg(long, value_name = "FILE|-", conflicts_with_all = ["balena_env", "push_balena"])]
     pub(crate) bundle: Option<PathBuf>,
     /// Validity in days [default: from profile, 10 years].
     #[arg(long, value_name = "N")]
@@ -435,6 +437,16 @@ pub(crate) struct IssueArgs {
     /// Issue again ids that the manifest already holds.
     #[arg(long)]
     pub(crate) force: bool,
+    /// Continue a run that was stopped (Ctrl-C) or failed, with the same ids: ids the
+    /// manifest holds are skipped, so each is issued exactly once; a cut-off last manifest
+    /// line is removed and its device issued again. With --bundle, name a new bundle file.
+    #[arg(long, visible_alias = "skip-issued", conflicts_with = "force")]
+    pub(crate) resume: bool,
+    /// Print where the time went on standard error: reading the ids, unlocking the CA key,
+    /// and per device keygen, sign, encode, write and manifest; `--timings=json` as one JSON
+    /// object.
+    #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
+    pub(crate) timings: Option<TimingsFormat>,
     /// With a CA key in AWS KMS: Sign requests per second at most (AWS's ECC signing quota,
     /// shared by the account and region, is 300/s by default).
     #[arg(long, value_name = "N", default_value_t = ca_keys::DEFAULT_KMS_RATE, value_parser = parse_rate)]
@@ -455,6 +467,15 @@ pub(crate) struct IssueArgs {
     pub(crate) balena: BalenaDeliveryArgs,
     #[command(flatten)]
     pub(crate) output: OutputArgs,
+}
+
+/// How `issue --timings` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TimingsFormat {
+    /// Lines for a person.
+    Text,
+    /// One JSON object.
+    Json,
 }
 
 /// Delivery of the issued credentials to balena devices as the environment variables that

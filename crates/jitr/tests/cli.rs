@@ -130,7 +130,8 @@ fn bad_input_is_named_and_leaves_nothing_behind() {
         tmp.path(),
         &["issue", "--ids", "ids.txt", "--passphrase-file", "pass"],
     );
-    assert_eq!(out.status.code(), Some(1));
+    // A bad value is a usage error (issue #25): exit 2.
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("ids.txt:2: invalid device id \"NOT-A-UUID\""),
         "{}",

@@ -32,11 +32,12 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         .parse()?;
     let issuing = if args.with_issuing_ca {
         Some(IssuingCa {
-            subject: args
-                .issuing_subject
-                .as_deref()
-                .unwrap_or(&profile.issuing_ca.subject)
-                .parse()?,
+            // --subject names the owner: the issuing CA (the one in every chain) follows it.
+            subject: match (&args.issuing_subject, &args.subject) {
+                (Some(issuing), _) => issuing.parse()?,
+                (None, Some(_)) => subject.issuing_below(),
+                (None, None) => profile.issuing_ca.subject.parse()?,
+            },
             key: profile.issuing_ca.key,
             days: args.issuing_days.unwrap_or(profile.issuing_ca.days),
         })

@@ -1,53 +1,270 @@
 //! `jitr issue` and `jitr sign-csr`: device certificates, and their delivery to balena.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, IsTerminal};
+use std::io::{IsTerminal, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use factory_ca::{issue_batch, BatchOptions, CsrOptions, DeviceId, IdFormat};
+use factory_ca::{
+    issue_batch_with, BatchOptions, CsrOptions, DeviceId, IdFormat, RunControl, Stage, Timings,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use super::balena::Delivery;
 use super::{print_json, Outcome};
-use crate::cli::{AwsArgs, IssueArgs, LedgerArgs, SignCsrArgs};
+use crate::cli::{AwsArgs, IssueArgs, LedgerArgs, SignCsrArgs, TimingsFormat};
 use crate::regions::{AwsRegion, RegionMap};
 use crate::UsageError;
 
 /// Batches smaller than this finish before a progress bar would be worth drawing.
 const PROGRESS_THRESHOLD: usize = 200;
 
-/// Reads ids from `--id` values and the `--ids` file, validating each.
-fn collect_ids(args: &IssueArgs, format: IdFormat) -> Result<Vec<DeviceId>> {
-    let mut ids = Vec::new();
+/// Bad or repeated ids shown, each at its FILE:LINE, before the run is refused.
+const SHOWN_PROBLEMS: usize = 20;
+
+/// The ids of a run, each with where it came from.
+struct IdList {
+    ids: Vec<DeviceId>,
+    /// For each id, its line in the `--ids` file (0: given with `--id`).
+    lines: Vec<usize>,
+    /// The `--ids` file as messages name it.
+    file: String,
+}
+
+impl IdList {
+    /// Where the id at `index` came from: `FILE:LINE`, or `--id`.
+    fn origin(&self, index: usize) -> String {
+        match self.lines[index] {
+            0 => "--id".to_owned(),
+            line => format!("{}:{line}", self.file),
+        }
+    }
+
+    /// Where `id` came from.
+    fn origin_of(&self, id: &str) -> Option<String> {
+        let index = self.ids.iter().position(|d| d.as_str() == id)?;
+        Some(self.origin(index))
+    }
+}
+
+/// Reads ids from `--id` values and the `--ids` file, validating each; every bad or repeated
+/// id is reported at its FILE:LINE (the first [`SHOWN_PROBLEMS`] of them) and nothing is issued.
+fn collect_ids(args: &IssueArgs, format: IdFormat) -> Result<IdList> {
+    let file = args
+        .ids
+        .as_deref()
+        .map_or_else(String::new, |p| p.display().to_string());
+    let mut list = IdList {
+        ids: Vec::new(),
+        lines: Vec::new(),
+        file,
+    };
+    let mut problems = 0usize;
+    let mut problem = |origin: String, message: String| {
+        if problems < SHOWN_PROBLEMS {
+            eprintln!("jitr: {origin}: {message}");
+        }
+        problems += 1;
+    };
+    let mut first_seen: std::collections::HashMap<String, String> = Default::default();
+    let mut add =
+        |list: &mut IdList, text: &str, line: usize, problem: &mut dyn FnMut(String, String)| {
+            let origin = if line == 0 {
+                "--id".to_owned()
+            } else {
+                format!("{}:{line}", list.file)
+            };
+            match DeviceId::parse(text, format) {
+                Ok(id) => {
+                    if let Some(first) = first_seen.get(id.as_str()) {
+                        problem(
+                            origin,
+                            format!("device {id} appears again (first at {first})"),
+                        );
+                    } else {
+                        first_seen.insert(id.as_str().to_owned(), origin);
+                        list.ids.push(id);
+                        list.lines.push(line);
+                    }
+                }
+                Err(e) => problem(origin, e.to_string()),
+            }
+        };
     for id in &args.id {
-        ids.push(DeviceId::parse(id, format)?);
+        add(&mut list, id, 0, &mut problem);
     }
     if let Some(path) = &args.ids {
-        let reader: Box<dyn BufRead> = if path == Path::new("-") {
-            Box::new(std::io::stdin().lock())
+        let text = if path == Path::new("-") {
+            let mut text = Vec::new();
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut text)
+                .context("cannot read the ids from standard input")?;
+            text
         } else {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            Box::new(std::io::BufReader::new(file))
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
         };
-        for (n, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        // A byte-order mark (Windows editors) is not part of the first id.
+        let text = text.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&text);
+        for (n, line) in text.split(|&b| b == b'\n').enumerate() {
+            let line = String::from_utf8_lossy(line);
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let id = DeviceId::parse(line, format)
-                .with_context(|| format!("{}:{}", path.display(), n + 1))?;
-            ids.push(id);
+            add(&mut list, line, n + 1, &mut problem);
         }
     }
-    if ids.is_empty() {
+    if problems > 0 {
+        let shown = if problems > SHOWN_PROBLEMS {
+            format!(" (the first {SHOWN_PROBLEMS} above)")
+        } else {
+            " (above)".to_owned()
+        };
+        return Err(UsageError(format!(
+            "{problems} bad or repeated device id(s){shown}: nothing was issued"
+        ))
+        .into());
+    }
+    if list.ids.is_empty() {
         bail!("no device ids given");
     }
-    Ok(ids)
+    Ok(list)
+}
+
+/// An issuance error naming a device, with the FILE:LINE the device came from.
+fn locate(error: factory_ca::Error, list: &IdList) -> anyhow::Error {
+    let origin = match &error {
+        factory_ca::Error::AlreadyIssued { id, .. } | factory_ca::Error::DuplicateInput { id } => {
+            list.origin_of(id)
+        }
+        _ => None,
+    };
+    match origin {
+        Some(origin) => anyhow::Error::new(error).context(origin),
+        None => error.into(),
+    }
+}
+
+/// Ctrl-C (or SIGTERM) during issuance: the returned flag is set, and the workers start no
+/// new device; a second one ends the process at once (exit 130).
+fn stop_on_interrupt() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Registered first, so it sees the flag as the previous signal left it.
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop));
+        let _ = signal_hook::flag::register(signal, Arc::clone(&stop));
+    }
+    stop
+}
+
+/// After issuance, Ctrl-C ends the process again (through the conditional shutdown above).
+fn interrupt_ends(stop: &AtomicBool) {
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// Wall times of the run's own stages, beside the workers' per-device [`Timings`].
+#[derive(Debug, Default)]
+struct RunTimes {
+    read_ids: Duration,
+    unlock: Duration,
+    issue: Duration,
+    workers: usize,
+}
+
+/// What `--timings` and `--json` print about a run.
+struct Summary<'a> {
+    issued: usize,
+    failed: usize,
+    skipped: usize,
+    stopped: bool,
+    times: &'a RunTimes,
+    timings: &'a Timings,
+}
+
+impl Summary<'_> {
+    fn json(&self) -> serde_json::Value {
+        let stages: serde_json::Map<String, serde_json::Value> = Stage::ALL
+            .iter()
+            .map(|&stage| {
+                (
+                    stage.name().to_owned(),
+                    serde_json::json!(self.timings.get(stage).as_secs_f64()),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "issued": self.issued,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "stopped": self.stopped,
+            "workers": self.times.workers,
+            "devices_per_second": self.rate(),
+            "seconds": {
+                "read_ids": self.times.read_ids.as_secs_f64(),
+                "unlock": self.times.unlock.as_secs_f64(),
+                "issue": self.times.issue.as_secs_f64(),
+            },
+            "worker_seconds": stages,
+        })
+    }
+
+    fn rate(&self) -> f64 {
+        let seconds = self.times.issue.as_secs_f64();
+        if seconds > 0.0 {
+            self.issued as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// The breakdown for a person, on standard error.
+    fn print(&self, format: TimingsFormat) {
+        if format == TimingsFormat::Json {
+            eprintln!("{}", self.json());
+            return;
+        }
+        let t = self.times;
+        eprintln!(
+            "timings: {} device(s) in {:.2} s = {:.0}/s on {} worker(s); read ids {:.2} s, unlock CA key {:.2} s",
+            self.issued,
+            t.issue.as_secs_f64(),
+            self.rate(),
+            t.workers,
+            t.read_ids.as_secs_f64(),
+            t.unlock.as_secs_f64(),
+        );
+        let total: f64 = Stage::ALL
+            .iter()
+            .map(|&s| self.timings.get(s).as_secs_f64())
+            .sum();
+        let per_device = |seconds: f64| {
+            if self.issued > 0 {
+                1e6 * seconds / self.issued as f64
+            } else {
+                0.0
+            }
+        };
+        for stage in Stage::ALL {
+            let seconds = self.timings.get(stage).as_secs_f64();
+            eprintln!(
+                "  {:<9} {:>8.2} s worker time  {:>5.1}%  {:>7.1} µs/device",
+                stage.name(),
+                seconds,
+                if total > 0.0 {
+                    100.0 * seconds / total
+                } else {
+                    0.0
+                },
+                per_device(seconds)
+            );
+        }
+    }
 }
 
 fn progress_bar(len: usize) -> ProgressBar {
@@ -65,15 +282,27 @@ fn progress_bar(len: usize) -> ProgressBar {
 
 pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
+    if args.output.json && args.bundle.as_deref() == Some(Path::new("-")) {
+        return Err(UsageError(
+            "--json prints a summary on standard output, where --bundle - writes the bundle: name a bundle file".to_owned(),
+        )
+        .into());
+    }
     let region_map = args.region_of.as_deref().map(RegionMap::load).transpose()?;
+    let mut times = RunTimes::default();
+    let clock = Instant::now();
     let ca = crate::keys::load_ca(&args.ca, Some(args.kms_rate))?;
+    times.unlock = clock.elapsed();
     let device = &ca.profile().device;
-    let ids = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
+    let clock = Instant::now();
+    let list = collect_ids(&args, args.id_format.unwrap_or(device.id_format))?;
+    times.read_ids = clock.elapsed();
+    let ids = &list.ids;
     // Every device has a region, and every region its endpoint, before anything is issued.
     let endpoints = match &region_map {
         Some(map) => {
-            let regions = map.regions_of(&ids)?;
-            report_regions(map, &ids);
+            let regions = map.regions_of(ids)?;
+            report_regions(map, ids);
             if delivery.wanted() {
                 data_endpoints(&regions, args.endpoint_url.as_deref())?
             } else {
@@ -83,7 +312,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         None => BTreeMap::new(),
     };
     if let Some(bundle) = &args.bundle {
-        return issue_bundle(&args, &ca, &ids, bundle, region_map.as_ref());
+        return issue_bundle(&args, &ca, &list, bundle, region_map.as_ref(), times);
     }
     let opts = BatchOptions {
         out_dir: args.out.clone(),
@@ -94,10 +323,32 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         now: OffsetDateTime::now_utc(),
         rotation: None,
     };
+    let control = RunControl {
+        stop: stop_on_interrupt(),
+        skip_issued: args.resume,
+        ..RunControl::default()
+    };
+    times.workers = workers(&ca, args.jobs);
     let bar = progress_bar(ids.len());
-    let report = issue_batch(&ca, &ids, &opts, &|| bar.inc(1))?;
+    let clock = Instant::now();
+    let report = issue_batch_with(&ca, ids, &opts, &control, &|| bar.inc(1));
+    times.issue = clock.elapsed();
+    interrupt_ends(&control.stop);
+    let report = report.map_err(|e| locate(e, &list))?;
     bar.finish_and_clear();
+    report_repaired(report.repaired, &args.out);
     warn_if_capped(report.capped_at);
+    let summary = Summary {
+        issued: report.issued.len(),
+        failed: report.failures.len(),
+        skipped: report.skipped,
+        stopped: report.stopped,
+        times: &times,
+        timings: &control.timings,
+    };
+    if let Some(format) = args.timings {
+        summary.print(format);
+    }
 
     if args.output.json {
         for entry in &report.issued {
@@ -106,9 +357,10 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     }
     report_issued(
         &report.failures,
-        report.issued.len(),
+        &summary,
         &args.out.display().to_string(),
         &args.out,
+        false,
     );
     // In the ledger before the credentials reach a device: a device connects listed.
     let aws = issue_aws(&args);
@@ -142,11 +394,13 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         }
         delivered = delivery.deliver(&devices)?;
     }
-    Ok(if report.failures.is_empty() && delivered && recorded {
-        Outcome::Success
-    } else {
-        Outcome::Failed
-    })
+    Ok(
+        if report.failures.is_empty() && !report.stopped && delivered && recorded {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        },
+    )
 }
 
 /// How many of the devices go to each region, on standard error.
@@ -195,10 +449,12 @@ fn data_endpoints(
 fn issue_bundle(
     args: &IssueArgs,
     ca: &factory_ca::Ca,
-    ids: &[DeviceId],
+    list: &IdList,
     path: &Path,
     regions: Option<&RegionMap>,
+    mut times: RunTimes,
 ) -> Result<Outcome> {
+    let ids = &list.ids;
     let device = &ca.profile().device;
     let opts = factory_ca::BundleOptions {
         manifest_dir: args.out.clone(),
@@ -208,44 +464,96 @@ fn issue_bundle(
         force: args.force,
         now: OffsetDateTime::now_utc(),
     };
+    let control = RunControl {
+        stop: stop_on_interrupt(),
+        skip_issued: args.resume,
+        ..RunControl::default()
+    };
+    times.workers = workers(ca, args.jobs);
     let bar = progress_bar(ids.len());
+    let clock = Instant::now();
     let report = if path == Path::new("-") {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
-        factory_ca::issue_bundle(ca, ids, &opts, &mut out, &|| bar.inc(1))?
+        let sinks = factory_ca::BundleSinks {
+            out: &mut out,
+            commit: &mut || Ok(()),
+            undo: &mut || {},
+        };
+        factory_ca::issue_bundle_with(ca, ids, &opts, &control, sinks, &|| bar.inc(1))
     } else {
         if path.exists() {
-            bail!(
-                "{} exists: refusing to overwrite a bundle (its keys would be lost)",
-                path.display()
-            );
+            let hint = if args.resume {
+                ": it holds the devices issued before; give --resume a new --bundle file for the rest"
+            } else {
+                ": refusing to overwrite a bundle (its keys would be lost)"
+            };
+            bail!("{} exists{hint}", path.display());
         }
+        remove_stale_partials(path);
         let (mut file, tmp) = bundle_file(path)?;
         let durable = file.try_clone().context("cannot reopen the bundle")?;
+        let mut linked = false;
         // The bundle is synced and linked into place before the manifest names its devices.
-        let result =
-            factory_ca::issue_bundle_then(ca, ids, &opts, &mut file, &|| bar.inc(1), &mut || {
-                durable.sync_all()?;
-                // A hard link fails if the name was taken meanwhile: nothing is overwritten. A
-                // filesystem without hard links (FAT) gets a rename, the name checked first.
-                match std::fs::hard_link(&tmp, path) {
-                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
-                        std::fs::rename(&tmp, path)
-                    }
-                    other => other,
+        let mut commit = || {
+            durable.sync_all()?;
+            // A hard link fails if the name was taken meanwhile: nothing is overwritten. A
+            // filesystem without hard links (FAT) gets a rename, the name checked first.
+            match std::fs::hard_link(&tmp, path) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+                    std::fs::rename(&tmp, path)
                 }
-            })
-            .map_err(anyhow::Error::from);
+                other => other,
+            }?;
+            linked = true;
+            Ok(())
+        };
+        // The manifest could not record the devices: their bundle goes too.
+        let mut undo = || {
+            let _ = std::fs::remove_file(path);
+        };
+        let sinks = factory_ca::BundleSinks {
+            out: &mut file,
+            commit: &mut commit,
+            undo: &mut undo,
+        };
+        let result = factory_ca::issue_bundle_with(ca, ids, &opts, &control, sinks, &|| {
+            bar.inc(1);
+        });
         let _ = std::fs::remove_file(&tmp);
-        result?
+        result
     };
+    times.issue = clock.elapsed();
+    interrupt_ends(&control.stop);
+    let report = report.map_err(|e| locate(e, list))?;
     bar.finish_and_clear();
+    report_repaired(report.repaired, &args.out);
     warn_if_capped(report.capped_at);
     let into = if path == Path::new("-") {
         "standard output".to_owned()
     } else {
         path.display().to_string()
     };
-    report_issued(&report.failures, report.issued, &into, &args.out);
+    let summary = Summary {
+        issued: report.issued,
+        failed: report.failures.len(),
+        skipped: report.skipped,
+        stopped: report.stopped,
+        times: &times,
+        timings: &control.timings,
+    };
+    if let Some(format) = args.timings {
+        summary.print(format);
+    }
+    if args.output.json {
+        println!("{}", summary.json());
+    }
+    report_issued(
+        &report.failures,
+        &summary,
+        &into,
+        &args.out,
+        path != Path::new("-"),
+    );
     let recorded = match &args.ledger.ledger {
         None => true,
         Some(_) => {
@@ -267,11 +575,61 @@ fn issue_bundle(
             )?
         }
     };
-    Ok(if report.failures.is_empty() && recorded {
-        Outcome::Success
+    Ok(
+        if report.failures.is_empty() && !report.stopped && recorded {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        },
+    )
+}
+
+/// The workers a run uses (as the library picks them for `--jobs 0`).
+fn workers(ca: &factory_ca::Ca, jobs: usize) -> usize {
+    match jobs {
+        0 if ca.remote_key_uri().is_some() => factory_ca::REMOTE_JOBS,
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        jobs => jobs,
+    }
+}
+
+/// Hidden `.<name>.<pid>.partial` siblings of `path` left by runs that died (their process is
+/// gone): never linked into place, so no device of theirs is recorded.
+fn remove_stale_partials(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
     } else {
-        Outcome::Failed
-    })
+        dir
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let pid = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".partial"));
+        if let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Says that a cut-off last manifest line was removed (`--resume`).
+fn report_repaired(line: Option<usize>, out: &Path) {
+    if let Some(line) = line {
+        eprintln!(
+            "repaired {}: removed its cut-off last line {line} (that device is issued again)",
+            out.join(factory_ca::MANIFEST_FILE).display()
+        );
+    }
 }
 
 /// With `--ledger`: the issued certificates written to the ledger; `false` when some were not
@@ -309,8 +667,15 @@ fn issue_aws(args: &IssueArgs) -> AwsArgs {
     }
 }
 
-/// Each failed device on its own line, then the one-line summary.
-fn report_issued(failures: &[factory_ca::DeviceFailure], issued: usize, into: &str, out: &Path) {
+/// Each failed device on its own line, then the one-line summary (with how to go on after a
+/// stop).
+fn report_issued(
+    failures: &[factory_ca::DeviceFailure],
+    summary: &Summary<'_>,
+    into: &str,
+    out: &Path,
+    bundle_file: bool,
+) {
     for failure in failures {
         eprintln!(
             "jitr: {}: {}",
@@ -318,15 +683,29 @@ fn report_issued(failures: &[factory_ca::DeviceFailure], issued: usize, into: &s
             activator::error_chain(&failure.error)
         );
     }
+    let mut notes = String::new();
+    if summary.skipped > 0 {
+        notes.push_str(&format!(", {} already issued skipped", summary.skipped));
+    }
+    if !failures.is_empty() {
+        notes.push_str(&format!(", {} failed", failures.len()));
+    }
+    let stopped = if summary.stopped { "interrupted: " } else { "" };
     eprintln!(
-        "issued {issued} device certificate(s) into {into} (manifest {}){}",
+        "{stopped}issued {} device certificate(s) into {into} (manifest {}){notes}",
+        summary.issued,
         out.join(factory_ca::MANIFEST_FILE).display(),
-        if failures.is_empty() {
-            String::new()
-        } else {
-            format!(", {} failed", failures.len())
-        }
     );
+    if summary.stopped {
+        eprintln!(
+            "the rest were not started: run the same command with --resume to issue them (each id once){}",
+            if bundle_file {
+                ", into a new --bundle file"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// A new hidden sibling of `path`, mode 0600, for the bundle to be written into.
