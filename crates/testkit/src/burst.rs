@@ -355,8 +355,8 @@ pub struct Tally {
 impl RegistryState {
     /// Checks every device against where it must end: a member ACTIVE with exactly one Thing
     /// (named after it), the policy attached once, and its certificate the Thing's only
-    /// principal; every other one REVOKED with no Thing and nothing attached; none pending,
-    /// nothing extra. Returns the tally, or every problem found.
+    /// principal; an inactive member held PENDING_ACTIVATION and a stranger REVOKED, both with
+    /// no Thing and nothing attached; nothing extra. Returns the tally, or every problem found.
     pub fn check(&self, devices: &[Device]) -> Result<Tally> {
         let mut problems = Vec::new();
         let mut tally = Tally::default();
@@ -398,9 +398,15 @@ impl RegistryState {
                     }
                 }
                 Standing::Inactive | Standing::Stranger => {
-                    if status != Some(&CertificateStatus::Revoked) {
+                    // A stranger is rejected; an inactive (paused) member is held, never
+                    // revoked: its certificate waits PENDING_ACTIVATION (#21 case 5).
+                    let want = match d.standing {
+                        Standing::Inactive => CertificateStatus::PendingActivation,
+                        _ => CertificateStatus::Revoked,
+                    };
+                    if status != Some(&want) {
                         problems.push(format!(
-                            "{:?} {} is {status:?}, not REVOKED",
+                            "{:?} {} is {status:?}, not {want:?}",
                             d.standing, d.id
                         ));
                     }
