@@ -5,9 +5,66 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::ownership::Ownership;
 use crate::{
     call_deadline, CertificateId, CertificateStatus, IotAdmin, IotRegistry, RegistryError,
 };
+
+/// What a revoke may touch: only what jitr owns ([`crate::ownership`]).
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// The ownership rule for Things.
+    pub ownership: Ownership,
+    /// The CAs whose certificates are jitr's (JITR_TRUSTED_CA_IDS); empty when not known
+    /// here, and then a certificate is jitr's when the Things it is attached to are.
+    pub trusted_cas: Vec<CertificateId>,
+    /// The caller has already established that the targets are jitr's (`status --fix` and
+    /// `rotate` act on what they read as owned): no check is repeated.
+    pub vouched: bool,
+}
+
+impl Scope {
+    /// For callers that read the targets as jitr's already.
+    pub fn vouched() -> Scope {
+        Scope {
+            vouched: true,
+            ..Scope::default()
+        }
+    }
+
+    /// Whether a certificate registered under `ca` is another application's: a CA is known to
+    /// be foreign only when the trusted list is known and does not hold it.
+    fn foreign_ca(&self, ca: Option<&CertificateId>) -> bool {
+        !self.vouched
+            && !self.trusted_cas.is_empty()
+            && ca.is_some_and(|ca| !self.trusted_cas.contains(ca))
+    }
+
+    fn trusted_ca(&self, ca: Option<&CertificateId>) -> bool {
+        ca.is_some_and(|ca| self.trusted_cas.contains(ca))
+    }
+}
+
+/// Why a revoke did nothing, or what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    /// The target is another application's: jitr acts only on what it owns.
+    #[error("{0}")]
+    NotOurs(String),
+    /// An AWS IoT call failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+impl RevokeError {
+    /// As a registry error of `operation`, for callers whose errors are those.
+    pub fn into_registry(self, operation: &'static str) -> RegistryError {
+        match self {
+            RevokeError::Registry(e) => e,
+            other => RegistryError::failed(operation, other.to_string()),
+        }
+    }
+}
 
 /// What to revoke.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +98,9 @@ pub struct RevokeReport {
     /// Things kept although their deletion was asked: another application's principal (not a
     /// certificate) is attached, and jitr never detaches those.
     pub things_kept: Vec<String>,
+    /// Certificates attached to the device's Thing that are another application's (registered
+    /// under a CA jitr does not trust): left as they are.
+    pub foreign_kept: Vec<String>,
     /// The device's Thing now carrying the revocation mark (`--id` without deletion): the
     /// activator and the provisioner refuse the device until `jitr approve --device` lifts it.
     pub marked: Option<String>,
@@ -94,34 +154,95 @@ pub fn id_from_arn(arn: &str) -> Option<&str> {
 /// certificates that never got a Thing, registered or still pending); with `delete_things`,
 /// deletes the Things involved (not one holding another application's principal). A device
 /// target keeps its Thing, made if need be, with the revocation mark
-/// ([`crate::ownership::REVOKED_ATTRIBUTE`]), unless it is deleted. Only certificates are
-/// revoked and detached. Each call is bounded by [`crate::OPERATOR_CALL_TIME`] and the whole by
-/// `deadline`; every listing is read to its last page.
+/// ([`crate::ownership::REVOKED_ATTRIBUTE`]), unless it is deleted. Only what jitr owns is
+/// touched (`scope`): a target that is another application's is refused
+/// ([`RevokeError::NotOurs`]) before anything changes, another CA's certificate on the
+/// device's Thing is left as it is, and a Thing that is not jitr's is never deleted. Only
+/// certificates are revoked and detached. Each call is bounded by
+/// [`crate::OPERATOR_CALL_TIME`] and the whole by `deadline`; every listing is read to its
+/// last page.
 pub async fn revoke<A: IotAdmin>(
     iot: &A,
     target: &Target,
     also: &[CertificateId],
     delete_things: bool,
+    scope: &Scope,
     deadline: Instant,
-) -> Result<RevokeReport, RegistryError> {
+) -> Result<RevokeReport, RevokeError> {
     let d = || call_deadline(deadline);
     let mut report = RevokeReport::default();
+    // Things known to be jitr's: the only ones a delete may remove.
+    let mut vouched: Vec<String> = Vec::new();
     let (mut arns, mut things) = match target {
-        Target::Device(thing) => match iot.thing_principals(thing, d()).await {
-            Ok(principals) => (
-                principals
-                    .into_iter()
-                    .filter(|p| crate::ownership::is_certificate_arn(p))
-                    .collect(),
-                vec![thing.clone()],
-            ),
-            Err(e) if e.is_not_found() => (Vec::new(), Vec::new()),
-            Err(e) => return Err(e),
-        },
+        Target::Device(thing) => {
+            let principals = match iot.thing_principals(thing, d()).await {
+                Ok(principals) => principals,
+                Err(e) if e.is_not_found() => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let mut ours = Vec::new();
+            let mut trusted_certificate = false;
+            for arn in principals
+                .into_iter()
+                .filter(|p| crate::ownership::is_certificate_arn(p))
+            {
+                let Some(id) = id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok())
+                else {
+                    continue;
+                };
+                let ca = match iot.describe_certificate(&id, d()).await {
+                    Ok(described) => described.ca_certificate_id,
+                    Err(e) if e.is_not_found() => None,
+                    Err(e) => return Err(e.into()),
+                };
+                if scope.foreign_ca(ca.as_ref()) {
+                    report.foreign_kept.push(id.to_string());
+                } else {
+                    trusted_certificate |= scope.trusted_ca(ca.as_ref());
+                    ours.push(arn);
+                }
+            }
+            match iot.describe_thing(thing, d()).await? {
+                Some(spec) => {
+                    let known = scope.vouched || !also.is_empty() || trusted_certificate;
+                    if !scope.ownership.owns(&spec, known) {
+                        return Err(RevokeError::NotOurs(format!(
+                            "Thing {thing} is not jitr's: it has no fleet attribute or jitr thing type, and no certificate of a trusted CA (JITR_TRUSTED_CA_IDS) is attached; give --manifest if the factory issued it"
+                        )));
+                    }
+                    vouched.push(thing.clone());
+                    (ours, vec![thing.clone()])
+                }
+                None => (ours, Vec::new()),
+            }
+        }
         Target::Certificate(id) => {
-            let arn = iot.describe_certificate(id, d()).await?.arn;
-            let things = iot.principal_things(&arn, d()).await?;
-            (vec![arn], things)
+            let described = iot.describe_certificate(id, d()).await?;
+            let ca = described.ca_certificate_id.as_ref();
+            if scope.foreign_ca(ca) {
+                let ca = ca.map(|c| c.to_string()).unwrap_or_default();
+                return Err(RevokeError::NotOurs(format!(
+                    "certificate {id} is registered under CA {ca}, which is not in JITR_TRUSTED_CA_IDS: not jitr's to revoke"
+                )));
+            }
+            let things = iot.principal_things(&described.arn, d()).await?;
+            let ours = scope.vouched || scope.trusted_ca(ca);
+            for thing in &things {
+                if ours {
+                    vouched.push(thing.clone());
+                    continue;
+                }
+                // Not provably jitr's by its CA: its Things must be.
+                if let Some(spec) = iot.describe_thing(thing, d()).await? {
+                    if !scope.ownership.owns(&spec, false) {
+                        return Err(RevokeError::NotOurs(format!(
+                            "certificate {id} is attached to Thing {thing}, which is not jitr's (no fleet attribute or jitr thing type): not jitr's to revoke"
+                        )));
+                    }
+                }
+                vouched.push(thing.clone());
+            }
+            (vec![described.arn], things)
         }
     };
     for id in also {
@@ -131,7 +252,7 @@ pub async fn revoke<A: IotAdmin>(
         match iot.describe_certificate(id, d()).await {
             Ok(described) => arns.push(described.arn),
             Err(e) if e.is_not_found() => report.not_registered.push(id.to_string()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
     for arn in &arns {
@@ -163,14 +284,19 @@ pub async fn revoke<A: IotAdmin>(
     }
     if delete_things {
         for thing in things {
+            // jitr's certificates are detached by now: whatever is still attached (a Cognito
+            // identity, another CA's certificate) is another application's.
             let others = match iot.thing_principals(&thing, d()).await {
-                Ok(p) => p
-                    .iter()
-                    .any(|arn| !crate::ownership::is_certificate_arn(arn)),
+                Ok(p) => !p.is_empty(),
                 Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             };
-            if others {
+            let ours = vouched.contains(&thing)
+                || iot
+                    .describe_thing(&thing, d())
+                    .await?
+                    .is_some_and(|spec| scope.ownership.owns(&spec, false));
+            if others || !ours {
                 report.things_kept.push(thing);
             } else if iot.delete_thing(&thing, d()).await? {
                 report.things_deleted.push(thing);

@@ -56,7 +56,14 @@ pub async fn retire<A: IotAdmin>(
     }
     let mut reports = Vec::new();
     for id in old.iter().filter(|id| *id != new) {
-        reports.push(revoke(iot, &Target::Certificate(id.clone()), &[], false, deadline).await?);
+        // The old certificates are the device's own, read from its Thing or the manifest.
+        let scope = crate::revoke::Scope::vouched();
+        let target = Target::Certificate(id.clone());
+        reports.push(
+            revoke(iot, &target, &[], false, &scope, deadline)
+                .await
+                .map_err(|e| e.into_registry("RetireCertificate"))?,
+        );
     }
     Ok(reports)
 }

@@ -896,9 +896,18 @@ pub async fn apply_fixes<A: IotAdmin>(
     for fix in fixes {
         let result = match &fix.action {
             FixAction::Revoke { certificate_id } => match CertificateId::parse(certificate_id) {
-                Ok(id) => revoke(iot, &Target::Certificate(id), &[], false, deadline)
-                    .await
-                    .map(|_| ()),
+                // The fixes were read off jitr's own certificates and Things.
+                Ok(id) => revoke(
+                    iot,
+                    &Target::Certificate(id),
+                    &[],
+                    false,
+                    &crate::revoke::Scope::vouched(),
+                    deadline,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.into_registry("RevokeCertificate")),
                 Err(reason) => Err(RegistryError::failed("RevokeCertificate", reason)),
             },
             FixAction::DeleteThing { thing } => delete_thing(iot, thing, deadline).await,

@@ -441,3 +441,86 @@ fn a_revoked_device_stays_cut_off_until_approved_again() {
     assert_eq!(w.status(&third), CertificateStatus::Active);
     w.rt.block_on(foreign.assert_untouched(&w.client)).unwrap();
 }
+
+/// #21: `jitr revoke` acts only on what jitr owns. A Thing named like a device that is another
+/// application's, and another CA's certificate (named, or attached to the device's own Thing),
+/// are refused or left as they are; the device's own certificate is revoked.
+#[test]
+fn revoke_touches_only_what_jitr_owns() {
+    let w = world(true);
+    let foreign =
+        w.rt.block_on(testkit::foreign::Foreign::plant(&w.moto, &w.client))
+            .unwrap();
+    let refused = |out: Output, what: &str| {
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("not jitr's"), "{what}: {stderr}");
+    };
+    // A foreign Thing that looks like a balena UUID: not marked, not deleted.
+    refused(
+        w.jitr(&["revoke", "--id", &foreign.uuid_like, "--delete-thing"]),
+        "a foreign UUID-named Thing",
+    );
+    refused(
+        w.jitr(&["revoke", "--id", &foreign.uuid_like]),
+        "a foreign UUID-named Thing, marking",
+    );
+    // Another CA's certificate, by id: refused by its CA, and without the trusted list known
+    // (a shell with AWS credentials only) by its Thing.
+    refused(
+        w.jitr(&["revoke", "--certificate-id", &foreign.certificate_id]),
+        "another CA's certificate",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args(["revoke", "--certificate-id", &foreign.certificate_id])
+        .env_clear()
+        .envs(w.moto.aws_env())
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    refused(out, "another CA's certificate, no JITR_TRUSTED_CA_IDS");
+    w.rt.block_on(foreign.assert_untouched(&w.client)).unwrap();
+
+    // Another application's certificate attached to the device's own Thing stays ACTIVE and
+    // attached, and keeps the Thing from being deleted.
+    let member = w.register(&uuid(1));
+    assert!(w
+        .jitr(&["reconcile", "--older-than", "0s"])
+        .status
+        .success());
+    w.rt.block_on(
+        w.client
+            .attach_thing_principal()
+            .thing_name(uuid(1))
+            .principal(&foreign.certificate_arn)
+            .send(),
+    )
+    .unwrap();
+    let out = w.jitr(&["revoke", "--id", &uuid(1), "--delete-thing", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["revoked"][0]["certificate_id"], member.as_str());
+    assert_eq!(report["revoked"].as_array().map(Vec::len), Some(1));
+    assert_eq!(report["foreign_kept"], json!([foreign.certificate_id]));
+    assert_eq!(report["things_kept"], json!([uuid(1)]));
+    assert_eq!(w.status(&member), CertificateStatus::Revoked);
+    w.rt.block_on(
+        w.client
+            .detach_thing_principal()
+            .thing_name(uuid(1))
+            .principal(&foreign.certificate_arn)
+            .send(),
+    )
+    .unwrap();
+    w.rt.block_on(foreign.assert_untouched(&w.client)).unwrap();
+}

@@ -675,6 +675,7 @@ async fn a_device_cut_off_by_revoke_is_rejected_until_the_mark_is_lifted() {
         &crate::revoke::Target::Device(MEMBER.into()),
         &[],
         false,
+        &crate::revoke::Scope::default(),
         deadline(),
     )
     .await

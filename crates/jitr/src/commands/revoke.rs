@@ -1,8 +1,8 @@
 //! `jitr revoke`: a device's (or one) certificate REVOKED, detached from its policies and
 //! Things, the Things deleted on request; idempotent.
 
-use activator::revoke::{revoke as revoke_in_aws, RevokeReport, Target};
-use activator::CertificateId;
+use activator::revoke::{revoke as revoke_in_aws, RevokeReport, Scope, Target};
+use activator::{CertificateId, Ownership};
 use anyhow::Result;
 use factory_ca::{DeviceId, IdFormat};
 
@@ -41,6 +41,7 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         }
         (None, _) => Vec::new(),
     };
+    let scope = scope()?;
     let runtime = crate::aws::runtime()?;
     let registry =
         runtime.block_on(async { anyhow::Ok(crate::aws::session(&args.aws).await?.registry()) })?;
@@ -50,6 +51,7 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         &target,
         &also,
         args.delete_thing,
+        &scope,
         deadline,
     ))?;
     let (cleaned, failed) = if args.balena_cleanup {
@@ -103,6 +105,31 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
     })
 }
 
+/// What this revoke may touch, from the variables the Lambda has where the shell has them:
+/// JITR_TRUSTED_CA_IDS (a certificate of another CA is not jitr's) and JITR_THING_TYPE.
+fn scope() -> Result<Scope> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let trusted_cas = match var("JITR_TRUSTED_CA_IDS") {
+        Some(list) => list
+            .split(',')
+            .map(|id| {
+                CertificateId::parse(id.trim()).map_err(|reason| {
+                    anyhow::anyhow!("JITR_TRUSTED_CA_IDS is invalid: {:?}: {reason}", id.trim())
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+    Ok(Scope {
+        ownership: Ownership {
+            fleet: None,
+            thing_type: var("JITR_THING_TYPE"),
+        },
+        trusted_cas,
+        vouched: false,
+    })
+}
+
 fn print_report(report: &RevokeReport) {
     if report.revoked.is_empty() {
         println!("no certificate to revoke");
@@ -129,7 +156,10 @@ fn print_report(report: &RevokeReport) {
         println!("deleted Thing {thing} (and with it any revocation mark: the device may register again)");
     }
     for thing in &report.things_kept {
-        println!("kept Thing {thing}: another application's principal is attached to it");
+        println!("kept Thing {thing}: it is not jitr's, or another application's principal is attached to it");
+    }
+    for id in &report.foreign_kept {
+        println!("left certificate {id} as it is: registered under a CA jitr does not trust (another application's)");
     }
     if let Some(thing) = &report.marked {
         println!("{thing} is cut off for good: the activator and the provisioner refuse it until `jitr approve --device {thing}`");
