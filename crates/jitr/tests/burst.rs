@@ -3,7 +3,8 @@
 //! connections and answers slowly, to the real `bootstrap` under Lambda's asynchronous retry
 //! rules (two retries, then the failure queue); then one `jitr reconcile`. Afterwards every
 //! fleet member's certificate must be ACTIVE with exactly one Thing and one attachment, every
-//! other one REVOKED, and none left pending.
+//! other one REVOKED, and none left pending; another application's Things, certificate and
+//! Cognito identity in the same account untouched.
 //!
 //! 10,000 certificates by default; `JITR_BURST_CERTS` sets another count. The counts and
 //! times are printed to stderr (also when the test passes). `bootstrap` is taken from next to
@@ -290,6 +291,7 @@ fn a_burst_through_faults_ends_with_every_certificate_decided() {
         tally.pending, inactive,
         "inactive members are held, never revoked"
     );
+    world.assert_foreign_untouched().unwrap();
 }
 
 fn crash_size() -> usize {
@@ -402,4 +404,5 @@ fn lambdas_killed_mid_decision_leave_nothing_half_made() {
         tally.pending, inactive,
         "inactive members are held, never revoked"
     );
+    world.assert_foreign_untouched().unwrap();
 }

@@ -201,6 +201,9 @@ fn rows(out: &Output) -> std::collections::HashMap<String, serde_json::Value> {
 #[test]
 fn active_registration_provisions_every_device_and_a_rerun_skips_them() {
     let w = World::new(3);
+    let foreign =
+        w.rt.block_on(testkit::foreign::Foreign::plant(&w.moto, &w.client))
+            .unwrap();
     let out = w.register(
         &["--status", "ACTIVE", "--fleet-id", "777", "--json"],
         &w.env(),
@@ -234,6 +237,7 @@ fn active_registration_provisions_every_device_and_a_rerun_skips_them() {
         "{text}"
     );
     assert!(text.contains("no fleet check was made"), "{text}");
+    w.rt.block_on(foreign.assert_untouched(&w.client)).unwrap();
 }
 
 #[test]

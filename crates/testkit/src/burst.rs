@@ -76,6 +76,8 @@ pub struct BurstWorld {
     pub proxy: Proxy,
     /// Where `bootstrap` gets its events.
     pub emulator: RuntimeEmulator,
+    /// Another application's things in the same account: never touched.
+    pub foreign: crate::foreign::Foreign,
     runtimes: std::sync::Mutex<Vec<KillOnDrop>>,
     bootstrap: Option<std::path::PathBuf>,
 }
@@ -104,6 +106,7 @@ impl BurstWorld {
             crate::iot::create_policy(&client, POLICY).await?;
             crate::iot::register_ca(&client, &ca.cert_pem).await
         })?;
+        let foreign = rt.block_on(crate::foreign::Foreign::plant(&moto, &client))?;
         let balena = FakeBalena::start(API_KEY)?;
         balena.add_fleet(FLEET_ID, "burst-fleet");
 
@@ -146,6 +149,7 @@ impl BurstWorld {
             devices,
             proxy,
             emulator,
+            foreign,
             runtimes: std::sync::Mutex::new(Vec::new()),
             bootstrap: None,
         })
@@ -259,8 +263,15 @@ impl BurstWorld {
         })
     }
 
+    /// Fails unless the foreign application's things are as planted.
+    pub fn assert_foreign_untouched(&self) -> Result<()> {
+        self.rt
+            .block_on(self.foreign.assert_untouched(&self.client))
+    }
+
     /// What AWS IoT (moto) holds now, read without faults: certificates, Things, policy
-    /// targets and every Thing's principals.
+    /// targets and every Thing's principals (jitr's: the foreign Things are checked by
+    /// [`BurstWorld::assert_foreign_untouched`]).
     pub fn registry(&self) -> Result<RegistryState> {
         let started = Instant::now();
         let (statuses, arns) = self.certificates()?;
@@ -281,7 +292,10 @@ impl BurstWorld {
                 .await
                 .context("ListThings")?;
             for thing in things {
-                if let Some(name) = thing.thing_name() {
+                if let Some(name) = thing
+                    .thing_name()
+                    .filter(|name| !self.foreign.things().contains(name))
+                {
                     *state.things.entry(name.to_owned()).or_default() += 1;
                 }
             }

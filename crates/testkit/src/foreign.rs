@@ -107,15 +107,20 @@ impl Foreign {
         })
     }
 
-    /// Fails unless every foreign thing is as planted: the Things there with their
-    /// attributes, the certificate ACTIVE with its policy and Thing, the identity attached.
-    pub async fn assert_untouched(&self, client: &Client) -> Result<()> {
-        for thing in [
+    /// The foreign Things' names.
+    pub fn things(&self) -> [&str; 4] {
+        [
             EMPTY_THING,
             CERT_THING,
             COGNITO_THING,
             self.uuid_like.as_str(),
-        ] {
+        ]
+    }
+
+    /// Fails unless every foreign thing is as planted: the Things there with their
+    /// attributes, the certificate ACTIVE with its policy and Thing, the identity attached.
+    pub async fn assert_untouched(&self, client: &Client) -> Result<()> {
+        for thing in self.things() {
             let out = client
                 .describe_thing()
                 .thing_name(thing)
