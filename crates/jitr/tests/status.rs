@@ -594,6 +594,7 @@ fn rotate_puts_the_new_certificate_in_place_before_the_old_goes() {
         .unwrap()
         .contains("not an active member"));
     assert!(!std::path::Path::new(&out_dir).join(&stranger).exists());
+    w.foreign_untouched();
 }
 
 /// #21 case 2: a rotation without delivery never retires the old certificate on a guess.
