@@ -827,9 +827,9 @@ pub(crate) struct DeviceConnectArgs {
     /// trusted roots].
     #[arg(long, value_name = "FILE")]
     pub(crate) server_ca: Option<PathBuf>,
-    /// Give up when not connected after this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-    pub(crate) deadline: u64,
+    /// Give up when not connected after this long (`90s`, `5m`; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = activator::parse_duration)]
+    pub(crate) deadline: std::time::Duration,
     /// Once connected, publish MESSAGE to TOPIC (QoS 1) and wait for its acknowledgement; a
     /// broker that disconnects instead (AWS IoT does, for a topic the policy does not allow)
     /// fails the command.

@@ -163,7 +163,7 @@ fn the_issued_chain_connects_to_a_real_broker_and_the_bare_leaf_is_refused() {
     let broker = Mosquitto::start(dir, "root-only", port, &dir.join("ca/root.crt"));
 
     // chain.pem (device, then issuing CA) lets OpenSSL build the path to the root it trusts.
-    let out = connect(dir, &format!("devices/{UUID}/chain.pem"), &broker, "5");
+    let out = connect(dir, &format!("devices/{UUID}/chain.pem"), &broker, "5s");
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     assert!(stdout.contains("attempt 1: connected"), "{stdout}");

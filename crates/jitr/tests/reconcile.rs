@@ -149,7 +149,29 @@ fn certificates_that_still_fail_make_it_exit_1_and_stay_pending() {
         .envs(w.moto.aws_env())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // Missing configuration is a usage error, every missing variable named in one line.
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for var in [
+        "JITR_TRUSTED_CA_IDS",
+        "JITR_POLICY_NAME",
+        "BALENA_FLEET_ID",
+        "BALENA_API_KEY",
+    ] {
+        assert!(stderr.contains(var), "{var}: {stderr}");
+    }
+    // One missing: named as before, still exit 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args(["reconcile"])
+        .env_clear()
+        .envs(w.moto.aws_env())
+        .env("JITR_POLICY_NAME", POLICY)
+        .env("JITR_FLEET_BACKEND", "allowlist")
+        .env("JITR_ALLOWLIST", w.allowlist.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("JITR_TRUSTED_CA_IDS is not set"));
 }
 
@@ -220,6 +242,10 @@ fn revoke_undoes_an_activation_and_is_idempotent() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("no certificate to revoke"));
     let out = w.jitr(&["revoke"]);
     assert_eq!(out.status.code(), Some(2));
+    // A value that cannot be a certificate id is a usage error, named.
+    let out = w.jitr(&["revoke", "--certificate-id", "nothex"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--certificate-id \"nothex\""));
 }
 
 #[test]

@@ -93,10 +93,7 @@ impl FleetConfig {
                         "writing back to balena needs JITR_FLEET_BACKEND=balena",
                     ));
                 }
-                let path = env.required(
-                    "JITR_ALLOWLIST",
-                    "a file of device ids, one per line, for JITR_FLEET_BACKEND=allowlist",
-                )?;
+                let path = env.required(ALLOWLIST.0, ALLOWLIST.1)?;
                 Ok(FleetConfig::Allowlist {
                     path: PathBuf::from(path),
                 })
@@ -109,6 +106,22 @@ impl FleetConfig {
     }
 }
 
+/// `BALENA_FLEET_ID`, required with the balena backend, and what it holds.
+pub(super) const FLEET_ID: (&str, &str) = (
+    "BALENA_FLEET_ID",
+    "the numeric id of the balena fleet devices must belong to",
+);
+/// `BALENA_API_KEY` (or `BALENA_API_KEY_SECRET_ID`), required with the balena backend.
+pub(super) const API_KEY: (&str, &str) = (
+    "BALENA_API_KEY",
+    "set BALENA_API_KEY or BALENA_API_KEY_SECRET_ID",
+);
+/// `JITR_ALLOWLIST`, required with the allowlist backend.
+pub(super) const ALLOWLIST: (&str, &str) = (
+    "JITR_ALLOWLIST",
+    "a file of device ids, one per line, for JITR_FLEET_BACKEND=allowlist",
+);
+
 /// `BALENA_API_URL` (default balenaCloud's), validated: https, or http to loopback only.
 pub(crate) fn balena_api_url(env: &Env<'_>) -> Result<String, ConfigError> {
     let url = env
@@ -119,10 +132,7 @@ pub(crate) fn balena_api_url(env: &Env<'_>) -> Result<String, ConfigError> {
 
 /// `BALENA_FLEET_ID`, required.
 pub(crate) fn balena_fleet_id(env: &Env<'_>) -> Result<FleetId, ConfigError> {
-    let id = env.required(
-        "BALENA_FLEET_ID",
-        "the numeric id of the balena fleet devices must belong to",
-    )?;
+    let id = env.required(FLEET_ID.0, FLEET_ID.1)?;
     FleetId::parse(&id).map_err(|r| ConfigError::invalid("BALENA_FLEET_ID", r))
 }
 
@@ -135,8 +145,8 @@ fn api_key_source(env: &Env<'_>) -> Result<ApiKeySource, ConfigError> {
         (Some(key), _) => Ok(ApiKeySource::Literal(ApiKey::new(key))),
         (None, Some(id)) => Ok(ApiKeySource::SecretsManager(id)),
         (None, None) => Err(ConfigError::Missing {
-            var: "BALENA_API_KEY",
-            hint: "set BALENA_API_KEY or BALENA_API_KEY_SECRET_ID",
+            var: API_KEY.0,
+            hint: API_KEY.1,
         }),
     }
 }

@@ -21,6 +21,9 @@ pub enum ConfigError {
         /// What it should hold.
         hint: &'static str,
     },
+    /// Several required variables are not set: all named at once, each with what it holds.
+    #[error("{} variables are not set: {}", .0.len(), named(.0))]
+    MissingMany(Vec<(&'static str, &'static str)>),
     /// A variable has an unusable value.
     #[error("{var} is invalid: {reason}")]
     Invalid {
@@ -45,7 +48,24 @@ pub enum ConfigError {
     Balena(#[from] balena::Error),
 }
 
+fn named(missing: &[(&'static str, &'static str)]) -> String {
+    missing
+        .iter()
+        .map(|(var, hint)| format!("{var} ({hint})"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl ConfigError {
+    /// Whether the configuration is incomplete or wrong (the operator's to fix), rather than a
+    /// file or the balena client failing.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            ConfigError::Missing { .. } | ConfigError::MissingMany(_) | ConfigError::Invalid { .. }
+        )
+    }
+
     pub(crate) fn invalid(var: &'static str, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
             var,
@@ -140,6 +160,31 @@ pub fn parse_duration(value: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(n.saturating_mul(seconds)))
 }
 
+/// The required variables that are not set, for the fleet backend chosen, each with what it
+/// holds: so that an operator's shell learns them all in one run, not one per run.
+fn missing(env: &Env<'_>) -> Vec<(&'static str, &'static str)> {
+    let mut missing: Vec<_> = [policy::TRUSTED_CA_IDS, policy::POLICY_NAME]
+        .into_iter()
+        .filter(|(var, _)| env.get(var).is_none())
+        .collect();
+    match env.get("JITR_FLEET_BACKEND").as_deref() {
+        None | Some("balena") => {
+            if env.get(fleet::FLEET_ID.0).is_none() {
+                missing.push(fleet::FLEET_ID);
+            }
+            if env.get("BALENA_API_KEY").is_none() && env.get("BALENA_API_KEY_SECRET_ID").is_none()
+            {
+                missing.push(fleet::API_KEY);
+            }
+        }
+        Some("allowlist") if env.get(fleet::ALLOWLIST.0).is_none() => {
+            missing.push(fleet::ALLOWLIST)
+        }
+        _ => {}
+    }
+    missing
+}
+
 /// The variables, trimmed, an empty one counting as unset.
 pub(crate) struct Env<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
@@ -178,6 +223,10 @@ impl Config {
     /// Reads the configuration through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let env = Env { lookup: &get };
+        let missing = missing(&env);
+        if missing.len() > 1 {
+            return Err(ConfigError::MissingMany(missing));
+        }
         let policy = Policy::read(&env)?;
         let fleet = FleetConfig::read(&env, policy.id_format)?;
         let sweep_min_age = match env.get("JITR_SWEEP_MIN_AGE_SECONDS") {
@@ -365,11 +414,10 @@ mod tests {
             ),
         ];
         for (overrides, want) in cases {
-            let mut pairs: Vec<(&str, &str)> = if want.starts_with("JITR_TRUSTED_CA_IDS is not") {
-                vec![]
-            } else {
-                base.to_vec()
-            };
+            let mut pairs: Vec<(&str, &str)> = base.to_vec();
+            if want.starts_with("JITR_TRUSTED_CA_IDS is not") {
+                pairs.retain(|(key, _)| *key != "JITR_TRUSTED_CA_IDS");
+            }
             for (k, v) in overrides {
                 pairs.retain(|(key, _)| *key != k);
                 pairs.push((k, v));
@@ -377,6 +425,27 @@ mod tests {
             let err = Config::from_lookup(lookup(&pairs)).unwrap_err().to_string();
             assert!(err.starts_with(want), "{want}: {err}");
         }
+        // Several missing: all named at once, for the backend chosen.
+        let err = Config::from_lookup(lookup(&[])).unwrap_err();
+        assert!(err.is_usage());
+        let text = err.to_string();
+        assert!(text.starts_with("4 variables are not set"), "{text}");
+        for var in [
+            "JITR_TRUSTED_CA_IDS",
+            "JITR_POLICY_NAME",
+            "BALENA_FLEET_ID",
+            "BALENA_API_KEY",
+        ] {
+            assert!(text.contains(var), "{var}: {text}");
+        }
+        let err = Config::from_lookup(lookup(&[("JITR_FLEET_BACKEND", "allowlist")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("3 variables are not set"), "{err}");
+        assert!(
+            err.contains("JITR_ALLOWLIST") && !err.contains("BALENA"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -38,13 +38,21 @@ pub struct Policy {
     pub max_validity_days: u32,
 }
 
+/// `JITR_TRUSTED_CA_IDS`, required, and what it holds.
+pub(super) const TRUSTED_CA_IDS: (&str, &str) = (
+    "JITR_TRUSTED_CA_IDS",
+    "comma-separated caCertificateIds (`jitr ca register` prints it)",
+);
+/// `JITR_POLICY_NAME`, required, and what it holds.
+pub(super) const POLICY_NAME: (&str, &str) = (
+    "JITR_POLICY_NAME",
+    "the IoT policy attached to every activated certificate",
+);
+
 impl Policy {
     /// Reads the rules.
     pub(super) fn read(env: &Env<'_>) -> Result<Policy, ConfigError> {
-        let trusted = env.required(
-            "JITR_TRUSTED_CA_IDS",
-            "comma-separated caCertificateIds (`jitr ca register` prints it)",
-        )?;
+        let trusted = env.required(TRUSTED_CA_IDS.0, TRUSTED_CA_IDS.1)?;
         let trusted_ca_ids = trusted
             .split(',')
             .map(|id| {
@@ -53,10 +61,7 @@ impl Policy {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let policy_name = env.required(
-            "JITR_POLICY_NAME",
-            "the IoT policy attached to every activated certificate",
-        )?;
+        let policy_name = env.required(POLICY_NAME.0, POLICY_NAME.1)?;
         if !valid_name(&policy_name, 128) {
             return Err(ConfigError::invalid(
                 "JITR_POLICY_NAME",

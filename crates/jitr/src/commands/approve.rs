@@ -1,7 +1,7 @@
 //! `jitr approve`: a held certificate made the device's identity, after the same checks as
 //! any decision; the certificate(s) it replaces retired once it is active.
 
-use activator::{CertificateId, Config, IotRegistry, Outcome as DecisionOutcome};
+use activator::{CertificateId, IotRegistry, Outcome as DecisionOutcome};
 use anyhow::{Context, Result};
 
 use super::{print_json, Outcome};
@@ -27,7 +27,7 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
     let id = CertificateId::parse(certificate_id)
         .map_err(|reason| anyhow::anyhow!("--certificate-id {certificate_id:?}: {reason}"))?;
     // The Lambda's configuration, read the Lambda's way: the same checks, the same rules.
-    let config = Config::from_env().context("activator configuration")?;
+    let config = super::activator_config()?;
     if args.add_to_ledger && config.ledger.is_none() {
         return Err(crate::UsageError(
             "--add-to-ledger needs the ledger: set JITR_LEDGER_TABLE (and JITR_LEDGER) as the Lambda has them"

@@ -61,11 +61,11 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
 
     let endpoint = &args.endpoint;
     let json = args.output.json;
-    let deadline = Duration::from_secs(args.deadline);
+    let deadline = args.deadline;
     if !json {
         println!(
             "connecting to {endpoint} as {client_id} (MQTT 3.1.1 over TLS, deadline {}s)",
-            args.deadline
+            args.deadline.as_secs()
         );
     }
     let mut report = Report::default();
@@ -139,7 +139,7 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
         Ending::Deadline => {
             eprintln!(
                 "jitr: not connected to {endpoint} within {}s ({} attempt(s))",
-                args.deadline,
+                args.deadline.as_secs(),
                 report.attempts.len()
             );
             false

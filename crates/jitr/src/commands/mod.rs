@@ -22,6 +22,18 @@ use crate::cli::{
     BalenaCommand, CaCommand, Cli, Command, DeviceCommand, FleetProvisioningCommand, LedgerCommand,
 };
 
+/// The activator's configuration, read from the same variables as the Lambda: a missing or
+/// bad variable is the operator's to fix (exit 2), every missing one named at once.
+pub(crate) fn activator_config() -> Result<activator::Config> {
+    activator::Config::from_env().map_err(|e| {
+        if e.is_usage() {
+            crate::UsageError(format!("activator configuration: {e}")).into()
+        } else {
+            anyhow::Error::new(e).context("activator configuration")
+        }
+    })
+}
+
 /// How a command ended when it did not hit an error.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {

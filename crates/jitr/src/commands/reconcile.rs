@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use activator::{CertificateId, Config, SweepEvent, SweepOptions, SweepReport};
-use anyhow::{Context, Result};
+use activator::{CertificateId, SweepEvent, SweepOptions, SweepReport};
+use anyhow::Result;
 
 use super::{print_json, Outcome};
 use crate::cli::ReconcileArgs;
@@ -16,7 +16,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub(crate) fn reconcile(args: ReconcileArgs) -> Result<Outcome> {
     // The Lambda's configuration, read the Lambda's way: the same decision, the same rules.
-    let config = Config::from_env().context("activator configuration")?;
+    let config = super::activator_config()?;
     let ca_ids = chosen_cas(&args.ca_id, &config.policy.trusted_ca_ids)?;
     let opts = SweepOptions {
         min_age: args.older_than,

@@ -14,11 +14,16 @@ const REVOKE_TIME: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
     let target = match (&args.id, &args.certificate_id) {
-        (Some(id), _) => Target::Device(DeviceId::parse(id, IdFormat::Any)?.to_string()),
-        (None, Some(id)) => Target::Certificate(
-            CertificateId::parse(id)
-                .map_err(|reason| anyhow::anyhow!("--certificate-id {id:?}: {reason}"))?,
+        (Some(id), _) => Target::Device(
+            DeviceId::parse(id, IdFormat::Any)
+                .map_err(|e| crate::UsageError(format!("--id: {e}")))?
+                .to_string(),
         ),
+        (None, Some(id)) => {
+            Target::Certificate(CertificateId::parse(id).map_err(|reason| {
+                crate::UsageError(format!("--certificate-id {id:?}: {reason}"))
+            })?)
+        }
         (None, None) => anyhow::bail!("give --id or --certificate-id"),
     };
     // The manifest names the device's certificates that may never have got a Thing.

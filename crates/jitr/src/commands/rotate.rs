@@ -11,7 +11,7 @@ use std::time::Duration;
 use activator::bulk::Placement;
 use activator::rotation;
 use activator::status::{self, Known, Rates, State};
-use activator::{CertificateId, Config, FleetConfig, ThingSpec};
+use activator::{CertificateId, FleetConfig, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{issue_batch, BatchOptions, DeviceId, Rotation};
 use time::OffsetDateTime;
@@ -36,7 +36,7 @@ struct Rotated {
 }
 
 pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
-    let config = Config::from_env().context("activator configuration")?;
+    let config = super::activator_config()?;
     let grace = grace(args.grace, args.balena.push_balena)?;
     let delivery = Delivery::from_args(&args.balena)?;
     let ca = crate::keys::load_ca(&args.ca, None)?;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use activator::status::{self, DeviceStatus, Known, Rates, Scope, Standing, State};
-use activator::{Config, FleetConfig, Ownership};
+use activator::{FleetConfig, Ownership};
 use anyhow::{Context, Result};
 
 use super::reconcile::chosen_cas;
@@ -19,7 +19,7 @@ use crate::cli::StatusArgs;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
-    let config = Config::from_env().context("activator configuration")?;
+    let config = super::activator_config()?;
     let ca_ids = chosen_cas(&args.ca_id, &config.policy.trusted_ca_ids)?;
     let mut known = HashMap::new();
     let mut manifest_devices = BTreeSet::new();
