@@ -593,9 +593,22 @@ pub(crate) struct InspectArgs {
     pub(crate) output: OutputArgs,
 }
 
+/// The `--help` footer of the commands that decide with the activator's configuration.
+const ACTIVATOR_ENV_HELP: &str = "\
+Configuration: the activator's, from the same variables as the Lambda (a missing one exits 2,
+all named at once):
+  JITR_TRUSTED_CA_IDS   comma-separated caCertificateIds (required)
+  JITR_POLICY_NAME      the IoT policy attached to every activated certificate (required)
+  JITR_FLEET_BACKEND    balena (default) or allowlist
+  BALENA_FLEET_ID, BALENA_API_KEY (or BALENA_API_KEY_SECRET_ID)   with balena (required)
+  JITR_ALLOWLIST        a file of device ids, with allowlist (required)
+  JITR_LEDGER_TABLE     the issuance ledger: named alone it is a gate (JITR_LEDGER=record to only mark)
+  JITR_THING_TYPE, JITR_THING_GROUP, JITR_REJECT_ACTION, JITR_ID_FORMAT: as the Lambda";
+
 /// `jitr reconcile` reads the activator's configuration from the same environment variables
 /// as the Lambda (JITR_TRUSTED_CA_IDS, JITR_POLICY_NAME, JITR_FLEET_BACKEND, BALENA_*...).
 #[derive(Debug, Args)]
+#[command(after_help = ACTIVATOR_ENV_HELP)]
 pub(crate) struct ReconcileArgs {
     /// CA to sweep (repeatable) [default: every id in JITR_TRUSTED_CA_IDS].
     #[arg(long, value_name = "ID")]
@@ -621,6 +634,7 @@ pub(crate) struct ReconcileArgs {
 
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "expiring_within"])))]
+#[command(after_help = ACTIVATOR_ENV_HELP)]
 pub(crate) struct RotateArgs {
     #[command(flatten)]
     pub(crate) ca: CaDirArgs,
@@ -677,6 +691,7 @@ impl RotateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = ACTIVATOR_ENV_HELP)]
 pub(crate) struct StatusArgs {
     /// CA whose certificates to read (repeatable) [default: every id in JITR_TRUSTED_CA_IDS].
     #[arg(long, value_name = "ID")]
@@ -746,6 +761,7 @@ pub(crate) struct RevokeArgs {
 /// the same checks before it activates anything.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["certificate_id", "device"])))]
+#[command(after_help = ACTIVATOR_ENV_HELP)]
 pub(crate) struct ApproveArgs {
     /// The held certificate.
     #[arg(long, value_name = "ID")]

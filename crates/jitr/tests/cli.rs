@@ -609,3 +609,35 @@ fn a_ca_that_ends_sooner_caps_its_devices_and_says_so() {
         String::from_utf8_lossy(&check.stdout)
     );
 }
+
+/// The commands that decide with the activator's configuration list its variables in `--help`,
+/// and a shell missing several learns them all in one run (exit 2).
+#[test]
+fn the_deciding_commands_name_their_variables() {
+    let tmp = tempfile::tempdir().unwrap();
+    for command in ["reconcile", "approve", "status", "rotate"] {
+        let out = jitr(tmp.path(), &[command, "--help"]);
+        assert!(out.status.success(), "{command}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for var in [
+            "JITR_TRUSTED_CA_IDS",
+            "JITR_POLICY_NAME",
+            "BALENA_FLEET_ID",
+            "JITR_LEDGER_TABLE",
+        ] {
+            assert!(help.contains(var), "{command} --help lacks {var}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args(["status"])
+        .env_clear()
+        .env("JITR_FLEET_BACKEND", "allowlist")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    for var in ["JITR_TRUSTED_CA_IDS", "JITR_POLICY_NAME", "JITR_ALLOWLIST"] {
+        assert!(text.contains(var), "{var}: {text}");
+    }
+}
