@@ -1,7 +1,8 @@
 //! The issuance ledger from the factory's side: `--ledger TABLE` on `issue`, `sign-csr` and
-//! `rotate` writes an item per certificate issued (BatchWriteItem only: the stack's
-//! LedgerWriterPolicy); `jitr ledger import` writes a manifest's certificates that never reached
-//! it; `jitr approve --add-to-ledger` adds one certificate.
+//! `rotate` writes an item per certificate issued (BatchWriteItem, under the stack's
+//! FactoryLedgerPolicy); `jitr ledger import` writes a manifest's certificates that never
+//! reached it and `jitr approve --add-to-ledger` adds one certificate (UpdateItem, the policy's
+//! other grant).
 
 use std::io::IsTerminal;
 use std::time::Duration;

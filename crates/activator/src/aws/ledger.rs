@@ -1,7 +1,9 @@
 //! [`DynamoLedger`]: the issuance ledger in a DynamoDB table keyed by `certificate_id` (a
 //! string). The activator reads with GetItem and marks with UpdateItem (its only grants); the
-//! factory writes new items with BatchWriteItem (its only grant), 25 at a time, retrying what
-//! DynamoDB leaves unprocessed until the command's deadline.
+//! factory writes new items with BatchWriteItem, 25 at a time, retrying what DynamoDB leaves
+//! unprocessed until the command's deadline, and `jitr ledger import` / `approve
+//! --add-to-ledger` add one with UpdateItem (the factory policy's two grants, both limited to
+//! the issuance attributes: rules/README.md).
 //!
 //! The SDK's standard retry (three attempts, jittered) handles throttling of single calls; each
 //! call is also bounded by the caller's deadline.
