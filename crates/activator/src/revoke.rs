@@ -1,13 +1,15 @@
 //! Revoking a device's certificates (`jitr revoke`): REVOKED first, so whatever fails later
 //! the certificate can no longer connect; then every policy and Thing detached, and the
-//! Things deleted on request. Idempotent: a second run finds nothing left to do.
+//! Things deleted on request. Idempotent while the device's Thing stands: a second run finds
+//! nothing left to do (after its Thing was deleted, there is nothing of it: exit 1).
 
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::ownership::Ownership;
 use crate::{
-    call_deadline, CertificateId, CertificateStatus, IotAdmin, IotRegistry, RegistryError,
+    call_deadline, CertificateDescription, CertificateId, CertificateStatus, IotAdmin, IotRegistry,
+    RegistryError,
 };
 
 /// What a revoke may touch: only what jitr owns ([`crate::ownership`]).
@@ -32,6 +34,21 @@ impl Scope {
         }
     }
 
+    /// The scope an operator's shell gives: the trusted CAs (`JITR_TRUSTED_CA_IDS`) and the
+    /// thing type (`JITR_THING_TYPE`) where it has them, read and checked as the Lambda reads
+    /// them; without them, ownership rests on the fleet attribute and the manifest.
+    pub fn from_env() -> Result<Scope, crate::ConfigError> {
+        let (trusted_cas, thing_type) = crate::config::ownership_hints_from_env()?;
+        Ok(Scope {
+            ownership: Ownership {
+                fleet: None,
+                thing_type,
+            },
+            trusted_cas,
+            vouched: false,
+        })
+    }
+
     /// Whether a certificate registered under `ca` is another application's: a CA is known to
     /// be foreign only when the trusted list is known and does not hold it.
     fn foreign_ca(&self, ca: Option<&CertificateId>) -> bool {
@@ -51,6 +68,9 @@ pub enum RevokeError {
     /// The target is another application's: jitr acts only on what it owns.
     #[error("{0}")]
     NotOurs(String),
+    /// There is nothing of the device in AWS IoT: no Thing, no certificate, none named.
+    #[error("{0}")]
+    Nothing(String),
     /// An AWS IoT call failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -124,25 +144,43 @@ pub async fn attached_where<R: IotRegistry>(
     deadline: Instant,
     keep: impl Fn(&CertificateStatus) -> bool,
 ) -> Result<Vec<CertificateId>, RegistryError> {
+    Ok(attached_certificates(iot, thing, deadline)
+        .await?
+        .into_iter()
+        .filter_map(|(id, described)| described.filter(|d| keep(&d.status)).map(|_| id))
+        .collect())
+}
+
+/// The certificates attached to `thing` (none when there is no such Thing), each with what
+/// AWS IoT says of it (`None` when it was deleted between the listing and the reading), in
+/// the order AWS IoT lists its principals. Principals that are not certificates (a Cognito
+/// identity) are another application's and left out.
+async fn attached_certificates<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+) -> Result<Vec<(CertificateId, Option<CertificateDescription>)>, RegistryError> {
     let principals = match iot.thing_principals(thing, call_deadline(deadline)).await {
         Ok(p) => p,
         Err(e) if e.is_not_found() => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut kept = Vec::new();
-    for arn in principals {
-        let Some(id) = id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok()) else {
+    let mut attached = Vec::new();
+    for arn in principals
+        .iter()
+        .filter(|p| crate::ownership::is_certificate_arn(p))
+    {
+        let Some(id) = id_from_arn(arn).and_then(|id| CertificateId::parse(id).ok()) else {
             continue;
         };
-        if keep(
-            &iot.describe_certificate(&id, call_deadline(deadline))
-                .await?
-                .status,
-        ) {
-            kept.push(id);
-        }
+        let described = match iot.describe_certificate(&id, call_deadline(deadline)).await {
+            Ok(described) => Some(described),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        attached.push((id, described));
     }
-    Ok(kept)
+    Ok(attached)
 }
 
 /// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).
@@ -172,34 +210,20 @@ pub async fn revoke<A: IotAdmin>(
     let d = || call_deadline(deadline);
     let mut report = RevokeReport::default();
     // Things known to be jitr's: the only ones a delete may remove.
-    let mut vouched: Vec<String> = Vec::new();
+    let mut deletable: Vec<String> = Vec::new();
     let (mut arns, mut things) = match target {
         Target::Device(thing) => {
-            let principals = match iot.thing_principals(thing, d()).await {
-                Ok(principals) => principals,
-                Err(e) if e.is_not_found() => Vec::new(),
-                Err(e) => return Err(e.into()),
-            };
             let mut ours = Vec::new();
             let mut trusted_certificate = false;
-            for arn in principals
-                .into_iter()
-                .filter(|p| crate::ownership::is_certificate_arn(p))
-            {
-                let Some(id) = id_from_arn(&arn).and_then(|id| CertificateId::parse(id).ok())
-                else {
-                    continue;
-                };
-                let ca = match iot.describe_certificate(&id, d()).await {
-                    Ok(described) => described.ca_certificate_id,
-                    Err(e) if e.is_not_found() => None,
-                    Err(e) => return Err(e.into()),
-                };
-                if scope.foreign_ca(ca.as_ref()) {
+            for (id, described) in attached_certificates(iot, thing, deadline).await? {
+                // One deleted since the listing has nothing left to revoke.
+                let Some(described) = described else { continue };
+                let ca = described.ca_certificate_id.as_ref();
+                if scope.foreign_ca(ca) {
                     report.foreign_kept.push(id.to_string());
                 } else {
-                    trusted_certificate |= scope.trusted_ca(ca.as_ref());
-                    ours.push(arn);
+                    trusted_certificate |= scope.trusted_ca(ca);
+                    ours.push(described.arn);
                 }
             }
             match iot.describe_thing(thing, d()).await? {
@@ -210,8 +234,15 @@ pub async fn revoke<A: IotAdmin>(
                             "Thing {thing} is not jitr's: it has no fleet attribute or jitr thing type, and no certificate of a trusted CA (JITR_TRUSTED_CA_IDS) is attached; give --manifest if the factory issued it"
                         )));
                     }
-                    vouched.push(thing.clone());
+                    deletable.push(thing.clone());
                     (ours, vec![thing.clone()])
+                }
+                // A typo, or a device revoked and deleted before: nothing is made for it.
+                // The manifest vouches for a device that never connected, which is marked.
+                None if ours.is_empty() && also.is_empty() => {
+                    return Err(RevokeError::Nothing(format!(
+                        "nothing to revoke: AWS IoT has no Thing {thing} and no certificate of it (a device that never connected is cut off with --manifest naming its certificates)"
+                    )))
                 }
                 None => (ours, Vec::new()),
             }
@@ -229,7 +260,7 @@ pub async fn revoke<A: IotAdmin>(
             let ours = scope.vouched || scope.trusted_ca(ca);
             for thing in &things {
                 if ours {
-                    vouched.push(thing.clone());
+                    deletable.push(thing.clone());
                     continue;
                 }
                 // Not provably jitr's by its CA: its Things must be.
@@ -240,7 +271,7 @@ pub async fn revoke<A: IotAdmin>(
                         )));
                     }
                 }
-                vouched.push(thing.clone());
+                deletable.push(thing.clone());
             }
             (vec![described.arn], things)
         }
@@ -291,7 +322,7 @@ pub async fn revoke<A: IotAdmin>(
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => return Err(e.into()),
             };
-            let ours = vouched.contains(&thing)
+            let ours = deletable.contains(&thing)
                 || iot
                     .describe_thing(&thing, d())
                     .await?

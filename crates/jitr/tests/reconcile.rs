@@ -237,15 +237,49 @@ fn revoke_undoes_an_activation_and_is_idempotent() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The certificate was detached already, so its Thing stood (with the mark): by device id,
+    // it goes.
     let out = w.jitr(&["revoke", "--id", &uuid(1), "--delete-thing"]);
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("no certificate to revoke"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("deleted Thing {}", uuid(1))));
+    // Now AWS IoT holds nothing of the device, and revoking nothing is an error (a typo must
+    // not look done), with no Thing made.
+    let out = w.jitr(&["revoke", "--id", &uuid(1), "--delete-thing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to revoke"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = w.jitr(&["revoke", "--id", &uuid(7)]);
+    assert_eq!(out.status.code(), Some(1));
+    let made =
+        w.rt.block_on(w.client.describe_thing().thing_name(uuid(7)).send());
+    assert!(made.is_err(), "a Thing was made for an unknown id");
     let out = w.jitr(&["revoke"]);
     assert_eq!(out.status.code(), Some(2));
     // A value that cannot be a certificate id is a usage error, named.
     let out = w.jitr(&["revoke", "--certificate-id", "nothex"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--certificate-id \"nothex\""));
+    // The shell's JITR_TRUSTED_CA_IDS is read as the Lambda reads it: a bad one is named, exit 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_jitr"))
+        .args(["revoke", "--certificate-id", &member])
+        .env_clear()
+        .envs(w.moto.aws_env())
+        .env("JITR_TRUSTED_CA_IDS", format!("{}, nothex", w.ca_id))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("JITR_TRUSTED_CA_IDS is invalid: \"nothex\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

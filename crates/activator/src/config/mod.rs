@@ -258,6 +258,23 @@ impl Config {
     }
 }
 
+/// What an operator's shell knows of the rules that say what is jitr's, each optional there:
+/// the trusted CAs (`JITR_TRUSTED_CA_IDS`, empty when unset) and the thing type
+/// (`JITR_THING_TYPE`). Read and checked as the Lambda reads them.
+pub(crate) fn ownership_hints_from_env(
+) -> Result<(Vec<crate::CertificateId>, Option<String>), ConfigError> {
+    let get = |name: &str| std::env::var(name).ok();
+    let env = Env { lookup: &get };
+    let trusted = match env.get(policy::TRUSTED_CA_IDS.0) {
+        Some(list) => policy::trusted_ca_ids(&list)?,
+        None => Vec::new(),
+    };
+    Ok((
+        trusted,
+        policy::iot_name(&env, "JITR_THING_TYPE", "thing type")?,
+    ))
+}
+
 /// The pinned balena fleet the operator's commands write to, from `BALENA_API_URL`,
 /// `BALENA_FLEET_ID` and `BALENA_API_KEY`: every device they touch is looked up in it.
 pub fn balena_fleet_from_env() -> Result<balena::Fleet, ConfigError> {

@@ -49,18 +49,36 @@ pub(super) const POLICY_NAME: (&str, &str) = (
     "the IoT policy attached to every activated certificate",
 );
 
+/// The CA ids in `list` (JITR_TRUSTED_CA_IDS: comma-separated, spaces allowed).
+pub(super) fn trusted_ca_ids(list: &str) -> Result<Vec<CertificateId>, ConfigError> {
+    list.split(',')
+        .map(|id| {
+            CertificateId::parse(id.trim()).map_err(|r| {
+                ConfigError::invalid(TRUSTED_CA_IDS.0, format!("{:?}: {r}", id.trim()))
+            })
+        })
+        .collect()
+}
+
+/// The optional AWS IoT name in `var` (a thing type or group: `what`).
+pub(super) fn iot_name(
+    env: &Env<'_>,
+    var: &'static str,
+    what: &str,
+) -> Result<Option<String>, ConfigError> {
+    match env.get(var) {
+        Some(name) if !valid_name(&name, 128) => Err(ConfigError::invalid(
+            var,
+            format!("a {what} name uses [a-zA-Z0-9:_-], 1 to 128 characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
 impl Policy {
     /// Reads the rules.
     pub(super) fn read(env: &Env<'_>) -> Result<Policy, ConfigError> {
-        let trusted = env.required(TRUSTED_CA_IDS.0, TRUSTED_CA_IDS.1)?;
-        let trusted_ca_ids = trusted
-            .split(',')
-            .map(|id| {
-                CertificateId::parse(id.trim()).map_err(|r| {
-                    ConfigError::invalid("JITR_TRUSTED_CA_IDS", format!("{:?}: {r}", id.trim()))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_ca_ids = trusted_ca_ids(&env.required(TRUSTED_CA_IDS.0, TRUSTED_CA_IDS.1)?)?;
         let policy_name = env.required(POLICY_NAME.0, POLICY_NAME.1)?;
         if !valid_name(&policy_name, 128) {
             return Err(ConfigError::invalid(
@@ -78,17 +96,8 @@ impl Policy {
                 ))
             }
         };
-        let named = |var: &'static str, what: &str| -> Result<Option<String>, ConfigError> {
-            match env.get(var) {
-                Some(name) if !valid_name(&name, 128) => Err(ConfigError::invalid(
-                    var,
-                    format!("a {what} name uses [a-zA-Z0-9:_-], 1 to 128 characters"),
-                )),
-                other => Ok(other),
-            }
-        };
-        let thing_type = named("JITR_THING_TYPE", "thing type")?;
-        let thing_group = named("JITR_THING_GROUP", "thing group")?;
+        let thing_type = iot_name(env, "JITR_THING_TYPE", "thing type")?;
+        let thing_group = iot_name(env, "JITR_THING_GROUP", "thing group")?;
         let id_format = match env.get("JITR_ID_FORMAT") {
             None => IdFormat::BalenaUuid,
             Some(f) => f

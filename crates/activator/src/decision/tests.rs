@@ -670,6 +670,26 @@ async fn a_device_cut_off_by_revoke_is_rejected_until_the_mark_is_lifted() {
         .activate(&first, Some(&world.ca_id), deadline())
         .await
         .unwrap();
+    // A device AWS IoT knows nothing of is refused, and nothing is made for it (a typo).
+    let nothing = crate::revoke::revoke(
+        &world.iot,
+        &crate::revoke::Target::Device(STRANGER.into()),
+        &[],
+        false,
+        &crate::revoke::Scope::default(),
+        deadline(),
+    )
+    .await;
+    assert!(
+        matches!(nothing, Err(crate::revoke::RevokeError::Nothing(_))),
+        "{nothing:?}"
+    );
+    assert!(
+        crate::IotRegistry::describe_thing(&world.iot, STRANGER, deadline())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let report = crate::revoke::revoke(
         &world.iot,
         &crate::revoke::Target::Device(MEMBER.into()),

@@ -25,13 +25,17 @@ use crate::cli::{
 /// The activator's configuration, read from the same variables as the Lambda: a missing or
 /// bad variable is the operator's to fix (exit 2), every missing one named at once.
 pub(crate) fn activator_config() -> Result<activator::Config> {
-    activator::Config::from_env().map_err(|e| {
-        if e.is_usage() {
-            crate::UsageError(format!("activator configuration: {e}")).into()
-        } else {
-            anyhow::Error::new(e).context("activator configuration")
-        }
-    })
+    activator::Config::from_env().map_err(config_error)
+}
+
+/// A configuration error as the command's: missing or invalid variables are a usage error
+/// (exit 2).
+pub(crate) fn config_error(e: activator::ConfigError) -> anyhow::Error {
+    if e.is_usage() {
+        crate::UsageError(format!("activator configuration: {e}")).into()
+    } else {
+        anyhow::Error::new(e).context("activator configuration")
+    }
 }
 
 /// How a command ended when it did not hit an error.

@@ -2,7 +2,7 @@
 //! Things, the Things deleted on request; idempotent.
 
 use activator::revoke::{revoke as revoke_in_aws, RevokeReport, Scope, Target};
-use activator::{CertificateId, Ownership};
+use activator::CertificateId;
 use anyhow::Result;
 use factory_ca::{DeviceId, IdFormat};
 
@@ -46,7 +46,7 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         }
         (None, _) => Vec::new(),
     };
-    let scope = scope()?;
+    let scope = Scope::from_env().map_err(super::config_error)?;
     let runtime = crate::aws::runtime()?;
     let registry =
         runtime.block_on(async { anyhow::Ok(crate::aws::session(&args.aws).await?.registry()) })?;
@@ -107,31 +107,6 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         Outcome::Success
     } else {
         Outcome::Failed
-    })
-}
-
-/// What this revoke may touch, from the variables the Lambda has where the shell has them:
-/// JITR_TRUSTED_CA_IDS (a certificate of another CA is not jitr's) and JITR_THING_TYPE.
-fn scope() -> Result<Scope> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let trusted_cas = match var("JITR_TRUSTED_CA_IDS") {
-        Some(list) => list
-            .split(',')
-            .map(|id| {
-                CertificateId::parse(id.trim()).map_err(|reason| {
-                    anyhow::anyhow!("JITR_TRUSTED_CA_IDS is invalid: {:?}: {reason}", id.trim())
-                })
-            })
-            .collect::<Result<Vec<_>>>()?,
-        None => Vec::new(),
-    };
-    Ok(Scope {
-        ownership: Ownership {
-            fleet: None,
-            thing_type: var("JITR_THING_TYPE"),
-        },
-        trusted_cas,
-        vouched: false,
     })
 }
 
