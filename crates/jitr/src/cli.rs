@@ -5,9 +5,17 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use factory_ca::{IdFormat, KeyAlgorithm};
 
+/// `jitr --version`: the release and the commit it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("JITR_COMMIT"),
+    ")"
+);
+
 /// Own-CA tooling and Just-In-Time Registration for balenaCloud fleets on AWS IoT Core.
 #[derive(Debug, Parser)]
-#[command(name = "jitr", version, about, propagate_version = true)]
+#[command(name = "jitr", version = VERSION, about, propagate_version = true)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -61,6 +69,26 @@ pub(crate) enum Command {
     /// The issuance ledger (DynamoDB): what the factory issued, as the activator checks it.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Print the shell completion script for SHELL, e.g. `jitr completions bash >
+    /// /etc/bash_completion.d/jitr` (zsh: a file `_jitr` on $fpath).
+    Completions(CompletionsArgs),
+    /// Print jitr's manual page (roff: `jitr man | man -l -`), or with --out DIR write one page
+    /// per command (jitr.1, jitr-issue.1, jitr-ca-init.1, ...).
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub(crate) shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ManArgs {
+    /// Write every command's page into this folder (made if need be) instead.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -319,14 +347,14 @@ pub(crate) struct CaInitArgs {
     #[arg(long)]
     pub(crate) subject: Option<String>,
     /// Validity of the top CA in days [default: from profile, 20 years].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) days: Option<u32>,
     /// Subject of the issuing CA (with --with-issuing-ca) [default: --subject's names with
     /// "issuing" in its CN, e.g. O=Acme,CN=Acme fleet issuing CA].
     #[arg(long, requires = "with_issuing_ca")]
     pub(crate) issuing_subject: Option<String>,
     /// Validity of the issuing CA in days (with --with-issuing-ca) [default: 5 years].
-    #[arg(long, value_name = "N", requires = "with_issuing_ca")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), requires = "with_issuing_ca")]
     pub(crate) issuing_days: Option<u32>,
     /// Store the CA keys unencrypted (never do this for a production CA).
     #[arg(long)]
@@ -423,7 +451,7 @@ pub(crate) struct IssueArgs {
     #[arg(long, value_name = "FILE|-", conflicts_with_all = ["balena_env", "push_balena"])]
     pub(crate) bundle: Option<PathBuf>,
     /// Validity in days [default: from profile, 10 years].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) days: Option<u32>,
     /// Device key type [default: from profile, p256].
     #[arg(long, value_name = "p256|p384")]
@@ -566,7 +594,7 @@ pub(crate) struct SignCsrArgs {
     #[arg(long, default_value = "devices", value_name = "DIR")]
     pub(crate) devices: PathBuf,
     /// Validity in days [default: from profile].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) days: Option<u32>,
     /// Sign again for an id the manifest already holds.
     #[arg(long)]
@@ -659,7 +687,7 @@ pub(crate) struct RotateArgs {
     #[arg(long, default_value = "devices", value_name = "DIR")]
     pub(crate) out: PathBuf,
     /// Validity in days [default: from profile].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) days: Option<u32>,
     /// Device key type [default: from profile, p256].
     #[arg(long, value_name = "p256|p384")]

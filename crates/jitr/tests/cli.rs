@@ -138,6 +138,30 @@ fn bad_input_is_named_and_leaves_nothing_behind() {
         stderr(&out)
     );
     assert!(!tmp.path().join("devices").exists(), "no partial output");
+    // A validity of no days is as much a bad value as one past the maximum: exit 2, named.
+    std::fs::write(tmp.path().join("one.txt"), format!("{}\n", uuid(1))).unwrap();
+    for days in ["0", "99999"] {
+        let out = jitr(
+            tmp.path(),
+            &[
+                "issue",
+                "--ids",
+                "one.txt",
+                "--passphrase-file",
+                "pass",
+                "--days",
+                days,
+            ],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--days {days}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("--days"), "{}", stderr(&out));
+    }
+    assert!(!tmp.path().join("devices").exists(), "no partial output");
 
     let out = jitr(
         tmp.path(),
@@ -640,4 +664,86 @@ fn the_deciding_commands_name_their_variables() {
     for var in ["JITR_TRUSTED_CA_IDS", "JITR_POLICY_NAME", "JITR_ALLOWLIST"] {
         assert!(text.contains(var), "{var}: {text}");
     }
+}
+
+/// `jitr completions` and `jitr man` come from the clap definitions, checked by the programs
+/// that read them: bash loads the script and completes a command and a flag; groff renders
+/// every page without a warning. `--version` names the commit this checkout is at.
+#[test]
+fn completions_man_pages_and_version_come_from_the_command_definitions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_jitr");
+    let complete = |words: &str, cword: usize| {
+        let script = format!(
+            "source <('{bin}' completions bash) || exit 9; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _jitr jitr \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        );
+        let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(complete("jitr iss", 1).trim(), "issue");
+    assert!(complete("jitr issue --bu", 2)
+        .lines()
+        .any(|l| l == "--bundle"));
+    let out = jitr(tmp.path(), &["completions", "nosuch"]);
+    assert_eq!(out.status.code(), Some(2));
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = jitr(tmp.path(), &["completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
+    }
+
+    let pages = tmp.path().join("man/man1");
+    let out = jitr(tmp.path(), &["man", "--out", pages.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut names: Vec<String> = std::fs::read_dir(&pages)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    for want in ["jitr.1", "jitr-issue.1", "jitr-ca-init.1", "jitr-revoke.1"] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    assert!(stderr(&out).contains(&format!("wrote {} manual pages", names.len())));
+    for name in &names {
+        let path = pages.join(name);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644,
+            "{name}"
+        );
+        let out = Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{name}: {}",
+            stderr(&out)
+        );
+    }
+    let issue = std::fs::read_to_string(pages.join("jitr-issue.1")).unwrap();
+    assert!(issue.contains("bundle"), "{issue}");
+    let out = jitr(tmp.path(), &["man"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(".ie"));
+
+    let out = jitr(tmp.path(), &["--version"]);
+    let version = String::from_utf8(out.stdout).unwrap();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned());
+    let commit = std::env::var("JITR_COMMIT")
+        .ok()
+        .or(head)
+        .unwrap_or_else(|| "unknown".to_owned());
+    assert_eq!(
+        version.trim(),
+        format!("jitr {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
 }

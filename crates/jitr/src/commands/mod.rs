@@ -3,6 +3,7 @@
 mod approve;
 mod balena;
 mod ca;
+mod completions;
 mod device;
 mod endpoint;
 mod fleet_provisioning;
@@ -10,6 +11,7 @@ mod inspect;
 mod issue;
 mod jitp;
 mod ledger;
+mod man;
 mod reconcile;
 mod register;
 mod revoke;
@@ -73,6 +75,8 @@ pub(crate) fn run(cli: Cli) -> Result<Outcome> {
             fleet_provisioning::claim(args)
         }
         Command::Ledger(LedgerCommand::Import(args)) => ledger::import(args),
+        Command::Completions(args) => completions::completions(args),
+        Command::Man(args) => man::man(args),
     }
 }
 
