@@ -320,10 +320,52 @@ fn a_ledger_write_that_fails_says_so_and_how_to_finish() {
         "{text}"
     );
     assert!(text.contains("jitr ledger import --manifest"), "{text}");
+    // The reason in DynamoDB's words, one line, not the SDK's dump of the raw response.
+    assert!(
+        text.contains("ResourceNotFoundException: ") && !text.contains("headers"),
+        "{text}"
+    );
     // Issued all the same: nothing is lost.
     assert!(w
         .work
         .path()
         .join(format!("devices/{}/device.crt", uuid(1)))
         .exists());
+
+    // The import it points to, against the same missing table, with more certificates: one
+    // line for the reason they share, not one (of 2 KB) per certificate.
+    for n in 2..=5 {
+        ok(&w.jitr(
+            None,
+            &[
+                "issue",
+                "--dir",
+                &ca_dir,
+                "--id",
+                &uuid(n),
+                "--out",
+                "devices",
+            ],
+        ));
+    }
+    let out = w.jitr(
+        None,
+        &[
+            "ledger",
+            "import",
+            "--manifest",
+            "devices/manifest.jsonl",
+            "--ledger",
+            "no-such-table",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(
+        text.contains("ledger UpdateItem on no-such-table: ResourceNotFoundException: ")
+            && text.contains("(5 certificates, the first "),
+        "{text}"
+    );
+    assert!(text.contains("0 of 5 certificate(s)"), "{text}");
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeValue, PutRequest, ReturnValuesOnConditionCheckFailure, WriteRequest,
 };
@@ -86,7 +86,7 @@ impl DynamoLedger {
             ),
             _ => false,
         };
-        self.error(op, retryable, DisplayErrorContext(&err).to_string())
+        self.error(op, retryable, super::sdk_error_text("DynamoDB", &err))
     }
 
     /// Runs `call` by `deadline` (less the reserve), or fails retryably.

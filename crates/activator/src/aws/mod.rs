@@ -186,6 +186,29 @@ impl AwsIotRegistry {
 struct Detail(String);
 
 /// The innermost cause (for a failed connection: the OS's reason, e.g. "Connection refused").
+/// An SDK error of `service` (`DynamoDB`) in one line, as the IoT adapter words its own:
+/// `<code>: <message>` for the service's answer, `cannot reach <service>: <why>` when no
+/// answer came. Never the SDK's debug dump (raw headers, request ids, body).
+pub(crate) fn sdk_error_text<E, R>(service: &str, err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match err {
+        SdkError::ServiceError(_) => match (err.code(), err.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            (None, Some(message)) => message.to_owned(),
+            (None, None) => format!("{service} gave an error without a code"),
+        },
+        SdkError::TimeoutError(_) => format!("cannot reach {service}: no answer in time"),
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            format!("cannot reach {service}: {}", root_cause(err))
+        }
+        _ => crate::error_chain(err),
+    }
+}
+
 fn root_cause(error: &dyn std::error::Error) -> String {
     let mut last = error;
     while let Some(cause) = last.source() {

@@ -19,7 +19,7 @@ use std::future::Future;
 
 use aws_config::retry::RetryConfig;
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use tokio::time::Instant;
@@ -105,36 +105,29 @@ impl DynamoPresence {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug,
     {
-        let table = &self.table;
         let source = |detail: String| -> Cause { Box::new(Detail(detail)) };
+        let detail = format!(
+            "presence table {}: {}",
+            self.table,
+            super::sdk_error_text("DynamoDB", &err)
+        );
         match &err {
             SdkError::TimeoutError(_)
             | SdkError::DispatchFailure(_)
             | SdkError::ResponseError(_) => {
                 return RegistryError::Unavailable {
                     op,
-                    source: source(format!(
-                        "presence table {table}: cannot reach DynamoDB: {}",
-                        DisplayErrorContext(&err)
-                    )),
+                    source: source(detail),
                 }
             }
             SdkError::ServiceError(_) => {}
             _ => {
                 return RegistryError::Failed {
                     op,
-                    source: source(format!(
-                        "presence table {table}: {}",
-                        DisplayErrorContext(&err)
-                    )),
+                    source: source(detail),
                 }
             }
         }
-        let detail = match (err.code(), err.message()) {
-            (Some(code), Some(message)) => format!("presence table {table}: {code}: {message}"),
-            (Some(code), None) => format!("presence table {table}: {code}"),
-            (None, _) => format!("presence table {table}: {}", DisplayErrorContext(&err)),
-        };
         let source = source(detail);
         match err.code() {
             Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },

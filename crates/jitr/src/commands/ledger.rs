@@ -58,8 +58,8 @@ pub(crate) fn import(args: LedgerImportArgs) -> Result<Outcome> {
         anyhow::Ok(failures)
     })?;
     bar.finish_and_clear();
-    for (id, why) in &failures {
-        eprintln!("jitr: {id}: {why}");
+    for line in failure_lines(&failures) {
+        eprintln!("jitr: {line}");
     }
     let written = entries.len() - failures.len();
     if args.output.json {
@@ -85,4 +85,52 @@ pub(crate) fn import(args: LedgerImportArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// One line per distinct reason, not per certificate: a missing table or an unreachable
+/// endpoint fails every item alike, and a million lines of it help nobody. In the order the
+/// reasons first appeared, each with its count and the first certificate it failed.
+fn failure_lines(failures: &[(String, String)]) -> Vec<String> {
+    let mut reasons: Vec<(&str, &str, usize)> = Vec::new();
+    for (id, why) in failures {
+        match reasons.iter_mut().find(|(reason, _, _)| reason == why) {
+            Some((_, _, count)) => *count += 1,
+            None => reasons.push((why, id, 1)),
+        }
+    }
+    reasons
+        .into_iter()
+        .map(|(why, id, count)| match count {
+            1 => format!("{id}: {why}"),
+            n => format!("{why} ({n} certificates, the first {id})"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_lines;
+
+    #[test]
+    fn failures_are_told_once_per_reason() {
+        let f = |id: &str, why: &str| (id.to_owned(), why.to_owned());
+        let failures = [
+            f(
+                "a1",
+                "ResourceNotFoundException: Requested resource not found",
+            ),
+            f("b2", "ValidationException: too big"),
+            f(
+                "c3",
+                "ResourceNotFoundException: Requested resource not found",
+            ),
+        ];
+        assert_eq!(
+            failure_lines(&failures),
+            [
+                "ResourceNotFoundException: Requested resource not found (2 certificates, the first a1)",
+                "b2: ValidationException: too big",
+            ]
+        );
+    }
 }
