@@ -317,7 +317,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let opts = BatchOptions {
         out_dir: args.out.clone(),
         key: args.key.unwrap_or(device.key),
-        days: validity_days(args.days, ca.profile())?,
+        days: validity_days(args.days, &ca)?,
         jobs: args.jobs,
         force: args.force,
         now: OffsetDateTime::now_utc(),
@@ -337,7 +337,6 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let report = report.map_err(|e| locate(e, &list))?;
     bar.finish_and_clear();
     report_repaired(report.repaired, &args.out);
-    warn_if_capped(report.capped_at);
     let summary = Summary {
         issued: report.issued.len(),
         failed: report.failures.len(),
@@ -459,7 +458,7 @@ fn issue_bundle(
     let opts = factory_ca::BundleOptions {
         manifest_dir: args.out.clone(),
         key: args.key.unwrap_or(device.key),
-        days: validity_days(args.days, ca.profile())?,
+        days: validity_days(args.days, ca)?,
         jobs: args.jobs,
         force: args.force,
         now: OffsetDateTime::now_utc(),
@@ -527,7 +526,6 @@ fn issue_bundle(
     let report = report.map_err(|e| locate(e, list))?;
     bar.finish_and_clear();
     report_repaired(report.repaired, &args.out);
-    warn_if_capped(report.capped_at);
     let into = if path == Path::new("-") {
         "standard output".to_owned()
     } else {
@@ -728,8 +726,13 @@ fn bundle_file(path: &Path) -> Result<(std::fs::File, std::path::PathBuf)> {
     Ok((file, tmp))
 }
 
-/// `--days` (else the profile's), refused (exit 2) past the profile's maximum.
-fn validity_days(days: Option<u32>, profile: &factory_ca::Profile) -> Result<u32> {
+/// `--days` (else the profile's), refused (exit 2) past the profile's maximum. A device never
+/// outlives its CA: the profile's default is "as long as the CA lasts, at most that", so it is
+/// cut to the CA's end without a word; an explicit `--days` that outlives the CA is said
+/// before anything is issued, not after the work.
+fn validity_days(days: Option<u32>, ca: &factory_ca::Ca) -> Result<u32> {
+    let profile = ca.profile();
+    let explicit = days.is_some();
     let days = days.unwrap_or(profile.device.days);
     if days > profile.device.max_days {
         return Err(UsageError(format!(
@@ -738,17 +741,14 @@ fn validity_days(days: Option<u32>, profile: &factory_ca::Profile) -> Result<u32
         ))
         .into());
     }
-    Ok(days)
-}
-
-/// Says when a device's validity was cut to its CA's own notAfter.
-fn warn_if_capped(capped_at: Option<time::OffsetDateTime>) {
-    if let Some(at) = capped_at {
+    let ends = OffsetDateTime::now_utc() + time::Duration::days(i64::from(days));
+    if explicit && ends > ca.not_after() {
         eprintln!(
-            "warning: the validity asked for outlives the CA: device certificates end with it, at {}",
-            factory_ca::show_time(at)
+            "warning: --days {days} outlives the CA: device certificates end with it, at {}",
+            factory_ca::show_time(ca.not_after())
         );
     }
+    Ok(days)
 }
 
 pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
@@ -756,7 +756,7 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
     let ca = crate::keys::load_ca(&args.ca, None)?;
     let csr =
         std::fs::read(&args.csr).with_context(|| format!("cannot read {}", args.csr.display()))?;
-    let days = validity_days(args.days, ca.profile())?;
+    let days = validity_days(args.days, &ca)?;
     let expect_id = args
         .expect_id
         .as_deref()
@@ -776,7 +776,6 @@ pub(crate) fn sign_csr(args: SignCsrArgs) -> Result<Outcome> {
             },
         )
         .with_context(|| args.csr.display().to_string())?;
-    warn_if_capped(issued.capped_at);
     let recorded = record(
         &args.ledger,
         &AwsArgs::from_environment(),
