@@ -43,7 +43,20 @@ fn parse_csr(bytes: &[u8], format: IdFormat) -> Result<(DeviceId, Vec<u8>), Erro
     } else {
         bytes.to_vec()
     };
-    let (rest, csr) = X509CertificationRequest::from_der(&der).map_err(|e| bad(e.to_string()))?;
+    // The parser's own words ("Parsing requires 1 bytes/chars") name no problem a factory
+    // operator can act on: say what the bytes are not.
+    let (rest, csr) = X509CertificationRequest::from_der(&der).map_err(|_| {
+        bad(match declared_len(&der) {
+            Some(whole) if whole > der.len() => format!(
+                "not a PKCS#10 certificate request: it says {whole} bytes of DER and has {} (a cut-off file?)",
+                der.len()
+            ),
+            _ => format!(
+                "not a PKCS#10 certificate request ({} bytes of DER that do not parse as one)",
+                der.len()
+            ),
+        })
+    })?;
     if !rest.is_empty() {
         return Err(bad("trailing data after the CSR".into()));
     }
@@ -64,6 +77,26 @@ fn parse_csr(bytes: &[u8], format: IdFormat) -> Result<(DeviceId, Vec<u8>), Erro
         .as_str()
         .map_err(|_| bad("the CN is not a text string".into()))?;
     Ok((DeviceId::parse(cn, format)?, spki.raw.to_vec()))
+}
+
+/// The length a DER SEQUENCE says it has, header included.
+fn declared_len(der: &[u8]) -> Option<usize> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let n = usize::from(first & 0x7f);
+    if n == 0 || n > 4 || rest.len() < n {
+        return None;
+    }
+    let len = rest[..n]
+        .iter()
+        .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+    Some(2 + n + len)
 }
 
 impl Ca {

@@ -333,11 +333,38 @@ fn sign_csr_keeps_the_device_key_on_the_device() {
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("junk.csr: CSR is not valid"),
+        stderr(&out).contains("junk.csr: CSR is not valid: not a PKCS#10 certificate request"),
         "{}",
         stderr(&out)
     );
+    assert!(!stderr(&out).contains("Nom"), "{}", stderr(&out));
     assert!(!tmp.path().join("x.pem").exists());
+    // A real CSR cut off half-way (DER, as openssl writes it) is said to be one.
+    let der = Command::new("openssl")
+        .args(["req", "-in", "d.csr", "-outform", "DER"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(der.status.success() && der.stdout.len() > 100);
+    std::fs::write(
+        tmp.path().join("cut.der"),
+        &der.stdout[..der.stdout.len() / 2],
+    )
+    .unwrap();
+    let out = jitr(
+        tmp.path(),
+        &["sign-csr", "--csr", "cut.der", "--passphrase-file", "pass"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "it says {} bytes of DER and has {} (a cut-off file?)",
+            der.stdout.len(),
+            der.stdout.len() / 2
+        )),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
