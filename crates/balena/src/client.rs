@@ -107,6 +107,14 @@ pub enum Error {
         /// The device.
         device: String,
     },
+    /// The device was deleted from the fleet (or moved out of it) while jitr was writing to
+    /// it: balena answers such a write 401, as it answers a key it refuses, and a lookup
+    /// right after, with the same key, told the two apart.
+    #[error("device {device} is no longer in the fleet (deleted or moved while jitr wrote to it)")]
+    DeviceGone {
+        /// The device UUID.
+        device: String,
+    },
     /// The key cannot see the fleet, so an empty answer proves nothing.
     #[error("the API key cannot see fleet {fleet}: an empty answer proves nothing")]
     FleetNotVisible {

@@ -82,7 +82,7 @@ impl Fleet {
         value: &str,
         deadline: Instant,
     ) -> Result<Upserted, Error> {
-        match scope {
+        let written = match scope {
             Scope::Device => {
                 self.upsert(Field::EnvVar, device.id, name, value, deadline)
                     .await
@@ -92,6 +92,29 @@ impl Fleet {
                 self.upsert(Field::ServiceVar, install, name, value, deadline)
                     .await
             }
+        };
+        self.unless_gone(device, written, deadline).await
+    }
+
+    /// A write to `device` that balena answered 401: the same answer it gives for a device
+    /// that no longer exists (the row the write points to is gone) as for a refused key. A
+    /// lookup of the device with the same key tells which; anything else is passed on.
+    async fn unless_gone<T>(
+        &self,
+        device: &Device,
+        written: Result<T, Error>,
+        deadline: Instant,
+    ) -> Result<T, Error> {
+        match written {
+            Err(Error::Unauthorized { status: 401 }) => {
+                match self.device(&device.uuid, deadline).await {
+                    Ok(None) => Err(Error::DeviceGone {
+                        device: device.uuid.to_string(),
+                    }),
+                    Ok(Some(_)) | Err(_) => Err(Error::Unauthorized { status: 401 }),
+                }
+            }
+            other => other,
         }
     }
 
@@ -249,8 +272,10 @@ impl Fleet {
         value: &str,
         deadline: Instant,
     ) -> Result<Upserted, Error> {
-        self.upsert(Field::Tag, device.id, key, value, deadline)
-            .await
+        let written = self
+            .upsert(Field::Tag, device.id, key, value, deadline)
+            .await;
+        self.unless_gone(device, written, deadline).await
     }
 
     async fn upsert(

@@ -163,3 +163,43 @@ fn the_key_never_travels_in_the_clear_beyond_loopback() {
     assert!(err.to_string().contains("https://"), "{err}");
     assert!(Client::new("http://127.0.0.1:1", ApiKey::new(KEY.into())).is_ok());
 }
+
+/// A device deleted while jitr writes to it: balena answers the write 401, as it answers a
+/// refused key. The client looks again with the same key and says which it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_deleted_mid_write_is_reported_gone_not_as_a_refused_key() {
+    let balena = fake().await;
+    let id = balena.add_device(FLEET, uuid(1).as_str(), true);
+    let fleet = fleet(&balena, KEY);
+    let Membership::Member(device) = fleet.membership(&uuid(1), deadline()).await.unwrap() else {
+        panic!("a member");
+    };
+    balena.remove_device(id);
+    let err = fleet
+        .set_env_var(&device, &Scope::Device, "AWS_CERT", "x", deadline())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DeviceGone { .. }), "{err:?}");
+    assert!(err.to_string().contains("no longer in the fleet"), "{err}");
+    let err = fleet
+        .set_tag(&device, "jitr", "x", deadline())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DeviceGone { .. }), "{err:?}");
+
+    // A key the API refuses stays a refused key, device or not.
+    let id = balena.add_device(FLEET, uuid(2).as_str(), true);
+    let other = Device {
+        id,
+        uuid: uuid(2),
+        is_active: true,
+    };
+    let err = fleet_with_key(&balena, "wrong-key")
+        .set_env_var(&other, &Scope::Device, "AWS_CERT", "x", deadline())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Unauthorized { status: 401 }),
+        "{err:?}"
+    );
+}

@@ -200,6 +200,22 @@ impl FakeBalena {
             .collect()
     }
 
+    /// Deletes a device, as balena does: its variables, tags and service installs go with it.
+    pub fn remove_device(&self, device_id: u64) {
+        let mut db = self.db();
+        db.devices.remove(&device_id);
+        let installs: Vec<u64> = db
+            .installs
+            .iter()
+            .filter(|(_, (device, _))| *device == device_id)
+            .map(|(id, _)| *id)
+            .collect();
+        db.installs.retain(|_, (device, _)| *device != device_id);
+        db.env_vars.retain(|_, v| v.device != device_id);
+        db.tags.retain(|_, v| v.device != device_id);
+        db.service_vars.retain(|_, v| !installs.contains(&v.device));
+    }
+
     /// Marks a device active or inactive.
     pub fn set_device_active(&self, device_id: u64, is_active: bool) {
         if let Some(device) = self.db().devices.get_mut(&device_id) {
@@ -920,7 +936,11 @@ fn post(db: &mut Db, resource: Resource, body: &[u8]) -> Response {
         return bad_request(&message);
     }
     match db.owner_visible(resource, device) {
-        None => return bad_request("Foreign key constraint violated"),
+        // The real API answers a write whose parent row does not exist (a deleted device)
+        // 401, as it answers a refused key, not pinejs's 400 "Foreign key constraint
+        // violated" (issue #23 records it from balena-sdk's source, which reads such a 401 as
+        // a missing device). Only a lookup with the same key tells the two apart.
+        None => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
         Some(false) => return text(StatusCode::UNAUTHORIZED, "Unauthorized"),
         Some(true) => {}
     }
