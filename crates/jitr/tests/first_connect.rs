@@ -398,6 +398,86 @@ fn cloud_relays_own_client_library_publishes_where_the_policy_allows() {
     assert!(!world.received().iter().any(|r| r.topic == "sensors"));
 }
 
+/// One client id is one session, on AWS IoT and on the stand-in: `jitr device connect` beside
+/// a running cloud-relay (AWS's own Node library) ends cloud-relay's connection, which the
+/// library then makes again. jitr says so before it connects.
+#[test]
+fn a_second_connection_with_the_devices_client_id_drops_the_first() {
+    let mut world = DeviceWorld::start(WorldOptions::default()).unwrap();
+    let tmp = owner_setup(&mut world);
+    let dir = tmp.path();
+    let device = uuid(0xc7);
+    let balena_id = world.add_member(&device);
+    issue_to_relay(&world, dir, &[&device]);
+    let env = world.container_env(balena_id);
+    let topic = env["CLOUD_CONSUMER_TOPIC"].clone();
+    // Activated first (a first connect is closed while the certificate is pending).
+    let files = device_files(dir, &device, &env);
+    let (out, _) = device_connect(&world, dir, &files, &topic, "30s");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stderr(&out).contains("AWS IoT keeps one connection per client id"),
+        "{}",
+        stderr(&out)
+    );
+
+    // cloud-relay, connected and staying so for 8 s.
+    let mut command = Command::new("node");
+    command
+        .args(["cloud_relay.js", "{\"relayed\":7}"])
+        .current_dir(clients_dir())
+        .env_clear()
+        .envs(&env)
+        .env("RESIN_DEVICE_UUID", &device)
+        .env("AWS_ROOT_CA_PATH", dir.join("aws-root.pem"))
+        .env("TEST_PORT", world.endpoint().port().to_string())
+        .env("SETTLE_MS", "8000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for var in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(var) {
+            command.env(var, value);
+        }
+    }
+    let relay = command.spawn().unwrap();
+    let connected = |n: usize| {
+        world
+            .endpoint()
+            .seen()
+            .iter()
+            .filter(|(_, s)| matches!(s, Seen::Connected { client_id } if *client_id == device))
+            .count()
+            >= n
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while !connected(2) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(connected(2), "cloud-relay never connected");
+    let (out, _) = device_connect(&world, dir, &files, &topic, "30s");
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let relay = relay.wait_with_output().unwrap();
+    let events = events_of(&relay);
+    let result = events.iter().find(|e| e["event"] == "result");
+    // Dropped after its publish, and connected again by the library on its own.
+    assert!(
+        result
+            .is_some_and(|r| r["closes_after_publish"].as_u64() >= Some(1)
+                && r["connects"].as_u64() >= Some(2)),
+        "{events:?}{}",
+        stderr(&relay)
+    );
+    assert!(
+        world
+            .endpoint()
+            .seen()
+            .iter()
+            .any(|(_, s)| matches!(s, Seen::TakenOver { client_id } if *client_id == device)),
+        "the stand-in recorded no takeover"
+    );
+}
+
 #[test]
 fn awss_python_device_sdk_connects_with_the_delivered_variables() {
     let mut world = DeviceWorld::start(WorldOptions::default()).unwrap();

@@ -18,6 +18,9 @@
 //! filters get a failure code) and receive what others publish (`iot:Receive`). Packets are
 //! rumqttc's MQTT 3.1.1 codec; TLS is rustls. Everything seen is recorded ([`Seen`]).
 //!
+//! A client id is one session: a newer connection with the same id ends the older
+//! ([`Seen::TakenOver`]), as AWS IoT does.
+//!
 //! With [`EndpointOptions::presence`], every accepted connection (once CONNACK is sent) also
 //! publishes AWS IoT's lifecycle event on `$aws/events/presence/connected/<client id>`, handed
 //! to the presence sink as the stack's presence topic rule receives it
@@ -129,6 +132,13 @@ pub enum Seen {
         /// How many subscribers got it.
         receivers: usize,
     },
+    /// A client was disconnected because another connected with its client id: AWS IoT
+    /// keeps the newer connection and drops the older (lifecycle `disconnectReason`
+    /// `DUPLICATE_CLIENTID`).
+    TakenOver {
+        /// The client id both used.
+        client_id: String,
+    },
     /// A client was disconnected for a publish its policy does not allow.
     ForbiddenPublish {
         /// The publisher.
@@ -173,6 +183,11 @@ struct Shared {
     seen: Mutex<Vec<(Instant, Seen)>>,
     subscribers: Mutex<Vec<Subscriber>>,
     next_connection: AtomicU64,
+    /// The live connection of each client id, and how to end it: a newer connection with
+    /// the same id ends the older, as AWS IoT does ("If a client connects with a client ID
+    /// that is already in use, the existing client is disconnected",
+    /// https://docs.aws.amazon.com/iot/latest/developerguide/life-cycle-events.html).
+    live: Mutex<HashMap<String, (u64, tokio::sync::oneshot::Sender<()>)>>,
 }
 
 /// A connection's subscription.
@@ -238,6 +253,7 @@ impl IotEndpoint {
             seen: Mutex::new(Vec::new()),
             subscribers: Mutex::new(Vec::new()),
             next_connection: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
         });
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
         let thread_shared = Arc::clone(&shared);
@@ -399,9 +415,24 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
             presence(topic, event).await;
         }
     }
+    let (kick, mut kicked) = tokio::sync::oneshot::channel::<()>();
+    let older = shared
+        .live
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(session.client_id.clone(), (session.connection, kick));
+    if let Some((_, older)) = older {
+        let _ = older.send(());
+    }
     let (outbox, mut inbox) = mpsc::unbounded_channel::<Publish>();
     loop {
         tokio::select! {
+            _ = &mut kicked => {
+                shared.record(Seen::TakenOver {
+                    client_id: session.client_id.clone(),
+                });
+                break;
+            }
             packet = read_packet(&mut reader, &mut buffer) => {
                 let Some(packet) = packet else { break };
                 match handle(shared, &session, &outbox, packet) {
@@ -424,6 +455,15 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
     shared
         .subscribers()
         .retain(|s| s.connection != session.connection);
+    {
+        let mut live = shared.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live
+            .get(&session.client_id)
+            .is_some_and(|(connection, _)| *connection == session.connection)
+        {
+            live.remove(&session.client_id);
+        }
+    }
     let _ = writer.shutdown().await;
 }
 

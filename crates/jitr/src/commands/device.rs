@@ -68,6 +68,12 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
             args.deadline.as_secs()
         );
     }
+    if args.client_id.is_none() {
+        // AWS IoT keeps one connection per client id: a second drops the first.
+        eprintln!(
+            "jitr: note: AWS IoT keeps one connection per client id: if device {client_id} is running, this connection disconnects it until it reconnects; --client-id uses another id (the policy must allow it)"
+        );
+    }
     let mut report = Report::default();
     let runtime = crate::aws::runtime()?;
     let ending = runtime.block_on(async {

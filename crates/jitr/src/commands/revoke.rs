@@ -1,7 +1,7 @@
 //! `jitr revoke`: a device's (or one) certificate REVOKED, detached from its policies and
 //! Things, the Things deleted on request; idempotent.
 
-use activator::revoke::{revoke as revoke_in_aws, RevokeReport, Scope, Target};
+use activator::revoke::{revoke as revoke_in_aws, RevokeError, RevokeReport, Scope, Target};
 use activator::CertificateId;
 use anyhow::Result;
 use factory_ca::{DeviceId, IdFormat};
@@ -51,14 +51,25 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
     let registry =
         runtime.block_on(async { anyhow::Ok(crate::aws::session(&args.aws).await?.registry()) })?;
     let deadline = args.aws.deadline(REVOKE_TIME);
-    let report = runtime.block_on(revoke_in_aws(
+    let revoked = runtime.block_on(revoke_in_aws(
         &registry,
         &target,
         &also,
         args.delete_thing,
         &scope,
         deadline,
-    ))?;
+    ));
+    // Nothing of the device in AWS IoT (its Thing deleted before, say) may still leave its
+    // variables in balena: with --balena-cleanup that is work to do, and the run fails only
+    // if there was none there either.
+    let (report, nothing) = match revoked {
+        Ok(report) => (report, false),
+        Err(RevokeError::Nothing(why)) if args.balena_cleanup => {
+            eprintln!("jitr: {why}");
+            (RevokeReport::default(), true)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (cleaned, failed) = if args.balena_cleanup {
         let mut devices: Vec<String> = report
             .revoked
@@ -95,7 +106,9 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         value["balena_failed"] = serde_json::json!(failed);
         print_json(&value)?;
     } else {
-        print_report(&report);
+        if !nothing {
+            print_report(&report);
+        }
         for device in &cleaned {
             println!("removed jitr's variables from balena device {device}");
         }
@@ -103,7 +116,7 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
     for failure in &failed {
         eprintln!("jitr: balena: {failure}");
     }
-    Ok(if failed.is_empty() {
+    Ok(if failed.is_empty() && !(nothing && cleaned.is_empty()) {
         Outcome::Success
     } else {
         Outcome::Failed

@@ -231,11 +231,14 @@ fn env_var_posts_are_validated() {
         json!({"device": device, "name": "1BAD", "value": "v"}),
         json!({"device": device, "name": "BALENA_X", "value": "v"}),
         json!({"device": device, "name": "OK"}),
-        json!({"device": 1, "name": "OK", "value": "v"}),
     ] {
         let response = send(HttpRequest::post(&url).json(&body));
         assert_eq!(response.status, 400, "{body}: {}", response.text());
     }
+    // A device that does not exist: 401, as the real API answers (not pinejs's 400).
+    let body = json!({"device": 1, "name": "OK", "value": "v"});
+    let response = send(HttpRequest::post(&url).json(&body));
+    assert_eq!(response.status, 401, "{body}: {}", response.text());
     assert!(fake.env_vars(device).is_empty());
 }
 
