@@ -296,6 +296,21 @@ fn client(
     uuid: &str,
     extra: &[(&str, &str)],
 ) -> Output {
+    client_command(world, dir, program, args, env, uuid, extra)
+        .output()
+        .unwrap()
+}
+
+/// The command [`client`] runs, to start it in the background instead.
+fn client_command(
+    world: &DeviceWorld,
+    dir: &Path,
+    program: &str,
+    args: &[&str],
+    env: &BTreeMap<String, String>,
+    uuid: &str,
+    extra: &[(&str, &str)],
+) -> Command {
     let mut command = Command::new(program);
     command
         .args(args)
@@ -312,7 +327,7 @@ fn client(
             command.env(var, value);
         }
     }
-    command.output().unwrap()
+    command
 }
 
 /// The JSON lines a Node client printed.
@@ -422,24 +437,16 @@ fn a_second_connection_with_the_devices_client_id_drops_the_first() {
     );
 
     // cloud-relay, connected and staying so for 8 s.
-    let mut command = Command::new("node");
-    command
-        .args(["cloud_relay.js", "{\"relayed\":7}"])
-        .current_dir(clients_dir())
-        .env_clear()
-        .envs(&env)
-        .env("RESIN_DEVICE_UUID", &device)
-        .env("AWS_ROOT_CA_PATH", dir.join("aws-root.pem"))
-        .env("TEST_PORT", world.endpoint().port().to_string())
-        .env("SETTLE_MS", "8000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for var in ["PATH", "HOME"] {
-        if let Some(value) = std::env::var_os(var) {
-            command.env(var, value);
-        }
-    }
+    let mut command = client_command(
+        &world,
+        dir,
+        "node",
+        &["cloud_relay.js", "{\"relayed\":7}"],
+        &env,
+        &device,
+        &[("SETTLE_MS", "8000")],
+    );
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
     let relay = command.spawn().unwrap();
     let connected = |n: usize| {
         world
