@@ -17,16 +17,17 @@ fn main() {
         .ok()
         .filter(|c| !c.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
-    // Built again when HEAD moves: HEAD itself, the branch it names, the packed refs (only
-    // files that exist: a missing one would rebuild every time).
+    // Built again when HEAD moves: HEAD itself (a detached HEAD), the branches (cargo scans a
+    // folder's files: a commit rewrites refs/heads/<branch>, or writes it first after a fresh
+    // clone, which keeps it in packed-refs) and the packed refs. Only paths that exist: a
+    // missing one would rebuild every time.
     let head = git(&["rev-parse", "--absolute-git-dir"]).map(|d| PathBuf::from(d).join("HEAD"));
     let common =
         git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]).map(PathBuf::from);
-    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
     let watched = [
         head,
         common.as_ref().map(|d| d.join("packed-refs")),
-        common.as_ref().zip(branch).map(|(d, b)| d.join(b)),
+        common.as_ref().map(|d| d.join("refs/heads")),
     ];
     for path in watched.into_iter().flatten().filter(|p| p.exists()) {
         println!("cargo::rerun-if-changed={}", path.display());

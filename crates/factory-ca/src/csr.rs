@@ -96,7 +96,7 @@ fn declared_len(der: &[u8]) -> Option<usize> {
     let len = rest[..n]
         .iter()
         .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-    Some(2 + n + len)
+    len.checked_add(2 + n)
 }
 
 impl Ca {

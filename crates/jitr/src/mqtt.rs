@@ -260,7 +260,7 @@ async fn publish(
             Ok(_) => {}
             Err(_) => {
                 return Err(Attempt::PublishRefused(format!(
-                    "the broker closed the connection instead of acknowledging the message to {} (the device policy does not allow that topic)",
+                    "the broker closed the connection instead of acknowledging the message to {} (the device policy does not allow that topic, or another connection took this client id: AWS IoT keeps one per id)",
                     message.topic
                 )))
             }

@@ -665,6 +665,21 @@ fn a_ca_that_ends_sooner_caps_its_devices_and_says_so() {
         .find("issued 1 device")
         .unwrap_or_else(|| panic!("{text}"));
     assert!(warned < issued, "said before the work: {text}");
+    // An explicit --days within the CA's life: nothing to say.
+    let out = jitr(
+        dir,
+        &[
+            "issue",
+            "--id",
+            &uuid(4),
+            "--passphrase-file",
+            "pass",
+            "--days",
+            "10",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
     let check = jitr(
         dir,
         &[

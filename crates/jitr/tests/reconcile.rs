@@ -257,6 +257,11 @@ fn revoke_undoes_an_activation_and_is_idempotent() {
     );
     let out = w.jitr(&["revoke", "--id", &uuid(7)]);
     assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to revoke"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let made =
         w.rt.block_on(w.client.describe_thing().thing_name(uuid(7)).send());
     assert!(made.is_err(), "a Thing was made for an unknown id");

@@ -395,6 +395,16 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
             return;
         }
     };
+    // The newest accepted connection holds the client id from here on: the older is ended.
+    let (kick, mut kicked) = tokio::sync::oneshot::channel::<()>();
+    let older = shared
+        .live
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(session.client_id.clone(), (session.connection, kick));
+    if let Some((_, older)) = older {
+        let _ = older.send(());
+    }
     if write_packet(
         &mut writer,
         Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
@@ -402,6 +412,7 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
     .await
     .is_err()
     {
+        forget(shared, &session);
         return;
     }
     shared.record(Seen::Connected {
@@ -414,15 +425,6 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
             let topic = format!("{PRESENCE_CONNECTED_TOPIC}/{}", session.client_id);
             presence(topic, event).await;
         }
-    }
-    let (kick, mut kicked) = tokio::sync::oneshot::channel::<()>();
-    let older = shared
-        .live
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(session.client_id.clone(), (session.connection, kick));
-    if let Some((_, older)) = older {
-        let _ = older.send(());
     }
     let (outbox, mut inbox) = mpsc::unbounded_channel::<Publish>();
     loop {
@@ -455,16 +457,19 @@ async fn serve(tls: tokio_rustls::server::TlsStream<TcpStream>, shared: &Shared)
     shared
         .subscribers()
         .retain(|s| s.connection != session.connection);
-    {
-        let mut live = shared.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if live
-            .get(&session.client_id)
-            .is_some_and(|(connection, _)| *connection == session.connection)
-        {
-            live.remove(&session.client_id);
-        }
-    }
+    forget(shared, &session);
     let _ = writer.shutdown().await;
+}
+
+/// Drops `session` from the live connections, unless a newer one holds its client id.
+fn forget(shared: &Shared, session: &Session) {
+    let mut live = shared.live.lock().unwrap_or_else(PoisonError::into_inner);
+    if live
+        .get(&session.client_id)
+        .is_some_and(|(connection, _)| *connection == session.connection)
+    {
+        live.remove(&session.client_id);
+    }
 }
 
 /// What AWS IoT decides on CONNECT for the certificate `leaf` and `client_id`.

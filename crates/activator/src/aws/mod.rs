@@ -185,7 +185,6 @@ impl AwsIotRegistry {
 #[error("{0}")]
 struct Detail(String);
 
-/// The innermost cause (for a failed connection: the OS's reason, e.g. "Connection refused").
 /// An SDK error of `service` (`DynamoDB`) in one line, as the IoT adapter words its own:
 /// `<code>: <message>` for the service's answer, `cannot reach <service>: <why>` when no
 /// answer came. Never the SDK's debug dump (raw headers, request ids, body).
@@ -209,6 +208,7 @@ where
     }
 }
 
+/// The innermost cause (for a failed connection: the OS's reason, e.g. "Connection refused").
 fn root_cause(error: &dyn std::error::Error) -> String {
     let mut last = error;
     while let Some(cause) = last.source() {

@@ -730,7 +730,7 @@ fn bundle_file(path: &Path) -> Result<(std::fs::File, std::path::PathBuf)> {
 /// outlives its CA: the profile's default is "as long as the CA lasts, at most that", so it is
 /// cut to the CA's end without a word; an explicit `--days` that outlives the CA is said
 /// before anything is issued, not after the work.
-fn validity_days(days: Option<u32>, ca: &factory_ca::Ca) -> Result<u32> {
+pub(crate) fn validity_days(days: Option<u32>, ca: &factory_ca::Ca) -> Result<u32> {
     let profile = ca.profile();
     let explicit = days.is_some();
     let days = days.unwrap_or(profile.device.days);
@@ -741,8 +741,8 @@ fn validity_days(days: Option<u32>, ca: &factory_ca::Ca) -> Result<u32> {
         ))
         .into());
     }
-    let ends = OffsetDateTime::now_utc() + time::Duration::days(i64::from(days));
-    if explicit && ends > ca.not_after() {
+    let ends = OffsetDateTime::now_utc().checked_add(time::Duration::days(i64::from(days)));
+    if explicit && ends.is_none_or(|ends| ends > ca.not_after()) {
         eprintln!(
             "warning: --days {days} outlives the CA: device certificates end with it, at {}",
             factory_ca::show_time(ca.not_after())

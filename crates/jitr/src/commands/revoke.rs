@@ -1,5 +1,6 @@
 //! `jitr revoke`: a device's (or one) certificate REVOKED, detached from its policies and
-//! Things, the Things deleted on request; idempotent.
+//! Things, the Things deleted on request; idempotent while the device's Thing stands (once AWS
+//! IoT holds nothing of the device: `nothing to revoke`, exit 1).
 
 use activator::revoke::{revoke as revoke_in_aws, RevokeError, RevokeReport, Scope, Target};
 use activator::CertificateId;
@@ -60,8 +61,8 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         deadline,
     ));
     // Nothing of the device in AWS IoT (its Thing deleted before, say) may still leave its
-    // variables in balena: with --balena-cleanup that is work to do, and the run fails only
-    // if there was none there either.
+    // variables in balena: with --balena-cleanup they are removed all the same, and the run
+    // still fails (exit 1): nothing was revoked, and no mark cuts the device off.
     let (report, nothing) = match revoked {
         Ok(report) => (report, false),
         Err(RevokeError::Nothing(why)) if args.balena_cleanup => {
@@ -116,7 +117,7 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
     for failure in &failed {
         eprintln!("jitr: balena: {failure}");
     }
-    Ok(if failed.is_empty() && !(nothing && cleaned.is_empty()) {
+    Ok(if failed.is_empty() && !nothing {
         Outcome::Success
     } else {
         Outcome::Failed

@@ -140,7 +140,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
     let opts = BatchOptions {
         out_dir: args.out.clone(),
         key: args.key.unwrap_or(ca.profile().device.key),
-        days: args.days.unwrap_or(ca.profile().device.days),
+        days: super::issue::validity_days(args.days, &ca)?,
         jobs: 0,
         force: true,
         now,
