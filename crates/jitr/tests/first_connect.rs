@@ -285,6 +285,24 @@ fn env_for_files(dir: &Path, id: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// A world with one fleet member, `device`, issued for cloud-relay: the world, the owner's
+/// folder, the device, and the variables balena hands its cloud-relay container.
+fn relay_world(
+    device: String,
+) -> (
+    DeviceWorld,
+    tempfile::TempDir,
+    String,
+    BTreeMap<String, String>,
+) {
+    let mut world = DeviceWorld::start(WorldOptions::default()).unwrap();
+    let tmp = owner_setup(&mut world);
+    let balena_id = world.add_member(&device);
+    issue_to_relay(&world, tmp.path(), &[&device]);
+    let env = world.container_env(balena_id);
+    (world, tmp, device, env)
+}
+
 /// Runs a device client with the container's variables as its environment, plus what the
 /// balena supervisor adds (RESIN_DEVICE_UUID), the server CA file and the test port.
 fn client(
@@ -346,13 +364,8 @@ fn cloud_relays_own_client_library_publishes_where_the_policy_allows() {
         "{} is missing: run scripts/setup (npm ci in tests/clients)",
         node_sdk.display()
     );
-    let mut world = DeviceWorld::start(WorldOptions::default()).unwrap();
-    let tmp = owner_setup(&mut world);
+    let (world, tmp, device, env) = relay_world(uuid(0xc1));
     let dir = tmp.path();
-    let device = uuid(0xc1);
-    let balena_id = world.add_member(&device);
-    issue_to_relay(&world, dir, &[&device]);
-    let env = world.container_env(balena_id);
     let topic = env["CLOUD_CONSUMER_TOPIC"].clone();
 
     // The first connect, as cloud-relay makes it: closed while the certificate is pending,
@@ -418,13 +431,8 @@ fn cloud_relays_own_client_library_publishes_where_the_policy_allows() {
 /// library then makes again. jitr says so before it connects.
 #[test]
 fn a_second_connection_with_the_devices_client_id_drops_the_first() {
-    let mut world = DeviceWorld::start(WorldOptions::default()).unwrap();
-    let tmp = owner_setup(&mut world);
+    let (world, tmp, device, env) = relay_world(uuid(0xc7));
     let dir = tmp.path();
-    let device = uuid(0xc7);
-    let balena_id = world.add_member(&device);
-    issue_to_relay(&world, dir, &[&device]);
-    let env = world.container_env(balena_id);
     let topic = env["CLOUD_CONSUMER_TOPIC"].clone();
     // Activated first (a first connect is closed while the certificate is pending).
     let files = device_files(dir, &device, &env);
@@ -487,13 +495,8 @@ fn a_second_connection_with_the_devices_client_id_drops_the_first() {
 
 #[test]
 fn awss_python_device_sdk_connects_with_the_delivered_variables() {
-    let mut world = DeviceWorld::start(WorldOptions::default()).unwrap();
-    let tmp = owner_setup(&mut world);
+    let (world, tmp, device, env) = relay_world(uuid(0xd1));
     let dir = tmp.path();
-    let device = uuid(0xd1);
-    let balena_id = world.add_member(&device);
-    issue_to_relay(&world, dir, &[&device]);
-    let env = world.container_env(balena_id);
     let topic = env["CLOUD_CONSUMER_TOPIC"].clone();
 
     let out = client(
