@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
+use crate::ownership::id_from_arn;
 use crate::pace::Pace;
-use crate::revoke::id_from_arn;
 use crate::{
     call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec,
 };

@@ -22,7 +22,6 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::revoke::id_from_arn;
 use crate::{
     Activator, CertificateId, CertificateStatus, FleetDirectory, IotRegistry, RegistryError,
     ThingSpec,
@@ -114,6 +113,11 @@ impl Ownership {
 /// and other principals are not jitr's to detach.
 pub fn is_certificate_arn(arn: &str) -> bool {
     arn.starts_with("arn:") && arn.contains(":cert/")
+}
+
+/// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).
+pub fn id_from_arn(arn: &str) -> Option<&str> {
+    arn.rsplit_once("cert/").map(|(_, id)| id)
 }
 
 /// What `jitr approve` does to the certificates a held one replaces.

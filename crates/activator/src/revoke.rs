@@ -6,7 +6,7 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::ownership::Ownership;
+use crate::ownership::{id_from_arn, Ownership};
 use crate::{
     call_deadline, CertificateDescription, CertificateId, CertificateStatus, IotAdmin, IotRegistry,
     RegistryError,
@@ -181,11 +181,6 @@ async fn attached_certificates<R: IotRegistry>(
         attached.push((id, described));
     }
     Ok(attached)
-}
-
-/// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).
-pub fn id_from_arn(arn: &str) -> Option<&str> {
-    arn.rsplit_once("cert/").map(|(_, id)| id)
 }
 
 /// Revokes `target` and the certificates `also` names (from the manifest: a device's

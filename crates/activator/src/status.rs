@@ -19,8 +19,9 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
+use crate::ownership::id_from_arn;
 use crate::pace::Pace;
-use crate::revoke::{id_from_arn, revoke, Target};
+use crate::revoke::{revoke, Target};
 use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
 
 /// A device's state, the most urgent first.
