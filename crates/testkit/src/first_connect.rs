@@ -364,6 +364,38 @@ impl DeviceWorld {
         }
     }
 
+    /// A certificate's status in AWS IoT, `None` when it was never registered.
+    pub fn status_if_registered(&self, certificate_id: &str) -> Result<Option<CertificateStatus>> {
+        self.rt.block_on(crate::iot::status_if_registered(
+            &self.client,
+            certificate_id,
+        ))
+    }
+
+    /// Waits up to `wait` in all for a message on each of `topics`; returns the topics still
+    /// without one (none when every message arrived). One deadline for the lot: a thousand
+    /// devices whose messages are missing cost `wait`, not a thousand times it.
+    pub fn wait_received_all<'a>(
+        &self,
+        topics: impl IntoIterator<Item = &'a str>,
+        wait: Duration,
+    ) -> Vec<&'a str> {
+        let deadline = Instant::now() + wait;
+        let mut missing: Vec<&str> = topics.into_iter().collect();
+        loop {
+            {
+                let received = lock(&self.opened().received);
+                let arrived: std::collections::HashSet<&str> =
+                    received.iter().map(|r| r.topic.as_str()).collect();
+                missing.retain(|topic| !arrived.contains(topic));
+            }
+            if missing.is_empty() || Instant::now() >= deadline {
+                return missing;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A certificate's status in AWS IoT.
     pub fn status(&self, certificate_id: &str) -> Result<CertificateStatus> {
         self.rt
@@ -694,69 +726,124 @@ impl DeviceWorld {
 
     /// Every device of `fleet` connects at once, as a device does: `jitr device connect`
     /// with its chain, client id = UUID, jittered backoff, publishing `message` to its topic
-    /// once accepted, giving up after `deadline(device)`.
+    /// once accepted, giving up after `deadline(device)`. At most [`AT_ONCE`] device processes
+    /// run together (a larger fleet comes in waves, the next device starting as one ends);
+    /// `progress(done, total)` is called as each one ends.
     pub fn connect_all(
         &self,
         jitr: &Path,
         fleet: &Fleet,
         message: &str,
         deadline: &dyn Fn(&FleetDevice) -> Duration,
+        progress: &dyn Fn(usize, usize),
     ) -> Result<Vec<DeviceReport>> {
         let endpoint = format!("127.0.0.1:{}", self.endpoint().port());
-        let mut children = Vec::new();
-        for device in &fleet.devices {
-            let deadline_arg = deadline(device).as_secs().max(1).to_string();
-            let args = [
-                "device",
-                "connect",
-                "--cert",
-                &device.cert.to_string_lossy(),
-                "--key",
-                &device.key.to_string_lossy(),
-                "--endpoint",
-                &endpoint,
-                "--server-ca",
-                "aws-root.pem",
-                "--publish",
-                &device.topic,
-                message,
-                "--deadline",
-                &deadline_arg,
-                "--json",
-            ]
-            .map(|a| a.to_string());
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let child = jitr_command(jitr, fleet.dir.path(), &args, &[])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("running {}", jitr.display()))?;
-            children.push((device.uuid.clone(), KillOnDrop(child)));
-        }
-        let mut reports = Vec::new();
-        for (uuid, mut child) in children {
-            // Each one stops at its deadline; one that does not is killed when dropped.
-            let mut stdout = String::new();
-            if let Some(mut out) = child.stdout.take() {
-                use std::io::Read;
-                out.read_to_string(&mut stdout)?;
+        let total = fleet.devices.len();
+        let mut running: Vec<(String, KillOnDrop)> = Vec::new();
+        let mut reports = Vec::with_capacity(total);
+        let mut waiting = fleet.devices.iter();
+        loop {
+            // Start devices while there is room, then collect the ones that ended.
+            while running.len() < AT_ONCE {
+                let Some(device) = waiting.next() else { break };
+                let child =
+                    self.device_process(jitr, fleet, &endpoint, device, message, deadline)?;
+                running.push((device.uuid.clone(), child));
             }
-            let _ = child.wait();
-            let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
-                format!("device {uuid}: jitr device connect printed no report: {stdout}")
-            })?;
-            let ms = |v: &Value| v.as_f64().map(|ms| Duration::from_secs_f64(ms / 1000.0));
-            reports.push(DeviceReport {
-                uuid,
-                outcome: json["outcome"].as_str().unwrap_or("?").to_owned(),
-                connected_after: ms(&json["connected_after_ms"]),
-                backoff: ms(&json["backoff_ms"]).unwrap_or_default(),
-                attempts: json["attempts"].as_array().map_or(0, Vec::len),
-                json,
-            });
+            if running.is_empty() {
+                break;
+            }
+            let before = reports.len();
+            let mut n = 0;
+            while n < running.len() {
+                if running[n].1.try_wait()?.is_some() {
+                    let (uuid, child) = running.swap_remove(n);
+                    reports.push(device_report(uuid, child)?);
+                } else {
+                    n += 1;
+                }
+            }
+            if reports.len() > before {
+                progress(reports.len(), total);
+            } else {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        // In the fleet's order, as the callers zip them with its devices.
+        let order: std::collections::HashMap<&str, usize> = fleet
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(n, d)| (d.uuid.as_str(), n))
+            .collect();
+        reports.sort_by_key(|r| order.get(r.uuid.as_str()).copied());
         Ok(reports)
     }
+
+    /// One device's `jitr device connect`, started.
+    fn device_process(
+        &self,
+        jitr: &Path,
+        fleet: &Fleet,
+        endpoint: &str,
+        device: &FleetDevice,
+        message: &str,
+        deadline: &dyn Fn(&FleetDevice) -> Duration,
+    ) -> Result<KillOnDrop> {
+        let deadline_arg = deadline(device).as_secs().max(1).to_string();
+        let (cert, key) = (device.cert.to_string_lossy(), device.key.to_string_lossy());
+        let args = [
+            "device",
+            "connect",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--endpoint",
+            endpoint,
+            "--server-ca",
+            "aws-root.pem",
+            "--publish",
+            &device.topic,
+            message,
+            "--deadline",
+            &deadline_arg,
+            "--json",
+        ];
+        let child = jitr_command(jitr, fleet.dir.path(), &args, &[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("running {}", jitr.display()))?;
+        Ok(KillOnDrop(child))
+    }
+}
+
+/// How many `jitr device connect` processes [`DeviceWorld::connect_all`] runs at once: a
+/// thousand fit this machine's memory and process limits, ten thousand would not.
+pub const AT_ONCE: usize = 1000;
+
+/// What one `jitr device connect` reported once it ended (it stops at its deadline; one that
+/// does not is killed when dropped).
+fn device_report(uuid: String, mut child: KillOnDrop) -> Result<DeviceReport> {
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        use std::io::Read;
+        out.read_to_string(&mut stdout)?;
+    }
+    let _ = child.wait();
+    let json: Value = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!("device {uuid}: jitr device connect printed no report: {stdout}")
+    })?;
+    let ms = |v: &Value| v.as_f64().map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    Ok(DeviceReport {
+        uuid,
+        outcome: json["outcome"].as_str().unwrap_or("?").to_owned(),
+        connected_after: ms(&json["connected_after_ms"]),
+        backoff: ms(&json["backoff_ms"]).unwrap_or_default(),
+        attempts: json["attempts"].as_array().map_or(0, Vec::len),
+        json,
+    })
 }
 
 /// One device's files from its variables: the chain and key decoded, as cloud-relay does.

@@ -114,6 +114,32 @@ pub async fn status(client: &Client, certificate_id: &str) -> Result<Certificate
         .context("no status")
 }
 
+/// A certificate's status, or `None` when AWS IoT never registered it (a device that never
+/// got as far as its first CONNECT).
+pub async fn status_if_registered(
+    client: &Client,
+    certificate_id: &str,
+) -> Result<Option<CertificateStatus>> {
+    match client
+        .describe_certificate()
+        .certificate_id(certificate_id)
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out
+            .certificate_description()
+            .and_then(|d| d.status())
+            .cloned()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("DescribeCertificate")),
+    }
+}
+
 /// The event AWS IoT publishes on `$aws/events/certificates/registered/<caId>` (the shape of
 /// `testdata/aws/certificate-registered.json`), which the topic rule hands to the Lambda.
 pub fn registered_event(certificate_id: &str, ca_certificate_id: &str) -> serde_json::Value {
