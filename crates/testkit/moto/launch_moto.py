@@ -45,6 +45,7 @@ import moto.iot.models
 import moto.iot.responses
 import moto.server
 import werkzeug.serving
+from werkzeug.urls import uri_to_iri
 
 
 def use_der_certificate_ids() -> None:
@@ -258,7 +259,12 @@ def fleet_provisioning() -> None:
 def plain_request_log() -> None:
     def log_request(self, code="-", size="-"):
         code = getattr(code, "value", code)
-        line = f'{self.address_string()} "{self.requestline}" {code}\n'
+        # The path as werkzeug logs it: percent-escapes decoded (`iot:Data-ATS`, not `%3A`).
+        try:
+            request = f"{self.command} {uri_to_iri(self.path)} {self.request_version}"
+        except AttributeError:  # a request line that could not be parsed
+            request = self.requestline
+        line = f'{self.address_string()} "{request}" {code}\n'
         # One write(2) of a short line: whole, without a lock, among the request threads.
         os.write(2, line.encode("utf-8", "replace"))
 
