@@ -52,12 +52,19 @@ struct Args {
 /// behaving as expected are shown whatever their number.
 const ROWS: usize = 20;
 
+/// How long a member keeps trying when `--deadline` is not given: 30 s, and 0.1 s more per
+/// device past 100 (a large fleet queues at the Lambda, as a real one would).
+fn member_deadline(devices: usize) -> Duration {
+    Duration::from_secs(30 + (devices.saturating_sub(100) / 10) as u64)
+}
+
 /// How long a stranger keeps trying: it is never accepted, the demo need not wait longer
 /// than its first CONNECT takes to be registered (plus a second per hundred devices: a
 /// thousand processes starting at once keep this machine's two cores busy for a while).
 fn stranger_deadline(devices: usize) -> Duration {
     Duration::from_secs(5 + (devices / 100) as u64)
 }
+
 /// The message every device publishes once accepted.
 const MESSAGE: &str = "{\"temperature\":21.5}";
 
@@ -134,10 +141,9 @@ fn run(args: &Args) -> Result<bool> {
         world.endpoint().addr()
     );
     let stranger_deadline = stranger_deadline(args.devices);
-    let member_deadline = Duration::from_secs(
-        args.deadline
-            .unwrap_or(30 + (args.devices.saturating_sub(100) / 10) as u64),
-    );
+    let member_deadline = args
+        .deadline
+        .map_or_else(|| member_deadline(args.devices), Duration::from_secs);
     if fleet.devices.len() > AT_ONCE {
         println!("({AT_ONCE} at a time: each device that ends makes room for the next)");
     }
@@ -166,17 +172,13 @@ fn run(args: &Args) -> Result<bool> {
     )?;
     let connected_in = connecting.elapsed();
     // A message relayed a moment ago may still be on its way to the application.
-    let connected: std::collections::HashSet<&str> = reports
-        .iter()
-        .filter(|r| r.outcome == "connected")
-        .map(|r| r.uuid.as_str())
-        .collect();
     world.wait_received_all(
         fleet
             .devices
             .iter()
-            .filter(|d| d.member && connected.contains(d.uuid.as_str()))
-            .map(|d| d.topic.as_str()),
+            .zip(&reports)
+            .filter(|(d, r)| d.member && r.outcome == "connected")
+            .map(|(d, _)| d.topic.as_str()),
         Duration::from_secs(2),
     );
     let wrong = report(&world, &fleet, &reports)?;

@@ -739,44 +739,39 @@ impl DeviceWorld {
     ) -> Result<Vec<DeviceReport>> {
         let endpoint = format!("127.0.0.1:{}", self.endpoint().port());
         let total = fleet.devices.len();
-        let mut running: Vec<(String, KillOnDrop)> = Vec::new();
-        let mut reports = Vec::with_capacity(total);
-        let mut waiting = fleet.devices.iter();
-        loop {
+        // Reports in the fleet's order (callers zip them with its devices), whenever they end.
+        let mut reports: Vec<Option<DeviceReport>> = Vec::new();
+        reports.resize_with(total, || None);
+        let mut running: Vec<(usize, KillOnDrop)> = Vec::new();
+        let (mut started, mut done) = (0, 0);
+        while done < total {
             // Start devices while there is room, then collect the ones that ended.
-            while running.len() < AT_ONCE {
-                let Some(device) = waiting.next() else { break };
+            while running.len() < AT_ONCE && started < total {
+                let device = &fleet.devices[started];
                 let child =
                     self.device_process(jitr, fleet, &endpoint, device, message, deadline)?;
-                running.push((device.uuid.clone(), child));
+                running.push((started, child));
+                started += 1;
             }
-            if running.is_empty() {
-                break;
-            }
-            let before = reports.len();
+            let before = done;
             let mut n = 0;
             while n < running.len() {
                 if running[n].1.try_wait()?.is_some() {
-                    let (uuid, child) = running.swap_remove(n);
-                    reports.push(device_report(uuid, child)?);
+                    let (index, child) = running.swap_remove(n);
+                    let uuid = fleet.devices[index].uuid.clone();
+                    reports[index] = Some(device_report(uuid, child)?);
+                    done += 1;
                 } else {
                     n += 1;
                 }
             }
-            if reports.len() > before {
-                progress(reports.len(), total);
+            if done > before {
+                progress(done, total);
             } else {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        // In the fleet's order, as the callers zip them with its devices.
-        let order: std::collections::HashMap<&str, usize> = fleet
-            .devices
-            .iter()
-            .enumerate()
-            .map(|(n, d)| (d.uuid.as_str(), n))
-            .collect();
-        reports.sort_by_key(|r| order.get(r.uuid.as_str()).copied());
+        let reports = reports.into_iter().flatten().collect();
         Ok(reports)
     }
 

@@ -102,16 +102,9 @@ pub async fn first_connect(client: &Client, device_pem: &str, ca_pem: &str) -> R
 
 /// A certificate's status.
 pub async fn status(client: &Client, certificate_id: &str) -> Result<CertificateStatus> {
-    let out = client
-        .describe_certificate()
-        .certificate_id(certificate_id)
-        .send()
-        .await
-        .context("DescribeCertificate")?;
-    out.certificate_description()
-        .and_then(|d| d.status())
-        .cloned()
-        .context("no status")
+    status_if_registered(client, certificate_id)
+        .await?
+        .context("DescribeCertificate: the certificate is not registered")
 }
 
 /// A certificate's status, or `None` when AWS IoT never registered it (a device that never
@@ -120,24 +113,26 @@ pub async fn status_if_registered(
     client: &Client,
     certificate_id: &str,
 ) -> Result<Option<CertificateStatus>> {
-    match client
+    let out = match client
         .describe_certificate()
         .certificate_id(certificate_id)
         .send()
         .await
     {
-        Ok(out) => Ok(out
-            .certificate_description()
-            .and_then(|d| d.status())
-            .cloned()),
+        Ok(out) => out,
         Err(e)
             if e.as_service_error()
                 .is_some_and(|e| e.is_resource_not_found_exception()) =>
         {
-            Ok(None)
+            return Ok(None)
         }
-        Err(e) => Err(anyhow::Error::new(e).context("DescribeCertificate")),
-    }
+        Err(e) => return Err(anyhow::Error::new(e).context("DescribeCertificate")),
+    };
+    out.certificate_description()
+        .and_then(|d| d.status())
+        .cloned()
+        .context("no status")
+        .map(Some)
 }
 
 /// The event AWS IoT publishes on `$aws/events/certificates/registered/<caId>` (the shape of
