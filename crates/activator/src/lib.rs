@@ -4,13 +4,13 @@
 //! certificate is ours (trusted CA, signature, validity, device profile, device id), checks
 //! fleet membership, then creates the Thing and attaches policy and principal, and activates
 //! the certificate last. The Lambda (`bootstrap`) and `jitr reconcile` both run this code
-//! with the same configuration; the operator's other AWS IoT work (CA registration,
-//! revocation) lives here too, behind the same ports.
+//! with the same configuration. The operator's other AWS IoT work (`jitr status`, `register`,
+//! `rotate`, `revoke`, `ca register`) is the `operations` crate's, built on the ports, the
+//! ownership rule and the adapters here.
 
 pub mod allowlist;
 #[cfg(feature = "adapters")]
 pub mod aws;
-pub mod bulk;
 mod config;
 mod decision;
 #[cfg(feature = "adapters")]
@@ -31,17 +31,13 @@ pub mod ownership;
 pub mod pace;
 mod ports;
 pub mod presence;
-pub mod registration;
-pub mod revoke;
-pub mod rotation;
-pub mod status;
 mod sweep;
 mod trust;
 
 pub use balena::FleetId;
 pub use config::{
-    balena_fleet_from_env, parse_duration, ApiKeySource, Config, ConfigError, FleetConfig,
-    LedgerConfig, Policy, RejectAction, WriteBack,
+    balena_fleet_from_env, ownership_hints_from_env, parse_duration, ApiKeySource, Config,
+    ConfigError, FleetConfig, LedgerConfig, Policy, RejectAction, WriteBack,
 };
 pub use decision::{Activator, Approval, Decision, Outcome};
 pub use error::{error_chain, ActivationError};

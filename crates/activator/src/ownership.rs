@@ -23,8 +23,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::{
-    Activator, CertificateId, CertificateStatus, FleetDirectory, IotRegistry, RegistryError,
-    ThingSpec,
+    Activator, CertificateDescription, CertificateId, CertificateStatus, FleetDirectory,
+    IotRegistry, RegistryError, ThingSpec,
 };
 
 /// The Thing attribute naming the fleet a Thing was made for.
@@ -118,6 +118,66 @@ pub fn is_certificate_arn(arn: &str) -> bool {
 /// The certificate id at the end of a certificate ARN (`arn:aws:iot:region:account:cert/<id>`).
 pub fn id_from_arn(arn: &str) -> Option<&str> {
     arn.rsplit_once("cert/").map(|(_, id)| id)
+}
+
+/// The ACTIVE certificates attached to `thing` (none when there is no such Thing), in the order
+/// AWS IoT lists its principals.
+pub async fn active_attached<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+) -> Result<Vec<CertificateId>, RegistryError> {
+    attached_where(iot, thing, deadline, |s| *s == CertificateStatus::Active).await
+}
+
+/// The certificates attached to `thing` whose status `keep` accepts (none when there is no
+/// such Thing), in the order AWS IoT lists its principals.
+pub async fn attached_where<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+    keep: impl Fn(&CertificateStatus) -> bool,
+) -> Result<Vec<CertificateId>, RegistryError> {
+    Ok(attached_certificates(iot, thing, deadline)
+        .await?
+        .into_iter()
+        .filter_map(|(id, described)| described.filter(|d| keep(&d.status)).map(|_| id))
+        .collect())
+}
+
+/// The certificates attached to `thing` (none when there is no such Thing), each with what
+/// AWS IoT says of it (`None` when it was deleted between the listing and the reading), in
+/// the order AWS IoT lists its principals. Principals that are not certificates (a Cognito
+/// identity) are another application's and left out.
+pub async fn attached_certificates<R: IotRegistry>(
+    iot: &R,
+    thing: &str,
+    deadline: Instant,
+) -> Result<Vec<(CertificateId, Option<CertificateDescription>)>, RegistryError> {
+    let principals = match iot
+        .thing_principals(thing, crate::call_deadline(deadline))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut attached = Vec::new();
+    for arn in principals.iter().filter(|p| is_certificate_arn(p)) {
+        let Some(id) = id_from_arn(arn).and_then(|id| CertificateId::parse(id).ok()) else {
+            continue;
+        };
+        let described = match iot
+            .describe_certificate(&id, crate::call_deadline(deadline))
+            .await
+        {
+            Ok(described) => Some(described),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        attached.push((id, described));
+    }
+    Ok(attached)
 }
 
 /// What `jitr approve` does to the certificates a held one replaces.

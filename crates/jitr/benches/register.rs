@@ -16,7 +16,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-use activator::bulk::{Rates, Wanted};
+use operations::register::{Rates, Wanted};
 use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::moto::MotoServer;

@@ -822,7 +822,7 @@ pub(crate) struct RegisterArgs {
     /// check, Thing, policy). ACTIVE: the Thing made, policy and Thing attached, ACTIVE last;
     /// the activator is not involved.
     #[arg(long, value_name = "ACTIVE|PENDING_ACTIVATION", default_value = "PENDING_ACTIVATION", value_parser = parse_register_status)]
-    pub(crate) status: activator::bulk::Wanted,
+    pub(crate) status: operations::register::Wanted,
     /// Register only active members of the balena fleet (BALENA_API_KEY, BALENA_FLEET_ID);
     /// the others are reported and skipped. Without it no fleet check is made.
     #[arg(long)]
@@ -845,10 +845,10 @@ pub(crate) struct RegisterArgs {
 }
 
 /// `clap` value parser for `register --status`.
-fn parse_register_status(value: &str) -> Result<activator::bulk::Wanted, String> {
+fn parse_register_status(value: &str) -> Result<operations::register::Wanted, String> {
     match value {
-        "ACTIVE" => Ok(activator::bulk::Wanted::Active),
-        "PENDING_ACTIVATION" => Ok(activator::bulk::Wanted::PendingActivation),
+        "ACTIVE" => Ok(operations::register::Wanted::Active),
+        "PENDING_ACTIVATION" => Ok(operations::register::Wanted::PendingActivation),
         _ => Err("ACTIVE or PENDING_ACTIVATION".to_owned()),
     }
 }

@@ -215,7 +215,7 @@ impl Provisioner {
         device: &factory_ca::DeviceId,
         deadline: Instant,
     ) -> Result<Vec<CertificateId>, RegistryError> {
-        activator::revoke::active_attached(self.activator.registry(), device.as_str(), deadline)
+        activator::ownership::active_attached(self.activator.registry(), device.as_str(), deadline)
             .await
     }
 
@@ -226,7 +226,7 @@ impl Provisioner {
         device: &factory_ca::DeviceId,
         deadline: Instant,
     ) -> Result<Vec<CertificateId>, RegistryError> {
-        activator::revoke::attached_where(
+        activator::ownership::attached_where(
             self.activator.registry(),
             device.as_str(),
             deadline,

@@ -84,7 +84,7 @@ fn lift(device: &str, args: &ApproveArgs) -> Result<bool> {
     let lifted = crate::aws::runtime()?.block_on(async {
         let registry = crate::aws::session(&args.aws).await?.registry();
         let deadline = args.aws.deadline(APPROVE_TIME);
-        anyhow::Ok(activator::revoke::lift_mark(&registry, device.as_str(), deadline).await?)
+        anyhow::Ok(operations::revoke::lift_mark(&registry, device.as_str(), deadline).await?)
     })?;
     if lifted {
         println!("lifted the revocation mark from {device}: its certificates are decided as anyone's again");

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use activator::registration::{register_ca, Registration};
 use activator::CertificateId;
 use anyhow::{bail, Context, Result};
 use ca_keys::KeyUri;
@@ -11,6 +10,7 @@ use factory_ca::{
     certificate_id, certificates_from_pem_or_der, CaInit, IssuingCa, KeyProtection, Profile,
     Subject, CA_CERT_FILE,
 };
+use operations::ca_register::{register_ca, Registration};
 use time::OffsetDateTime;
 
 use super::{print_json, Outcome};

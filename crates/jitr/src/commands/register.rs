@@ -1,6 +1,6 @@
 //! `jitr register --manifest F [--status ACTIVE|PENDING_ACTIVATION] [--fleet-check]`: the
 //! certificates `jitr issue` made, registered in AWS IoT under their CA without waiting for the
-//! devices' first connect, paced at AWS IoT's default rates (`activator::bulk`).
+//! devices' first connect, paced at AWS IoT's default rates (`operations::register`).
 //!
 //! Resumable: what AWS IoT has is read first (one listing of the CA), so a rerun skips what is
 //! done. An ACTIVE registration goes INACTIVE first and ACTIVE last; a journal beside the
@@ -16,13 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use activator::bulk::Placement;
-use activator::bulk::{self, Paces, Plan, Rates, Wanted};
 use activator::{call_deadline, error_chain, CertificateId, CertificateStatus, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{DeviceId, IdFormat};
 use futures::stream::{self, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
+use operations::register::Placement;
+use operations::register::{self as bulk, Paces, Plan, Rates, Wanted};
 use serde::{Deserialize, Serialize};
 
 use super::{print_json, Outcome};

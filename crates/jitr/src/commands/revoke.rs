@@ -2,10 +2,10 @@
 //! Things, the Things deleted on request; idempotent while the device's Thing stands (once AWS
 //! IoT holds nothing of the device: `nothing to revoke`, exit 1).
 
-use activator::revoke::{revoke as revoke_in_aws, RevokeError, RevokeReport, Scope, Target};
 use activator::CertificateId;
 use anyhow::Result;
 use factory_ca::{DeviceId, IdFormat};
+use operations::revoke::{revoke as revoke_in_aws, RevokeError, RevokeReport, Scope, Target};
 
 use super::{print_json, Outcome};
 use crate::cli::RevokeArgs;
@@ -86,7 +86,7 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
         // keeps its variables: they are the live credentials.
         let mut keep = Vec::new();
         for device in &devices {
-            let active = runtime.block_on(activator::revoke::active_attached(
+            let active = runtime.block_on(activator::ownership::active_attached(
                 &registry, device, deadline,
             ))?;
             if !active.is_empty() {

@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use activator::bulk::Placement;
-use activator::rotation;
-use activator::status::{self, Known, Rates, State};
 use activator::{CertificateId, FleetConfig, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{issue_batch, BatchOptions, DeviceId, Rotation};
+use operations::register::Placement;
+use operations::rotate;
+use operations::status::{self, Known, Rates, State};
 use time::OffsetDateTime;
 
 use super::balena::Delivery;
@@ -132,7 +132,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
         for id in &ids {
             old.insert(
                 id.to_string(),
-                activator::revoke::active_attached(&registry, id.as_str(), deadline).await?,
+                activator::ownership::active_attached(&registry, id.as_str(), deadline).await?,
             );
         }
         anyhow::Ok(old)
@@ -193,7 +193,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             group: config.policy.thing_group.as_deref(),
             policy: &config.policy.policy_name,
         };
-        let result = runtime.block_on(rotation::install(
+        let result = runtime.block_on(rotate::install(
             &registry,
             &pem,
             ca.cert_pem(),
@@ -296,7 +296,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
                         .to_owned(),
                 ),
                 (true, Some(Ok(true))) => {
-                    match runtime.block_on(rotation::retire(&registry, &new, &olds, deadline)) {
+                    match runtime.block_on(rotate::retire(&registry, &new, &olds, deadline)) {
                         Ok(_) => {
                             row.retired = true;
                             None

@@ -6,9 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use activator::status::{self, DeviceStatus, Known, Rates, Scope, Standing, State};
 use activator::{FleetConfig, Ownership};
 use anyhow::{Context, Result};
+use operations::status::{self, DeviceStatus, Known, Rates, Scope, Standing, State};
 
 use super::reconcile::chosen_cas;
 use super::{print_json, Outcome};

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 
 use tokio::time::Instant;
 
-use crate::ownership::id_from_arn;
-use crate::pace::Pace;
-use crate::{
+use activator::ownership::id_from_arn;
+use activator::pace::Pace;
+use activator::{
     call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec,
 };
 
@@ -36,7 +36,7 @@ const ADD_THING_TO_THING_GROUP_TPS: f64 = 100.0;
 const ATTACH_THING_PRINCIPAL_TPS: f64 = 100.0;
 
 /// Where a certificate goes: its device's Thing, the Thing's group and the device policy
-/// (`jitr register`, and `jitr rotate` through [`crate::rotation::install`]).
+/// (`jitr register`, and `jitr rotate` through [`crate::rotate::install`]).
 #[derive(Debug, Clone)]
 pub struct Placement<'a> {
     /// The device's Thing.
@@ -304,7 +304,7 @@ pub async fn live_identity<R: IotRegistry>(
 /// the policy and the Thing, and activates it last. Idempotent: run again, each step finds
 /// itself done. `arn_prefix` (see [`certificate_arn_prefix`]) spares a DescribeCertificate.
 /// The certificate's id.
-pub async fn install<R: crate::IotAdmin>(
+pub async fn install<R: activator::IotAdmin>(
     iot: &R,
     pem: &str,
     ca_pem: &str,
@@ -345,7 +345,7 @@ pub async fn install<R: crate::IotAdmin>(
 
 /// Registers `pem` under the CA `ca_pem` PENDING_ACTIVATION, and nothing else: the activator
 /// decides. One that is registered already is left as it is.
-pub async fn register_pending<R: crate::IotAdmin>(
+pub async fn register_pending<R: activator::IotAdmin>(
     iot: &R,
     pem: &str,
     ca_pem: &str,
@@ -415,10 +415,10 @@ mod tests {
 
     #[tokio::test]
     async fn install_activates_last() {
-        use crate::memory::MemoryIot;
+        use activator::memory::MemoryIot;
         let iot = MemoryIot::new();
         let placement = Placement {
-            thing: crate::ThingSpec {
+            thing: activator::ThingSpec {
                 name: "dev-1".into(),
                 thing_type: None,
                 attributes: Vec::new(),

@@ -58,7 +58,7 @@ impl World {
             .get_or_insert_with(HashMap::new)
             .entry(device.to_owned())
             .or_default()
-            .push(crate::presence::Connection {
+            .push(activator::presence::Connection {
                 certificate_id: id(n).to_string(),
                 connected_at: at,
             });
@@ -313,8 +313,8 @@ fn an_inactive_device_is_held_never_revoked() {
 
 #[test]
 fn the_ownership_rule() {
-    use crate::ownership::{Ownership, REVOKED_ATTRIBUTE};
-    use crate::{fleet_attribute, FleetMark, ThingSpec};
+    use activator::ownership::{Ownership, REVOKED_ATTRIBUTE};
+    use activator::{fleet_attribute, FleetMark, ThingSpec};
     let thing = |attributes: Vec<(String, String)>, thing_type: Option<&str>| ThingSpec {
         name: "warehouse-door-sensor-7".into(),
         thing_type: thing_type.map(str::to_owned),
@@ -359,10 +359,10 @@ fn the_ownership_rule() {
         &thing(vec![("fleet".into(), "facilities".into())], None),
         false
     ));
-    assert!(crate::ownership::is_certificate_arn(
+    assert!(activator::ownership::is_certificate_arn(
         "arn:aws:iot:us-east-1:123456789012:cert/abc"
     ));
-    assert!(!crate::ownership::is_certificate_arn(
+    assert!(!activator::ownership::is_certificate_arn(
         "us-east-1:1f2e3d4c-0000-0000-0000-000000000000"
     ));
 }

@@ -19,10 +19,10 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::ownership::id_from_arn;
-use crate::pace::Pace;
 use crate::revoke::{revoke, Target};
-use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+use activator::ownership::id_from_arn;
+use activator::pace::Pace;
+use activator::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
 
 /// A device's state, the most urgent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -122,7 +122,7 @@ pub struct DeviceStatus {
     /// Whether it is an active member of the fleet.
     pub fleet_member: bool,
     /// The certificate that connected last, when the presence table records one.
-    pub last_connected: Option<crate::presence::Connection>,
+    pub last_connected: Option<activator::presence::Connection>,
     /// Whether the newest ACTIVE certificate has connected (the proof a duplicate's older
     /// certificates may be retired on).
     #[serde(skip)]
@@ -188,7 +188,7 @@ pub struct Observed {
     pub certificates: Vec<Listed>,
     /// What is known about them, by certificate id.
     pub known: HashMap<String, Known>,
-    /// Every Thing jitr owns ([`crate::Ownership`]).
+    /// Every Thing jitr owns ([`activator::Ownership`]).
     pub things: BTreeSet<String>,
     /// How many Things were listed that jitr does not own: left alone.
     pub foreign_things: usize,
@@ -200,7 +200,7 @@ pub struct Observed {
     /// a Thing holding one is not empty).
     pub other_principals: HashMap<String, usize>,
     /// Every device's connections (the presence table), when one was read.
-    pub presence: Option<HashMap<String, Vec<crate::presence::Connection>>>,
+    pub presence: Option<HashMap<String, Vec<activator::presence::Connection>>>,
     /// For ACTIVE certificates without a Thing of their device's name whose attachments were
     /// read: the Things they are attached to.
     pub certificate_things: HashMap<String, Vec<String>>,
@@ -263,7 +263,7 @@ pub struct Scope {
     /// Devices the manifest names.
     pub manifest_devices: BTreeSet<String>,
     /// Which Things are jitr's.
-    pub ownership: crate::Ownership,
+    pub ownership: activator::Ownership,
     /// Read every owned Thing's attachments, not only where they decide a state.
     pub deep: bool,
     /// How fast each kind of read goes.
@@ -364,7 +364,7 @@ pub async fn observe<A: IotAdmin>(
             foreign_things += 1;
             continue;
         }
-        if let Some(at) = crate::ownership::revoked_mark(thing) {
+        if let Some(at) = activator::ownership::revoked_mark(thing) {
             revoked_marks.insert(thing.name.clone(), at.to_owned());
         }
         things.insert(thing.name.clone());
@@ -405,7 +405,7 @@ pub async fn observe<A: IotAdmin>(
             let arns = iot.thing_principals(thing, d()).await?;
             let (certs, others): (Vec<&String>, Vec<&String>) = arns
                 .iter()
-                .partition(|arn| crate::ownership::is_certificate_arn(arn));
+                .partition(|arn| activator::ownership::is_certificate_arn(arn));
             let ids = certs
                 .into_iter()
                 .filter_map(|arn| id_from_arn(arn).map(str::to_owned))
@@ -580,9 +580,9 @@ fn classify_device(
         .and_then(|p| p.get(device))
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let last_connected = crate::presence::last_connected(connections).cloned();
+    let last_connected = activator::presence::last_connected(connections).cloned();
     let newest_connected = active.last().is_some_and(|newest| {
-        crate::presence::has_connected(connections, newest.id.as_str(), None)
+        activator::presence::has_connected(connections, newest.id.as_str(), None)
     });
     let (state, reason) = if let (Some(at), false) = (revoked_mark, active.is_empty()) {
         (
@@ -890,7 +890,7 @@ pub struct Applied {
 pub async fn apply_fixes<A: IotAdmin>(
     iot: &A,
     fixes: &[Fix],
-    ownership: &crate::Ownership,
+    ownership: &activator::Ownership,
     deadline: Instant,
 ) -> Vec<Applied> {
     let mut applied = Vec::new();
@@ -919,7 +919,7 @@ pub async fn apply_fixes<A: IotAdmin>(
         };
         applied.push(Applied {
             fix: fix.clone(),
-            error: result.err().map(|e| crate::error_chain(&e)),
+            error: result.err().map(|e| activator::error_chain(&e)),
         });
     }
     applied
@@ -930,19 +930,19 @@ async fn reattach<A: IotAdmin>(
     iot: &A,
     certificate_id: &str,
     thing: &str,
-    ownership: &crate::Ownership,
+    ownership: &activator::Ownership,
     deadline: Instant,
 ) -> Result<(), RegistryError> {
     let d = || call_deadline(deadline);
     let id = CertificateId::parse(certificate_id)
         .map_err(|reason| RegistryError::failed("AttachThingPrincipal", reason))?;
     let arn = iot.describe_certificate(&id, d()).await?.arn;
-    let spec = crate::ThingSpec {
+    let spec = activator::ThingSpec {
         name: thing.to_owned(),
         thing_type: ownership.thing_type.clone(),
         attributes: ownership
             .fleet
-            .map(crate::fleet_attribute)
+            .map(activator::fleet_attribute)
             .into_iter()
             .collect(),
     };
@@ -960,7 +960,7 @@ async fn delete_thing<A: IotAdmin>(
     deadline: Instant,
 ) -> Result<(), RegistryError> {
     let d = || call_deadline(deadline);
-    if let Some(id) = crate::revoke::active_attached(iot, thing, deadline)
+    if let Some(id) = activator::ownership::active_attached(iot, thing, deadline)
         .await?
         .first()
     {
@@ -976,7 +976,7 @@ async fn delete_thing<A: IotAdmin>(
     };
     if let Some(other) = principals
         .iter()
-        .find(|arn| !crate::ownership::is_certificate_arn(arn))
+        .find(|arn| !activator::ownership::is_certificate_arn(arn))
     {
         return Err(RegistryError::failed(
             "DeleteThing",
@@ -987,7 +987,7 @@ async fn delete_thing<A: IotAdmin>(
         .describe_thing(thing, d())
         .await?
         .as_ref()
-        .and_then(|t| crate::ownership::revoked_mark(t).map(str::to_owned))
+        .and_then(|t| activator::ownership::revoked_mark(t).map(str::to_owned))
     {
         return Err(RegistryError::failed(
             "DeleteThing",

@@ -6,9 +6,9 @@
 
 use tokio::time::Instant;
 
-use crate::bulk::Placement;
+use crate::register::Placement;
 use crate::revoke::{revoke, RevokeReport, Target};
-use crate::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+use activator::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
 
 /// Registers `pem` under the CA `ca_pem` and makes it the device's, ACTIVE last. Idempotent:
 /// run again, each step finds itself done. The certificate's id.
@@ -21,13 +21,13 @@ pub async fn install<A: IotAdmin>(
 ) -> Result<CertificateId, RegistryError> {
     // The one install order (INACTIVE, Thing, policy, attachment, ACTIVE last), unpaced: one
     // device at a time.
-    crate::bulk::install(
+    crate::register::install(
         iot,
         pem,
         ca_pem,
         placement,
         None,
-        &crate::bulk::Paces::unlimited(),
+        &crate::register::Paces::unlimited(),
         deadline,
     )
     .await
@@ -71,8 +71,8 @@ pub async fn retire<A: IotAdmin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::MemoryIot;
-    use crate::{IotRegistry, ThingSpec};
+    use activator::memory::MemoryIot;
+    use activator::{IotRegistry, ThingSpec};
 
     fn deadline() -> Instant {
         Instant::now() + std::time::Duration::from_secs(10)

@@ -6,13 +6,12 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::ownership::{id_from_arn, Ownership};
-use crate::{
-    call_deadline, CertificateDescription, CertificateId, CertificateStatus, IotAdmin, IotRegistry,
-    RegistryError,
+use activator::ownership::{id_from_arn, Ownership};
+use activator::{
+    call_deadline, CertificateId, CertificateStatus, IotAdmin, IotRegistry, RegistryError,
 };
 
-/// What a revoke may touch: only what jitr owns ([`crate::ownership`]).
+/// What a revoke may touch: only what jitr owns ([`activator::ownership`]).
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
     /// The ownership rule for Things.
@@ -37,8 +36,8 @@ impl Scope {
     /// The scope an operator's shell gives: the trusted CAs (`JITR_TRUSTED_CA_IDS`) and the
     /// thing type (`JITR_THING_TYPE`) where it has them, read and checked as the Lambda reads
     /// them; without them, ownership rests on the fleet attribute and the manifest.
-    pub fn from_env() -> Result<Scope, crate::ConfigError> {
-        let (trusted_cas, thing_type) = crate::config::ownership_hints_from_env()?;
+    pub fn from_env() -> Result<Scope, activator::ConfigError> {
+        let (trusted_cas, thing_type) = activator::ownership_hints_from_env()?;
         Ok(Scope {
             ownership: Ownership {
                 fleet: None,
@@ -126,73 +125,16 @@ pub struct RevokeReport {
     pub marked: Option<String>,
 }
 
-/// The ACTIVE certificates attached to `thing` (none when there is no such Thing), in the order
-/// AWS IoT lists its principals.
-pub async fn active_attached<R: IotRegistry>(
-    iot: &R,
-    thing: &str,
-    deadline: Instant,
-) -> Result<Vec<CertificateId>, RegistryError> {
-    attached_where(iot, thing, deadline, |s| *s == CertificateStatus::Active).await
-}
-
-/// The certificates attached to `thing` whose status `keep` accepts (none when there is no
-/// such Thing), in the order AWS IoT lists its principals.
-pub async fn attached_where<R: IotRegistry>(
-    iot: &R,
-    thing: &str,
-    deadline: Instant,
-    keep: impl Fn(&CertificateStatus) -> bool,
-) -> Result<Vec<CertificateId>, RegistryError> {
-    Ok(attached_certificates(iot, thing, deadline)
-        .await?
-        .into_iter()
-        .filter_map(|(id, described)| described.filter(|d| keep(&d.status)).map(|_| id))
-        .collect())
-}
-
-/// The certificates attached to `thing` (none when there is no such Thing), each with what
-/// AWS IoT says of it (`None` when it was deleted between the listing and the reading), in
-/// the order AWS IoT lists its principals. Principals that are not certificates (a Cognito
-/// identity) are another application's and left out.
-async fn attached_certificates<R: IotRegistry>(
-    iot: &R,
-    thing: &str,
-    deadline: Instant,
-) -> Result<Vec<(CertificateId, Option<CertificateDescription>)>, RegistryError> {
-    let principals = match iot.thing_principals(thing, call_deadline(deadline)).await {
-        Ok(p) => p,
-        Err(e) if e.is_not_found() => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut attached = Vec::new();
-    for arn in principals
-        .iter()
-        .filter(|p| crate::ownership::is_certificate_arn(p))
-    {
-        let Some(id) = id_from_arn(arn).and_then(|id| CertificateId::parse(id).ok()) else {
-            continue;
-        };
-        let described = match iot.describe_certificate(&id, call_deadline(deadline)).await {
-            Ok(described) => Some(described),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(e),
-        };
-        attached.push((id, described));
-    }
-    Ok(attached)
-}
-
 /// Revokes `target` and the certificates `also` names (from the manifest: a device's
 /// certificates that never got a Thing, registered or still pending); with `delete_things`,
 /// deletes the Things involved (not one holding another application's principal). A device
 /// target keeps its Thing, made if need be, with the revocation mark
-/// ([`crate::ownership::REVOKED_ATTRIBUTE`]), unless it is deleted. Only what jitr owns is
+/// ([`activator::ownership::REVOKED_ATTRIBUTE`]), unless it is deleted. Only what jitr owns is
 /// touched (`scope`): a target that is another application's is refused
 /// ([`RevokeError::NotOurs`]) before anything changes, another CA's certificate on the
 /// device's Thing is left as it is, and a Thing that is not jitr's is never deleted. Only
 /// certificates are revoked and detached. Each call is bounded by
-/// [`crate::OPERATOR_CALL_TIME`] and the whole by `deadline`; every listing is read to its
+/// [`activator::OPERATOR_CALL_TIME`] and the whole by `deadline`; every listing is read to its
 /// last page.
 pub async fn revoke<A: IotAdmin>(
     iot: &A,
@@ -210,7 +152,9 @@ pub async fn revoke<A: IotAdmin>(
         Target::Device(thing) => {
             let mut ours = Vec::new();
             let mut trusted_certificate = false;
-            for (id, described) in attached_certificates(iot, thing, deadline).await? {
+            for (id, described) in
+                activator::ownership::attached_certificates(iot, thing, deadline).await?
+            {
                 // One deleted since the listing has nothing left to revoke.
                 let Some(described) = described else { continue };
                 let ca = described.ca_certificate_id.as_ref();
@@ -349,9 +293,9 @@ async fn mark_revoked<R: IotRegistry>(
         .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let mark = (crate::ownership::REVOKED_ATTRIBUTE.to_owned(), now);
+    let mark = (activator::ownership::REVOKED_ATTRIBUTE.to_owned(), now);
     if iot.describe_thing(thing, deadline).await?.is_none() {
-        let spec = crate::ThingSpec {
+        let spec = activator::ThingSpec {
             name: thing.to_owned(),
             thing_type: None,
             attributes: vec![mark.clone()],
@@ -371,11 +315,11 @@ pub async fn lift_mark<R: IotRegistry>(
     let marked = iot
         .describe_thing(thing, deadline)
         .await?
-        .is_some_and(|t| crate::ownership::revoked_mark(&t).is_some());
+        .is_some_and(|t| activator::ownership::revoked_mark(&t).is_some());
     if marked {
         iot.update_thing_attributes(
             thing,
-            &[(crate::ownership::REVOKED_ATTRIBUTE.to_owned(), None)],
+            &[(activator::ownership::REVOKED_ATTRIBUTE.to_owned(), None)],
             deadline,
         )
         .await?;
