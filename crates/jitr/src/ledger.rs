@@ -60,6 +60,24 @@ pub(crate) fn write(
     if entries.is_empty() {
         return Ok(true);
     }
+    crate::aws::runtime()?.block_on(async {
+        let session = crate::aws::session(aws).await?;
+        let deadline = aws.deadline(LEDGER_TIME);
+        put(table, &session, entries, manifest, deadline).await
+    })
+}
+
+/// [`write`] on the command's runtime and AWS session, by `deadline`.
+pub(crate) async fn put(
+    table: &str,
+    session: &activator::aws::Session,
+    entries: &[LedgerEntry],
+    manifest: &std::path::Path,
+    deadline: tokio::time::Instant,
+) -> Result<bool> {
+    if entries.is_empty() {
+        return Ok(true);
+    }
     let bar = if entries.len() >= 200 && std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(entries.len() as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -71,16 +89,9 @@ pub(crate) fn write(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let report = crate::aws::runtime()?.block_on(async {
-        let session = crate::aws::session(aws).await?;
-        let ledger = DynamoLedger::new(session.config(), table);
-        let deadline = aws.deadline(LEDGER_TIME);
-        anyhow::Ok(
-            ledger
-                .put_entries(entries, CONCURRENCY, deadline, &|n| bar.inc(n as u64))
-                .await,
-        )
-    })?;
+    let report = DynamoLedger::new(session.config(), table)
+        .put_entries(entries, CONCURRENCY, deadline, &|n| bar.inc(n as u64))
+        .await;
     bar.finish_and_clear();
     if report.unwritten.is_empty() {
         eprintln!(
@@ -154,12 +165,11 @@ pub(crate) fn entry_from_pem(
 /// `false` (reported) when some could not be marked.
 pub(crate) async fn mark_activated(
     table: &str,
-    aws: &AwsArgs,
+    session: &activator::aws::Session,
     ids: &[&activator::CertificateId],
     deadline: tokio::time::Instant,
 ) -> Result<bool> {
     use activator::Ledger;
-    let session = crate::aws::session(aws).await?;
     let ledger = DynamoLedger::new(session.config(), table);
     let now = factory_ca::show_time(OffsetDateTime::now_utc());
     let mark = activator::LedgerMark::Activated;

@@ -95,6 +95,11 @@ impl Delivery {
     /// Writes the file and pushes to balena; `Ok(false)` when a device failed (each one is
     /// reported on standard error, the others still delivered).
     pub(crate) fn deliver(&self, devices: &[DeliveryVariables]) -> Result<bool> {
+        crate::aws::runtime()?.block_on(self.deliver_on(devices))
+    }
+
+    /// [`Delivery::deliver`] on the command's runtime.
+    pub(crate) async fn deliver_on(&self, devices: &[DeliveryVariables]) -> Result<bool> {
         if let Some(path) = &self.env_file {
             write_env_file(path, devices)?;
             eprintln!(
@@ -118,13 +123,11 @@ impl Delivery {
         }
         let scope = &self.scope;
         let overall = tokio::time::Instant::now() + self.timeout;
-        let results = crate::aws::runtime()?.block_on(async {
-            futures::stream::iter(devices)
-                .map(|device| async move { (device, push(fleet, scope, device, overall).await) })
-                .buffer_unordered(PUSH_CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await
-        });
+        let results = futures::stream::iter(devices)
+            .map(|device| async move { (device, push(fleet, scope, device, overall).await) })
+            .buffer_unordered(PUSH_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
         let mut failed = 0;
         for (device, result) in &results {
             match result {

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use activator::aws::presence::DynamoPresence;
 use activator::{CertificateId, FleetConfig, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{issue_batch, BatchOptions, DeviceId, Rotation};
@@ -36,315 +37,56 @@ struct Rotated {
 }
 
 pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
-    let config = super::activator_config()?;
-    let grace = grace(args.grace, args.balena.push_balena)?;
-    let delivery = Delivery::from_args(&args.balena)?;
-    let ca = crate::keys::load_ca(&args.ca, None)?;
-    let format = ca.profile().device.id_format;
-    let aws = args.aws();
-    let deadline = aws.deadline(DEFAULT_TIMEOUT);
-    let now = OffsetDateTime::now_utc();
-    let retire_after = match grace {
-        Some(grace) if !grace.is_zero() => {
-            let grace = time::Duration::try_from(grace).context("--grace is too long")?;
-            Some(
-                (now + grace)
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
-            )
-        }
-        _ => None,
-    };
-    let retire_now = grace.is_some_and(|g| g.is_zero());
-    let manifest_path = args.out.join(factory_ca::MANIFEST_FILE);
     let runtime = crate::aws::runtime()?;
-    let (registry, presence) = runtime.block_on(async {
-        let session = crate::aws::session(&aws).await?;
-        anyhow::Ok((session.registry(), crate::presence::log(&session)))
-    })?;
-    if retire_now && presence.is_none() {
-        return Err(crate::UsageError(format!(
-            "--grace 0 retires the old certificate once the device has connected with the new one: set {} (the stack's PresenceTable) so that can be seen",
-            crate::presence::PRESENCE_TABLE
-        ))
-        .into());
-    }
-
-    // The devices: named, or those whose ACTIVE certificate is expiring.
-    let ids: Vec<DeviceId> = match args.expiring_within {
-        None => args
-            .id
-            .iter()
-            .map(|id| DeviceId::parse(id, format))
-            .collect::<Result<_, _>>()?,
-        Some(window) => {
-            let mut known = HashMap::new();
-            if manifest_path.exists() {
-                for entry in factory_ca::read_manifest(&manifest_path)? {
-                    known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
-                }
-            }
-            let scope = status::Scope {
-                cas: config.policy.trusted_ca_ids.clone(),
-                known,
-                ownership: activator::Ownership {
-                    fleet: Some(config.fleet.mark()),
-                    thing_type: config.policy.thing_type.clone(),
-                },
-                rates: Rates::default(),
-                ..status::Scope::default()
-            };
-            let observed = runtime.block_on(status::observe(
-                &registry,
-                scope,
-                &|_: &str, _: usize, _: Option<usize>| {},
-                deadline,
-            ))?;
-            let window = time::Duration::try_from(window)?;
-            status::classify(&observed, now, window)
-                .into_iter()
-                .filter(|row| row.state == State::Expiring)
-                .map(|row| DeviceId::parse(&row.device_id, format))
-                .collect::<Result<_, _>>()?
-        }
-    };
+    let job = runtime.block_on(Job::new(&args))?;
+    let ids = runtime.block_on(job.devices(&args))?;
     // Only devices of the fleet get a certificate activated with the operator's credentials.
-    let (ids, strangers) = runtime.block_on(members(&config.fleet, ids, deadline))?;
+    let (ids, strangers) = runtime.block_on(members(&job.config.fleet, ids, job.deadline))?;
     let mut rows: Vec<Rotated> = strangers
         .into_iter()
-        .map(|id| Rotated {
-            device_id: id,
-            new_certificate_id: None,
-            old_certificate_ids: Vec::new(),
-            retire_after: None,
-            retired: false,
-            error: Some("not an active member of the fleet: not rotated".to_owned()),
+        .map(|id| {
+            Rotated::failed(
+                id,
+                None,
+                &[],
+                "not an active member of the fleet: not rotated",
+            )
         })
         .collect();
     if ids.is_empty() && rows.is_empty() {
         eprintln!("nothing to rotate");
         return Ok(Outcome::Success);
     }
-
-    // The certificates each device has ACTIVE now: what the new ones supersede.
-    let old: HashMap<String, Vec<CertificateId>> = runtime.block_on(async {
-        let mut old = HashMap::new();
-        for id in &ids {
-            old.insert(
-                id.to_string(),
-                activator::ownership::active_attached(&registry, id.as_str(), deadline).await?,
-            );
-        }
-        anyhow::Ok(old)
-    })?;
-    let opts = BatchOptions {
-        out_dir: args.out.clone(),
-        key: args.key.unwrap_or(ca.profile().device.key),
-        days: super::issue::validity_days(args.days, &ca)?,
-        jobs: 0,
-        force: true,
-        now,
-        rotation: Some(Rotation {
-            supersedes: old
-                .iter()
-                .filter_map(|(id, certs)| certs.last().map(|c| (id.clone(), c.to_string())))
-                .collect(),
-            retire_after: retire_after.clone(),
-        }),
-    };
-    let report = issue_batch(&ca, &ids, &opts, &|| {})?;
-    // In the ledger before AWS IoT knows them, as at issuance.
-    let ledger_entries: Vec<_> = match &args.ledger.ledger {
-        None => Vec::new(),
-        Some(_) => {
-            let batch = crate::ledger::batch_name(&args.ledger, now);
-            let at = factory_ca::show_time(now);
-            report
-                .issued
-                .iter()
-                .map(|line| crate::ledger::entry(line, &batch, &at, None))
-                .collect()
-        }
-    };
-    let mut recorded = match &args.ledger.ledger {
-        Some(table) => crate::ledger::write(table, &aws, &ledger_entries, &manifest_path)?,
-        None => true,
-    };
-    rows.extend(report.failures.iter().map(|f| Rotated {
-        device_id: f.id.clone(),
-        new_certificate_id: None,
-        old_certificate_ids: Vec::new(),
-        retire_after: None,
-        retired: false,
-        error: Some(activator::error_chain(&f.error)),
-    }));
-
-    // Registered and ACTIVE, then delivered, then (grace 0) the old retired.
-    let fleet_attribute = activator::fleet_attribute(config.fleet.mark());
-    let mut installed = Vec::new();
-    for entry in &report.issued {
-        let pem = std::fs::read_to_string(args.out.join(&entry.id).join("device.crt"))?;
-        let placement = Placement {
-            thing: ThingSpec {
-                name: entry.id.clone(),
-                thing_type: config.policy.thing_type.clone(),
-                attributes: vec![fleet_attribute.clone()],
-            },
-            group: config.policy.thing_group.as_deref(),
-            policy: &config.policy.policy_name,
-        };
-        let result = runtime.block_on(rotate::install(
-            &registry,
-            &pem,
-            ca.cert_pem(),
-            &placement,
-            deadline,
-        ));
-        let olds = old.get(&entry.id).cloned().unwrap_or_default();
-        match result {
-            Ok(new) => installed.push((entry.id.clone(), new, olds)),
-            Err(e) => rows.push(Rotated {
-                device_id: entry.id.clone(),
-                new_certificate_id: Some(entry.certificate_id.clone()),
-                old_certificate_ids: olds.iter().map(ToString::to_string).collect(),
-                retire_after: None,
-                retired: false,
-                error: Some(format!(
-                    "not activated ({}); the old certificate stays",
-                    activator::error_chain(&e)
-                )),
-            }),
-        }
-    }
+    let old = runtime.block_on(job.active_now(&ids))?;
+    let (issued, mut recorded) = runtime.block_on(job.issue(&args, &ids, &old))?;
+    rows.extend(
+        issued
+            .failures
+            .iter()
+            .map(|f| Rotated::failed(f.id.clone(), None, &[], &activator::error_chain(&f.error))),
+    );
+    let (installed, failed) = runtime.block_on(job.install(&args, &issued, &old))?;
+    rows.extend(failed);
     if let Some(table) = &args.ledger.ledger {
-        let ids: Vec<&CertificateId> = installed.iter().map(|(_, new, _)| new).collect();
-        recorded &= runtime.block_on(crate::ledger::mark_activated(table, &aws, &ids, deadline))?;
+        let ids: Vec<&CertificateId> = installed.iter().map(|i| &i.new).collect();
+        recorded &= runtime.block_on(crate::ledger::mark_activated(
+            table,
+            &job.session,
+            &ids,
+            job.deadline,
+        ))?;
     }
     // A failure here leaves the new certificates ACTIVE beside the old: reported, not fatal.
-    let delivered = if delivery.wanted() {
-        let deliver = || -> Result<bool> {
-            let mut devices = Vec::new();
-            for (id, _, _) in &installed {
-                let dir = args.out.join(id);
-                let read = |name: &str| {
-                    std::fs::read_to_string(dir.join(name))
-                        .map(zeroize::Zeroizing::new)
-                        .with_context(|| format!("cannot read {}", dir.join(name).display()))
-                };
-                let (chain, key) = (read("chain.pem")?, read("device.key")?);
-                devices.push(delivery.variables(&DeviceId::parse(id, format)?, &chain, Some(&key)));
-            }
-            delivery.deliver(&devices)
-        };
-        match deliver() {
-            Ok(delivered) => delivered,
-            Err(e) => {
-                eprintln!("jitr: delivery: {}", activator::error_chain(e.as_ref()));
-                false
-            }
-        }
-    } else {
-        true
-    };
-    // --grace 0: the old ones go once the device is seen with the new one, all waited at once.
-    let proven: HashMap<String, Result<bool, String>> = match (&presence, retire_now && delivered) {
-        (Some(log), true) => {
-            let until = std::cmp::min(tokio::time::Instant::now() + args.wait_connected, deadline);
-            let waits = installed
-                .iter()
-                .filter(|(_, _, olds)| !olds.is_empty())
-                .map(|(id, new, _)| async move {
-                    let seen = activator::presence::wait_connected(
-                        log,
-                        id,
-                        new.as_str(),
-                        None,
-                        Duration::from_secs(2),
-                        until,
-                    )
-                    .await
-                    .map_err(|e| activator::error_chain(&e));
-                    (id.clone(), seen)
-                });
-            if !installed.is_empty() {
-                eprintln!(
-                    "rotate: waiting up to {}s for {} device(s) to connect with their new certificate",
-                    args.wait_connected.as_secs(),
-                    installed.len()
-                );
-            }
-            runtime
-                .block_on(futures::future::join_all(waits))
-                .into_iter()
-                .collect()
-        }
-        _ => HashMap::new(),
-    };
-    for (id, new, olds) in installed {
-        let mut row = Rotated {
-            device_id: id,
-            new_certificate_id: Some(new.to_string()),
-            old_certificate_ids: olds.iter().map(ToString::to_string).collect(),
-            retire_after: retire_after.clone(),
-            retired: false,
-            error: None,
-        };
-        if retire_now && !olds.is_empty() {
-            row.error = match (delivered, proven.get(&row.device_id)) {
-                (false, _) => Some(
-                    "the new credentials were not delivered: the old certificate stays ACTIVE"
-                        .to_owned(),
-                ),
-                (true, Some(Ok(true))) => {
-                    match runtime.block_on(rotate::retire(&registry, &new, &olds, deadline)) {
-                        Ok(_) => {
-                            row.retired = true;
-                            None
-                        }
-                        Err(e) => Some(activator::error_chain(&e)),
-                    }
-                }
-                (true, Some(Err(e))) => Some(format!(
-                    "cannot read the presence table ({e}): the old certificate stays ACTIVE"
-                )),
-                (true, _) => Some(format!(
-                    "the device has not connected with the new certificate within {}s: the old one stays ACTIVE (jitr status --fix retires it once it has)",
-                    args.wait_connected.as_secs()
-                )),
-            };
-        }
-        rows.push(row);
+    let delivered = runtime.block_on(job.deliver(&args, &installed));
+    let proven = runtime.block_on(job.wait_proven(&args, &installed, delivered));
+    for device in installed {
+        rows.push(runtime.block_on(job.finish(&args, device, delivered, &proven)));
     }
     rows.sort_by(|a, b| a.device_id.cmp(&b.device_id));
-
     if args.output.json {
         print_json(&rows)?;
     } else {
-        for row in &rows {
-            match (&row.error, &row.new_certificate_id) {
-                (Some(e), _) => println!("{}: FAILED: {e}", row.device_id),
-                (None, Some(new)) => {
-                    let old = match (
-                        row.retired,
-                        &row.retire_after,
-                        row.old_certificate_ids.len(),
-                    ) {
-                        (_, _, 0) => "no old certificate".to_owned(),
-                        (true, _, n) => format!("{n} old certificate(s) retired"),
-                        (false, Some(at), n) => {
-                            format!(
-                                "{n} old certificate(s) ACTIVE until {at} (then jitr status --fix)"
-                            )
-                        }
-                        (false, None, n) => format!(
-                            "{n} old certificate(s) still ACTIVE, until the device is seen with the new one (then jitr status --fix)"
-                        ),
-                    };
-                    println!("{}: {new} ACTIVE; {old}", row.device_id);
-                }
-                (None, None) => {}
-            }
-        }
+        rows.iter().for_each(Rotated::print);
     }
     Ok(
         if rows.iter().all(|r| r.error.is_none()) && delivered && recorded {
@@ -353,6 +95,384 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             Outcome::Failed
         },
     )
+}
+
+impl Rotated {
+    fn failed(
+        device_id: String,
+        new: Option<String>,
+        olds: &[CertificateId],
+        error: &str,
+    ) -> Rotated {
+        Rotated {
+            device_id,
+            new_certificate_id: new,
+            old_certificate_ids: olds.iter().map(ToString::to_string).collect(),
+            retire_after: None,
+            retired: false,
+            error: Some(error.to_owned()),
+        }
+    }
+
+    /// The row as a line of text.
+    fn print(&self) {
+        let new = match (&self.error, &self.new_certificate_id) {
+            (Some(e), _) => return println!("{}: FAILED: {e}", self.device_id),
+            (None, Some(new)) => new,
+            (None, None) => return,
+        };
+        let old = match (
+            self.retired,
+            &self.retire_after,
+            self.old_certificate_ids.len(),
+        ) {
+            (_, _, 0) => "no old certificate".to_owned(),
+            (true, _, n) => format!("{n} old certificate(s) retired"),
+            (false, Some(at), n) => {
+                format!("{n} old certificate(s) ACTIVE until {at} (then jitr status --fix)")
+            }
+            (false, None, n) => format!(
+                "{n} old certificate(s) still ACTIVE, until the device is seen with the new one (then jitr status --fix)"
+            ),
+        };
+        println!("{}: {new} ACTIVE; {old}", self.device_id);
+    }
+}
+
+/// A device whose new certificate is ACTIVE, with the ones it supersedes.
+struct Installed {
+    device_id: String,
+    new: CertificateId,
+    olds: Vec<CertificateId>,
+}
+
+/// What one rotation works with: the configuration, the CA, and the one AWS session.
+struct Job {
+    config: activator::Config,
+    delivery: Delivery,
+    ca: factory_ca::Ca,
+    format: factory_ca::IdFormat,
+    aws: crate::cli::AwsArgs,
+    deadline: tokio::time::Instant,
+    now: OffsetDateTime,
+    /// When the old certificates retire (RFC 3339), when a grace above 0 is given.
+    retire_after: Option<String>,
+    /// `--grace 0`: retired in this run, once the device is seen with the new one.
+    retire_now: bool,
+    session: activator::aws::Session,
+    registry: activator::aws::AwsIotRegistry,
+    presence: Option<DynamoPresence>,
+}
+
+impl Job {
+    async fn new(args: &RotateArgs) -> Result<Job> {
+        let config = super::activator_config()?;
+        let grace = grace(args.grace, args.balena.push_balena)?;
+        let delivery = Delivery::from_args(&args.balena)?;
+        let ca = crate::keys::load_ca(&args.ca, None)?;
+        let aws = args.aws();
+        let now = OffsetDateTime::now_utc();
+        let retire_after = match grace {
+            Some(grace) if !grace.is_zero() => {
+                let grace = time::Duration::try_from(grace).context("--grace is too long")?;
+                Some(
+                    (now + grace)
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
+                )
+            }
+            _ => None,
+        };
+        let retire_now = grace.is_some_and(|g| g.is_zero());
+        let session = crate::aws::session(&aws).await?;
+        let presence = crate::presence::log(&session);
+        if retire_now && presence.is_none() {
+            return Err(crate::UsageError(format!(
+                "--grace 0 retires the old certificate once the device has connected with the new one: set {} (the stack's PresenceTable) so that can be seen",
+                crate::presence::PRESENCE_TABLE
+            ))
+            .into());
+        }
+        Ok(Job {
+            format: ca.profile().device.id_format,
+            deadline: aws.deadline(DEFAULT_TIMEOUT),
+            registry: session.registry(),
+            config,
+            delivery,
+            ca,
+            aws,
+            now,
+            retire_after,
+            retire_now,
+            session,
+            presence,
+        })
+    }
+
+    /// The devices: named, or those whose ACTIVE certificate is expiring.
+    async fn devices(&self, args: &RotateArgs) -> Result<Vec<DeviceId>> {
+        let Some(window) = args.expiring_within else {
+            return Ok(args
+                .id
+                .iter()
+                .map(|id| DeviceId::parse(id, self.format))
+                .collect::<Result<_, _>>()?);
+        };
+        let manifest_path = args.out.join(factory_ca::MANIFEST_FILE);
+        let mut known = HashMap::new();
+        if manifest_path.exists() {
+            for entry in factory_ca::read_manifest(&manifest_path)? {
+                known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
+            }
+        }
+        let scope = status::Scope {
+            cas: self.config.policy.trusted_ca_ids.clone(),
+            known,
+            ownership: activator::Ownership {
+                fleet: Some(self.config.fleet.mark()),
+                thing_type: self.config.policy.thing_type.clone(),
+            },
+            rates: Rates::default(),
+            ..status::Scope::default()
+        };
+        let quiet = |_: &str, _: usize, _: Option<usize>| {};
+        let observed = status::observe(&self.registry, scope, &quiet, self.deadline).await?;
+        let window = time::Duration::try_from(window)?;
+        Ok(status::classify(&observed, self.now, window)
+            .into_iter()
+            .filter(|row| row.state == State::Expiring)
+            .map(|row| DeviceId::parse(&row.device_id, self.format))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The certificates each device has ACTIVE now: what the new ones supersede.
+    async fn active_now(&self, ids: &[DeviceId]) -> Result<HashMap<String, Vec<CertificateId>>> {
+        let mut old = HashMap::new();
+        for id in ids {
+            let active =
+                activator::ownership::active_attached(&self.registry, id.as_str(), self.deadline)
+                    .await?;
+            old.insert(id.to_string(), active);
+        }
+        Ok(old)
+    }
+
+    /// The new keys and certificates, written to `--out` and the manifest, and put in the
+    /// ledger before AWS IoT knows them, as at issuance; `false` beside them when the ledger
+    /// write fell short (reported).
+    async fn issue(
+        &self,
+        args: &RotateArgs,
+        ids: &[DeviceId],
+        old: &HashMap<String, Vec<CertificateId>>,
+    ) -> Result<(factory_ca::BatchReport, bool)> {
+        let opts = BatchOptions {
+            out_dir: args.out.clone(),
+            key: args.key.unwrap_or(self.ca.profile().device.key),
+            days: super::issue::validity_days(args.days, &self.ca)?,
+            jobs: 0,
+            force: true,
+            now: self.now,
+            rotation: Some(Rotation {
+                supersedes: old
+                    .iter()
+                    .filter_map(|(id, certs)| certs.last().map(|c| (id.clone(), c.to_string())))
+                    .collect(),
+                retire_after: self.retire_after.clone(),
+            }),
+        };
+        let report = issue_batch(&self.ca, ids, &opts, &|| {})?;
+        let Some(table) = &args.ledger.ledger else {
+            return Ok((report, true));
+        };
+        let batch = crate::ledger::batch_name(&args.ledger, self.now);
+        let at = factory_ca::show_time(self.now);
+        let entries: Vec<_> = report
+            .issued
+            .iter()
+            .map(|line| crate::ledger::entry(line, &batch, &at, None))
+            .collect();
+        let manifest = args.out.join(factory_ca::MANIFEST_FILE);
+        let until = self.aws.deadline(crate::ledger::LEDGER_TIME);
+        let recorded = crate::ledger::put(table, &self.session, &entries, &manifest, until).await?;
+        Ok((report, recorded))
+    }
+
+    /// Each new certificate registered and ACTIVE, ACTIVE last; a failure is its device's row
+    /// (the old certificate stays).
+    async fn install(
+        &self,
+        args: &RotateArgs,
+        issued: &factory_ca::BatchReport,
+        old: &HashMap<String, Vec<CertificateId>>,
+    ) -> Result<(Vec<Installed>, Vec<Rotated>)> {
+        let fleet_attribute = activator::fleet_attribute(self.config.fleet.mark());
+        let policy = &self.config.policy;
+        let (mut installed, mut failed) = (Vec::new(), Vec::new());
+        for entry in &issued.issued {
+            let pem = std::fs::read_to_string(args.out.join(&entry.id).join("device.crt"))?;
+            let placement = Placement {
+                thing: ThingSpec {
+                    name: entry.id.clone(),
+                    thing_type: policy.thing_type.clone(),
+                    attributes: vec![fleet_attribute.clone()],
+                },
+                group: policy.thing_group.as_deref(),
+                policy: &policy.policy_name,
+            };
+            let result = rotate::install(
+                &self.registry,
+                &pem,
+                self.ca.cert_pem(),
+                &placement,
+                self.deadline,
+            )
+            .await;
+            let olds = old.get(&entry.id).cloned().unwrap_or_default();
+            match result {
+                Ok(new) => installed.push(Installed {
+                    device_id: entry.id.clone(),
+                    new,
+                    olds,
+                }),
+                Err(e) => failed.push(Rotated::failed(
+                    entry.id.clone(),
+                    Some(entry.certificate_id.clone()),
+                    &olds,
+                    &format!(
+                        "not activated ({}); the old certificate stays",
+                        activator::error_chain(&e)
+                    ),
+                )),
+            }
+        }
+        Ok((installed, failed))
+    }
+
+    /// The new credentials delivered (`--env-file`, `--push-balena`); `true` when nothing is
+    /// asked. A failure is reported here and leaves the old certificates ACTIVE.
+    async fn deliver(&self, args: &RotateArgs, installed: &[Installed]) -> bool {
+        if !self.delivery.wanted() {
+            return true;
+        }
+        let mut devices = Vec::new();
+        for device in installed {
+            let dir = args.out.join(&device.device_id);
+            let read = |name: &str| {
+                std::fs::read_to_string(dir.join(name))
+                    .map(zeroize::Zeroizing::new)
+                    .with_context(|| format!("cannot read {}", dir.join(name).display()))
+            };
+            let variables = (|| {
+                let (chain, key) = (read("chain.pem")?, read("device.key")?);
+                let id = DeviceId::parse(&device.device_id, self.format)?;
+                anyhow::Ok(self.delivery.variables(&id, &chain, Some(&key)))
+            })();
+            match variables {
+                Ok(v) => devices.push(v),
+                Err(e) => {
+                    eprintln!("jitr: delivery: {}", activator::error_chain(e.as_ref()));
+                    return false;
+                }
+            }
+        }
+        match self.delivery.deliver_on(&devices).await {
+            Ok(delivered) => delivered,
+            Err(e) => {
+                eprintln!("jitr: delivery: {}", activator::error_chain(e.as_ref()));
+                false
+            }
+        }
+    }
+
+    /// `--grace 0`: whether each device that has old certificates has been seen with its new
+    /// one, all waited for at once (empty otherwise).
+    async fn wait_proven(
+        &self,
+        args: &RotateArgs,
+        installed: &[Installed],
+        delivered: bool,
+    ) -> HashMap<String, Result<bool, String>> {
+        let (Some(log), true) = (&self.presence, self.retire_now && delivered) else {
+            return HashMap::new();
+        };
+        let until = std::cmp::min(
+            tokio::time::Instant::now() + args.wait_connected,
+            self.deadline,
+        );
+        let waits = installed
+            .iter()
+            .filter(|device| !device.olds.is_empty())
+            .map(|device| async move {
+                let poll = Duration::from_secs(2);
+                let seen = activator::presence::wait_connected(
+                    log,
+                    &device.device_id,
+                    device.new.as_str(),
+                    None,
+                    poll,
+                    until,
+                )
+                .await
+                .map_err(|e| activator::error_chain(&e));
+                (device.device_id.clone(), seen)
+            });
+        if !installed.is_empty() {
+            eprintln!(
+                "rotate: waiting up to {}s for {} device(s) to connect with their new certificate",
+                args.wait_connected.as_secs(),
+                installed.len()
+            );
+        }
+        futures::future::join_all(waits).await.into_iter().collect()
+    }
+
+    /// The device's row, its old certificates retired first where `--grace 0` and the proof
+    /// allow it.
+    async fn finish(
+        &self,
+        args: &RotateArgs,
+        device: Installed,
+        delivered: bool,
+        proven: &HashMap<String, Result<bool, String>>,
+    ) -> Rotated {
+        let mut row = Rotated {
+            new_certificate_id: Some(device.new.to_string()),
+            old_certificate_ids: device.olds.iter().map(ToString::to_string).collect(),
+            retire_after: self.retire_after.clone(),
+            retired: false,
+            error: None,
+            device_id: device.device_id,
+        };
+        if !self.retire_now || device.olds.is_empty() {
+            return row;
+        }
+        row.error = match (delivered, proven.get(&row.device_id)) {
+            (false, _) => Some(
+                "the new credentials were not delivered: the old certificate stays ACTIVE"
+                    .to_owned(),
+            ),
+            (true, Some(Ok(true))) => {
+                match rotate::retire(&self.registry, &device.new, &device.olds, self.deadline)
+                    .await
+                {
+                    Ok(_) => {
+                        row.retired = true;
+                        None
+                    }
+                    Err(e) => Some(activator::error_chain(&e)),
+                }
+            }
+            (true, Some(Err(e))) => Some(format!(
+                "cannot read the presence table ({e}): the old certificate stays ACTIVE"
+            )),
+            (true, _) => Some(format!(
+                "the device has not connected with the new certificate within {}s: the old one stays ACTIVE (jitr status --fix retires it once it has)",
+                args.wait_connected.as_secs()
+            )),
+        };
+        row
+    }
 }
 
 /// The grace asked for, checked against delivery: `None` when the old certificate never retires
