@@ -139,100 +139,31 @@ struct Device {
 
 pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
     let started = Instant::now();
-    let wanted = args.status;
     let (ca_pem, ca_der) = super::ca::read_ca_pem(&args.dir)?;
     let ca_id = CertificateId::parse(&factory_ca::certificate_id(&ca_der))
         .map_err(|reason| anyhow::anyhow!("{}: {reason}", args.dir.display()))?;
-    let fleet = if args.fleet_check {
-        let fleet = activator::balena_fleet_from_env()
-            .context("--fleet-check needs BALENA_API_KEY and BALENA_FLEET_ID")?;
-        if args
-            .thing
-            .fleet_id
-            .is_some_and(|id| id.to_string() != fleet.id().to_string())
-        {
-            return Err(UsageError(format!(
-                "--fleet-id differs from BALENA_FLEET_ID ({}), the fleet --fleet-check asks",
-                fleet.id()
-            ))
-            .into());
-        }
-        Some(fleet)
-    } else {
-        None
-    };
+    let fleet = checked_fleet(&args)?;
     let fleet_label = fleet
         .as_ref()
         .map(|f| f.id().get())
         .or(args.thing.fleet_id)
         .map(|id| activator::fleet_attribute(activator::FleetMark::Balena(id)));
-
-    // The manifest's last line per device is its current certificate (a reissue appends).
-    let entries = factory_ca::read_manifest(&args.manifest)?;
-    let lines = entries.len();
-    let mut latest: HashMap<String, factory_ca::ManifestEntry> = HashMap::new();
-    let mut order = Vec::new();
-    for entry in entries {
-        if !latest.contains_key(&entry.id) {
-            order.push(entry.id.clone());
-        }
-        latest.insert(entry.id.clone(), entry);
-    }
-    let folder = args
-        .manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let mut rows = Vec::new();
-    let mut devices = Vec::new();
-    for id in &order {
-        let entry = &latest[id];
-        match load(&folder, entry) {
-            Ok(device) => devices.push(device),
-            Err(reason) => rows.push(Row {
-                device_id: entry.id.clone(),
-                certificate_id: entry.certificate_id.clone(),
-                outcome: Done::Failed,
-                status: None,
-                reason,
-            }),
-        }
-    }
-    let superseded = lines - order.len();
-
-    let (journal, unfinished) = Journal::open(&folder.join(JOURNAL_FILE))?;
+    let manifest = Manifest::read(&args.manifest)?;
+    let mut rows = manifest.unreadable;
+    let (journal, unfinished) = Journal::open(&manifest.folder.join(JOURNAL_FILE))?;
     let rates = Rates::default();
-    let (slowest, bound_rate) = rates.bound(wanted, args.thing.thing_group.is_some());
-    let quota_time = Duration::from_secs_f64(order.len() as f64 / bound_rate);
+    let (slowest, bound_rate) = rates.bound(args.status, args.thing.thing_group.is_some());
+    let quota_time = Duration::from_secs_f64(manifest.devices_named as f64 / bound_rate);
     let deadline = tokio::time::Instant::now() + args.aws.timeout.unwrap_or(quota_time * 2 + SLACK);
-    let placement_of = |id: &DeviceId| Placement {
-        thing: ThingSpec {
-            name: id.to_string(),
-            thing_type: args.thing.thing_type.clone(),
-            attributes: fleet_label.iter().cloned().collect(),
-        },
-        group: args.thing.thing_group.as_deref(),
-        policy: &args.thing.policy,
-    };
     let paces = Paces::new(&rates);
-    let bar = progress_bar(devices.len());
-
+    let bar = progress_bar(manifest.devices.len());
     let runtime = crate::aws::runtime()?;
-    let done: Vec<Row> = runtime.block_on(async {
+    let done = runtime.block_on(async {
         let iot = crate::aws::session(&args.aws).await?.registry();
-        let arn_prefix = bulk::certificate_arn_prefix(&iot, &ca_id, &paces, deadline)
-            .await
-            .with_context(|| {
-                format!("the CA {ca_id} in AWS IoT (registered? `jitr ca register` does it)")
-            })?;
-        bar.set_message("reading the CA's certificates");
-        let known = bulk::registered_under(&iot, &ca_id, &paces, &|_| bar.tick(), deadline)
-            .await
-            .with_context(|| format!("listing the certificates of CA {ca_id}"))?;
-        bar.set_message("");
+        let (arn_prefix, known) = under_ca(&iot, &ca_id, &paces, &bar, deadline).await?;
         let ctx = Ctx {
             iot: &iot,
-            wanted,
+            wanted: args.status,
             ca_pem: &ca_pem,
             arn_prefix: arn_prefix.as_deref(),
             known: &known,
@@ -242,11 +173,18 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
             paces: &paces,
             deadline,
         };
-        let rows = stream::iter(&devices)
+        let placement_of = |id: &DeviceId| Placement {
+            thing: ThingSpec {
+                name: id.to_string(),
+                thing_type: args.thing.thing_type.clone(),
+                attributes: fleet_label.iter().cloned().collect(),
+            },
+            group: args.thing.thing_group.as_deref(),
+            policy: &args.thing.policy,
+        };
+        let rows = stream::iter(&manifest.devices)
             .map(|device| {
-                let ctx = &ctx;
-                let placement = placement_of(&device.id);
-                let bar = &bar;
+                let (ctx, bar, placement) = (&ctx, &bar, placement_of(&device.id));
                 async move {
                     let row = ctx.one(device, &placement).await;
                     bar.inc(1);
@@ -260,38 +198,163 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
     })?;
     bar.finish_and_clear();
     rows.extend(done);
-    let elapsed = started.elapsed();
-
-    let count = |d: Done| rows.iter().filter(|r| r.outcome == d).count();
-    let (registered, resumed, skipped, left, strangers, failed) = (
-        count(Done::Registered),
-        count(Done::Resumed),
-        count(Done::Skipped),
-        count(Done::Left),
-        count(Done::NotMember),
-        count(Done::Failed),
-    );
-    let rate = (registered + resumed) as f64 / elapsed.as_secs_f64().max(1e-3);
-    if args.output.json {
-        for row in &rows {
-            print_json(row)?;
-        }
-        print_json(&serde_json::json!({"summary": {
-            "status": wanted.status().as_str(),
-            "registered": registered + resumed,
-            "resumed": resumed,
-            "skipped": skipped,
-            "left": left,
-            "not_member": strangers,
-            "failed": failed,
-            "superseded_lines": superseded,
-            "fleet_check": args.fleet_check,
-            "elapsed_s": elapsed.as_secs_f64(),
-            "per_second": rate,
-            "quota_bound_s": quota_time.as_secs_f64(),
-        }}))?;
+    let summary = Summary {
+        rows: &rows,
+        elapsed: started.elapsed(),
+        quota_time,
+        bound_rate,
+        slowest,
+        superseded: manifest.superseded,
+    };
+    summary.print(&args)?;
+    Ok(if summary.count(Done::Failed) == 0 {
+        Outcome::Success
     } else {
-        for row in rows
+        Outcome::Failed
+    })
+}
+
+/// What AWS IoT holds under the CA: its certificates' ARN prefix, and every certificate
+/// registered under it with its status (what a rerun skips).
+async fn under_ca<R: activator::IotAdmin>(
+    iot: &R,
+    ca_id: &CertificateId,
+    paces: &Paces,
+    bar: &ProgressBar,
+    deadline: tokio::time::Instant,
+) -> Result<(Option<String>, HashMap<CertificateId, CertificateStatus>)> {
+    let arn_prefix = bulk::certificate_arn_prefix(iot, ca_id, paces, deadline)
+        .await
+        .with_context(|| {
+            format!("the CA {ca_id} in AWS IoT (registered? `jitr ca register` does it)")
+        })?;
+    bar.set_message("reading the CA's certificates");
+    let known = bulk::registered_under(iot, ca_id, paces, &|_| bar.tick(), deadline)
+        .await
+        .with_context(|| format!("listing the certificates of CA {ca_id}"))?;
+    bar.set_message("");
+    Ok((arn_prefix, known))
+}
+
+/// The fleet `--fleet-check` asks (BALENA_API_KEY, BALENA_FLEET_ID), which `--fleet-id`, if
+/// given, must name.
+fn checked_fleet(args: &RegisterArgs) -> Result<Option<balena::Fleet>> {
+    if !args.fleet_check {
+        return Ok(None);
+    }
+    let fleet = activator::balena_fleet_from_env()
+        .context("--fleet-check needs BALENA_API_KEY and BALENA_FLEET_ID")?;
+    if args
+        .thing
+        .fleet_id
+        .is_some_and(|id| id.to_string() != fleet.id().to_string())
+    {
+        return Err(UsageError(format!(
+            "--fleet-id differs from BALENA_FLEET_ID ({}), the fleet --fleet-check asks",
+            fleet.id()
+        ))
+        .into());
+    }
+    Ok(Some(fleet))
+}
+
+/// The manifest's devices, each at its last line (a reissue appends): the current certificate.
+struct Manifest {
+    folder: PathBuf,
+    /// Devices whose certificate was found and matches its line, in manifest order.
+    devices: Vec<Device>,
+    /// The others, as failed rows.
+    unreadable: Vec<Row>,
+    /// How many devices the manifest names.
+    devices_named: usize,
+    /// Earlier lines of reissued devices.
+    superseded: usize,
+}
+
+impl Manifest {
+    fn read(path: &Path) -> Result<Manifest> {
+        let entries = factory_ca::read_manifest(path)?;
+        let lines = entries.len();
+        let mut latest: HashMap<String, factory_ca::ManifestEntry> = HashMap::new();
+        let mut order = Vec::new();
+        for entry in entries {
+            if !latest.contains_key(&entry.id) {
+                order.push(entry.id.clone());
+            }
+            latest.insert(entry.id.clone(), entry);
+        }
+        let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (mut devices, mut unreadable) = (Vec::new(), Vec::new());
+        for id in &order {
+            let entry = &latest[id];
+            match load(&folder, entry) {
+                Ok(device) => devices.push(device),
+                Err(reason) => unreadable.push(Row {
+                    device_id: entry.id.clone(),
+                    certificate_id: entry.certificate_id.clone(),
+                    outcome: Done::Failed,
+                    status: None,
+                    reason,
+                }),
+            }
+        }
+        Ok(Manifest {
+            folder,
+            devices,
+            unreadable,
+            devices_named: order.len(),
+            superseded: lines - order.len(),
+        })
+    }
+}
+
+/// What a run did, printed at its end.
+struct Summary<'a> {
+    rows: &'a [Row],
+    elapsed: Duration,
+    quota_time: Duration,
+    bound_rate: f64,
+    slowest: &'static str,
+    superseded: usize,
+}
+
+impl Summary<'_> {
+    fn count(&self, done: Done) -> usize {
+        self.rows.iter().filter(|r| r.outcome == done).count()
+    }
+
+    fn print(&self, args: &RegisterArgs) -> Result<()> {
+        let (registered, resumed, skipped, left, strangers, failed) = (
+            self.count(Done::Registered),
+            self.count(Done::Resumed),
+            self.count(Done::Skipped),
+            self.count(Done::Left),
+            self.count(Done::NotMember),
+            self.count(Done::Failed),
+        );
+        let (superseded, bound_rate, slowest) = (self.superseded, self.bound_rate, self.slowest);
+        let rate = (registered + resumed) as f64 / self.elapsed.as_secs_f64().max(1e-3);
+        if args.output.json {
+            for row in self.rows {
+                print_json(row)?;
+            }
+            return print_json(&serde_json::json!({"summary": {
+                "status": args.status.status().as_str(),
+                "registered": registered + resumed,
+                "resumed": resumed,
+                "skipped": skipped,
+                "left": left,
+                "not_member": strangers,
+                "failed": failed,
+                "superseded_lines": superseded,
+                "fleet_check": args.fleet_check,
+                "elapsed_s": self.elapsed.as_secs_f64(),
+                "per_second": rate,
+                "quota_bound_s": self.quota_time.as_secs_f64(),
+            }}));
+        }
+        for row in self
+            .rows
             .iter()
             .filter(|r| matches!(r.outcome, Done::Left | Done::NotMember | Done::Failed))
         {
@@ -306,9 +369,9 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
         }
         println!(
             "register {}: registered {} ({resumed} resumed), skipped {skipped} existing, {left} left as they were, {strangers} not in the fleet, {failed} failed, in {:.1} s ({rate:.1}/s; AWS's default quotas allow {bound_rate}/s, {slowest})",
-            wanted.status().as_str(),
+            args.status.status().as_str(),
             registered + resumed,
-            elapsed.as_secs_f64(),
+            self.elapsed.as_secs_f64(),
         );
         if superseded > 0 {
             println!("{superseded} earlier manifest line(s) of reissued devices: only each device's last certificate is registered");
@@ -321,12 +384,8 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
                 "run the same command again to retry the failed devices; done ones are skipped"
             );
         }
+        Ok(())
     }
-    Ok(if failed == 0 {
-        Outcome::Success
-    } else {
-        Outcome::Failed
-    })
 }
 
 /// A device's certificate from `<folder>/<id>/device.crt`, checked against its manifest line.
@@ -398,34 +457,8 @@ impl<R: activator::IotAdmin> Ctx<'_, R> {
             Plan::Register => false,
             Plan::Resume => true,
         };
-        if let Some(fleet) = self.fleet {
-            match fleet
-                .membership(&device.id, call_deadline(self.deadline))
-                .await
-            {
-                Ok(balena::Membership::Member(_)) => {}
-                Ok(balena::Membership::Inactive(_)) => {
-                    return row(
-                        Done::NotMember,
-                        existing,
-                        "inactive in the balena fleet: not registered".into(),
-                    )
-                }
-                Ok(balena::Membership::NotMember) => {
-                    return row(
-                        Done::NotMember,
-                        existing,
-                        "not a device of the balena fleet: not registered".into(),
-                    )
-                }
-                Err(e) => {
-                    return row(
-                        Done::Failed,
-                        existing,
-                        format!("fleet check: {}", error_chain(&e)),
-                    )
-                }
-            }
+        if let Some((outcome, reason)) = self.refused(&device.id).await {
+            return row(outcome, existing, reason);
         }
         let result = match self.wanted {
             Wanted::PendingActivation => bulk::register_pending(
@@ -459,6 +492,22 @@ impl<R: activator::IotAdmin> Ctx<'_, R> {
             ),
             Err(e) => row(Done::Failed, existing, e),
         }
+    }
+
+    /// Why `--fleet-check` keeps the device out, if it does.
+    async fn refused(&self, device: &DeviceId) -> Option<(Done, String)> {
+        let fleet = self.fleet?;
+        let reason = match fleet.membership(device, call_deadline(self.deadline)).await {
+            Ok(balena::Membership::Member(_)) => return None,
+            Ok(balena::Membership::Inactive(_)) => {
+                "inactive in the balena fleet: not registered".to_owned()
+            }
+            Ok(balena::Membership::NotMember) => {
+                "not a device of the balena fleet: not registered".to_owned()
+            }
+            Err(e) => return Some((Done::Failed, format!("fleet check: {}", error_chain(&e)))),
+        };
+        Some((Done::NotMember, reason))
     }
 
     /// The ACTIVE path: INACTIVE, Thing, policy, attachment, ACTIVE, journaled around it.
