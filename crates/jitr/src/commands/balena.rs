@@ -227,37 +227,35 @@ fn write_env_file(path: &Path, devices: &[DeliveryVariables]) -> Result<()> {
 /// Removes the variables jitr sets from each of `devices` in the pinned fleet, device-wide and
 /// from every service; a device not in the fleet is reported, never touched. The devices
 /// cleaned, and the failures (`device: reason`).
-pub(crate) fn cleanup(
+pub(crate) async fn cleanup(
     devices: &[String],
     deadline: tokio::time::Instant,
 ) -> Result<(Vec<String>, Vec<String>)> {
     let fleet = activator::balena_fleet_from_env().context(
         "--balena-cleanup needs BALENA_API_KEY and BALENA_FLEET_ID (BALENA_API_URL for another API)",
     )?;
-    crate::aws::runtime()?.block_on(async {
-        let (mut cleaned, mut failed) = (Vec::new(), Vec::new());
-        for id in devices {
-            let Ok(uuid) = DeviceId::parse(id, factory_ca::IdFormat::Any) else {
-                continue;
-            };
-            let result = match fleet.device(&uuid, deadline).await {
-                Ok(Some(device)) => fleet
-                    .remove_env_vars(&device, &balena::delivery::ALL, deadline)
-                    .await
-                    .map_err(|e| activator::error_chain(&e)),
-                Ok(None) => Err(format!(
-                    "not found in balena fleet {}: nothing removed",
-                    fleet.id()
-                )),
-                Err(e) => Err(activator::error_chain(&e)),
-            };
-            match result {
-                Ok(()) => cleaned.push(id.clone()),
-                Err(reason) => failed.push(format!("{id}: {reason}")),
-            }
+    let (mut cleaned, mut failed) = (Vec::new(), Vec::new());
+    for id in devices {
+        let Ok(uuid) = DeviceId::parse(id, factory_ca::IdFormat::Any) else {
+            continue;
+        };
+        let result = match fleet.device(&uuid, deadline).await {
+            Ok(Some(device)) => fleet
+                .remove_env_vars(&device, &balena::delivery::ALL, deadline)
+                .await
+                .map_err(|e| activator::error_chain(&e)),
+            Ok(None) => Err(format!(
+                "not found in balena fleet {}: nothing removed",
+                fleet.id()
+            )),
+            Err(e) => Err(activator::error_chain(&e)),
+        };
+        match result {
+            Ok(()) => cleaned.push(id.clone()),
+            Err(reason) => failed.push(format!("{id}: {reason}")),
         }
-        anyhow::Ok((cleaned, failed))
-    })
+    }
+    Ok((cleaned, failed))
 }
 
 /// The fleet variables that make balena's cloud-relay ask the provisioner for a certificate.

@@ -14,93 +14,40 @@ use crate::cli::RevokeArgs;
 const REVOKE_TIME: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
-    let target = match (&args.id, &args.certificate_id) {
-        (Some(id), _) => Target::Device(
-            DeviceId::parse(id, IdFormat::Any)
-                .map_err(|e| crate::UsageError(format!("--id: {e}")))?
-                .to_string(),
-        ),
-        (None, Some(id)) => {
-            Target::Certificate(CertificateId::parse(id).map_err(|reason| {
-                crate::UsageError(format!("--certificate-id {id:?}: {reason}"))
-            })?)
-        }
-        (None, None) => anyhow::bail!("give --id or --certificate-id"),
-    };
-    // The manifest names the device's certificates that may never have got a Thing.
-    let also = match (&args.manifest, &target) {
-        (Some(path), Target::Device(device)) => factory_ca::read_manifest(path)?
-            .into_iter()
-            .filter(|entry| entry.id == *device)
-            .map(|entry| {
-                CertificateId::parse(&entry.certificate_id).map_err(|reason| {
-                    anyhow::anyhow!(
-                        "{}: certificate id {:?}: {reason}",
-                        path.display(),
-                        entry.certificate_id
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()?,
-        (Some(_), Target::Certificate(_)) => {
-            return Err(crate::UsageError("--manifest goes with --id".to_owned()).into())
-        }
-        (None, _) => Vec::new(),
-    };
+    let target = target(&args)?;
+    let also = also(&args, &target)?;
     let scope = Scope::from_env().map_err(super::config_error)?;
-    let runtime = crate::aws::runtime()?;
-    let registry =
-        runtime.block_on(async { anyhow::Ok(crate::aws::session(&args.aws).await?.registry()) })?;
     let deadline = args.aws.deadline(REVOKE_TIME);
-    let revoked = runtime.block_on(revoke_in_aws(
-        &registry,
-        &target,
-        &also,
-        args.delete_thing,
-        &scope,
-        deadline,
-    ));
-    // Nothing of the device in AWS IoT (its Thing deleted before, say) may still leave its
-    // variables in balena: with --balena-cleanup they are removed all the same, and the run
-    // still fails (exit 1): nothing was revoked, and no mark cuts the device off.
-    let (report, nothing) = match revoked {
-        Ok(report) => (report, false),
-        Err(RevokeError::Nothing(why)) if args.balena_cleanup => {
-            eprintln!("jitr: {why}");
-            (RevokeReport::default(), true)
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let (cleaned, failed) = if args.balena_cleanup {
-        let mut devices: Vec<String> = report
-            .revoked
-            .iter()
-            .flat_map(|r| r.things_detached.iter().cloned())
-            .collect();
-        if let Target::Device(device) = &target {
-            devices.push(device.clone());
-        }
-        devices.sort();
-        devices.dedup();
-        // A device that still has an ACTIVE certificate (rotated: the revoked one was its old)
-        // keeps its variables: they are the live credentials.
-        let mut keep = Vec::new();
-        for device in &devices {
-            let active = runtime.block_on(activator::ownership::active_attached(
-                &registry, device, deadline,
-            ))?;
-            if !active.is_empty() {
-                keep.push(device.clone());
+    let (report, nothing, cleaned, failed) = crate::aws::runtime()?.block_on(async {
+        let registry = crate::aws::session(&args.aws).await?.registry();
+        let revoked = revoke_in_aws(
+            &registry,
+            &target,
+            &also,
+            args.delete_thing,
+            &scope,
+            deadline,
+        )
+        .await;
+        // Nothing of the device in AWS IoT (its Thing deleted before, say) may still leave its
+        // variables in balena: with --balena-cleanup they are removed all the same, and the run
+        // still fails (exit 1): nothing was revoked, and no mark cuts the device off.
+        let (report, nothing) = match revoked {
+            Ok(report) => (report, false),
+            Err(RevokeError::Nothing(why)) if args.balena_cleanup => {
+                eprintln!("jitr: {why}");
+                (RevokeReport::default(), true)
             }
-        }
-        for device in &keep {
-            eprintln!("jitr: balena: {device} still has an ACTIVE certificate: its variables stay");
-        }
-        devices.retain(|d| !keep.contains(d));
-        super::balena::cleanup(&devices, args.aws.deadline(REVOKE_TIME))?
-    } else {
-        (Vec::new(), Vec::new())
-    };
+            Err(e) => return Err(e.into()),
+        };
+        let (cleaned, failed) = if args.balena_cleanup {
+            let devices = to_clean(&registry, &report, &target, deadline).await?;
+            super::balena::cleanup(&devices, args.aws.deadline(REVOKE_TIME)).await?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        anyhow::Ok((report, nothing, cleaned, failed))
+    })?;
     if args.output.json {
         let mut value = serde_json::to_value(&report)?;
         value["balena_cleaned"] = serde_json::json!(cleaned);
@@ -122,6 +69,79 @@ pub(crate) fn revoke(args: RevokeArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// `--id` or `--certificate-id`, checked.
+fn target(args: &RevokeArgs) -> Result<Target> {
+    Ok(match (&args.id, &args.certificate_id) {
+        (Some(id), _) => Target::Device(
+            DeviceId::parse(id, IdFormat::Any)
+                .map_err(|e| crate::UsageError(format!("--id: {e}")))?
+                .to_string(),
+        ),
+        (None, Some(id)) => {
+            Target::Certificate(CertificateId::parse(id).map_err(|reason| {
+                crate::UsageError(format!("--certificate-id {id:?}: {reason}"))
+            })?)
+        }
+        (None, None) => anyhow::bail!("give --id or --certificate-id"),
+    })
+}
+
+/// The device's certificates the manifest names, which may never have got a Thing.
+fn also(args: &RevokeArgs, target: &Target) -> Result<Vec<CertificateId>> {
+    match (&args.manifest, target) {
+        (Some(path), Target::Device(device)) => factory_ca::read_manifest(path)?
+            .into_iter()
+            .filter(|entry| entry.id == *device)
+            .map(|entry| {
+                CertificateId::parse(&entry.certificate_id).map_err(|reason| {
+                    anyhow::anyhow!(
+                        "{}: certificate id {:?}: {reason}",
+                        path.display(),
+                        entry.certificate_id
+                    )
+                })
+            })
+            .collect(),
+        (Some(_), Target::Certificate(_)) => {
+            Err(crate::UsageError("--manifest goes with --id".to_owned()).into())
+        }
+        (None, _) => Ok(Vec::new()),
+    }
+}
+
+/// The devices whose variables `--balena-cleanup` removes: those the revoked certificates were
+/// detached from, and the target. A device that still has an ACTIVE certificate (rotated: the
+/// revoked one was its old) keeps its variables: they are the live credentials.
+async fn to_clean(
+    registry: &activator::aws::AwsIotRegistry,
+    report: &RevokeReport,
+    target: &Target,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<String>> {
+    let mut devices: Vec<String> = report
+        .revoked
+        .iter()
+        .flat_map(|r| r.things_detached.iter().cloned())
+        .collect();
+    if let Target::Device(device) = target {
+        devices.push(device.clone());
+    }
+    devices.sort();
+    devices.dedup();
+    let mut clean = Vec::new();
+    for device in devices {
+        if activator::ownership::active_attached(registry, &device, deadline)
+            .await?
+            .is_empty()
+        {
+            clean.push(device);
+        } else {
+            eprintln!("jitr: balena: {device} still has an ACTIVE certificate: its variables stay");
+        }
+    }
+    Ok(clean)
 }
 
 fn print_report(report: &RevokeReport) {
