@@ -20,40 +20,36 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
     let config = super::activator_config()?;
-    let ca_ids = chosen_cas(&args.ca_id, &config.policy.trusted_ca_ids)?;
-    let mut known = HashMap::new();
-    let mut manifest_devices = BTreeSet::new();
+    let mut scope = Scope {
+        cas: chosen_cas(&args.ca_id, &config.policy.trusted_ca_ids)?,
+        ownership: Ownership {
+            fleet: Some(config.fleet.mark()),
+            thing_type: config.policy.thing_type.clone(),
+        },
+        deep: args.deep,
+        rates: Rates {
+            per_operation: args.rate,
+            ..Rates::default()
+        },
+        ..Scope::default()
+    };
     if let Some(path) = &args.manifest {
         for entry in factory_ca::read_manifest(path)? {
-            manifest_devices.insert(entry.id.clone());
-            known.insert(entry.certificate_id.clone(), Known::from_manifest(&entry));
+            scope.manifest_devices.insert(entry.id.clone());
+            let known = Known::from_manifest(&entry);
+            scope.known.insert(entry.certificate_id.clone(), known);
         }
     }
+    let ownership = scope.ownership.clone();
     let deadline = args.aws.deadline(DEFAULT_TIMEOUT);
-    let ownership = Ownership {
-        fleet: Some(config.fleet.mark()),
-        thing_type: config.policy.thing_type.clone(),
-    };
-    let progress = Progress::new();
     let window =
         time::Duration::try_from(args.expiring_within).context("--expiring-within is too long")?;
     let runtime = crate::aws::runtime()?;
     let (rows, foreign, registry) = runtime.block_on(async {
-        let roster = roster(&config.fleet, deadline, &progress).await?;
+        let progress = Progress::new();
+        scope.roster = Some(roster(&config.fleet, deadline, &progress).await?);
         let session = crate::aws::session(&args.aws).await?;
         let registry = session.registry();
-        let scope = Scope {
-            cas: ca_ids,
-            known,
-            roster: Some(roster),
-            manifest_devices,
-            ownership: ownership.clone(),
-            deep: args.deep,
-            rates: Rates {
-                per_operation: args.rate,
-                ..Rates::default()
-            },
-        };
         let progress_step =
             |what: &str, done: usize, total: Option<usize>| progress.step(what, done, total);
         let mut observed = status::observe(&registry, scope, &progress_step, deadline).await?;
@@ -63,8 +59,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
         anyhow::Ok((rows, observed.foreign_things, registry))
     })?;
     // Revokes are what --yes covers; deleting a Thing asks for its own yes.
-    let every_fix = status::plan_fixes(&rows, true);
-    let deletes = every_fix
+    let deletes = status::plan_fixes(&rows, true)
         .iter()
         .filter(|f| matches!(f.action, status::FixAction::DeleteThing { .. }))
         .count();
@@ -81,28 +76,8 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
     } else {
         None
     };
-
-    if args.output.json {
-        let mut value = serde_json::json!({
-            "devices": rows,
-            "summary": summary_map(&rows),
-        });
-        if args.fix {
-            value["fixes"] = serde_json::to_value(&fixes)?;
-        }
-        if let Some(applied) = &applied {
-            value["applied"] = serde_json::to_value(applied)?;
-        }
-        print_json(&value)?;
-    } else {
-        print_rows(&rows);
-        if args.fix {
-            print_fixes(&fixes, applied.as_deref());
-            if !delete_things && deletes > 0 {
-                println!("{deletes} Thing(s) left in place: deleting them needs --delete-things");
-            }
-        }
-    }
+    let kept = if delete_things { 0 } else { deletes };
+    print(&args, &rows, &fixes, applied.as_deref(), kept)?;
     if foreign > 0 {
         eprintln!("status: {foreign} Thing(s) in the account are not jitr's: left alone");
     }
@@ -118,6 +93,38 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// The rows, the fixes planned and those applied, as JSON or text; `kept` Things were left
+/// in place for want of `--delete-things`.
+fn print(
+    args: &StatusArgs,
+    rows: &[DeviceStatus],
+    fixes: &[status::Fix],
+    applied: Option<&[status::Applied]>,
+    kept: usize,
+) -> Result<()> {
+    if args.output.json {
+        let mut value = serde_json::json!({
+            "devices": rows,
+            "summary": summary_map(rows),
+        });
+        if args.fix {
+            value["fixes"] = serde_json::to_value(fixes)?;
+        }
+        if let Some(applied) = applied {
+            value["applied"] = serde_json::to_value(applied)?;
+        }
+        return print_json(&value);
+    }
+    print_rows(rows);
+    if args.fix {
+        print_fixes(fixes, applied);
+        if kept > 0 {
+            println!("{kept} Thing(s) left in place: deleting them needs --delete-things");
+        }
+    }
+    Ok(())
 }
 
 /// Asks on a terminal whether `n` Things may be deleted; `false` anywhere else.
