@@ -28,41 +28,24 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
     let chain = mqtt::read_certificates(&args.cert)?;
-    let client_id = match &args.client_id {
-        Some(id) => id.clone(),
-        None => {
-            // The device id is the leaf's CN (the first certificate of the chain).
-            let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
-            let opts = InspectOptions {
-                id_format: IdFormat::Any,
-                ca_der: None,
-                now: time::OffsetDateTime::now_utc(),
-                max_validity_days: None,
-            };
-            match inspect_device_certificate(leaf, &opts).device_id {
-                Some(id) => id.to_string(),
-                None => bail!(
-                    "{}: the certificate's CN is not a device id; give --client-id",
-                    args.cert.display()
-                ),
-            }
-        }
-    };
+    let client_id = client_id(&args, &chain)?;
     let server_ca = args
         .server_ca
         .as_deref()
         .map(mqtt::read_certificates)
         .transpose()?;
-    let config = mqtt::tls_config(chain, &args.key, server_ca, &args.endpoint)?;
-    let message = args.publish.as_ref().map(|p| mqtt::Message {
-        topic: p[0].clone(),
-        payload: p[1].clone(),
-    });
-
+    let attempts = Attempts {
+        config: mqtt::tls_config(chain, &args.key, server_ca, &args.endpoint)?,
+        message: args.publish.as_ref().map(|p| mqtt::Message {
+            topic: p[0].clone(),
+            payload: p[1].clone(),
+        }),
+        endpoint: &args.endpoint,
+        client_id: &client_id,
+        json: args.output.json,
+    };
     let endpoint = &args.endpoint;
-    let json = args.output.json;
-    let deadline = args.deadline;
-    if !json {
+    if !attempts.json {
         println!(
             "connecting to {endpoint} as {client_id} (MQTT 3.1.1 over TLS, deadline {}s)",
             args.deadline.as_secs()
@@ -75,69 +58,11 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
         );
     }
     let mut report = Report::default();
-    let runtime = crate::aws::runtime()?;
-    let ending = runtime.block_on(async {
-        let start = Instant::now();
-        let deadline = start + deadline;
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            let n = report.attempts.len() + 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let timeout = remaining.min(ATTEMPT_TIMEOUT).max(Duration::from_secs(1));
-            let began = start.elapsed();
-            let result = mqtt::attempt(
-                endpoint,
-                config.clone(),
-                &client_id,
-                message.as_ref(),
-                timeout,
-            )
-            .await;
-            let (kind, detail) = match &result {
-                Attempt::Connected { connack } => {
-                    report.connected_after = Some(connack.duration_since(start));
-                    ("connected", String::new())
-                }
-                Attempt::PublishRefused(why) => ("publish-refused", why.clone()),
-                Attempt::Refused(why) => ("refused", why.clone()),
-                Attempt::Unreachable(why) | Attempt::Fatal(why) => ("failed", why.clone()),
-            };
-            let mut line = AttemptLine {
-                attempt: n,
-                began,
-                result: kind,
-                detail,
-                wait: None,
-            };
-            let ending = match result {
-                Attempt::Connected { .. } => Some(Ending::Connected),
-                Attempt::PublishRefused(_) => Some(Ending::PublishRefused),
-                Attempt::Fatal(_) => Some(Ending::Hopeless),
-                Attempt::Refused(_) | Attempt::Unreachable(_) => None,
-            };
-            let wait = jittered(backoff);
-            let retry = ending.is_none() && Instant::now() + wait < deadline;
-            if retry {
-                line.wait = Some(wait);
-            }
-            if !json {
-                println!("{}", line.text(message.as_ref(), report.connected_after));
-            }
-            report.attempts.push(line);
-            if let Some(ending) = ending {
-                return ending;
-            }
-            if !retry {
-                return Ending::Deadline;
-            }
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    });
-    if json {
+    let ending = crate::aws::runtime()?.block_on(attempts.run(&mut report, args.deadline));
+    if attempts.json {
         println!(
             "{}",
-            report.json(endpoint, &client_id, message.as_ref(), ending)
+            report.json(endpoint, &client_id, attempts.message.as_ref(), ending)
         );
     }
     let connected = match ending {
@@ -158,6 +83,110 @@ pub(crate) fn connect(args: DeviceConnectArgs) -> Result<Outcome> {
     } else {
         Outcome::Failed
     })
+}
+
+/// `--client-id`, else the device id: the leaf's CN (the first certificate of the chain).
+fn client_id(
+    args: &DeviceConnectArgs,
+    chain: &[rustls::pki_types::CertificateDer<'_>],
+) -> Result<String> {
+    if let Some(id) = &args.client_id {
+        return Ok(id.clone());
+    }
+    let leaf = chain.first().map(|c| c.as_ref()).unwrap_or_default();
+    let opts = InspectOptions {
+        id_format: IdFormat::Any,
+        ca_der: None,
+        now: time::OffsetDateTime::now_utc(),
+        max_validity_days: None,
+    };
+    match inspect_device_certificate(leaf, &opts).device_id {
+        Some(id) => Ok(id.to_string()),
+        None => bail!(
+            "{}: the certificate's CN is not a device id; give --client-id",
+            args.cert.display()
+        ),
+    }
+}
+
+/// What every attempt of one `device connect` shares.
+struct Attempts<'a> {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    message: Option<mqtt::Message>,
+    endpoint: &'a mqtt::Endpoint,
+    client_id: &'a str,
+    json: bool,
+}
+
+impl Attempts<'_> {
+    /// Attempts until one is accepted, retrying cannot help, or `within` has passed, with a
+    /// jittered backoff between them; each attempt is a line of `report`.
+    async fn run(&self, report: &mut Report, within: Duration) -> Ending {
+        let start = Instant::now();
+        let deadline = start + within;
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let (mut line, ending) = self.one(report, start, deadline).await;
+            let wait = jittered(backoff);
+            let retry = ending.is_none() && Instant::now() + wait < deadline;
+            if retry {
+                line.wait = Some(wait);
+            }
+            if !self.json {
+                println!(
+                    "{}",
+                    line.text(self.message.as_ref(), report.connected_after)
+                );
+            }
+            report.attempts.push(line);
+            if let Some(ending) = ending {
+                return ending;
+            }
+            if !retry {
+                return Ending::Deadline;
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// One attempt: its line, and how the attempts end if this one ends them.
+    async fn one(
+        &self,
+        report: &mut Report,
+        start: Instant,
+        deadline: Instant,
+    ) -> (AttemptLine, Option<Ending>) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let timeout = remaining.min(ATTEMPT_TIMEOUT).max(Duration::from_secs(1));
+        let began = start.elapsed();
+        let result = mqtt::attempt(
+            self.endpoint,
+            self.config.clone(),
+            self.client_id,
+            self.message.as_ref(),
+            timeout,
+        )
+        .await;
+        let (kind, detail, ending) = match result {
+            Attempt::Connected { connack } => {
+                report.connected_after = Some(connack.duration_since(start));
+                ("connected", String::new(), Some(Ending::Connected))
+            }
+            Attempt::PublishRefused(why) => ("publish-refused", why, Some(Ending::PublishRefused)),
+            Attempt::Refused(why) => ("refused", why, None),
+            Attempt::Unreachable(why) => ("failed", why, None),
+            Attempt::Fatal(why) => ("failed", why, Some(Ending::Hopeless)),
+        };
+        let line = AttemptLine {
+            attempt: report.attempts.len() + 1,
+            began,
+            result: kind,
+            detail,
+            wait: None,
+        };
+        (line, ending)
+    }
 }
 
 /// How the attempts ended.
