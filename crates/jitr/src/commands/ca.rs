@@ -30,20 +30,7 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
         .as_deref()
         .unwrap_or(&profile.root.subject)
         .parse()?;
-    let issuing = if args.with_issuing_ca {
-        Some(IssuingCa {
-            // --subject names the owner: the issuing CA (the one in every chain) follows it.
-            subject: match (&args.issuing_subject, &args.subject) {
-                (Some(issuing), _) => issuing.parse()?,
-                (None, Some(_)) => subject.issuing_below(),
-                (None, None) => profile.issuing_ca.subject.parse()?,
-            },
-            key: profile.issuing_ca.key,
-            days: args.issuing_days.unwrap_or(profile.issuing_ca.days),
-        })
-    } else {
-        None
-    };
+    let issuing = issuing_ca(&args, &profile, &subject)?;
     let key_uri = args
         .key_uri
         .as_deref()
@@ -86,70 +73,104 @@ pub(crate) fn init(args: CaInitArgs) -> Result<Outcome> {
     };
     let files = match &key_uri {
         None => init.run(OffsetDateTime::now_utc())?,
-        Some(uri) => {
-            // Nothing is created in KMS or on the token for a folder that already has a CA.
-            init.check()?;
-            let options = crate::keys::options(&args.ca, uri, None)?;
-            let key = if args.existing {
-                ca_keys::open(uri, &options)
-            } else {
-                let algorithm = match &init.issuing {
-                    Some(issuing) => issuing.key,
-                    None => init.root_key,
-                };
-                ca_keys::create(uri, algorithm, &options)
-            }
-            .map_err(crate::keys::backend_error)?;
-            // An existing key decides the type of the CA it serves.
-            match &mut init.issuing {
-                Some(issuing) => issuing.key = key.algorithm(),
-                None => init.root_key = key.algorithm(),
-            }
-            let name = key.uri();
-            init.remote_key = Some(key);
-            init.run(OffsetDateTime::now_utc()).map_err(|e| {
-                let made = if args.existing {
-                    String::new()
-                } else {
-                    format!(" (the key {name} was created: reuse it with --existing, or delete it)")
-                };
-                anyhow::anyhow!("{}{made}", activator::error_chain(&e))
-            })?
-        }
+        Some(uri) => init_with_remote_key(&args, &mut init, uri)?,
     };
+    print_init(&args, &files, key_uri.is_some())?;
+    Ok(Outcome::Success)
+}
+
+/// The issuing CA `--with-issuing-ca` asks for: `--subject` names the owner, and the issuing
+/// CA (the one in every chain) follows it unless `--issuing-subject` names it.
+fn issuing_ca(
+    args: &CaInitArgs,
+    profile: &Profile,
+    subject: &Subject,
+) -> Result<Option<IssuingCa>> {
+    if !args.with_issuing_ca {
+        return Ok(None);
+    }
+    Ok(Some(IssuingCa {
+        subject: match (&args.issuing_subject, &args.subject) {
+            (Some(issuing), _) => issuing.parse()?,
+            (None, Some(_)) => subject.issuing_below(),
+            (None, None) => profile.issuing_ca.subject.parse()?,
+        },
+        key: profile.issuing_ca.key,
+        days: args.issuing_days.unwrap_or(profile.issuing_ca.days),
+    }))
+}
+
+/// The CA made with its key in KMS or on a PKCS#11 token, created there or (`--existing`)
+/// opened; an existing key decides the type of the CA it serves.
+fn init_with_remote_key(
+    args: &CaInitArgs,
+    init: &mut CaInit,
+    uri: &KeyUri,
+) -> Result<factory_ca::CaFiles> {
+    // Nothing is created in KMS or on the token for a folder that already has a CA.
+    init.check()?;
+    let options = crate::keys::options(&args.ca, uri, None)?;
+    let key = if args.existing {
+        ca_keys::open(uri, &options)
+    } else {
+        let algorithm = match &init.issuing {
+            Some(issuing) => issuing.key,
+            None => init.root_key,
+        };
+        ca_keys::create(uri, algorithm, &options)
+    }
+    .map_err(crate::keys::backend_error)?;
+    match &mut init.issuing {
+        Some(issuing) => issuing.key = key.algorithm(),
+        None => init.root_key = key.algorithm(),
+    }
+    let name = key.uri();
+    init.remote_key = Some(key);
+    init.run(OffsetDateTime::now_utc()).map_err(|e| {
+        let made = if args.existing {
+            String::new()
+        } else {
+            format!(" (the key {name} was created: reuse it with --existing, or delete it)")
+        };
+        anyhow::anyhow!("{}{made}", activator::error_chain(&e))
+    })
+}
+
+/// What `ca init` made, as JSON or text.
+fn print_init(args: &CaInitArgs, files: &factory_ca::CaFiles, remote_key: bool) -> Result<()> {
     let ca_der = factory_ca::read_certificate(&files.ca_cert)?;
     let ca_id = certificate_id(&ca_der);
     if args.output.json {
-        print_json(&serde_json::json!({
+        return print_json(&serde_json::json!({
             "ca_cert": files.ca_cert,
             "ca_key": files.ca_key,
             "root_cert": files.root.as_ref().map(|r| &r.0),
             "root_key": files.root.as_ref().map(|r| &r.1),
             "ca_certificate_id": ca_id,
-        }))?;
-    } else {
-        println!("CA certificate  {}", files.ca_cert.display());
-        match &key_uri {
-            None => println!("CA key          {} (mode 0600)", files.ca_key.display()),
-            Some(_) => println!(
-                "CA key          {} (recorded in {})",
-                factory_ca::ca_key_uri(&args.ca.dir)?.unwrap_or_default(),
-                files.ca_key.display()
-            ),
-        }
-        if let Some((cert, key)) = &files.root {
-            println!("root certificate {}", cert.display());
-            println!(
-                "root key         {} (mode 0600): move it offline now",
-                key.display()
-            );
-        }
-        println!("certificate id  {ca_id} (the caCertificateId once registered in AWS IoT)");
-        if args.insecure_plaintext_key {
-            eprintln!("warning: the CA keys on disk are NOT encrypted (--insecure-plaintext-key)");
-        }
+        }));
     }
-    Ok(Outcome::Success)
+    println!("CA certificate  {}", files.ca_cert.display());
+    if remote_key {
+        println!(
+            "CA key          {} (recorded in {})",
+            factory_ca::ca_key_uri(&args.ca.dir)?.unwrap_or_default(),
+            files.ca_key.display()
+        );
+    } else {
+        println!("CA key          {} (mode 0600)", files.ca_key.display());
+    }
+    if let Some((cert, key)) = &files.root {
+        println!("root certificate {}", cert.display());
+        println!(
+            "root key         {} (mode 0600): move it offline now",
+            key.display()
+        );
+    }
+    println!("certificate id  {ca_id} (the caCertificateId once registered in AWS IoT)");
+    if args.insecure_plaintext_key {
+        eprintln!("warning: the CA keys on disk are NOT encrypted (--insecure-plaintext-key)");
+    }
+    Ok(())
 }
 
 pub(crate) fn verification_cert(args: VerificationCertArgs) -> Result<Outcome> {
@@ -196,14 +217,7 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
         .as_deref()
         .map(super::jitp::read_config)
         .transpose()?;
-    let mut regions: Vec<AwsRegion> = Vec::new();
-    for name in &args.region {
-        let region =
-            AwsRegion::parse(name).map_err(|reason| UsageError(format!("--region: {reason}")))?;
-        if !regions.contains(&region) {
-            regions.push(region);
-        }
-    }
+    let regions = regions(&args)?;
     let ids_file = args.ca.dir.join(AWS_CA_IDS_FILE);
     // Read before any AWS call: a broken file must not cost a registration its record.
     let mut ids = read_ca_ids(&ids_file)?;
@@ -225,28 +239,15 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
         .timeout
         .unwrap_or(REGISTRATION_TIME * targets.len().try_into().unwrap_or(u32::MAX));
     let deadline = tokio::time::Instant::now() + per_region;
-    // Each region in turn: each has its own registration code and verification certificate.
-    let mut results: Vec<(String, Result<Registration>)> = crate::aws::runtime()?.block_on(async {
-        let mut results = Vec::with_capacity(targets.len());
-        for target in &targets {
-            let name = target.unwrap_or("the default region").to_owned();
-            let aws = args.aws(*target);
-            let result = register_in(
-                &aws,
-                ca.as_ref(),
-                &ca_pem,
-                &expected_id,
-                jitp.as_ref(),
-                deadline,
-            )
-            .await;
-            results.push(match result {
-                Ok((region, registration)) => (region, Ok(registration)),
-                Err(e) => (name, Err(e)),
-            });
-        }
-        results
-    });
+    let mut results = crate::aws::runtime()?.block_on(register_each(
+        &args,
+        &targets,
+        ca.as_ref(),
+        &ca_pem,
+        &expected_id,
+        jitp.as_ref(),
+        deadline,
+    ));
     // What succeeded is recorded even when another region failed.
     for (region, result) in &results {
         if let Ok(registration) = result {
@@ -259,26 +260,7 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
     let succeeded = results.iter().any(|(_, r)| r.is_ok());
     let outcome = if results.len() == 1 {
         let (region, result) = results.swap_remove(0);
-        // One region: the contract from before there were several, ca/aws-ca-id included (the
-        // deployment reads it, and scripts written for one region keep working). With several,
-        // aws-ca-ids.json is the record: a file holding one region's id would mislead.
-        let registration = result?;
-        let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
-        factory_ca::write_file_atomic(
-            &id_file,
-            format!("{}\n", registration.id).as_bytes(),
-            0o644,
-            true,
-        )?;
-        report_registration(
-            &args,
-            &region,
-            &registration,
-            expected_id.as_str(),
-            &id_file,
-            &ids_file,
-        )?;
-        Outcome::Success
+        record_one(&args, &region, &result?, expected_id.as_str(), &ids_file)?
     } else {
         report_regions(&args, &results, expected_id.as_str(), &ids_file)?;
         if results.iter().all(|(_, r)| r.is_ok()) {
@@ -293,6 +275,64 @@ pub(crate) fn register(args: CaRegisterArgs) -> Result<Outcome> {
         }
     }
     Ok(outcome)
+}
+
+/// One region: the contract from before there were several, ca/aws-ca-id included (the
+/// deployment reads it, and scripts written for one region keep working). With several,
+/// aws-ca-ids.json is the record: a file holding one region's id would mislead.
+fn record_one(
+    args: &CaRegisterArgs,
+    region: &str,
+    registration: &Registration,
+    expected_id: &str,
+    ids_file: &Path,
+) -> Result<Outcome> {
+    let id_file = args.ca.dir.join(AWS_CA_ID_FILE);
+    factory_ca::write_file_atomic(
+        &id_file,
+        format!("{}\n", registration.id).as_bytes(),
+        0o644,
+        true,
+    )?;
+    report_registration(args, region, registration, expected_id, &id_file, ids_file)?;
+    Ok(Outcome::Success)
+}
+
+/// `--region`, each named once, in the order given.
+fn regions(args: &CaRegisterArgs) -> Result<Vec<AwsRegion>> {
+    let mut regions: Vec<AwsRegion> = Vec::new();
+    for name in &args.region {
+        let region =
+            AwsRegion::parse(name).map_err(|reason| UsageError(format!("--region: {reason}")))?;
+        if !regions.contains(&region) {
+            regions.push(region);
+        }
+    }
+    Ok(regions)
+}
+
+/// Each region in turn (`None`: the standard chain's): each has its own registration code and
+/// verification certificate. The region's name beside what happened there.
+async fn register_each(
+    args: &CaRegisterArgs,
+    targets: &[Option<&str>],
+    ca: Option<&factory_ca::Ca>,
+    ca_pem: &str,
+    expected_id: &CertificateId,
+    jitp: Option<&activator::JitpConfig>,
+    deadline: tokio::time::Instant,
+) -> Vec<(String, Result<Registration>)> {
+    let mut results = Vec::with_capacity(targets.len());
+    for target in targets {
+        let name = target.unwrap_or("the default region").to_owned();
+        let aws = args.aws(*target);
+        let result = register_in(&aws, ca, ca_pem, expected_id, jitp, deadline).await;
+        results.push(match result {
+            Ok((region, registration)) => (region, Ok(registration)),
+            Err(e) => (name, Err(e)),
+        });
+    }
+    results
 }
 
 /// Registers the CA in the region `aws` names (and sets its JITP template): the region's name
