@@ -99,16 +99,7 @@ fn collect_ids(args: &IssueArgs, format: IdFormat) -> Result<IdList> {
         add(&mut list, id, 0, &mut problem);
     }
     if let Some(path) = &args.ids {
-        let text = if path == Path::new("-") {
-            let mut text = Vec::new();
-            std::io::stdin()
-                .lock()
-                .read_to_end(&mut text)
-                .context("cannot read the ids from standard input")?;
-            text
-        } else {
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
-        };
+        let text = read_ids_file(path)?;
         // A byte-order mark (Windows editors) is not part of the first id.
         let text = text.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&text);
         for (n, line) in text.split(|&b| b == b'\n').enumerate() {
@@ -135,6 +126,19 @@ fn collect_ids(args: &IssueArgs, format: IdFormat) -> Result<IdList> {
         bail!("no device ids given");
     }
     Ok(list)
+}
+
+/// The `--ids` file's bytes (`-`: standard input).
+fn read_ids_file(path: &Path) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut text = Vec::new();
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut text)
+            .context("cannot read the ids from standard input")?;
+        return Ok(text);
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// An issuance error naming a device, with the FILE:LINE the device came from.
@@ -300,24 +304,57 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let ids = &list.ids;
     // Every device has a region, and every region its endpoint, before anything is issued.
     let endpoints = match &region_map {
-        Some(map) => {
-            let regions = map.regions_of(ids)?;
-            report_regions(map, ids);
-            if delivery.wanted() {
-                data_endpoints(&regions, args.endpoint_url.as_deref())?
-            } else {
-                BTreeMap::new()
-            }
-        }
+        Some(map) => endpoints(map, ids, &delivery, &args)?,
         None => BTreeMap::new(),
     };
     if let Some(bundle) = &args.bundle {
         return issue_bundle(&args, &ca, &list, bundle, region_map.as_ref(), times);
     }
+    let (report, now) = issue_folders(&args, &ca, &list, times)?;
+    // In the ledger before the credentials reach a device: a device connects listed.
+    let aws = issue_aws(&args);
+    let recorded = record(
+        &args.ledger,
+        &aws,
+        &report.issued,
+        region_map.as_ref(),
+        &args.out,
+        now,
+    )?;
+    let delivered = if delivery.wanted() {
+        let issued: HashSet<&str> = report.issued.iter().map(|e| e.id.as_str()).collect();
+        let ids = ids.iter().filter(|id| issued.contains(id.as_str()));
+        let endpoint_of = |id: &DeviceId| {
+            let region = region_map.as_ref().and_then(|map| map.get(id.as_str()))?;
+            endpoints.get(region).map(String::as_str)
+        };
+        deliver_from(&delivery, &args.out, ids, &endpoint_of)?
+    } else {
+        true
+    };
+    Ok(
+        if report.failures.is_empty() && !report.stopped && delivered && recorded {
+            Outcome::Success
+        } else {
+            Outcome::Failed
+        },
+    )
+}
+
+/// Issuance into one folder per device (the default, without `--bundle`), Ctrl-C finishing
+/// the devices in flight; the report and the issuance time.
+fn issue_folders(
+    args: &IssueArgs,
+    ca: &factory_ca::Ca,
+    list: &IdList,
+    mut times: RunTimes,
+) -> Result<(factory_ca::BatchReport, OffsetDateTime)> {
+    let device = &ca.profile().device;
+    let ids = &list.ids;
     let opts = BatchOptions {
         out_dir: args.out.clone(),
         key: args.key.unwrap_or(device.key),
-        days: validity_days(args.days, &ca)?,
+        days: validity_days(args.days, ca)?,
         jobs: args.jobs,
         force: args.force,
         now: OffsetDateTime::now_utc(),
@@ -328,13 +365,13 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         skip_issued: args.resume,
         ..RunControl::default()
     };
-    times.workers = workers(&ca, args.jobs);
+    times.workers = workers(ca, args.jobs);
     let bar = progress_bar(ids.len());
     let clock = Instant::now();
-    let report = issue_batch_with(&ca, ids, &opts, &control, &|| bar.inc(1));
+    let report = issue_batch_with(ca, ids, &opts, &control, &|| bar.inc(1));
     times.issue = clock.elapsed();
     interrupt_ends(&control.stop);
-    let report = report.map_err(|e| locate(e, &list))?;
+    let report = report.map_err(|e| locate(e, list))?;
     bar.finish_and_clear();
     report_repaired(report.repaired, &args.out);
     let summary = Summary {
@@ -361,45 +398,45 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         &args.out,
         false,
     );
-    // In the ledger before the credentials reach a device: a device connects listed.
-    let aws = issue_aws(&args);
-    let recorded = record(
-        &args.ledger,
-        &aws,
-        &report.issued,
-        region_map.as_ref(),
-        &args.out,
-        opts.now,
-    )?;
-    let mut delivered = true;
-    if delivery.wanted() {
-        let issued: HashSet<&str> = report.issued.iter().map(|e| e.id.as_str()).collect();
-        let mut devices = Vec::with_capacity(issued.len());
-        for id in ids.iter().filter(|id| issued.contains(id.as_str())) {
-            let dir = args.out.join(id.as_str());
-            let read = |name: &str| {
-                let path = dir.join(name);
-                std::fs::read_to_string(&path)
-                    .map(Zeroizing::new)
-                    .with_context(|| format!("cannot read {}", path.display()))
-            };
-            let (chain, key) = (read("chain.pem")?, read("device.key")?);
-            let endpoint = region_map
-                .as_ref()
-                .and_then(|map| map.get(id.as_str()))
-                .and_then(|region| endpoints.get(region))
-                .map(String::as_str);
-            devices.push(delivery.variables_at(id, &chain, Some(&key), endpoint));
-        }
-        delivered = delivery.deliver(&devices)?;
+    Ok((report, opts.now))
+}
+
+/// Each region's data endpoint, where delivery needs them; the devices per region reported.
+/// Every device has a region, and every region its endpoint, before anything is issued.
+fn endpoints(
+    map: &RegionMap,
+    ids: &[DeviceId],
+    delivery: &Delivery,
+    args: &IssueArgs,
+) -> Result<BTreeMap<AwsRegion, String>> {
+    let regions = map.regions_of(ids)?;
+    report_regions(map, ids);
+    if !delivery.wanted() {
+        return Ok(BTreeMap::new());
     }
-    Ok(
-        if report.failures.is_empty() && !report.stopped && delivered && recorded {
-            Outcome::Success
-        } else {
-            Outcome::Failed
-        },
-    )
+    data_endpoints(&regions, args.endpoint_url.as_deref())
+}
+
+/// The credentials `jitr issue` wrote under `out`, delivered; `Ok(false)` when a device failed.
+fn deliver_from<'a>(
+    delivery: &Delivery,
+    out: &Path,
+    ids: impl Iterator<Item = &'a DeviceId>,
+    endpoint_of: &dyn Fn(&DeviceId) -> Option<&'a str>,
+) -> Result<bool> {
+    let mut devices = Vec::new();
+    for id in ids {
+        let dir = out.join(id.as_str());
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path)
+                .map(Zeroizing::new)
+                .with_context(|| format!("cannot read {}", path.display()))
+        };
+        let (chain, key) = (read("chain.pem")?, read("device.key")?);
+        devices.push(delivery.variables_at(id, &chain, Some(&key), endpoint_of(id)));
+    }
+    delivery.deliver(&devices)
 }
 
 /// How many of the devices go to each region, on standard error.
@@ -480,46 +517,7 @@ fn issue_bundle(
         };
         factory_ca::issue_bundle_with(ca, ids, &opts, &control, sinks, &|| bar.inc(1))
     } else {
-        if path.exists() {
-            let hint = if args.resume {
-                ": it holds the devices issued before; give --resume a new --bundle file for the rest"
-            } else {
-                ": refusing to overwrite a bundle (its keys would be lost)"
-            };
-            bail!("{} exists{hint}", path.display());
-        }
-        remove_stale_partials(path);
-        let (mut file, tmp) = bundle_file(path)?;
-        let durable = file.try_clone().context("cannot reopen the bundle")?;
-        let mut linked = false;
-        // The bundle is synced and linked into place before the manifest names its devices.
-        let mut commit = || {
-            durable.sync_all()?;
-            // A hard link fails if the name was taken meanwhile: nothing is overwritten. A
-            // filesystem without hard links (FAT) gets a rename, the name checked first.
-            match std::fs::hard_link(&tmp, path) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
-                    std::fs::rename(&tmp, path)
-                }
-                other => other,
-            }?;
-            linked = true;
-            Ok(())
-        };
-        // The manifest could not record the devices: their bundle goes too.
-        let mut undo = || {
-            let _ = std::fs::remove_file(path);
-        };
-        let sinks = factory_ca::BundleSinks {
-            out: &mut file,
-            commit: &mut commit,
-            undo: &mut undo,
-        };
-        let result = factory_ca::issue_bundle_with(ca, ids, &opts, &control, sinks, &|| {
-            bar.inc(1);
-        });
-        let _ = std::fs::remove_file(&tmp);
-        result
+        to_file(ca, ids, &opts, &control, path, args.resume, &bar)?
     };
     times.issue = clock.elapsed();
     interrupt_ends(&control.stop);
@@ -552,27 +550,7 @@ fn issue_bundle(
         &args.out,
         path != Path::new("-"),
     );
-    let recorded = match &args.ledger.ledger {
-        None => true,
-        Some(_) => {
-            let failed: HashSet<&str> = report.failures.iter().map(|f| f.id.as_str()).collect();
-            let issued: HashSet<&str> = ids
-                .iter()
-                .map(DeviceId::as_str)
-                .filter(|id| !failed.contains(id))
-                .collect();
-            let manifest = args.out.join(factory_ca::MANIFEST_FILE);
-            let lines = crate::ledger::newest_entries(&manifest, &issued)?;
-            record(
-                &args.ledger,
-                &issue_aws(args),
-                &lines,
-                regions,
-                &args.out,
-                opts.now,
-            )?
-        }
-    };
+    let recorded = record_bundle(args, ids, &report.failures, regions, opts.now)?;
     Ok(
         if report.failures.is_empty() && !report.stopped && recorded {
             Outcome::Success
@@ -580,6 +558,90 @@ fn issue_bundle(
             Outcome::Failed
         },
     )
+}
+
+/// The bundle's devices in the ledger (`--ledger`), read back from the manifest's newest
+/// lines: every device asked for but those that failed. `true` when there is no ledger.
+fn record_bundle(
+    args: &IssueArgs,
+    ids: &[DeviceId],
+    failures: &[factory_ca::DeviceFailure],
+    regions: Option<&RegionMap>,
+    now: OffsetDateTime,
+) -> Result<bool> {
+    if args.ledger.ledger.is_none() {
+        return Ok(true);
+    }
+    let failed: HashSet<&str> = failures.iter().map(|f| f.id.as_str()).collect();
+    let issued: HashSet<&str> = ids
+        .iter()
+        .map(DeviceId::as_str)
+        .filter(|id| !failed.contains(id))
+        .collect();
+    let manifest = args.out.join(factory_ca::MANIFEST_FILE);
+    let lines = crate::ledger::newest_entries(&manifest, &issued)?;
+    record(
+        &args.ledger,
+        &issue_aws(args),
+        &lines,
+        regions,
+        &args.out,
+        now,
+    )
+}
+
+/// Issuance into the bundle file `path`, which must not exist: written under a temporary name,
+/// synced and linked into place before the manifest names its devices, and removed if the
+/// manifest could not record them. The outer error is the file's, the inner the issuance's.
+fn to_file(
+    ca: &factory_ca::Ca,
+    ids: &[DeviceId],
+    opts: &factory_ca::BundleOptions,
+    control: &RunControl,
+    path: &Path,
+    resume: bool,
+    bar: &indicatif::ProgressBar,
+) -> Result<Result<factory_ca::BundleReport, factory_ca::Error>> {
+    if path.exists() {
+        let hint = if resume {
+            ": it holds the devices issued before; give --resume a new --bundle file for the rest"
+        } else {
+            ": refusing to overwrite a bundle (its keys would be lost)"
+        };
+        bail!("{} exists{hint}", path.display());
+    }
+    remove_stale_partials(path);
+    let (mut file, tmp) = bundle_file(path)?;
+    let durable = file.try_clone().context("cannot reopen the bundle")?;
+    let mut linked = false;
+    // The bundle is synced and linked into place before the manifest names its devices.
+    let mut commit = || {
+        durable.sync_all()?;
+        // A hard link fails if the name was taken meanwhile: nothing is overwritten. A
+        // filesystem without hard links (FAT) gets a rename, the name checked first.
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+                std::fs::rename(&tmp, path)
+            }
+            other => other,
+        }?;
+        linked = true;
+        Ok(())
+    };
+    // The manifest could not record the devices: their bundle goes too.
+    let mut undo = || {
+        let _ = std::fs::remove_file(path);
+    };
+    let sinks = factory_ca::BundleSinks {
+        out: &mut file,
+        commit: &mut commit,
+        undo: &mut undo,
+    };
+    let result = factory_ca::issue_bundle_with(ca, ids, opts, control, sinks, &|| {
+        bar.inc(1);
+    });
+    let _ = std::fs::remove_file(&tmp);
+    Ok(result)
 }
 
 /// The workers a run uses (as the library picks them for `--jobs 0`).
