@@ -127,24 +127,7 @@ pub(crate) fn claim(args: FpClaimArgs) -> Result<Outcome> {
             None => None,
         };
         let registry = crate::aws::session(&args.aws).await?.registry();
-        let call = || activator::call_deadline(deadline);
-        let endpoint = match &args.endpoint {
-            Some(endpoint) => endpoint.clone(),
-            None => registry.describe_endpoint("iot:Data-ATS", call()).await?,
-        };
-        let claim = registry
-            .create_provisioning_claim(&args.template_name, call())
-            .await
-            .with_context(|| format!("fleet provisioning template {}", args.template_name))?;
-        if let Some(policy) = &args.claim_policy {
-            let id = CertificateId::parse(&claim.certificate_id)
-                .map_err(|e| anyhow::anyhow!("claim certificate id: {e}"))?;
-            let arn = registry.describe_certificate(&id, call()).await?.arn;
-            registry
-                .attach_policy(policy, &arn, call())
-                .await
-                .with_context(|| format!("claim policy {policy}"))?;
-        }
+        let (claim, endpoint) = make_claim(&registry, &args, deadline).await?;
         if let (Some(fleet), Some(member)) = (&fleet, &member) {
             let scope = match &args.balena_service {
                 Some(service) => balena::Scope::Service(service.clone()),
@@ -169,6 +152,46 @@ pub(crate) fn claim(args: FpClaimArgs) -> Result<Outcome> {
         )?),
         None => None,
     };
+    print_claim(&args, &device, &claim, &endpoint, folder.as_deref())?;
+    Ok(Outcome::Success)
+}
+
+/// The claim made in AWS IoT (and `--claim-policy` attached to it), with the data endpoint
+/// the device is to use.
+async fn make_claim(
+    registry: &activator::aws::AwsIotRegistry,
+    args: &FpClaimArgs,
+    deadline: tokio::time::Instant,
+) -> Result<(ProvisioningClaim, String)> {
+    let call = || activator::call_deadline(deadline);
+    let endpoint = match &args.endpoint {
+        Some(endpoint) => endpoint.clone(),
+        None => registry.describe_endpoint("iot:Data-ATS", call()).await?,
+    };
+    let claim = registry
+        .create_provisioning_claim(&args.template_name, call())
+        .await
+        .with_context(|| format!("fleet provisioning template {}", args.template_name))?;
+    if let Some(policy) = &args.claim_policy {
+        let id = CertificateId::parse(&claim.certificate_id)
+            .map_err(|e| anyhow::anyhow!("claim certificate id: {e}"))?;
+        let arn = registry.describe_certificate(&id, call()).await?.arn;
+        registry
+            .attach_policy(policy, &arn, call())
+            .await
+            .with_context(|| format!("claim policy {policy}"))?;
+    }
+    Ok((claim, endpoint))
+}
+
+/// What `claim` made, as JSON or text.
+fn print_claim(
+    args: &FpClaimArgs,
+    device: &DeviceId,
+    claim: &ProvisioningClaim,
+    endpoint: &str,
+    folder: Option<&std::path::Path>,
+) -> Result<()> {
     let expires = claim.expires_at.map(|t| {
         time::OffsetDateTime::from_unix_timestamp(t)
             .ok()
@@ -185,11 +208,11 @@ pub(crate) fn claim(args: FpClaimArgs) -> Result<Outcome> {
             "expires_at": expires,
             "template": args.template_name,
             "endpoint": endpoint,
-            "folder": folder.as_ref().map(|p| p.display().to_string()),
+            "folder": folder.map(|p| p.display().to_string()),
             "pushed_to_balena": args.push_balena,
         }))?;
     } else {
-        let to = match &folder {
+        let to = match folder {
             Some(path) => path.display().to_string(),
             None => "balena".to_owned(),
         };
@@ -200,7 +223,7 @@ pub(crate) fn claim(args: FpClaimArgs) -> Result<Outcome> {
             expires.as_deref().unwrap_or("unknown")
         );
     }
-    Ok(Outcome::Success)
+    Ok(())
 }
 
 fn b64(text: &str) -> zeroize::Zeroizing<String> {
