@@ -183,10 +183,12 @@ impl Ca {
     }
 }
 
-/// File names inside `devices/<id>/`.
-pub(crate) const DEVICE_KEY_FILE: &str = "device.key";
-pub(crate) const DEVICE_CERT_FILE: &str = "device.crt";
-pub(crate) const CHAIN_FILE: &str = "chain.pem";
+/// The device's private key inside `devices/<id>/` (mode 0600).
+pub const DEVICE_KEY_FILE: &str = "device.key";
+/// The device's certificate inside `devices/<id>/`.
+pub const DEVICE_CERT_FILE: &str = "device.crt";
+/// The device's certificate followed by the signing CA inside `devices/<id>/`: what it presents.
+pub const CHAIN_FILE: &str = "chain.pem";
 
 /// Writes `out/<id>/{device.key, device.crt, chain.pem}` as one complete folder.
 pub(crate) fn write_device(out: &Path, issued: &IssuedDevice) -> Result<PathBuf, Error> {
@@ -272,6 +274,9 @@ pub struct BatchReport {
     pub stopped: bool,
     /// The number of the cut-off last manifest line removed before the run.
     pub repaired: Option<usize>,
+    /// With [`RunControl::hand_over`]: each device issued, its key and chain included, in
+    /// the order of [`BatchReport::issued`], so delivery needs no second read of the folders.
+    pub handed_over: Vec<IssuedDevice>,
 }
 
 /// The ids to issue: duplicates within `ids` refused; ids the manifest already holds refused
@@ -313,6 +318,7 @@ fn record(
     out: &Path,
     id: &DeviceId,
     result: Result<IssuedDevice, Error>,
+    hand_over: bool,
 ) {
     let error = match result {
         Ok(issued) if manifest.contains_serial(&issued.entry.serial) => {
@@ -324,7 +330,12 @@ fn record(
         Ok(issued) => match manifest.append(&issued.entry) {
             Ok(()) => {
                 report.capped_at = report.capped_at.or(issued.capped_at);
-                report.issued.push(issued.entry);
+                if hand_over {
+                    report.issued.push(issued.entry.clone());
+                    report.handed_over.push(issued);
+                } else {
+                    report.issued.push(issued.entry);
+                }
                 return;
             }
             Err(error) => error,
@@ -406,7 +417,14 @@ pub fn issue_batch_with(
             clock.lap(timings, Stage::Write);
             let mut guard = shared.lock().unwrap_or_else(PoisonError::into_inner);
             let (manifest, report) = &mut *guard;
-            record(manifest, report, &opts.out_dir, id, result);
+            record(
+                manifest,
+                report,
+                &opts.out_dir,
+                id,
+                result,
+                control.hand_over,
+            );
             drop(guard);
             clock.lap(timings, Stage::Manifest);
             progress();

@@ -39,7 +39,7 @@ pub use inspect::{
 };
 pub use issue::{
     issue_batch, issue_batch_with, BatchOptions, BatchReport, DeviceFailure, IssuedDevice,
-    Rotation, REMOTE_JOBS,
+    Rotation, CHAIN_FILE, DEVICE_CERT_FILE, DEVICE_KEY_FILE, REMOTE_JOBS,
 };
 pub use keys::{KeyAlgorithm, KeyProtection, KeyRole, Passphrase, MIN_PASSPHRASE_CHARS};
 pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIFEST_FILE};

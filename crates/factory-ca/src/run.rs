@@ -88,6 +88,11 @@ pub struct RunControl {
     pub skip_issued: bool,
     /// Where the workers' time went.
     pub timings: Timings,
+    /// Keep each issued device's key and chain in the report ([`BatchReport::handed_over`])
+    /// for the caller's delivery: folder issuance only.
+    ///
+    /// [`BatchReport::handed_over`]: crate::BatchReport::handed_over
+    pub hand_over: bool,
 }
 
 impl RunControl {

@@ -806,3 +806,44 @@ fn verification_certificate_carries_the_registration_code_and_is_signed_by_the_c
         .verification_certificate("code with spaces", OffsetDateTime::now_utc())
         .is_err());
 }
+
+#[test]
+fn a_batch_hands_over_what_it_wrote_when_asked_and_keeps_nothing_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    init(&dir, false).run(OffsetDateTime::now_utc()).unwrap();
+    let ca = Ca::load(&dir, Some(&pass())).unwrap();
+    let out = tmp.path().join("devices");
+    let ids: Vec<_> = (0..3)
+        .map(|n| DeviceId::parse(&uuid(n), IdFormat::BalenaUuid).unwrap())
+        .collect();
+    let opts = BatchOptions {
+        out_dir: out.clone(),
+        key: KeyAlgorithm::P256,
+        days: 30,
+        jobs: 2,
+        force: false,
+        now: OffsetDateTime::now_utc(),
+        rotation: None,
+    };
+    let control = factory_ca::RunControl {
+        hand_over: true,
+        ..factory_ca::RunControl::default()
+    };
+    let report = factory_ca::issue_batch_with(&ca, &ids[..2], &opts, &control, &|| {}).unwrap();
+    assert_eq!(report.handed_over.len(), 2);
+    for (entry, device) in report.issued.iter().zip(&report.handed_over) {
+        assert_eq!(entry.id, device.entry.id);
+        let folder = out.join(&entry.id);
+        let read = |name: &str| std::fs::read_to_string(folder.join(name)).unwrap();
+        assert_eq!(read(factory_ca::CHAIN_FILE), device.chain_pem);
+        assert_eq!(read(factory_ca::DEVICE_CERT_FILE), device.cert_pem);
+        let key = device.key_pem.as_deref().map(String::as_str);
+        assert_eq!(Some(read(factory_ca::DEVICE_KEY_FILE).as_str()), key);
+        // The key is redacted when the report is printed for debugging.
+        assert!(!format!("{device:?}").contains("PRIVATE KEY"));
+    }
+    let report = issue_batch(&ca, &ids[2..], &opts, &|| {}).unwrap();
+    assert_eq!(report.issued.len(), 1);
+    assert!(report.handed_over.is_empty());
+}

@@ -1,6 +1,6 @@
 //! `jitr issue` and `jitr sign-csr`: device certificates, and their delivery to balena.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{IsTerminal, Read};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,6 @@ use factory_ca::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
-use zeroize::Zeroizing;
 
 use super::balena::Delivery;
 use super::{print_json, Outcome};
@@ -310,7 +309,7 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     if let Some(bundle) = &args.bundle {
         return issue_bundle(&args, &ca, &list, bundle, region_map.as_ref(), times);
     }
-    let (report, now) = issue_folders(&args, &ca, &list, times)?;
+    let (report, now) = issue_folders(&args, &ca, &list, times, delivery.wanted())?;
     // In the ledger before the credentials reach a device: a device connects listed.
     let aws = issue_aws(&args);
     let recorded = record(
@@ -322,13 +321,11 @@ pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
         now,
     )?;
     let delivered = if delivery.wanted() {
-        let issued: HashSet<&str> = report.issued.iter().map(|e| e.id.as_str()).collect();
-        let ids = ids.iter().filter(|id| issued.contains(id.as_str()));
         let endpoint_of = |id: &DeviceId| {
             let region = region_map.as_ref().and_then(|map| map.get(id.as_str()))?;
             endpoints.get(region).map(String::as_str)
         };
-        deliver_from(&delivery, &args.out, ids, &endpoint_of)?
+        deliver_issued(&delivery, ids, &report.handed_over, &endpoint_of)?
     } else {
         true
     };
@@ -348,6 +345,7 @@ fn issue_folders(
     ca: &factory_ca::Ca,
     list: &IdList,
     mut times: RunTimes,
+    hand_over: bool,
 ) -> Result<(factory_ca::BatchReport, OffsetDateTime)> {
     let device = &ca.profile().device;
     let ids = &list.ids;
@@ -363,6 +361,7 @@ fn issue_folders(
     let control = RunControl {
         stop: stop_on_interrupt(),
         skip_issued: args.resume,
+        hand_over,
         ..RunControl::default()
     };
     times.workers = workers(ca, args.jobs);
@@ -417,25 +416,24 @@ fn endpoints(
     data_endpoints(&regions, args.endpoint_url.as_deref())
 }
 
-/// The credentials `jitr issue` wrote under `out`, delivered; `Ok(false)` when a device failed.
-fn deliver_from<'a>(
+/// The devices just issued, delivered from memory in the order of `ids`; `Ok(false)` when a
+/// device failed.
+fn deliver_issued<'a>(
     delivery: &Delivery,
-    out: &Path,
-    ids: impl Iterator<Item = &'a DeviceId>,
+    ids: &'a [DeviceId],
+    issued: &[factory_ca::IssuedDevice],
     endpoint_of: &dyn Fn(&DeviceId) -> Option<&'a str>,
 ) -> Result<bool> {
-    let mut devices = Vec::new();
-    for id in ids {
-        let dir = out.join(id.as_str());
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read_to_string(&path)
-                .map(Zeroizing::new)
-                .with_context(|| format!("cannot read {}", path.display()))
-        };
-        let (chain, key) = (read("chain.pem")?, read("device.key")?);
-        devices.push(delivery.variables_at(id, &chain, Some(&key), endpoint_of(id)));
-    }
+    let by_id: HashMap<&str, &factory_ca::IssuedDevice> =
+        issued.iter().map(|d| (d.entry.id.as_str(), d)).collect();
+    let devices: Vec<_> = ids
+        .iter()
+        .filter_map(|id| by_id.get(id.as_str()).map(|device| (id, device)))
+        .map(|(id, device)| {
+            let key = device.key_pem.as_deref().map(String::as_str);
+            delivery.variables_at(id, &device.chain_pem, key, endpoint_of(id))
+        })
+        .collect();
     delivery.deliver(&devices)
 }
 

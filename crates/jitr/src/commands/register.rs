@@ -32,7 +32,7 @@ use crate::UsageError;
 /// The journal's name, in the manifest's folder.
 const JOURNAL_FILE: &str = "register-journal.jsonl";
 /// The device certificate `jitr issue` writes into each device's folder.
-const CERT_FILE: &str = "device.crt";
+const CERT_FILE: &str = factory_ca::DEVICE_CERT_FILE;
 /// Time allowed beyond the quota-bound time for the whole run, unless `--timeout`.
 const SLACK: Duration = Duration::from_secs(600);
 

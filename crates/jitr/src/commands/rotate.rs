@@ -11,7 +11,7 @@ use std::time::Duration;
 use activator::aws::presence::DynamoPresence;
 use activator::{CertificateId, FleetConfig, ThingSpec};
 use anyhow::{Context, Result};
-use factory_ca::{issue_batch, BatchOptions, DeviceId, Rotation};
+use factory_ca::{issue_batch_with, BatchOptions, DeviceId, IssuedDevice, Rotation};
 use operations::register::Placement;
 use operations::rotate;
 use operations::status::{self, Known, Rates, State};
@@ -65,7 +65,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
             .iter()
             .map(|f| Rotated::failed(f.id.clone(), None, &[], &activator::error_chain(&f.error))),
     );
-    let (installed, failed) = runtime.block_on(job.install(&args, &issued, &old))?;
+    let (installed, failed) = runtime.block_on(job.install(issued.handed_over, &old));
     rows.extend(failed);
     if let Some(table) = &args.ledger.ledger {
         let ids: Vec<&CertificateId> = installed.iter().map(|i| &i.new).collect();
@@ -77,7 +77,7 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
         ))?;
     }
     // A failure here leaves the new certificates ACTIVE beside the old: reported, not fatal.
-    let delivered = runtime.block_on(job.deliver(&args, &installed));
+    let delivered = runtime.block_on(job.deliver(&installed));
     let proven = runtime.block_on(job.wait_proven(&args, &installed, delivered));
     for device in installed {
         rows.push(runtime.block_on(job.finish(&args, device, delivered, &proven)));
@@ -144,6 +144,8 @@ struct Installed {
     device_id: String,
     new: CertificateId,
     olds: Vec<CertificateId>,
+    /// Its key and chain, for delivery.
+    issued: IssuedDevice,
 }
 
 /// What one rotation works with: the configuration, the CA, and the one AWS session.
@@ -281,7 +283,11 @@ impl Job {
                 retire_after: self.retire_after.clone(),
             }),
         };
-        let report = issue_batch(&self.ca, ids, &opts, &|| {})?;
+        let control = factory_ca::RunControl {
+            hand_over: true,
+            ..factory_ca::RunControl::default()
+        };
+        let report = issue_batch_with(&self.ca, ids, &opts, &control, &|| {})?;
         let Some(table) = &args.ledger.ledger else {
             return Ok((report, true));
         };
@@ -302,15 +308,14 @@ impl Job {
     /// (the old certificate stays).
     async fn install(
         &self,
-        args: &RotateArgs,
-        issued: &factory_ca::BatchReport,
+        issued: Vec<IssuedDevice>,
         old: &HashMap<String, Vec<CertificateId>>,
-    ) -> Result<(Vec<Installed>, Vec<Rotated>)> {
+    ) -> (Vec<Installed>, Vec<Rotated>) {
         let fleet_attribute = activator::fleet_attribute(self.config.fleet.mark());
         let policy = &self.config.policy;
         let (mut installed, mut failed) = (Vec::new(), Vec::new());
-        for entry in &issued.issued {
-            let pem = std::fs::read_to_string(args.out.join(&entry.id).join("device.crt"))?;
+        for device in issued {
+            let entry = &device.entry;
             let placement = Placement {
                 thing: ThingSpec {
                     name: entry.id.clone(),
@@ -322,7 +327,7 @@ impl Job {
             };
             let result = rotate::install(
                 &self.registry,
-                &pem,
+                &device.cert_pem,
                 self.ca.cert_pem(),
                 &placement,
                 self.deadline,
@@ -334,6 +339,7 @@ impl Job {
                     device_id: entry.id.clone(),
                     new,
                     olds,
+                    issued: device,
                 }),
                 Err(e) => failed.push(Rotated::failed(
                     entry.id.clone(),
@@ -346,35 +352,26 @@ impl Job {
                 )),
             }
         }
-        Ok((installed, failed))
+        (installed, failed)
     }
 
     /// The new credentials delivered (`--env-file`, `--push-balena`); `true` when nothing is
     /// asked. A failure is reported here and leaves the old certificates ACTIVE.
-    async fn deliver(&self, args: &RotateArgs, installed: &[Installed]) -> bool {
+    async fn deliver(&self, installed: &[Installed]) -> bool {
         if !self.delivery.wanted() {
             return true;
         }
         let mut devices = Vec::new();
         for device in installed {
-            let dir = args.out.join(&device.device_id);
-            let read = |name: &str| {
-                std::fs::read_to_string(dir.join(name))
-                    .map(zeroize::Zeroizing::new)
-                    .with_context(|| format!("cannot read {}", dir.join(name).display()))
-            };
-            let variables = (|| {
-                let (chain, key) = (read("chain.pem")?, read("device.key")?);
-                let id = DeviceId::parse(&device.device_id, self.format)?;
-                anyhow::Ok(self.delivery.variables(&id, &chain, Some(&key)))
-            })();
-            match variables {
-                Ok(v) => devices.push(v),
+            let id = match DeviceId::parse(&device.device_id, self.format) {
+                Ok(id) => id,
                 Err(e) => {
-                    eprintln!("jitr: delivery: {}", activator::error_chain(e.as_ref()));
+                    eprintln!("jitr: delivery: {e}");
                     return false;
                 }
-            }
+            };
+            let key = device.issued.key_pem.as_deref().map(String::as_str);
+            devices.push(self.delivery.variables(&id, &device.issued.chain_pem, key));
         }
         match self.delivery.deliver_on(&devices).await {
             Ok(delivered) => delivered,
