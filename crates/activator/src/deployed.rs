@@ -3,8 +3,8 @@
 
 use crate::fleet::{BalenaDirectory, KeySource};
 use crate::{
-    allowlist, aws, Activator, ApiKeySource, Cause, CertificateId, Config, ConfigError,
-    FleetConfig, FleetDirectory, FleetError, FleetMember, Membership,
+    allowlist, aws, balena_fleet_from_env, Activator, ApiKeySource, Cause, CertificateId, Config,
+    ConfigError, FleetConfig, FleetDirectory, FleetError, FleetMember, Membership,
 };
 
 /// The fleet directory chosen by `JITR_FLEET_BACKEND`.
@@ -51,6 +51,47 @@ impl FleetDirectory for FleetBackend {
         match self {
             FleetBackend::Balena(d) => d.record_activation(member, certificate, deadline).await,
             FleetBackend::Allowlist(d) => d.record_activation(member, certificate, deadline).await,
+        }
+    }
+}
+
+impl FleetBackend {
+    /// The directory an operator's command checks the fleet with: the configured backend,
+    /// balena through the shell's own key (`BALENA_API_URL`, `BALENA_FLEET_ID`,
+    /// `BALENA_API_KEY`), not the deployed function's secret.
+    pub fn for_operator(fleet: &FleetConfig) -> Result<FleetBackend, ConfigError> {
+        Ok(match fleet {
+            FleetConfig::Balena { .. } => {
+                FleetBackend::Balena(Box::new(BalenaDirectory::over(balena_fleet_from_env()?)))
+            }
+            FleetConfig::Allowlist { path } => {
+                FleetBackend::Allowlist(allowlist::AllowlistDirectory::load(path)?)
+            }
+        })
+    }
+
+    /// Every device of the fleet with whether it is active (an allowlist's are all active),
+    /// `progress` told how many were read so far.
+    pub async fn roster(
+        &self,
+        deadline: tokio::time::Instant,
+        progress: &mut (dyn FnMut(usize) + Send),
+    ) -> Result<Vec<(String, bool)>, FleetError> {
+        match self {
+            FleetBackend::Balena(directory) => {
+                let fleet = directory.fleet().await.map_err(FleetError)?;
+                let devices = fleet
+                    .devices(deadline, progress)
+                    .await
+                    .map_err(|e| FleetError(Box::new(e)))?;
+                Ok(devices
+                    .into_iter()
+                    .map(|d| (d.uuid.to_string(), d.is_active))
+                    .collect())
+            }
+            FleetBackend::Allowlist(list) => {
+                Ok(list.ids().map(|id| (id.to_owned(), true)).collect())
+            }
         }
     }
 }

@@ -49,7 +49,8 @@ struct SecretError(#[source] Cause);
 pub struct BalenaDirectory {
     api_url: String,
     fleet_id: FleetId,
-    key_source: KeySource,
+    /// `None` for a directory over a fleet built already ([`BalenaDirectory::over`]).
+    key_source: Option<KeySource>,
     fleet: OnceCell<Fleet>,
     write_back: WriteBack,
     request_timeout: Duration,
@@ -70,11 +71,24 @@ impl BalenaDirectory {
         Ok(BalenaDirectory {
             api_url: api_url.to_owned(),
             fleet_id,
-            key_source,
+            key_source: Some(key_source),
             fleet: OnceCell::new(),
             write_back: WriteBack::Off,
             request_timeout: REQUEST_TIMEOUT,
         })
+    }
+
+    /// A directory over `fleet`, whose client is built already: an operator's command, with
+    /// the shell's own key ([`crate::balena_fleet_from_env`]).
+    pub fn over(fleet: Fleet) -> Self {
+        BalenaDirectory {
+            api_url: fleet.client().api_url().to_owned(),
+            fleet_id: fleet.id(),
+            key_source: None,
+            fleet: OnceCell::new_with(Some(fleet)),
+            write_back: WriteBack::Off,
+            request_timeout: REQUEST_TIMEOUT,
+        }
     }
 
     /// The same directory recording activations on the device as `write_back` says.
@@ -94,8 +108,10 @@ impl BalenaDirectory {
         self.fleet
             .get_or_try_init(|| async {
                 let key = match &self.key_source {
-                    KeySource::Literal(key) => key.clone(),
-                    KeySource::SecretsManager { client, secret_id } => {
+                    // A directory made `over` a fleet has it from the start.
+                    None => return Err::<Fleet, Cause>("no balena API key".into()),
+                    Some(KeySource::Literal(key)) => key.clone(),
+                    Some(KeySource::SecretsManager { client, secret_id }) => {
                         let out = client
                             .get_secret_value()
                             .secret_id(secret_id)

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use activator::aws::presence::DynamoPresence;
-use activator::{CertificateId, FleetConfig, ThingSpec};
+use activator::{CertificateId, FleetBackend, FleetConfig, FleetDirectory, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{issue_batch_with, BatchOptions, DeviceId, IssuedDevice, Rotation};
 use operations::register::Placement;
@@ -493,32 +493,17 @@ async fn members(
     ids: Vec<DeviceId>,
     deadline: tokio::time::Instant,
 ) -> Result<(Vec<DeviceId>, Vec<String>)> {
+    let fleet = FleetBackend::for_operator(fleet)
+        .context("rotation checks the fleet: BALENA_API_KEY and BALENA_FLEET_ID")?;
     let (mut members, mut others) = (Vec::new(), Vec::new());
-    match fleet {
-        FleetConfig::Balena { .. } => {
-            let fleet = activator::balena_fleet_from_env()
-                .context("rotation checks the fleet: BALENA_API_KEY and BALENA_FLEET_ID")?;
-            for id in ids {
-                match fleet
-                    .membership(&id, activator::call_deadline(deadline))
-                    .await
-                {
-                    Ok(balena::Membership::Member(_)) => members.push(id),
-                    Ok(_) => others.push(id.to_string()),
-                    Err(e) => anyhow::bail!("balena: {id}: {}", activator::error_chain(&e)),
-                }
-            }
-        }
-        FleetConfig::Allowlist { path } => {
-            let list = activator::allowlist::AllowlistDirectory::load(path)?;
-            let listed: std::collections::HashSet<&str> = list.ids().collect();
-            for id in ids {
-                if listed.contains(id.as_str()) {
-                    members.push(id);
-                } else {
-                    others.push(id.to_string());
-                }
-            }
+    for id in ids {
+        match fleet
+            .membership(&id, activator::call_deadline(deadline))
+            .await
+        {
+            Ok(activator::Membership::Member(_)) => members.push(id),
+            Ok(_) => others.push(id.to_string()),
+            Err(e) => anyhow::bail!("{}: {id}: {}", fleet.label(), activator::error_chain(&e)),
         }
     }
     Ok((members, others))

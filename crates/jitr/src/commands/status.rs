@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use activator::{FleetConfig, Ownership};
+use activator::{FleetBackend, FleetDirectory, Ownership};
 use anyhow::{Context, Result};
 use operations::status::{self, DeviceStatus, Known, Rates, Scope, Standing, State};
 
@@ -41,13 +41,15 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
         }
     }
     let ownership = scope.ownership.clone();
+    let fleet = FleetBackend::for_operator(&config.fleet)
+        .context("the fleet's roster needs BALENA_API_KEY and BALENA_FLEET_ID")?;
     let deadline = args.aws.deadline(DEFAULT_TIMEOUT);
     let window =
         time::Duration::try_from(args.expiring_within).context("--expiring-within is too long")?;
     let runtime = crate::aws::runtime()?;
     let (rows, foreign, registry) = runtime.block_on(async {
         let progress = Progress::new();
-        scope.roster = Some(roster(&config.fleet, deadline, &progress).await?);
+        scope.roster = Some(roster(&fleet, deadline, &progress).await?);
         let session = crate::aws::session(&args.aws).await?;
         let registry = session.registry();
         let progress_step =
@@ -68,7 +70,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
     let fixes = status::plan_fixes(&rows, delete_things);
     let applied = if args.fix && args.yes {
         runtime.block_on(async {
-            let fixes = still_drifted(&config.fleet, &rows, fixes.clone(), deadline).await?;
+            let fixes = still_drifted(&fleet, &rows, fixes.clone(), deadline).await?;
             anyhow::Ok(Some(
                 status::apply_fixes(&registry, &fixes, &ownership, deadline).await,
             ))
@@ -139,76 +141,53 @@ fn confirm_deletes(n: usize) -> bool {
 
 /// The fleet's roster: balena's devices (BALENA_API_KEY, BALENA_FLEET_ID), or the allowlist.
 async fn roster(
-    fleet: &FleetConfig,
+    fleet: &FleetBackend,
     deadline: tokio::time::Instant,
     progress: &Progress,
 ) -> Result<HashMap<String, Standing>> {
-    match fleet {
-        FleetConfig::Balena { .. } => {
-            let fleet = activator::balena_fleet_from_env()
-                .context("the fleet's roster needs BALENA_API_KEY and BALENA_FLEET_ID")?;
-            let devices = fleet
-                .devices(deadline, &mut |n| {
-                    progress.step("fleet devices read", n, None)
-                })
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "balena fleet {}: {}",
-                        fleet.id(),
-                        activator::error_chain(&e)
-                    )
-                })?;
-            Ok(devices
-                .into_iter()
-                .map(|d| {
-                    let standing = if d.is_active {
-                        Standing::Active
-                    } else {
-                        Standing::Inactive
-                    };
-                    (d.uuid.to_string(), standing)
-                })
-                .collect())
-        }
-        FleetConfig::Allowlist { path } => {
-            let list = activator::allowlist::AllowlistDirectory::load(path)?;
-            Ok(list
-                .ids()
-                .map(|id| (id.to_owned(), Standing::Active))
-                .collect())
-        }
-    }
+    let devices = fleet
+        .roster(deadline, &mut |n| {
+            progress.step("fleet devices read", n, None)
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {}", fleet.label(), activator::error_chain(&e)))?;
+    Ok(devices
+        .into_iter()
+        .map(|(id, active)| {
+            let standing = if active {
+                Standing::Active
+            } else {
+                Standing::Inactive
+            };
+            (id, standing)
+        })
+        .collect())
 }
 
 /// The fixes, less those of a drifted device that is a member again right now: the roster was
 /// read minutes ago, and a revocation cannot be taken back.
 async fn still_drifted(
-    fleet: &FleetConfig,
+    fleet: &FleetBackend,
     rows: &[DeviceStatus],
     fixes: Vec<status::Fix>,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<status::Fix>> {
-    let drifted: BTreeSet<&str> = rows
-        .iter()
-        .filter(|r| r.state == State::Drifted)
-        .map(|r| r.device_id.as_str())
-        .collect();
     let mut back = BTreeSet::new();
-    if let FleetConfig::Balena { .. } = fleet {
-        let balena = activator::balena_fleet_from_env()?;
-        for device in &drifted {
-            let Ok(id) = factory_ca::DeviceId::parse(device, factory_ca::IdFormat::Any) else {
-                continue;
-            };
-            let membership = balena
-                .membership(&id, activator::call_deadline(deadline))
-                .await
-                .map_err(|e| anyhow::anyhow!("balena: {device}: {}", activator::error_chain(&e)))?;
-            if let balena::Membership::Member(_) = membership {
-                eprintln!("status: {device} is in the fleet again: not fixed");
-                back.insert(device.to_string());
-            }
+    for row in rows.iter().filter(|r| r.state == State::Drifted) {
+        let device = row.device_id.as_str();
+        let Ok(id) = factory_ca::DeviceId::parse(device, factory_ca::IdFormat::Any) else {
+            continue;
+        };
+        let membership = fleet
+            .membership(&id, activator::call_deadline(deadline))
+            .await
+            .map_err(|e| {
+                let why = activator::error_chain(&e);
+                anyhow::anyhow!("{}: {device}: {why}", fleet.label())
+            })?;
+        if let activator::Membership::Member(_) = membership {
+            eprintln!("status: {device} is in the fleet again: not fixed");
+            back.insert(device.to_owned());
         }
     }
     Ok(fixes
