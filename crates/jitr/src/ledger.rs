@@ -4,7 +4,6 @@
 //! reached it and `jitr approve --add-to-ledger` adds one certificate (UpdateItem, the policy's
 //! other grant).
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use activator::aws::DynamoLedger;
@@ -78,17 +77,7 @@ pub(crate) async fn put(
     if entries.is_empty() {
         return Ok(true);
     }
-    let bar = if entries.len() >= 200 && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(entries.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} in the ledger  {per_sec}  eta {eta}",
-        ) {
-            bar.set_style(style);
-        }
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::bar(entries.len(), "in the ledger", 200);
     let report = DynamoLedger::new(session.config(), table)
         .put_entries(entries, CONCURRENCY, deadline, &|n| bar.inc(n as u64))
         .await;

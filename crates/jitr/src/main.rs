@@ -8,6 +8,7 @@ mod ledger;
 mod mqtt;
 mod passphrase;
 mod presence;
+mod progress;
 mod regions;
 
 use std::process::ExitCode;

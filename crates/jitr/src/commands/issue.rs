@@ -1,7 +1,7 @@
 //! `jitr issue` and `jitr sign-csr`: device certificates, and their delivery to balena.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,7 +11,6 @@ use anyhow::{bail, Context, Result};
 use factory_ca::{
     issue_batch_with, BatchOptions, CsrOptions, DeviceId, IdFormat, RunControl, Stage, Timings,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
 
 use super::balena::Delivery;
@@ -270,19 +269,6 @@ impl Summary<'_> {
     }
 }
 
-fn progress_bar(len: usize) -> ProgressBar {
-    if len < PROGRESS_THRESHOLD || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len as u64);
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} devices  {per_sec}  eta {eta}")
-    {
-        bar.set_style(style);
-    }
-    bar
-}
-
 pub(crate) fn issue(args: IssueArgs) -> Result<Outcome> {
     let delivery = Delivery::from_args(&args.balena)?;
     if args.output.json && args.bundle.as_deref() == Some(Path::new("-")) {
@@ -365,7 +351,7 @@ fn issue_folders(
         ..RunControl::default()
     };
     times.workers = workers(ca, args.jobs);
-    let bar = progress_bar(ids.len());
+    let bar = crate::progress::bar(ids.len(), "devices", PROGRESS_THRESHOLD);
     let clock = Instant::now();
     let report = issue_batch_with(ca, ids, &opts, &control, &|| bar.inc(1));
     times.issue = clock.elapsed();
@@ -504,7 +490,7 @@ fn issue_bundle(
         ..RunControl::default()
     };
     times.workers = workers(ca, args.jobs);
-    let bar = progress_bar(ids.len());
+    let bar = crate::progress::bar(ids.len(), "devices", PROGRESS_THRESHOLD);
     let clock = Instant::now();
     let report = if path == Path::new("-") {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());

@@ -1,7 +1,5 @@
 //! `jitr ledger import`: a manifest's certificates written into the issuance ledger.
 
-use std::io::IsTerminal;
-
 use activator::aws::DynamoLedger;
 use activator::Ledger;
 use anyhow::Result;
@@ -29,11 +27,7 @@ pub(crate) fn import(args: LedgerImportArgs) -> Result<Outcome> {
         .iter()
         .map(|line| crate::ledger::entry(line, &batch, &line.not_before, None))
         .collect();
-    let bar = if std::io::stderr().is_terminal() && entries.len() >= 200 {
-        indicatif::ProgressBar::new(entries.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::bar(entries.len(), "in the ledger", 200);
     let failures: Vec<(String, String)> = crate::aws::runtime()?.block_on(async {
         let session = crate::aws::session(&args.aws).await?;
         let ledger = DynamoLedger::new(session.config(), &args.ledger);

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use activator::{call_deadline, error_chain, CertificateId, CertificateStatus, Th
 use anyhow::{Context, Result};
 use factory_ca::{DeviceId, IdFormat};
 use futures::stream::{self, StreamExt};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use operations::register::Placement;
 use operations::register::{self as bulk, Paces, Plan, Rates, Wanted};
 use serde::{Deserialize, Serialize};
@@ -156,7 +156,7 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
     let quota_time = Duration::from_secs_f64(manifest.devices_named as f64 / bound_rate);
     let deadline = tokio::time::Instant::now() + args.aws.timeout.unwrap_or(quota_time * 2 + SLACK);
     let paces = Paces::new(&rates);
-    let bar = progress_bar(manifest.devices.len());
+    let bar = crate::progress::bar(manifest.devices.len(), "devices", 0);
     let runtime = crate::aws::runtime()?;
     let done = runtime.block_on(async {
         let iot = crate::aws::session(&args.aws).await?.registry();
@@ -549,18 +549,4 @@ impl<R: activator::IotAdmin> Ctx<'_, R> {
         let _ = self.journal.record(&device.certificate_id, "active", false);
         Ok(None)
     }
-}
-
-/// A progress bar on a terminal.
-fn progress_bar(len: usize) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len as u64);
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} devices  {per_sec}  eta {eta}  {msg}")
-    {
-        bar.set_style(style);
-    }
-    bar
 }
