@@ -37,11 +37,15 @@ struct Rotated {
 }
 
 pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
-    let runtime = crate::aws::runtime()?;
-    let job = runtime.block_on(Job::new(&args))?;
-    let ids = runtime.block_on(job.devices(&args))?;
+    crate::aws::runtime()?.block_on(run(args))
+}
+
+/// The rotation, on the command's one runtime.
+async fn run(args: RotateArgs) -> Result<Outcome> {
+    let job = Job::new(&args).await?;
+    let ids = job.devices(&args).await?;
     // Only devices of the fleet get a certificate activated with the operator's credentials.
-    let (ids, strangers) = runtime.block_on(members(&job.config.fleet, ids, job.deadline))?;
+    let (ids, strangers) = members(&job.config.fleet, ids, job.deadline).await?;
     let mut rows: Vec<Rotated> = strangers
         .into_iter()
         .map(|id| {
@@ -57,30 +61,25 @@ pub(crate) fn rotate(args: RotateArgs) -> Result<Outcome> {
         eprintln!("nothing to rotate");
         return Ok(Outcome::Success);
     }
-    let old = runtime.block_on(job.active_now(&ids))?;
-    let (issued, mut recorded) = runtime.block_on(job.issue(&args, &ids, &old))?;
+    let old = job.active_now(&ids).await?;
+    let (issued, mut recorded) = job.issue(&args, &ids, &old).await?;
     rows.extend(
         issued
             .failures
             .iter()
             .map(|f| Rotated::failed(f.id.clone(), None, &[], &activator::error_chain(&f.error))),
     );
-    let (installed, failed) = runtime.block_on(job.install(issued.handed_over, &old));
+    let (installed, failed) = job.install(issued.handed_over, &old).await;
     rows.extend(failed);
     if let Some(table) = &args.ledger.ledger {
         let ids: Vec<&CertificateId> = installed.iter().map(|i| &i.new).collect();
-        recorded &= runtime.block_on(crate::ledger::mark_activated(
-            table,
-            &job.session,
-            &ids,
-            job.deadline,
-        ))?;
+        recorded &= crate::ledger::mark_activated(table, &job.session, &ids, job.deadline).await?;
     }
     // A failure here leaves the new certificates ACTIVE beside the old: reported, not fatal.
-    let delivered = runtime.block_on(job.deliver(&installed));
-    let proven = runtime.block_on(job.wait_proven(&args, &installed, delivered));
+    let delivered = job.deliver(&installed).await;
+    let proven = job.wait_proven(&args, &installed, delivered).await;
     for device in installed {
-        rows.push(runtime.block_on(job.finish(&args, device, delivered, &proven)));
+        rows.push(job.finish(&args, device, delivered, &proven).await);
     }
     rows.sort_by(|a, b| a.device_id.cmp(&b.device_id));
     if args.output.json {
