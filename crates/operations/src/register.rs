@@ -13,10 +13,10 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use activator::ownership::id_from_arn;
-use activator::pace::Pace;
 use activator::{
     call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec,
 };
+use pace::Pace;
 
 // AWS IoT Core's default control-plane quotas, requests a second per account and region
 // ("AWS IoT Core API throttling limits", AWS General Reference, "AWS IoT Core endpoints and
@@ -426,7 +426,11 @@ mod tests {
             group: None,
             policy: "device",
         };
-        let (ca, pem) = ca_and_device();
+        let test_ca = testkit::certs::TestCa::new("bulk test CA").unwrap();
+        let (ca, pem) = (
+            test_ca.cert_pem.clone(),
+            test_ca.device_pem("dev-1").unwrap(),
+        );
         iot.add_ca(&ca);
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
         let paces = Paces::new(&Rates::default());
@@ -457,34 +461,5 @@ mod tests {
                 .unwrap(),
             Some((id, CertificateStatus::Active))
         );
-    }
-
-    /// A CA PEM and a device certificate PEM it signed.
-    fn ca_and_device() -> (String, String) {
-        let dir = tempfile::tempdir().unwrap();
-        factory_ca::CaInit {
-            dir: dir.path().to_owned(),
-            root_subject: "CN=bulk test CA".parse().unwrap(),
-            root_key: factory_ca::KeyAlgorithm::P256,
-            root_days: 100,
-            issuing: None,
-            protection: factory_ca::KeyProtection::InsecurePlaintext,
-            root_protection: None,
-            remote_key: None,
-        }
-        .run(time::OffsetDateTime::now_utc())
-        .unwrap();
-        let ca = factory_ca::Ca::load(dir.path(), None).unwrap();
-        let id = factory_ca::DeviceId::parse("dev-1", factory_ca::IdFormat::Any).unwrap();
-        let pem = ca
-            .issue_device(
-                &id,
-                factory_ca::KeyAlgorithm::P256,
-                30,
-                time::OffsetDateTime::now_utc(),
-            )
-            .unwrap()
-            .cert_pem;
-        (ca.cert_pem().to_owned(), pem)
     }
 }

@@ -80,10 +80,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_new_certificate_is_active_last_and_the_old_retires_only_after() {
-        let ca = testkit_free_ca();
+        let test_ca = testkit::certs::TestCa::new("rotation test CA").unwrap();
+        let device = || test_ca.device_pem("dev-1").unwrap();
+        let ca = (test_ca.cert_pem.clone(), vec![device(), device()]);
         let iot = MemoryIot::new();
-        let ca_id = iot.add_ca(&ca.0);
-        let _ = ca_id;
+        iot.add_ca(&ca.0);
         let placement = Placement {
             thing: ThingSpec {
                 name: "dev-1".into(),
@@ -143,37 +144,5 @@ mod tests {
             .await
             .unwrap();
         assert!(retire(&iot, &new, &[old], deadline()).await.is_err());
-    }
-
-    /// A CA PEM and two device certificate PEMs it signed.
-    fn testkit_free_ca() -> (String, Vec<String>) {
-        let dir = tempfile::tempdir().unwrap();
-        factory_ca::CaInit {
-            dir: dir.path().to_owned(),
-            root_subject: "CN=rotation test CA".parse().unwrap(),
-            root_key: factory_ca::KeyAlgorithm::P256,
-            root_days: 100,
-            issuing: None,
-            protection: factory_ca::KeyProtection::InsecurePlaintext,
-            root_protection: None,
-            remote_key: None,
-        }
-        .run(time::OffsetDateTime::now_utc())
-        .unwrap();
-        let ca = factory_ca::Ca::load(dir.path(), None).unwrap();
-        let id = factory_ca::DeviceId::parse("dev-1", factory_ca::IdFormat::Any).unwrap();
-        let devices = (0..2)
-            .map(|_| {
-                ca.issue_device(
-                    &id,
-                    factory_ca::KeyAlgorithm::P256,
-                    30,
-                    time::OffsetDateTime::now_utc(),
-                )
-                .unwrap()
-                .cert_pem
-            })
-            .collect();
-        (ca.cert_pem().to_owned(), devices)
     }
 }
