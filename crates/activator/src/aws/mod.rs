@@ -77,6 +77,58 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room for
+    /// another try; `service` names what was called in the error when no answer came in time
+    /// (the endpoint, or `presence table <name>`). The one retry loop of the AWS adapters.
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        op: &'static str,
+        deadline: Instant,
+        service: &str,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RegistryError>>,
+    {
+        let usable = deadline.checked_sub(self.reserve).unwrap_or(deadline);
+        let gave_up = |attempts, last| {
+            crate::metrics::aws_give_up();
+            RegistryError::GaveUp {
+                op,
+                attempts,
+                last: Box::new(last),
+            }
+        };
+        let mut attempts = 0;
+        loop {
+            if Instant::now() >= usable {
+                let last = RegistryError::Unavailable {
+                    op,
+                    source: "no time left before the deadline".into(),
+                };
+                return Err(gave_up(attempts, last));
+            }
+            attempts += 1;
+            let error = match tokio::time::timeout_at(usable, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) if error.is_retryable() => error,
+                Ok(Err(error)) => return Err(error),
+                Err(_elapsed) => RegistryError::Unavailable {
+                    op,
+                    source: format!("no answer from {service} before the deadline").into(),
+                },
+            };
+            let wait = self.backoff(attempts);
+            if Instant::now() + wait >= usable {
+                return Err(gave_up(attempts, error));
+            }
+            crate::metrics::aws_retry();
+            tracing::debug!(op, attempts, wait_ms = wait.as_millis() as u64, error = %crate::error_chain(&error), "retrying");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// The wait before attempt `attempt + 1`, after `attempt` (>= 1) failures.
     fn backoff(&self, attempt: u32) -> Duration {
         let ceiling = self
@@ -128,55 +180,18 @@ impl AwsIotRegistry {
         &self.endpoint
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room for
-    /// another try.
+    /// Runs `attempt` by the registry's retry policy ([`RetryPolicy::run`]).
     async fn call<T, F, Fut>(
         &self,
         op: &'static str,
         deadline: Instant,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
-        let usable = deadline.checked_sub(self.retry.reserve).unwrap_or(deadline);
-        let mut attempts = 0;
-        loop {
-            if Instant::now() >= usable {
-                crate::metrics::aws_give_up();
-                return Err(RegistryError::GaveUp {
-                    op,
-                    attempts,
-                    last: Box::new(RegistryError::Unavailable {
-                        op,
-                        source: "no time left before the deadline".into(),
-                    }),
-                });
-            }
-            attempts += 1;
-            let error = match tokio::time::timeout_at(usable, attempt()).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) if error.is_retryable() => error,
-                Ok(Err(error)) => return Err(error),
-                Err(_elapsed) => RegistryError::Unavailable {
-                    op,
-                    source: format!("no answer from {} before the deadline", self.endpoint).into(),
-                },
-            };
-            let wait = self.retry.backoff(attempts);
-            if Instant::now() + wait >= usable {
-                crate::metrics::aws_give_up();
-                return Err(RegistryError::GaveUp {
-                    op,
-                    attempts,
-                    last: Box::new(error),
-                });
-            }
-            crate::metrics::aws_retry();
-            tracing::debug!(op, attempts, wait_ms = wait.as_millis() as u64, error = %crate::error_chain(&error), "retrying");
-            tokio::time::sleep(wait).await;
-        }
+        self.retry.run(op, deadline, &self.endpoint, attempt).await
     }
 }
 

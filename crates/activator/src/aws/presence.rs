@@ -25,10 +25,10 @@ use aws_sdk_dynamodb::Client;
 use tokio::time::Instant;
 
 use super::RetryPolicy;
-use crate::pace::Pace;
 use crate::ports::Cause;
 use crate::presence::{Connection, PresenceLog};
 use crate::RegistryError;
+use pace::Pace;
 
 /// The attribute names the rule's SELECT gives.
 pub mod item {
@@ -143,56 +143,34 @@ impl DynamoPresence {
         }
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room for
-    /// another try (the registry adapter's loop, over DynamoDB).
+    /// Runs `attempt` by the retry policy ([`RetryPolicy::run`]) once the page's token is
+    /// taken from the pace.
     async fn call<T, F, Fut>(
         &self,
         op: &'static str,
         deadline: Instant,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, RegistryError>>,
     {
+        let service = format!("presence table {}", self.table);
         let usable = deadline.checked_sub(self.retry.reserve).unwrap_or(deadline);
-        let gave_up = |attempts, last| RegistryError::GaveUp {
-            op,
-            attempts,
-            last: Box::new(last),
-        };
-        let no_time = || RegistryError::Unavailable {
-            op,
-            source: Box::new(Detail(format!(
-                "presence table {}: no answer before the deadline",
-                self.table
-            ))),
-        };
         if tokio::time::timeout_at(usable, self.pace.take())
             .await
             .is_err()
         {
-            return Err(gave_up(0, no_time()));
+            return Err(RegistryError::GaveUp {
+                op,
+                attempts: 0,
+                last: Box::new(RegistryError::Unavailable {
+                    op,
+                    source: format!("no answer from {service} before the deadline").into(),
+                }),
+            });
         }
-        let mut attempts = 0;
-        loop {
-            if Instant::now() >= usable {
-                return Err(gave_up(attempts, no_time()));
-            }
-            attempts += 1;
-            let error = match tokio::time::timeout_at(usable, attempt()).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) if error.is_retryable() => error,
-                Ok(Err(error)) => return Err(error),
-                Err(_elapsed) => no_time(),
-            };
-            let wait = self.retry.backoff(attempts);
-            if Instant::now() + wait >= usable {
-                return Err(gave_up(attempts, error));
-            }
-            tracing::debug!(op, attempts, wait_ms = wait.as_millis() as u64, error = %crate::error_chain(&error), "retrying");
-            tokio::time::sleep(wait).await;
-        }
+        self.retry.run(op, deadline, &service, attempt).await
     }
 
     /// Every item of a paged read: `page(start)` answers one page's items and where the next
