@@ -222,40 +222,28 @@ async fn sweep<R: IotRegistry, F: FleetDirectory>(
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    activator::lambda::init_json_logs();
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!(error = %e, "invalid configuration");
-            eprintln!("jitr activator: configuration error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let ctx = Context {
-        sweep_min_age: config.sweep_min_age,
-        sweep_window: config.sweep_window,
-        function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "jitr".into()),
-    };
-    let activator = match activator::build(config).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            eprintln!("jitr activator: {e}");
-            return ExitCode::from(1);
-        }
+    let built = activator::lambda::start("activator", Config::from_env, |config| async move {
+        let ctx = Context {
+            sweep_min_age: config.sweep_min_age,
+            sweep_window: config.sweep_window,
+            function: std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "jitr".into()),
+        };
+        activator::build(config)
+            .await
+            .map(|activator| (activator, ctx))
+    })
+    .await;
+    let (activator, ctx) = match built {
+        Ok(built) => built,
+        Err(code) => return code,
     };
     let (activator, ctx) = (&activator, &ctx);
     // Boxed: the handler's future type, nested in the runtime's, is otherwise too deep for
     // the compiler's layout computation.
-    match lambda_runtime::run(service_fn(move |event| {
-        Box::pin(handle(activator, ctx, event))
-    }))
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "runtime failed");
-            ExitCode::from(1)
-        }
-    }
+    activator::lambda::ended(
+        lambda_runtime::run(service_fn(move |event| {
+            Box::pin(handle(activator, ctx, event))
+        }))
+        .await,
+    )
 }

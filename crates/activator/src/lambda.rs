@@ -1,6 +1,10 @@
 //! What both Lambda binaries (`bootstrap`, `provisioner`) set up the same way: JSON log lines
-//! on stdout, and the invocation's deadline as a tokio instant.
+//! on stdout, the cold start (configuration, then the service built), the exit code, and the
+//! invocation's deadline as a tokio instant.
 
+use std::fmt::Display;
+use std::future::Future;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -32,4 +36,42 @@ pub fn init_json_logs() {
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
         .init();
+}
+
+/// A Lambda binary's cold start: JSON logs on, the configuration read from the environment,
+/// then the service built from it. A failure is logged and printed on stderr in one line
+/// (`jitr <name>: configuration error: …`, `jitr <name>: …`) and ends the process with exit
+/// code 1, which Lambda reports as the init error.
+pub async fn start<C, S, CE, BE, Fut>(
+    name: &str,
+    config: impl FnOnce() -> Result<C, CE>,
+    build: impl FnOnce(C) -> Fut,
+) -> Result<S, ExitCode>
+where
+    CE: Display,
+    BE: Display,
+    Fut: Future<Output = Result<S, BE>>,
+{
+    init_json_logs();
+    let config = config().map_err(|e| {
+        tracing::error!(error = %e, "invalid configuration");
+        eprintln!("jitr {name}: configuration error: {e}");
+        ExitCode::from(1)
+    })?;
+    build(config).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot start");
+        eprintln!("jitr {name}: {e}");
+        ExitCode::from(1)
+    })
+}
+
+/// The exit code once the runtime's loop has ended: 0, or 1 with the error logged.
+pub fn ended<E: Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "runtime failed");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -48,33 +48,16 @@ async fn handle(provisioner: &Provisioner, event: LambdaEvent<Value>) -> Result<
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    activator::lambda::init_json_logs();
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!(error = %e, "invalid configuration");
-            eprintln!("jitr provisioner: configuration error: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let provisioner = match Provisioner::build(config).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            eprintln!("jitr provisioner: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let provisioner =
+        match activator::lambda::start("provisioner", Config::from_env, Provisioner::build).await {
+            Ok(provisioner) => provisioner,
+            Err(code) => return code,
+        };
     let provisioner = &provisioner;
-    match lambda_runtime::run(service_fn(move |event| {
-        Box::pin(handle(provisioner, event))
-    }))
-    .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "runtime failed");
-            ExitCode::from(1)
-        }
-    }
+    activator::lambda::ended(
+        lambda_runtime::run(service_fn(move |event| {
+            Box::pin(handle(provisioner, event))
+        }))
+        .await,
+    )
 }
