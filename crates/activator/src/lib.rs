@@ -28,7 +28,6 @@ pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod ownership;
-pub mod pace;
 mod ports;
 pub mod presence;
 mod sweep;

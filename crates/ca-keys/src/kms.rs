@@ -7,7 +7,6 @@
 //! bucket that keeps the key under `kms_rate` requests per second. Throttling, KMS's internal
 //! errors and dropped connections are retried with jittered backoff until `sign_timeout`.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
@@ -34,7 +33,7 @@ pub struct KmsKey {
     uri: String,
     algorithm: KeyAlgorithm,
     public_raw: Vec<u8>,
-    bucket: Bucket,
+    bucket: pace::Pace,
     sign_timeout: Duration,
 }
 
@@ -44,49 +43,6 @@ impl std::fmt::Debug for KmsKey {
             .field("arn", &self.arn)
             .field("algorithm", &self.algorithm)
             .finish_non_exhaustive()
-    }
-}
-
-/// A token bucket: `rate` per second, up to one second's worth at once.
-struct Bucket {
-    rate: f64,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl Bucket {
-    fn new(rate: f64) -> Bucket {
-        let rate = if rate.is_finite() && rate > 0.0 {
-            rate
-        } else {
-            1.0
-        };
-        Bucket {
-            rate,
-            state: Mutex::new((rate.max(1.0), Instant::now())),
-        }
-    }
-
-    /// Waits for a token (blocking the calling thread).
-    fn take(&self) {
-        loop {
-            let wait = {
-                let mut state = self
-                    .state
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let now = Instant::now();
-                let (tokens, last) = *state;
-                let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate)
-                    .min(self.rate.max(1.0));
-                if tokens >= 1.0 {
-                    *state = (tokens - 1.0, now);
-                    return;
-                }
-                *state = (tokens, now);
-                Duration::from_secs_f64((1.0 - tokens) / self.rate)
-            };
-            std::thread::sleep(wait);
-        }
     }
 }
 
@@ -229,7 +185,7 @@ impl KmsKey {
             arn,
             algorithm,
             public_raw,
-            bucket: Bucket::new(options.kms_rate),
+            bucket: pace::Pace::new(options.kms_rate),
             sign_timeout: options.sign_timeout,
         })
     }
@@ -380,7 +336,7 @@ impl RemoteKey for KmsKey {
     }
 
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, String> {
-        self.bucket.take();
+        self.bucket.take_blocking();
         block(&self.rt, self.sign_async(message))
     }
 }

@@ -203,8 +203,8 @@ fn main() {
     // The baseline: per device, ListThingPrincipals, then DescribeCertificate per principal,
     // each operation paced at 10 a second as AWS would allow.
     let sample = devices.min(300);
-    let pace = activator::pace::Pace::new(10.0);
-    let pace2 = activator::pace::Pace::new(10.0);
+    let pace = pace::Pace::new(10.0);
+    let pace2 = pace::Pace::new(10.0);
     let baseline_start = Instant::now();
     rt.block_on(
         stream::iter(pems.iter().take(sample))

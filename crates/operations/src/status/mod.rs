@@ -21,8 +21,8 @@ use tokio::time::Instant;
 
 use crate::revoke::{revoke, Target};
 use activator::ownership::id_from_arn;
-use activator::pace::Pace;
 use activator::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+use pace::Pace;
 
 /// A device's state, the most urgent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
