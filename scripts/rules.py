@@ -97,7 +97,7 @@ ACTIVATOR_LEDGER = {a: {"${LedgerTableArn}"} for a in ("dynamodb:GetItem", "dyna
 FACTORY_LEDGER = {a: {"${LedgerTableArn}"} for a in ("dynamodb:BatchWriteItem", "dynamodb:UpdateItem")}
 # Where the ledger's DynamoDB calls are made, and for whom: function in LEDGER_CODE -> (the
 # policy that must grant its calls, the helpers whose attribute names it writes too).
-LEDGER_CODE = "crates/activator/src/aws/ledger.rs"
+LEDGER_CODE = "crates/activator/src/dynamodb/ledger.rs"
 LEDGER_NAMES = "crates/activator/src/ledger.rs"
 LEDGER_CALLS = {
     "entry": ("activator-ledger-policy.json", ()),     # the activator's check under `require`

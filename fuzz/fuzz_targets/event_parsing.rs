@@ -6,7 +6,8 @@
 
 #![no_main]
 
-use activator::{AccountId, CertificateId, EventError, Incoming, RegisteredEvent};
+use iot::{AccountId, CertificateId};
+use activator::{EventError, Incoming, RegisteredEvent};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -11,9 +11,10 @@ use std::time::Duration;
 use activator::lambda::{deadline_from_epoch_ms, epoch_ms};
 use activator::metrics;
 use activator::{
-    AccountId, ActivationError, Activator, Config, Decision, FleetDirectory, Incoming, IotRegistry,
-    SweepEvent, SweepOptions,
+    ActivationError, Activator, Config, Decision, FleetDirectory, Incoming, SweepEvent,
+    SweepOptions,
 };
+use iot::{AccountId, IotRegistry};
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
 use tokio::time::Instant;
@@ -38,7 +39,7 @@ impl From<InvocationError> for Diagnostic {
         match e {
             InvocationError::Activation(e) => Diagnostic {
                 error_type: e.error_type().to_owned(),
-                error_message: activator::error_chain(&e),
+                error_message: iot::error_chain(&e),
             },
             InvocationError::SweepIncomplete { failing, cas } => Diagnostic {
                 error_type: "Retryable".to_owned(),

@@ -9,14 +9,16 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::error::error_chain;
 use crate::ledger::{Ledger, LedgerEntry, LedgerError, LedgerMark, LedgerMode, LedgerPort, Marked};
 use crate::ownership::{Owners, Retire};
 use crate::trust::{CaCache, Verdict};
 use crate::{
-    AccountId, ActivationError, CertificateDescription, CertificateId, CertificateStatus,
-    FleetDirectory, FleetMember, IotRegistry, Membership, Policy, RegisteredEvent, RegistryError,
-    RejectAction, ThingSpec,
+    ActivationError, FleetDirectory, FleetMember, Membership, Policy, RegisteredEvent, RejectAction,
+};
+use iot::error_chain;
+use iot::{
+    AccountId, CertificateDescription, CertificateId, CertificateStatus, IotRegistry,
+    RegistryError, ThingSpec,
 };
 
 /// How an invocation ended.

@@ -3,9 +3,10 @@
 
 use crate::fleet::{BalenaDirectory, KeySource};
 use crate::{
-    allowlist, aws, balena_fleet_from_env, Activator, ApiKeySource, Cause, CertificateId, Config,
-    ConfigError, FleetConfig, FleetDirectory, FleetError, FleetMember, Membership,
+    allowlist, balena_fleet_from_env, dynamodb, Activator, ApiKeySource, Config, ConfigError,
+    FleetConfig, FleetDirectory, FleetError, FleetMember, Membership,
 };
+use iot::{Cause, CertificateId};
 
 /// The fleet directory chosen by `JITR_FLEET_BACKEND`.
 #[derive(Debug)]
@@ -97,11 +98,11 @@ impl FleetBackend {
 }
 
 /// The activator as deployed: AWS IoT through the SDK, and the configured fleet backend.
-pub type DeployedActivator = Activator<aws::AwsIotRegistry, FleetBackend>;
+pub type DeployedActivator = Activator<iot::aws::AwsIotRegistry, FleetBackend>;
 
 /// Builds the deployed activator from configuration: SDK clients and HTTP client, once.
 pub async fn build(config: Config) -> Result<DeployedActivator, ConfigError> {
-    build_with_sdk(config, &aws::load_sdk_config().await)
+    build_with_sdk(config, &iot::aws::load_sdk_config().await)
 }
 
 /// The same over an SDK configuration the caller loaded (the CLI's `--region`/`--endpoint-url`).
@@ -109,7 +110,7 @@ pub fn build_with_sdk(
     config: Config,
     sdk: &aws_config::SdkConfig,
 ) -> Result<DeployedActivator, ConfigError> {
-    let registry = aws::AwsIotRegistry::new(sdk);
+    let registry = iot::aws::AwsIotRegistry::new(sdk);
     let fleet = match &config.fleet {
         FleetConfig::Balena {
             api_url,
@@ -135,7 +136,7 @@ pub fn build_with_sdk(
     let activator = Activator::new(registry, fleet, config.policy);
     Ok(match &config.ledger {
         Some(ledger) => activator.with_ledger(
-            Box::new(aws::DynamoLedger::new(sdk, &ledger.table)),
+            Box::new(dynamodb::DynamoLedger::new(sdk, &ledger.table)),
             ledger.mode,
         ),
         None => activator,

@@ -1,6 +1,7 @@
-//! Why an invocation did not reach a decision, and the one-line error formatter.
+//! Why an invocation did not reach a decision.
 
-use crate::{EventError, FleetError, LedgerError, RegistryError};
+use crate::{EventError, FleetError, LedgerError};
+use iot::RegistryError;
 
 /// Why an invocation did not reach a decision. The certificate is left as it was.
 #[derive(Debug, thiserror::Error)]
@@ -47,20 +48,4 @@ impl ActivationError {
             _ => "Failed",
         }
     }
-}
-
-/// An error and its causes on one line, `a: b: c`, skipping a cause whose text the line
-/// already holds (SDK errors often repeat their source in their own message).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::{AccountId, CertificateId};
+use iot::{AccountId, CertificateId};
 
 /// Why an event was refused before any AWS call.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use balena::{ApiKey, Fleet, FleetId};
 
 use crate::config::WriteBack;
-use crate::{Cause, CertificateId, FleetDirectory, FleetError, FleetMember, Membership};
+use crate::{FleetDirectory, FleetError, FleetMember, Membership};
+use iot::{Cause, CertificateId};
 
 /// How long one HTTP request of the fleet check may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -205,8 +206,8 @@ impl FleetDirectory for BalenaDirectory {
         let thing = fleet.set_tag(&device, TAG_THING, member.device.as_str(), deadline);
         let cert = fleet.set_tag(&device, TAG_CERTIFICATE_ID, certificate.as_str(), deadline);
         let (thing, cert) = tokio::join!(thing, cert);
-        thing.map_err(|e| format!("tag {TAG_THING}: {}", crate::error_chain(&e)))?;
-        cert.map_err(|e| format!("tag {TAG_CERTIFICATE_ID}: {}", crate::error_chain(&e)))?;
+        thing.map_err(|e| format!("tag {TAG_THING}: {}", iot::error_chain(&e)))?;
+        cert.map_err(|e| format!("tag {TAG_CERTIFICATE_ID}: {}", iot::error_chain(&e)))?;
         Ok(())
     }
 }

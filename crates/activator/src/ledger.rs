@@ -1,5 +1,5 @@
 //! The issuance ledger: one item per certificate the factory issued, kept in AWS (DynamoDB,
-//! [`crate::aws::DynamoLedger`]) so the activator knows what was issued, not only what the CA
+//! [`crate::dynamodb::DynamoLedger`]) so the activator knows what was issued, not only what the CA
 //! signed. The factory writes an item per certificate when it issues (`jitr issue --ledger`);
 //! the activator marks each decision on it (`JITR_LEDGER_TABLE`), and with `JITR_LEDGER=require`
 //! holds any certificate the ledger does not list: a stolen CA key, or a signing station used
@@ -15,8 +15,8 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::ports::Cause;
-use crate::CertificateId;
+use iot::Cause;
+use iot::CertificateId;
 
 /// Item attribute names and status values, shared by every adapter and the CLI.
 pub mod item {

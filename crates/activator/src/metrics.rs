@@ -14,20 +14,8 @@ use serde_json::{json, Map, Value};
 /// The CloudWatch namespace of every jitr metric.
 pub const NAMESPACE: &str = "jitr";
 
-static AWS_RETRIES: AtomicU64 = AtomicU64::new(0);
-static AWS_GIVE_UPS: AtomicU64 = AtomicU64::new(0);
 static FLEET_ERRORS: AtomicU64 = AtomicU64::new(0);
 static LEDGER_ERRORS: AtomicU64 = AtomicU64::new(0);
-
-/// An AWS IoT call was tried again after a throttle or a transient failure.
-pub fn aws_retry() {
-    AWS_RETRIES.fetch_add(1, Ordering::Relaxed);
-}
-
-/// An AWS IoT call gave up at its deadline.
-pub fn aws_give_up() {
-    AWS_GIVE_UPS.fetch_add(1, Ordering::Relaxed);
-}
 
 /// A fleet check could not be answered.
 pub fn fleet_error() {
@@ -42,9 +30,9 @@ pub fn ledger_error() {
 /// The counters since the last call (they restart from zero).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// AWS IoT retries.
+    /// AWS retries (AWS IoT and DynamoDB calls, [`iot::counters`]).
     pub aws_retries: u64,
-    /// AWS IoT give-ups.
+    /// AWS give-ups.
     pub aws_give_ups: u64,
     /// Fleet checks that failed.
     pub fleet_errors: u64,
@@ -54,9 +42,10 @@ pub struct Counters {
 
 /// Takes the counters, leaving zeros.
 pub fn take() -> Counters {
+    let (aws_retries, aws_give_ups) = iot::counters::take();
     Counters {
-        aws_retries: AWS_RETRIES.swap(0, Ordering::Relaxed),
-        aws_give_ups: AWS_GIVE_UPS.swap(0, Ordering::Relaxed),
+        aws_retries,
+        aws_give_ups,
         fleet_errors: FLEET_ERRORS.swap(0, Ordering::Relaxed),
         ledger_errors: LEDGER_ERRORS.swap(0, Ordering::Relaxed),
     }
@@ -143,9 +132,9 @@ mod tests {
     #[test]
     fn counters_restart_from_zero_once_taken() {
         let before = take();
-        aws_retry();
-        aws_retry();
-        aws_give_up();
+        iot::counters::retried();
+        iot::counters::retried();
+        iot::counters::gave_up();
         fleet_error();
         let taken = take();
         // Other tests in this process may bump them too: at least ours are there.

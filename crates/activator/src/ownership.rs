@@ -22,9 +22,9 @@
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{
-    Activator, CertificateDescription, CertificateId, CertificateStatus, FleetDirectory,
-    IotRegistry, RegistryError, ThingSpec,
+use crate::{Activator, FleetDirectory};
+use iot::{
+    CertificateDescription, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec,
 };
 
 /// The Thing attribute naming the fleet a Thing was made for.
@@ -155,7 +155,7 @@ pub async fn attached_certificates<R: IotRegistry>(
     deadline: Instant,
 ) -> Result<Vec<(CertificateId, Option<CertificateDescription>)>, RegistryError> {
     let principals = match iot
-        .thing_principals(thing, crate::call_deadline(deadline))
+        .thing_principals(thing, iot::call_deadline(deadline))
         .await
     {
         Ok(p) => p,
@@ -168,7 +168,7 @@ pub async fn attached_certificates<R: IotRegistry>(
             continue;
         };
         let described = match iot
-            .describe_certificate(&id, crate::call_deadline(deadline))
+            .describe_certificate(&id, iot::call_deadline(deadline))
             .await
         {
             Ok(described) => Some(described),
@@ -293,7 +293,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 tracing::warn!(
                     device_id = thing,
                     certificate_id = %id,
-                    error = %crate::error_chain(&e),
+                    error = %iot::error_chain(&e),
                     "could not detach an old certificate from the Thing"
                 );
             }

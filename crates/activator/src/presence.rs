@@ -16,7 +16,7 @@ use std::future::Future;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::RegistryError;
+use iot::RegistryError;
 
 /// One certificate a device connected with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

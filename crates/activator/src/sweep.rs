@@ -18,12 +18,10 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::error::error_chain;
 use crate::ledger::{LedgerMark, Marked};
-use crate::{
-    ActivationError, Activator, CertificateId, CertificateStatus, Decision, FleetDirectory,
-    IotRegistry, ListedCertificate, Outcome,
-};
+use crate::{ActivationError, Activator, Decision, FleetDirectory, Outcome};
+use iot::error_chain;
+use iot::{CertificateId, CertificateStatus, IotRegistry, ListedCertificate};
 
 /// The time one decision of a sweep may take (the Lambda's own events get the invocation's).
 pub const SWEEP_DECISION_TIME: Duration = Duration::from_secs(20);

@@ -11,9 +11,8 @@ use factory_ca::{
 };
 use tokio::time::Instant;
 
-use crate::{
-    ActivationError, Activator, CertificateId, FleetDirectory, IotRegistry, RegistryError,
-};
+use crate::{ActivationError, Activator, FleetDirectory};
+use iot::{CertificateId, IotRegistry, RegistryError};
 
 /// How long a CA's description is trusted before it is read again: an operator's
 /// `update-ca-certificate --new-status INACTIVE` takes effect within this time.

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
+use ::iot::aws::AwsIotRegistry;
 use activator::fleet::{BalenaDirectory, TAG_CERTIFICATE_ID, TAG_THING};
-use activator::{aws::AwsIotRegistry, Activator, Outcome, RegisteredEvent, WriteBack};
+use activator::{Activator, Outcome, RegisteredEvent, WriteBack};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use testkit::balena::Fault;
 use testkit::iot;

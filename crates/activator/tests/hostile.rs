@@ -15,13 +15,12 @@
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use activator::memory::{MemoryFleet, MemoryIot};
-use activator::{
-    AccountId, Activator, CertificateId, CertificateStatus, Incoming, Outcome, Policy,
-    RegisteredEvent, RejectAction,
-};
+use activator::memory::MemoryFleet;
+use activator::{Activator, Incoming, Outcome, Policy, RegisteredEvent, RejectAction};
 use base64::Engine;
 use factory_ca::DeviceId;
+use iot::memory::MemoryIot;
+use iot::{AccountId, CertificateId, CertificateStatus};
 use serde_json::{json, Value};
 use testkit::certs::rcgen::{KeyPair, PublicKeyData, SigningKey};
 use testkit::certs::{device_params, TestCa};
@@ -1439,7 +1438,7 @@ impl activator::FleetDirectory for EveryDevice {
         member: &activator::FleetMember,
         certificate: &CertificateId,
         deadline: Instant,
-    ) -> Result<(), activator::Cause> {
+    ) -> Result<(), iot::Cause> {
         self.0
             .record_activation(member, certificate, deadline)
             .await

@@ -6,13 +6,13 @@
 
 use std::time::Duration;
 
-use activator::aws::RetryPolicy;
-use activator::fleet::{BalenaDirectory, KeySource};
-use activator::{
-    aws::AwsIotRegistry, ActivationError, Activator, CaDescription, CertificateDescription,
-    CertificateId, CertificatePage, CertificateStatus, FleetDirectory, FleetId, IotRegistry,
-    Outcome, RegistryError, RejectAction, ThingSpec,
+use ::iot::aws::RetryPolicy;
+use ::iot::{
+    aws::AwsIotRegistry, CaDescription, CertificateDescription, CertificateId, CertificatePage,
+    CertificateStatus, IotRegistry, RegistryError, ThingSpec,
 };
+use activator::fleet::{BalenaDirectory, KeySource};
+use activator::{ActivationError, Activator, FleetDirectory, FleetId, Outcome, RejectAction};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use testkit::balena::Fault;
 use testkit::certs::{certificate_id_of, device_params, TestCa};
@@ -350,7 +350,7 @@ async fn statuses_other_than_pending_are_never_changed() {
     let pending = uuid(3);
     w.balena.add_device(FLEET, &pending, true);
     let id = w.connect(&w.ca.device_pem(&pending).unwrap()).await;
-    let ours = activator::AccountId::parse("999999999999").unwrap();
+    let ours = ::iot::AccountId::parse("999999999999").unwrap();
     let d = a
         .handle_event(&w.event(&id), Some(&ours), deadline())
         .await
@@ -458,7 +458,7 @@ impl IotRegistry for CrashAt<'_> {
         &self,
         thing: &str,
         deadline: Instant,
-    ) -> Result<Option<activator::ThingSpec>, RegistryError> {
+    ) -> Result<Option<::iot::ThingSpec>, RegistryError> {
         self.check("DescribeThing")?;
         self.inner.describe_thing(thing, deadline).await
     }

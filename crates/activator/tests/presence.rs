@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use activator::aws::presence::DynamoPresence;
+use activator::dynamodb::presence::DynamoPresence;
 use activator::presence::{last_connected, Connection, PresenceLog};
 use aws_sdk_iot::types::CertificateStatus;
 use serde_json::Value;
@@ -332,9 +332,9 @@ async fn every_page_is_read_and_a_missing_table_is_named() {
     let error = missing.device("p1", deadline()).await.unwrap_err();
     assert!(error.is_not_found(), "{error:?}");
     assert!(
-        activator::error_chain(&error).contains("no-such-table"),
+        ::iot::error_chain(&error).contains("no-such-table"),
         "{}",
-        activator::error_chain(&error)
+        ::iot::error_chain(&error)
     );
     let error = missing.all(deadline()).await.unwrap_err();
     assert!(error.is_not_found(), "{error:?}");

@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("jitr-demo: error: {}", activator::error_chain(e.as_ref()));
+            eprintln!("jitr-demo: error: {}", iot::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

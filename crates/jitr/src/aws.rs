@@ -1,7 +1,7 @@
 //! The async runtime and the AWS session a command's calls run on.
 
-use activator::aws::Session;
 use anyhow::{Context, Result};
+use iot::aws::Session;
 
 use crate::cli::AwsArgs;
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use activator::aws::DynamoLedger;
+use activator::dynamodb::DynamoLedger;
 use activator::ledger::item;
 use activator::LedgerEntry;
 use anyhow::{Context, Result};
@@ -69,7 +69,7 @@ pub(crate) fn write(
 /// [`write`] on the command's runtime and AWS session, by `deadline`.
 pub(crate) async fn put(
     table: &str,
-    session: &activator::aws::Session,
+    session: &iot::aws::Session,
     entries: &[LedgerEntry],
     manifest: &std::path::Path,
     deadline: tokio::time::Instant,
@@ -154,8 +154,8 @@ pub(crate) fn entry_from_pem(
 /// `false` (reported) when some could not be marked.
 pub(crate) async fn mark_activated(
     table: &str,
-    session: &activator::aws::Session,
-    ids: &[&activator::CertificateId],
+    session: &iot::aws::Session,
+    ids: &[&iot::CertificateId],
     deadline: tokio::time::Instant,
 ) -> Result<bool> {
     use activator::Ledger;
@@ -165,12 +165,12 @@ pub(crate) async fn mark_activated(
     let mut all = true;
     for id in ids {
         if let Err(e) = ledger
-            .mark(id, &mark, &now, activator::call_deadline(deadline))
+            .mark(id, &mark, &now, iot::call_deadline(deadline))
             .await
         {
             eprintln!(
                 "jitr: {id} is ACTIVE but not marked activated in the ledger ({}); the activator's sweep marks it",
-                activator::error_chain(&e)
+                iot::error_chain(&e)
             );
             all = false;
         }

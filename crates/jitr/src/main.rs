@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Ok(commands::Outcome::Failed) => ExitCode::from(1),
         Err(err) => {
             // One line; a cause whose text the line already holds is not repeated.
-            eprintln!("jitr: error: {}", activator::error_chain(err.as_ref()));
+            eprintln!("jitr: error: {}", iot::error_chain(err.as_ref()));
             let usage = err.chain().any(|cause| cause.is::<UsageError>());
             ExitCode::from(if usage { 2 } else { 1 })
         }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use activator::aws::presence::DynamoPresence;
+use activator::dynamodb::presence::DynamoPresence;
 use activator::presence::{Connection, PresenceLog};
 use anyhow::{Context, Result};
 
@@ -18,13 +18,13 @@ pub(crate) fn table() -> Option<String> {
 }
 
 /// The presence log, when a presence table is configured.
-pub(crate) fn log(session: &activator::aws::Session) -> Option<DynamoPresence> {
+pub(crate) fn log(session: &iot::aws::Session) -> Option<DynamoPresence> {
     table().map(|table| DynamoPresence::new(session.config(), &table))
 }
 
 /// Every device's connections, when a presence table is configured.
 pub(crate) async fn read(
-    session: &activator::aws::Session,
+    session: &iot::aws::Session,
     deadline: tokio::time::Instant,
 ) -> Result<Option<HashMap<String, Vec<Connection>>>> {
     let Some(log) = log(session) else {

@@ -101,7 +101,7 @@ impl RegionMap {
                 continue;
             }
             let device = DeviceId::parse(id, IdFormat::Any)
-                .map_err(|e| UsageError(format!("{}: {}", at(), activator::error_chain(&e))))?;
+                .map_err(|e| UsageError(format!("{}: {}", at(), iot::error_chain(&e))))?;
             let region = AwsRegion::parse(region)
                 .map_err(|reason| UsageError(format!("{}: {reason}", at())))?;
             if let Some(earlier) = first_line.insert(device.as_str().to_owned(), n + 1) {

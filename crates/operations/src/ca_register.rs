@@ -12,8 +12,8 @@ use factory_ca::Ca;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use activator::CaRegistrationMode;
-use activator::{call_deadline, CertificateId, IotAdmin, RegistryError};
+use iot::CaRegistrationMode;
+use iot::{call_deadline, CertificateId, IotAdmin, RegistryError};
 
 /// What AWS IoT holds for the CA once registration is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +47,7 @@ pub enum RegistrationError {
 /// Registers `ca_pem` (whose SHA-256 id is `expected_id`). With `ca`, in DEFAULT mode with a
 /// verification certificate signed by its key, or SNI_ONLY where another account holds the CA
 /// in DEFAULT mode (`sni_only_fallback`); without `ca`, SNI_ONLY. Each call is bounded by
-/// [`activator::OPERATOR_CALL_TIME`] and the whole by `deadline`.
+/// [`iot::OPERATOR_CALL_TIME`] and the whole by `deadline`.
 pub async fn register_ca<A: IotAdmin>(
     iot: &A,
     ca: Option<&Ca>,

@@ -1,5 +1,5 @@
 //! The operator's AWS IoT work, one module per `jitr` command, built on the activator's ports
-//! ([`activator::IotAdmin`], [`activator::IotRegistry`]), its ownership rule
+//! ([`iot::IotAdmin`], [`iot::IotRegistry`]), its ownership rule
 //! ([`activator::ownership`]) and its pacing. The `jitr` CLI parses, prompts and prints; the
 //! work is here, so it runs the same against AWS, moto and the in-memory registry.
 //!

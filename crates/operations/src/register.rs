@@ -13,9 +13,7 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use activator::ownership::id_from_arn;
-use activator::{
-    call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec,
-};
+use iot::{call_deadline, CertificateId, CertificateStatus, IotRegistry, RegistryError, ThingSpec};
 use pace::Pace;
 
 // AWS IoT Core's default control-plane quotas, requests a second per account and region
@@ -304,7 +302,7 @@ pub async fn live_identity<R: IotRegistry>(
 /// the policy and the Thing, and activates it last. Idempotent: run again, each step finds
 /// itself done. `arn_prefix` (see [`certificate_arn_prefix`]) spares a DescribeCertificate.
 /// The certificate's id.
-pub async fn install<R: activator::IotAdmin>(
+pub async fn install<R: iot::IotAdmin>(
     iot: &R,
     pem: &str,
     ca_pem: &str,
@@ -345,7 +343,7 @@ pub async fn install<R: activator::IotAdmin>(
 
 /// Registers `pem` under the CA `ca_pem` PENDING_ACTIVATION, and nothing else: the activator
 /// decides. One that is registered already is left as it is.
-pub async fn register_pending<R: activator::IotAdmin>(
+pub async fn register_pending<R: iot::IotAdmin>(
     iot: &R,
     pem: &str,
     ca_pem: &str,
@@ -415,10 +413,10 @@ mod tests {
 
     #[tokio::test]
     async fn install_activates_last() {
-        use activator::memory::MemoryIot;
+        use iot::memory::MemoryIot;
         let iot = MemoryIot::new();
         let placement = Placement {
-            thing: activator::ThingSpec {
+            thing: iot::ThingSpec {
                 name: "dev-1".into(),
                 thing_type: None,
                 attributes: Vec::new(),

@@ -7,9 +7,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use activator::ownership::{id_from_arn, Ownership};
-use activator::{
-    call_deadline, CertificateId, CertificateStatus, IotAdmin, IotRegistry, RegistryError,
-};
+use iot::{call_deadline, CertificateId, CertificateStatus, IotAdmin, IotRegistry, RegistryError};
 
 /// What a revoke may touch: only what jitr owns ([`activator::ownership`]).
 #[derive(Debug, Clone, Default)]
@@ -134,7 +132,7 @@ pub struct RevokeReport {
 /// ([`RevokeError::NotOurs`]) before anything changes, another CA's certificate on the
 /// device's Thing is left as it is, and a Thing that is not jitr's is never deleted. Only
 /// certificates are revoked and detached. Each call is bounded by
-/// [`activator::OPERATOR_CALL_TIME`] and the whole by `deadline`; every listing is read to its
+/// [`iot::OPERATOR_CALL_TIME`] and the whole by `deadline`; every listing is read to its
 /// last page.
 pub async fn revoke<A: IotAdmin>(
     iot: &A,
@@ -295,7 +293,7 @@ async fn mark_revoked<R: IotRegistry>(
         .unwrap_or_default();
     let mark = (activator::ownership::REVOKED_ATTRIBUTE.to_owned(), now);
     if iot.describe_thing(thing, deadline).await?.is_none() {
-        let spec = activator::ThingSpec {
+        let spec = iot::ThingSpec {
             name: thing.to_owned(),
             thing_type: None,
             attributes: vec![mark.clone()],

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use crate::register::Placement;
 use crate::revoke::{revoke, RevokeReport, Target};
-use activator::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+use iot::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
 
 /// Registers `pem` under the CA `ca_pem` and makes it the device's, ACTIVE last. Idempotent:
 /// run again, each step finds itself done. The certificate's id.
@@ -71,8 +71,8 @@ pub async fn retire<A: IotAdmin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use activator::memory::MemoryIot;
-    use activator::{IotRegistry, ThingSpec};
+    use iot::memory::MemoryIot;
+    use iot::{IotRegistry, ThingSpec};
 
     fn deadline() -> Instant {
         Instant::now() + std::time::Duration::from_secs(10)

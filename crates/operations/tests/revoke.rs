@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use activator::memory::{MemoryFleet, MemoryIot, Standing};
-use activator::{
-    Activator, CertificateId, CertificateStatus, IotRegistry, Outcome, Policy, RejectAction,
-};
+use activator::memory::{MemoryFleet, Standing};
+use activator::{Activator, Outcome, Policy, RejectAction};
 use factory_ca::{Ca, CaInit, DeviceId, IdFormat, KeyAlgorithm, KeyProtection};
+use iot::memory::MemoryIot;
+use iot::{CertificateId, CertificateStatus, IotRegistry};
 use operations::revoke;
 use time::OffsetDateTime;
 use tokio::time::Instant;

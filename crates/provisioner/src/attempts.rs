@@ -9,11 +9,11 @@
 
 use std::time::Duration;
 
-use activator::CertificateId;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 use factory_ca::DeviceId;
+use iot::CertificateId;
 use tokio::time::Instant;
 
 /// Whether an attempt may go ahead.

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use activator::{CertificateId, FleetConfig};
+use activator::FleetConfig;
 use ca_keys::KeyUri;
+use iot::CertificateId;
 
 use crate::request::ProvisionToken;
 

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
-use activator::error_chain;
+use iot::error_chain;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::time::Instant;

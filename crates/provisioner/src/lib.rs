@@ -27,10 +27,9 @@ pub mod request;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use activator::{
-    CertificateId, DeployedActivator, FleetBackend, IotAdmin, IotRegistry, RegistryError,
-};
+use activator::{DeployedActivator, FleetBackend};
 use factory_ca::{Ca, KeyAlgorithm};
+use iot::{CertificateId, IotAdmin, IotRegistry, RegistryError};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -129,7 +128,7 @@ impl Provisioner {
     /// Builds the provisioner: the activator's adapters, the KMS key (checked to be the CA
     /// certificate's), the CA certificate from AWS IoT, the data endpoint.
     pub async fn build(config: Config) -> Result<Provisioner, StartError> {
-        let sdk = activator::aws::load_sdk_config().await;
+        let sdk = iot::aws::load_sdk_config().await;
         let activator = activator::build_with_sdk(config.activator.clone(), &sdk)?;
         let deadline = Instant::now() + START_TIME;
         let ca_id = config.ca_certificate_id.clone();
@@ -141,7 +140,7 @@ impl Provisioner {
             .registry()
             .describe_ca_certificate(&ca_id, deadline)
             .await
-            .map_err(|e| ca_error(activator::error_chain(&e)))?;
+            .map_err(|e| ca_error(iot::error_chain(&e)))?;
         if description.status.as_deref() != Some("ACTIVE") {
             return Err(ca_error(format!(
                 "the CA is {} in AWS IoT, not ACTIVE",
@@ -173,7 +172,7 @@ impl Provisioner {
                 .registry()
                 .describe_endpoint("iot:Data-ATS", deadline)
                 .await
-                .map_err(|e| StartError::Endpoint(activator::error_chain(&e)))?,
+                .map_err(|e| StartError::Endpoint(iot::error_chain(&e)))?,
         };
         let token = match config.token {
             None => None,
@@ -204,7 +203,7 @@ impl Provisioner {
             FleetBackend::Balena(directory) => directory
                 .fleet()
                 .await
-                .map_err(|e| activator::error_chain(e.as_ref())),
+                .map_err(|e| iot::error_chain(e.as_ref())),
             FleetBackend::Allowlist(_) => Err("the fleet backend is not balena".into()),
         }
     }
@@ -233,8 +232,7 @@ impl Provisioner {
             |status| {
                 matches!(
                     status,
-                    activator::CertificateStatus::Active
-                        | activator::CertificateStatus::PendingActivation
+                    iot::CertificateStatus::Active | iot::CertificateStatus::PendingActivation
                 )
             },
         )
@@ -255,9 +253,9 @@ impl Provisioner {
             Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(e),
         };
-        if described.status != activator::CertificateStatus::Revoked {
+        if described.status != iot::CertificateStatus::Revoked {
             registry
-                .set_certificate_status(id, activator::CertificateStatus::Revoked, deadline)
+                .set_certificate_status(id, iot::CertificateStatus::Revoked, deadline)
                 .await?;
         }
         match registry.thing_principals(device.as_str(), deadline).await {
@@ -324,7 +322,7 @@ async fn register_pending<R: IotAdmin>(
         .register_certificate(
             pem,
             ca_pem,
-            activator::CertificateStatus::PendingActivation,
+            iot::CertificateStatus::PendingActivation,
             deadline,
         )
         .await

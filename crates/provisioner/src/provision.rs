@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
-use activator::{error_chain, CertificateId, Outcome};
+use activator::Outcome;
 use balena::delivery::{self, DeliveryVariables};
 use balena::Scope;
 use factory_ca::{DeviceId, IssuedDevice};
+use iot::{error_chain, CertificateId};
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::time::Instant;

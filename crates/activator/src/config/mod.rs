@@ -261,7 +261,7 @@ impl Config {
 /// What an operator's shell knows of the rules that say what is jitr's, each optional there:
 /// the trusted CAs (`JITR_TRUSTED_CA_IDS`, empty when unset) and the thing type
 /// (`JITR_THING_TYPE`). Read and checked as the Lambda reads them.
-pub fn ownership_hints_from_env() -> Result<(Vec<crate::CertificateId>, Option<String>), ConfigError>
+pub fn ownership_hints_from_env() -> Result<(Vec<iot::CertificateId>, Option<String>), ConfigError>
 {
     let get = |name: &str| std::env::var(name).ok();
     let env = Env { lookup: &get };

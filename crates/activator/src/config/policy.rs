@@ -4,7 +4,8 @@
 use factory_ca::IdFormat;
 
 use super::{valid_name, Env};
-use crate::{CertificateId, ConfigError};
+use crate::ConfigError;
+use iot::CertificateId;
 
 /// What happens to a rejected certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

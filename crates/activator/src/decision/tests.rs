@@ -7,8 +7,9 @@ use factory_ca::{Ca, CaInit, DeviceId, IdFormat, KeyAlgorithm, KeyProtection};
 use time::OffsetDateTime;
 
 use super::*;
-use crate::memory::{Fault, MemoryFleet, MemoryIot, Standing};
+use crate::memory::{MemoryFleet, Standing};
 use crate::Retire;
+use iot::memory::{Fault, MemoryIot};
 
 const MEMBER: &str = "0123456789abcdef0123456789abcdef";
 const STRANGER: &str = "fedcba9876543210fedcba9876543210";

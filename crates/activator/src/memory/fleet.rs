@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use factory_ca::DeviceId;
 use tokio::time::Instant;
 
-use crate::{Cause, CertificateId, FleetDirectory, FleetError, FleetMember, Membership};
+use crate::{FleetDirectory, FleetError, FleetMember, Membership};
+use iot::{Cause, CertificateId};
 
 /// Where a device stands in a [`MemoryFleet`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::time::Instant;
 
 use crate::ledger::{item, Ledger, LedgerEntry, LedgerError, LedgerFuture, LedgerMark, Marked};
-use crate::CertificateId;
+use iot::CertificateId;
 
 #[derive(Debug, Default)]
 struct LedgerState {

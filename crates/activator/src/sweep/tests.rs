@@ -8,8 +8,9 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::*;
-use crate::memory::{Fault, MemoryFleet, MemoryIot, Standing};
+use crate::memory::{MemoryFleet, Standing};
 use crate::{Policy, RejectAction};
+use iot::memory::{Fault, MemoryIot};
 
 const DAY: i64 = 86_400;
 

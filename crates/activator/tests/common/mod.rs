@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
+use ::iot::{aws::AwsIotRegistry, CertificateId};
 use activator::fleet::{BalenaDirectory, KeySource};
-use activator::{
-    aws::AwsIotRegistry, CertificateId, FleetId, Policy, RegisteredEvent, RejectAction,
-};
+use activator::{FleetId, Policy, RegisteredEvent, RejectAction};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use balena::ApiKey;
 use factory_ca::IdFormat;

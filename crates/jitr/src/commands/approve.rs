@@ -1,8 +1,9 @@
 //! `jitr approve`: a held certificate made the device's identity, after the same checks as
 //! any decision; the certificate(s) it replaces retired once it is active.
 
-use activator::{CertificateId, IotRegistry, Outcome as DecisionOutcome};
+use activator::Outcome as DecisionOutcome;
 use anyhow::{Context, Result};
+use iot::{CertificateId, IotRegistry};
 
 use super::{print_json, Outcome};
 use crate::cli::ApproveArgs;
@@ -43,7 +44,7 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
             // Listed first: the decision then reads it like any certificate the factory issued.
             let cert = activator
                 .registry()
-                .describe_certificate(&id, activator::call_deadline(deadline))
+                .describe_certificate(&id, iot::call_deadline(deadline))
                 .await?;
             let entry = crate::ledger::entry_from_pem(
                 &cert.pem,
@@ -51,7 +52,7 @@ pub(crate) fn approve(args: ApproveArgs) -> Result<Outcome> {
                 time::OffsetDateTime::now_utc(),
             )?;
             ledger
-                .add(&entry, activator::call_deadline(deadline))
+                .add(&entry, iot::call_deadline(deadline))
                 .await
                 .context("cannot add the certificate to the ledger; nothing was activated")?;
             eprintln!("added {id} (device {}) to the ledger", entry.device_id);

@@ -182,7 +182,7 @@ async fn push(
                 fleet.id()
             ))
         }
-        Err(e) => return Err(format!("device lookup: {}", activator::error_chain(&e))),
+        Err(e) => return Err(format!("device lookup: {}", iot::error_chain(&e))),
     };
     let mut done = Vec::new();
     for (name, value) in device.iter() {
@@ -191,7 +191,7 @@ async fn push(
             .await
         {
             Ok(how) => done.push((name, how)),
-            Err(e) => return Err(format!("{name}: {}", activator::error_chain(&e))),
+            Err(e) => return Err(format!("{name}: {}", iot::error_chain(&e))),
         }
     }
     Ok(done)
@@ -243,12 +243,12 @@ pub(crate) async fn cleanup(
             Ok(Some(device)) => fleet
                 .remove_env_vars(&device, &balena::delivery::ALL, deadline)
                 .await
-                .map_err(|e| activator::error_chain(&e)),
+                .map_err(|e| iot::error_chain(&e)),
             Ok(None) => Err(format!(
                 "not found in balena fleet {}: nothing removed",
                 fleet.id()
             )),
-            Err(e) => Err(activator::error_chain(&e)),
+            Err(e) => Err(iot::error_chain(&e)),
         };
         match result {
             Ok(()) => cleaned.push(id.clone()),
@@ -297,10 +297,9 @@ pub(crate) fn fleet_vars(args: crate::cli::FleetVarsArgs) -> Result<super::Outco
         let endpoint = match &args.endpoint {
             Some(endpoint) => endpoint.clone(),
             None => {
-                use activator::IotAdmin;
+                use iot::IotAdmin;
                 let registry = crate::aws::session(&args.aws).await?.registry();
-                let deadline =
-                    activator::call_deadline(args.aws.deadline(activator::OPERATOR_CALL_TIME));
+                let deadline = iot::call_deadline(args.aws.deadline(iot::OPERATOR_CALL_TIME));
                 registry.describe_endpoint("iot:Data-ATS", deadline).await?
             }
         };

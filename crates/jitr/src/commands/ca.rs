@@ -3,13 +3,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use activator::CertificateId;
 use anyhow::{bail, Context, Result};
 use ca_keys::KeyUri;
 use factory_ca::{
     certificate_id, certificates_from_pem_or_der, CaInit, IssuingCa, KeyProtection, Profile,
     Subject, CA_CERT_FILE,
 };
+use iot::CertificateId;
 use operations::ca_register::{register_ca, Registration};
 use time::OffsetDateTime;
 
@@ -132,7 +132,7 @@ fn init_with_remote_key(
         } else {
             format!(" (the key {name} was created: reuse it with --existing, or delete it)")
         };
-        anyhow::anyhow!("{}{made}", activator::error_chain(&e))
+        anyhow::anyhow!("{}{made}", iot::error_chain(&e))
     })
 }
 
@@ -319,7 +319,7 @@ async fn register_each(
     ca: Option<&factory_ca::Ca>,
     ca_pem: &str,
     expected_id: &CertificateId,
-    jitp: Option<&activator::JitpConfig>,
+    jitp: Option<&iot::JitpConfig>,
     deadline: tokio::time::Instant,
 ) -> Vec<(String, Result<Registration>)> {
     let mut results = Vec::with_capacity(targets.len());
@@ -342,7 +342,7 @@ async fn register_in(
     ca: Option<&factory_ca::Ca>,
     ca_pem: &str,
     expected_id: &CertificateId,
-    jitp: Option<&activator::JitpConfig>,
+    jitp: Option<&iot::JitpConfig>,
     deadline: tokio::time::Instant,
 ) -> Result<(String, Registration)> {
     let session = crate::aws::session(aws).await?;
@@ -353,11 +353,11 @@ async fn register_in(
     let registry = session.registry();
     let registration = register_ca(&registry, ca, ca_pem, expected_id, deadline).await?;
     if let Some(jitp) = jitp {
-        use activator::IotAdmin;
+        use iot::IotAdmin;
         let id = CertificateId::parse(&registration.id)
             .map_err(|reason| anyhow::anyhow!("the CA id AWS IoT gave: {reason}"))?;
         registry
-            .set_ca_jitp(&id, jitp, activator::call_deadline(deadline))
+            .set_ca_jitp(&id, jitp, iot::call_deadline(deadline))
             .await
             .context("the CA is registered, but its JITP template could not be set")?;
     }
@@ -478,7 +478,7 @@ fn report_regions(
                 Ok(registration) => registration_json(args, region, registration),
                 Err(e) => serde_json::json!({
                     "region": region,
-                    "error": activator::error_chain(e.as_ref()),
+                    "error": iot::error_chain(e.as_ref()),
                 }),
             })
             .collect();
@@ -505,10 +505,7 @@ fn report_regions(
     for (region, result) in results {
         match result {
             Ok(registration) => warn_about(region, registration, expected_id),
-            Err(e) => eprintln!(
-                "jitr: error: {region}: {}",
-                activator::error_chain(e.as_ref())
-            ),
+            Err(e) => eprintln!("jitr: error: {region}: {}", iot::error_chain(e.as_ref())),
         }
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! `jitr endpoint`: the AWS IoT data endpoint (ATS) devices connect to.
 
-use activator::IotAdmin;
 use anyhow::Result;
+use iot::IotAdmin;
 
 use super::{print_json, Outcome};
 use crate::cli::EndpointArgs;
@@ -12,7 +12,7 @@ pub(crate) const ENDPOINT_TYPE: &str = "iot:Data-ATS";
 pub(crate) fn endpoint(args: EndpointArgs) -> Result<Outcome> {
     let address = crate::aws::runtime()?.block_on(async {
         let registry = crate::aws::session(&args.aws).await?.registry();
-        let deadline = activator::call_deadline(args.aws.deadline(activator::OPERATOR_CALL_TIME));
+        let deadline = iot::call_deadline(args.aws.deadline(iot::OPERATOR_CALL_TIME));
         anyhow::Ok(registry.describe_endpoint(ENDPOINT_TYPE, deadline).await?)
     })?;
     if args.output.json {

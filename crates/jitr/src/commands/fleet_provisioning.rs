@@ -5,10 +5,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use activator::{CertificateId, IotAdmin, IotRegistry, ProvisioningClaim};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use factory_ca::{DeviceId, IdFormat};
+use iot::{CertificateId, IotAdmin, IotRegistry, ProvisioningClaim};
 use serde_json::{json, Value};
 
 use super::{print_json, Outcome};
@@ -159,11 +159,11 @@ pub(crate) fn claim(args: FpClaimArgs) -> Result<Outcome> {
 /// The claim made in AWS IoT (and `--claim-policy` attached to it), with the data endpoint
 /// the device is to use.
 async fn make_claim(
-    registry: &activator::aws::AwsIotRegistry,
+    registry: &iot::aws::AwsIotRegistry,
     args: &FpClaimArgs,
     deadline: tokio::time::Instant,
 ) -> Result<(ProvisioningClaim, String)> {
-    let call = || activator::call_deadline(deadline);
+    let call = || iot::call_deadline(deadline);
     let endpoint = match &args.endpoint {
         Some(endpoint) => endpoint.clone(),
         None => registry.describe_endpoint("iot:Data-ATS", call()).await?,

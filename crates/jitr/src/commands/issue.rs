@@ -441,7 +441,7 @@ fn data_endpoints(
     regions: &std::collections::BTreeSet<&AwsRegion>,
     endpoint_url: Option<&str>,
 ) -> Result<BTreeMap<AwsRegion, String>> {
-    use activator::IotAdmin;
+    use iot::IotAdmin;
     crate::aws::runtime()?.block_on(async {
         let mut endpoints = BTreeMap::new();
         for region in regions {
@@ -451,7 +451,7 @@ fn data_endpoints(
                 timeout: None,
             };
             let registry = crate::aws::session(&aws).await?.registry();
-            let deadline = activator::call_deadline(aws.deadline(activator::OPERATOR_CALL_TIME));
+            let deadline = iot::call_deadline(aws.deadline(iot::OPERATOR_CALL_TIME));
             let address = registry
                 .describe_endpoint(super::endpoint::ENDPOINT_TYPE, deadline)
                 .await
@@ -721,11 +721,7 @@ fn report_issued(
     bundle_file: bool,
 ) {
     for failure in failures {
-        eprintln!(
-            "jitr: {}: {}",
-            failure.id,
-            activator::error_chain(&failure.error)
-        );
+        eprintln!("jitr: {}: {}", failure.id, iot::error_chain(&failure.error));
     }
     let mut notes = String::new();
     if summary.skipped > 0 {

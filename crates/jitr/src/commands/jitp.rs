@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use activator::JitpConfig;
 use anyhow::Result;
+use iot::JitpConfig;
 use serde_json::{json, Value};
 
 use super::{print_json, Outcome};

@@ -1,6 +1,6 @@
 //! `jitr ledger import`: a manifest's certificates written into the issuance ledger.
 
-use activator::aws::DynamoLedger;
+use activator::dynamodb::DynamoLedger;
 use activator::Ledger;
 use anyhow::Result;
 use futures::StreamExt;
@@ -42,7 +42,7 @@ pub(crate) fn import(args: LedgerImportArgs) -> Result<Outcome> {
                     bar.inc(1);
                     result
                         .err()
-                        .map(|e| (entry.certificate_id.clone(), activator::error_chain(&e)))
+                        .map(|e| (entry.certificate_id.clone(), iot::error_chain(&e)))
                 }
             })
             .buffer_unordered(args.concurrency.max(1))

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use activator::{CertificateId, SweepEvent, SweepOptions, SweepReport};
+use activator::{SweepEvent, SweepOptions, SweepReport};
 use anyhow::Result;
+use iot::CertificateId;
 
 use super::{print_json, Outcome};
 use crate::cli::ReconcileArgs;

@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use activator::{call_deadline, error_chain, CertificateId, CertificateStatus, ThingSpec};
 use anyhow::{Context, Result};
 use factory_ca::{DeviceId, IdFormat};
 use futures::stream::{self, StreamExt};
 use indicatif::ProgressBar;
+use iot::{call_deadline, error_chain, CertificateId, CertificateStatus, ThingSpec};
 use operations::register::Placement;
 use operations::register::{self as bulk, Paces, Plan, Rates, Wanted};
 use serde::{Deserialize, Serialize};
@@ -216,7 +216,7 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
 
 /// What AWS IoT holds under the CA: its certificates' ARN prefix, and every certificate
 /// registered under it with its status (what a rerun skips).
-async fn under_ca<R: activator::IotAdmin>(
+async fn under_ca<R: iot::IotAdmin>(
     iot: &R,
     ca_id: &CertificateId,
     paces: &Paces,
@@ -434,7 +434,7 @@ struct Ctx<'a, R> {
     deadline: tokio::time::Instant,
 }
 
-impl<R: activator::IotAdmin> Ctx<'_, R> {
+impl<R: iot::IotAdmin> Ctx<'_, R> {
     async fn one(&self, device: &Device, placement: &Placement<'_>) -> Row {
         let row = |outcome: Done, status: Option<&CertificateStatus>, reason: String| Row {
             device_id: device.id.to_string(),

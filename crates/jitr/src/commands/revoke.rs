@@ -2,9 +2,9 @@
 //! Things, the Things deleted on request; idempotent while the device's Thing stands (once AWS
 //! IoT holds nothing of the device: `nothing to revoke`, exit 1).
 
-use activator::CertificateId;
 use anyhow::Result;
 use factory_ca::{DeviceId, IdFormat};
+use iot::CertificateId;
 use operations::revoke::{revoke as revoke_in_aws, RevokeError, RevokeReport, Scope, Target};
 
 use super::{print_json, Outcome};
@@ -115,7 +115,7 @@ fn also(args: &RevokeArgs, target: &Target) -> Result<Vec<CertificateId>> {
 /// detached from, and the target. A device that still has an ACTIVE certificate (rotated: the
 /// revoked one was its old) keeps its variables: they are the live credentials.
 async fn to_clean(
-    registry: &activator::aws::AwsIotRegistry,
+    registry: &iot::aws::AwsIotRegistry,
     report: &RevokeReport,
     target: &Target,
     deadline: tokio::time::Instant,

@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use activator::aws::presence::DynamoPresence;
-use activator::{CertificateId, FleetBackend, FleetConfig, FleetDirectory, ThingSpec};
+use activator::dynamodb::presence::DynamoPresence;
+use activator::{FleetBackend, FleetConfig, FleetDirectory};
 use anyhow::{Context, Result};
 use factory_ca::{issue_batch_with, BatchOptions, DeviceId, IssuedDevice, Rotation};
+use iot::{CertificateId, ThingSpec};
 use operations::register::Placement;
 use operations::rotate;
 use operations::status::{self, Known, Rates, State};
@@ -67,7 +68,7 @@ async fn run(args: RotateArgs) -> Result<Outcome> {
         issued
             .failures
             .iter()
-            .map(|f| Rotated::failed(f.id.clone(), None, &[], &activator::error_chain(&f.error))),
+            .map(|f| Rotated::failed(f.id.clone(), None, &[], &iot::error_chain(&f.error))),
     );
     let (installed, failed) = job.install(issued.handed_over, &old).await;
     rows.extend(failed);
@@ -160,8 +161,8 @@ struct Job {
     retire_after: Option<String>,
     /// `--grace 0`: retired in this run, once the device is seen with the new one.
     retire_now: bool,
-    session: activator::aws::Session,
-    registry: activator::aws::AwsIotRegistry,
+    session: iot::aws::Session,
+    registry: iot::aws::AwsIotRegistry,
     presence: Option<DynamoPresence>,
 }
 
@@ -346,7 +347,7 @@ impl Job {
                     &olds,
                     &format!(
                         "not activated ({}); the old certificate stays",
-                        activator::error_chain(&e)
+                        iot::error_chain(&e)
                     ),
                 )),
             }
@@ -375,7 +376,7 @@ impl Job {
         match self.delivery.deliver_on(&devices).await {
             Ok(delivered) => delivered,
             Err(e) => {
-                eprintln!("jitr: delivery: {}", activator::error_chain(e.as_ref()));
+                eprintln!("jitr: delivery: {}", iot::error_chain(e.as_ref()));
                 false
             }
         }
@@ -410,7 +411,7 @@ impl Job {
                     until,
                 )
                 .await
-                .map_err(|e| activator::error_chain(&e));
+                .map_err(|e| iot::error_chain(&e));
                 (device.device_id.clone(), seen)
             });
         if !installed.is_empty() {
@@ -456,7 +457,7 @@ impl Job {
                         row.retired = true;
                         None
                     }
-                    Err(e) => Some(activator::error_chain(&e)),
+                    Err(e) => Some(iot::error_chain(&e)),
                 }
             }
             (true, Some(Err(e))) => Some(format!(
@@ -496,13 +497,10 @@ async fn members(
         .context("rotation checks the fleet: BALENA_API_KEY and BALENA_FLEET_ID")?;
     let (mut members, mut others) = (Vec::new(), Vec::new());
     for id in ids {
-        match fleet
-            .membership(&id, activator::call_deadline(deadline))
-            .await
-        {
+        match fleet.membership(&id, iot::call_deadline(deadline)).await {
             Ok(activator::Membership::Member(_)) => members.push(id),
             Ok(_) => others.push(id.to_string()),
-            Err(e) => anyhow::bail!("{}: {id}: {}", fleet.label(), activator::error_chain(&e)),
+            Err(e) => anyhow::bail!("{}: {id}: {}", fleet.label(), iot::error_chain(&e)),
         }
     }
     Ok((members, others))

@@ -150,7 +150,7 @@ async fn roster(
             progress.step("fleet devices read", n, None)
         })
         .await
-        .map_err(|e| anyhow::anyhow!("{}: {}", fleet.label(), activator::error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!("{}: {}", fleet.label(), iot::error_chain(&e)))?;
     Ok(devices
         .into_iter()
         .map(|(id, active)| {
@@ -179,10 +179,10 @@ async fn still_drifted(
             continue;
         };
         let membership = fleet
-            .membership(&id, activator::call_deadline(deadline))
+            .membership(&id, iot::call_deadline(deadline))
             .await
             .map_err(|e| {
-                let why = activator::error_chain(&e);
+                let why = iot::error_chain(&e);
                 anyhow::anyhow!("{}: {device}: {why}", fleet.label())
             })?;
         if let activator::Membership::Member(_) = membership {

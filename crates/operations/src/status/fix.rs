@@ -182,7 +182,7 @@ pub async fn apply_fixes<A: IotAdmin>(
         };
         applied.push(Applied {
             fix: fix.clone(),
-            error: result.err().map(|e| activator::error_chain(&e)),
+            error: result.err().map(|e| iot::error_chain(&e)),
         });
     }
     applied
@@ -200,7 +200,7 @@ async fn reattach<A: IotAdmin>(
     let id = CertificateId::parse(certificate_id)
         .map_err(|reason| RegistryError::failed("AttachThingPrincipal", reason))?;
     let arn = iot.describe_certificate(&id, d()).await?.arn;
-    let spec = activator::ThingSpec {
+    let spec = iot::ThingSpec {
         name: thing.to_owned(),
         thing_type: ownership.thing_type.clone(),
         attributes: ownership

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::revoke::{revoke, Target};
 use activator::ownership::id_from_arn;
-use activator::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
+use iot::{call_deadline, CertificateId, CertificateStatus, IotAdmin, RegistryError};
 use pace::Pace;
 
 /// A device's state, the most urgent first.

@@ -314,7 +314,8 @@ fn an_inactive_device_is_held_never_revoked() {
 #[test]
 fn the_ownership_rule() {
     use activator::ownership::{Ownership, REVOKED_ATTRIBUTE};
-    use activator::{fleet_attribute, FleetMark, ThingSpec};
+    use activator::{fleet_attribute, FleetMark};
+    use iot::ThingSpec;
     let thing = |attributes: Vec<(String, String)>, thing_type: Option<&str>| ThingSpec {
         name: "warehouse-door-sensor-7".into(),
         thing_type: thing_type.map(str::to_owned),

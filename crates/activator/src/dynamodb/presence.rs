@@ -24,10 +24,10 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use tokio::time::Instant;
 
-use super::RetryPolicy;
-use crate::ports::Cause;
 use crate::presence::{Connection, PresenceLog};
-use crate::RegistryError;
+use iot::aws::RetryPolicy;
+use iot::Cause;
+use iot::RegistryError;
 use pace::Pace;
 
 /// The attribute names the rule's SELECT gives.
@@ -109,7 +109,7 @@ impl DynamoPresence {
         let detail = format!(
             "presence table {}: {}",
             self.table,
-            super::sdk_error_text("DynamoDB", &err)
+            iot::aws::sdk_error_text("DynamoDB", &err)
         );
         match &err {
             SdkError::TimeoutError(_)

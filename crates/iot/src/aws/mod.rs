@@ -29,11 +29,7 @@ use crate::{
 };
 
 mod admin;
-mod ledger;
-pub mod presence;
 mod session;
-
-pub use ledger::{BatchReport, DynamoLedger};
 
 pub use session::{Session, SessionError};
 
@@ -80,7 +76,7 @@ impl RetryPolicy {
     /// Runs `attempt` until it succeeds, fails for good, or the deadline leaves no room for
     /// another try; `service` names what was called in the error when no answer came in time
     /// (the endpoint, or `presence table <name>`). The one retry loop of the AWS adapters.
-    pub(crate) async fn run<T, F, Fut>(
+    pub async fn run<T, F, Fut>(
         &self,
         op: &'static str,
         deadline: Instant,
@@ -93,7 +89,7 @@ impl RetryPolicy {
     {
         let usable = deadline.checked_sub(self.reserve).unwrap_or(deadline);
         let gave_up = |attempts, last| {
-            crate::metrics::aws_give_up();
+            crate::counters::gave_up();
             RegistryError::GaveUp {
                 op,
                 attempts,
@@ -123,7 +119,7 @@ impl RetryPolicy {
             if Instant::now() + wait >= usable {
                 return Err(gave_up(attempts, error));
             }
-            crate::metrics::aws_retry();
+            crate::counters::retried();
             tracing::debug!(op, attempts, wait_ms = wait.as_millis() as u64, error = %crate::error_chain(&error), "retrying");
             tokio::time::sleep(wait).await;
         }
@@ -203,7 +199,7 @@ struct Detail(String);
 /// An SDK error of `service` (`DynamoDB`) in one line, as the IoT adapter words its own:
 /// `<code>: <message>` for the service's answer, `cannot reach <service>: <why>` when no
 /// answer came. Never the SDK's debug dump (raw headers, request ids, body).
-pub(crate) fn sdk_error_text<E, R>(service: &str, err: &SdkError<E, R>) -> String
+pub fn sdk_error_text<E, R>(service: &str, err: &SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug,

@@ -20,7 +20,7 @@ use aws_sdk_dynamodb::Client;
 use tokio::time::Instant;
 
 use crate::ledger::{item, Ledger, LedgerEntry, LedgerError, LedgerFuture, LedgerMark, Marked};
-use crate::CertificateId;
+use iot::CertificateId;
 
 /// BatchWriteItem's limit of items per call.
 const BATCH: usize = 25;
@@ -86,7 +86,7 @@ impl DynamoLedger {
             ),
             _ => false,
         };
-        self.error(op, retryable, super::sdk_error_text("DynamoDB", &err))
+        self.error(op, retryable, iot::aws::sdk_error_text("DynamoDB", &err))
     }
 
     /// Runs `call` by `deadline` (less the reserve), or fails retryably.
@@ -181,9 +181,9 @@ impl DynamoLedger {
                     }
                     pending = left;
                 }
-                Err(e) if e.retryable => last = crate::error_chain(&e),
+                Err(e) if e.retryable => last = iot::error_chain(&e),
                 Err(e) => {
-                    last = crate::error_chain(&e);
+                    last = iot::error_chain(&e);
                     break;
                 }
             }
