@@ -347,6 +347,15 @@ async fn statuses_other_than_pending_are_never_changed() {
         .await
         .unwrap();
     assert_eq!(d.outcome, Outcome::Skipped);
+    // The adapter keeps AWS's error code as a value callers can match.
+    let missing = CertificateId::parse(&"f".repeat(64)).unwrap();
+    let err = w
+        .registry
+        .describe_certificate(&missing, deadline())
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    assert_eq!(err.code(), Some("ResourceNotFoundException"), "{err:?}");
     let pending = uuid(3);
     w.balena.add_device(FLEET, &pending, true);
     let id = w.connect(&w.ca.device_pem(&pending).unwrap()).await;

@@ -18,7 +18,7 @@ mod ports;
 
 pub use ids::{AccountId, CertificateId};
 pub use ports::{
-    CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
+    AwsAnswer, CaDescription, CaRegistrationMode, Cause, CertificateDescription, CertificatePage,
     CertificateStatus, IotAdmin, IotRegistry, JitpConfig, ListedCertificate, ProvisioningClaim,
     RegistryError, ThingSpec,
 };

@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use crate::ports::{CaDescription, CaRegistrationMode};
 use crate::{
-    Cause, CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotAdmin,
-    IotRegistry, ListedCertificate, RegistryError, ThingSpec,
+    AwsAnswer, Cause, CertificateDescription, CertificateId, CertificatePage, CertificateStatus,
+    IotAdmin, IotRegistry, ListedCertificate, RegistryError, ThingSpec,
 };
 
 /// The account and region of the ARNs [`MemoryIot`] makes.
@@ -284,13 +284,31 @@ impl MemoryIot {
             }
         }
         let fault = state.faults.get_mut(op).and_then(VecDeque::pop_front);
-        let source: Cause = "injected by MemoryIot".into();
+        // The codes AWS IoT answers with for these classes of failure.
+        let source = |code| -> Cause { Box::new(AwsAnswer::new(code, "injected by MemoryIot")) };
         match fault {
             None => Ok(state),
-            Some(Fault::Throttled) => Err(RegistryError::Throttled { op, source }),
-            Some(Fault::Unavailable) => Err(RegistryError::Unavailable { op, source }),
-            Some(Fault::Failed) => Err(RegistryError::Failed { op, source }),
+            Some(Fault::Throttled) => Err(RegistryError::Throttled {
+                op,
+                source: source("ThrottlingException"),
+            }),
+            Some(Fault::Unavailable) => Err(RegistryError::Unavailable {
+                op,
+                source: source("ServiceUnavailableException"),
+            }),
+            Some(Fault::Failed) => Err(RegistryError::Failed {
+                op,
+                source: source("InvalidRequestException"),
+            }),
         }
+    }
+}
+
+/// What AWS IoT answers for a resource that is not there: ResourceNotFoundException.
+fn missing(op: &'static str, reason: impl Into<String>) -> RegistryError {
+    RegistryError::NotFound {
+        op,
+        source: Box::new(AwsAnswer::new("ResourceNotFoundException", &reason.into())),
     }
 }
 
@@ -322,7 +340,7 @@ impl IotRegistry for MemoryIot {
         let cert = state
             .certificates
             .get(id.as_str())
-            .ok_or_else(|| RegistryError::not_found(OP, "no such certificate"))?;
+            .ok_or_else(|| missing(OP, "no such certificate"))?;
         Ok(CertificateDescription {
             id: id.clone(),
             arn: certificate_arn(id.as_str()),
@@ -342,7 +360,7 @@ impl IotRegistry for MemoryIot {
         let ca = state
             .cas
             .get(id.as_str())
-            .ok_or_else(|| RegistryError::not_found(OP, "no such CA"))?;
+            .ok_or_else(|| missing(OP, "no such CA"))?;
         Ok(CaDescription {
             id: id.clone(),
             arn: Some(format!("{ARN_PREFIX}:cacert/{id}")),
@@ -374,7 +392,7 @@ impl IotRegistry for MemoryIot {
         const OP: &str = "AddThingToThingGroup";
         let mut state = self.enter(OP)?;
         if !state.things.contains_key(thing) {
-            return Err(RegistryError::not_found(OP, "no such Thing"));
+            return Err(missing(OP, "no such Thing"));
         }
         state
             .groups
@@ -406,7 +424,7 @@ impl IotRegistry for MemoryIot {
         const OP: &str = "AttachThingPrincipal";
         let mut state = self.enter(OP)?;
         if !state.things.contains_key(thing) {
-            return Err(RegistryError::not_found(OP, "no such Thing"));
+            return Err(missing(OP, "no such Thing"));
         }
         state
             .principals
@@ -425,7 +443,7 @@ impl IotRegistry for MemoryIot {
         let cert = state
             .certificates
             .get_mut(id.as_str())
-            .ok_or_else(|| RegistryError::not_found(OP, "no such certificate"))?;
+            .ok_or_else(|| missing(OP, "no such certificate"))?;
         cert.status = status;
         Ok(())
     }
@@ -448,7 +466,7 @@ impl IotRegistry for MemoryIot {
         const OP: &str = "UpdateThing";
         let mut state = self.enter(OP)?;
         let Some(spec) = state.things.get_mut(thing) else {
-            return Err(RegistryError::not_found(OP, format!("no Thing {thing}")));
+            return Err(missing(OP, format!("no Thing {thing}")));
         };
         for (k, v) in attributes {
             spec.attributes.retain(|(name, _)| name != k);
@@ -468,7 +486,7 @@ impl IotRegistry for MemoryIot {
         const OP: &str = "ListThingPrincipals";
         let state = self.enter(OP)?;
         if !state.things.contains_key(thing) {
-            return Err(RegistryError::not_found(OP, "no such Thing"));
+            return Err(missing(OP, "no such Thing"));
         }
         Ok(state
             .principals
@@ -681,7 +699,7 @@ impl IotAdmin for MemoryIot {
         if state.cas.contains_key(ca.as_str()) {
             Ok(())
         } else {
-            Err(RegistryError::not_found(OP, format!("no CA {ca}")))
+            Err(missing(OP, format!("no CA {ca}")))
         }
     }
 
@@ -691,7 +709,7 @@ impl IotAdmin for MemoryIot {
         _deadline: Instant,
     ) -> Result<crate::ProvisioningClaim, RegistryError> {
         drop(self.enter("CreateProvisioningClaim")?);
-        Err(RegistryError::not_found(
+        Err(missing(
             "CreateProvisioningClaim",
             format!("no provisioning template {template} in memory"),
         ))

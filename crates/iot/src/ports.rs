@@ -120,8 +120,31 @@ pub enum CaRegistrationMode {
     SniOnly,
 }
 
+/// AWS's answer to a call that failed, as the source of a [`RegistryError`]: the error code
+/// AWS gave, to match on ([`RegistryError::code`]), and the line an operator reads
+/// (`<code>: <message>`, or `<code> (HTTP <status>)` without a message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{line}")]
+pub struct AwsAnswer {
+    /// The error code (`ResourceNotFoundException`, `CertificateStateException`), when AWS
+    /// gave one.
+    pub code: Option<String>,
+    /// What the operator reads.
+    pub line: String,
+}
+
+impl AwsAnswer {
+    /// The answer AWS words as `<code>: <message>`.
+    pub fn new(code: &str, message: &str) -> Self {
+        AwsAnswer {
+            code: Some(code.to_owned()),
+            line: format!("{code}: {message}"),
+        }
+    }
+}
+
 /// A registry call that failed. Each variant displays `AWS IoT <op>`; its source says why,
-/// in AWS's words (`CertificateValidationException: ...`) or the network's
+/// in AWS's words (`CertificateValidationException: ...`, an [`AwsAnswer`]) or the network's
 /// (`cannot reach AWS IoT at <endpoint>: Connection refused`).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -199,6 +222,21 @@ impl RegistryError {
         )
     }
 
+    /// The error code AWS answered with (`ResourceNotFoundException`), for the last attempt
+    /// of a call given up; `None` when no answer came (a timeout, a refused connection) or
+    /// the failure is not AWS's.
+    pub fn code(&self) -> Option<&str> {
+        let source = match self {
+            RegistryError::GaveUp { last, .. } => return last.code(),
+            RegistryError::NotFound { source, .. }
+            | RegistryError::AlreadyExists { source, .. }
+            | RegistryError::Throttled { source, .. }
+            | RegistryError::Unavailable { source, .. }
+            | RegistryError::Failed { source, .. } => source,
+        };
+        source.downcast_ref::<AwsAnswer>()?.code.as_deref()
+    }
+
     /// Whether the resource was not found.
     pub fn is_not_found(&self) -> bool {
         matches!(self, RegistryError::NotFound { .. })
@@ -207,14 +245,6 @@ impl RegistryError {
     /// A failure of `op` with a one-line reason (for adapters and in-memory ports).
     pub fn failed(op: &'static str, reason: impl Into<String>) -> Self {
         RegistryError::Failed {
-            op,
-            source: reason.into().into(),
-        }
-    }
-
-    /// A not-found of `op` with a one-line reason.
-    pub fn not_found(op: &'static str, reason: impl Into<String>) -> Self {
-        RegistryError::NotFound {
             op,
             source: reason.into().into(),
         }
@@ -416,5 +446,38 @@ impl fmt::Debug for ProvisioningClaim {
             .field("certificate_id", &self.certificate_id)
             .field("expires_at", &self.expires_at)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_is_aws_s_answer_through_a_give_up_and_none_without_one() {
+        let answered = RegistryError::Throttled {
+            op: "UpdateCertificate",
+            source: Box::new(AwsAnswer::new("ThrottlingException", "Rate exceeded")),
+        };
+        assert_eq!(answered.code(), Some("ThrottlingException"));
+        assert_eq!(
+            crate::error_chain(&answered),
+            "AWS IoT UpdateCertificate: ThrottlingException: Rate exceeded"
+        );
+        let gave_up = RegistryError::GaveUp {
+            op: "UpdateCertificate",
+            attempts: 3,
+            last: Box::new(answered),
+        };
+        assert_eq!(gave_up.code(), Some("ThrottlingException"));
+        let silent = RegistryError::Unavailable {
+            op: "DescribeCertificate",
+            source: "no answer from AWS IoT before the deadline".into(),
+        };
+        assert_eq!(silent.code(), None);
+        assert_eq!(
+            RegistryError::failed("CreateThing", "bad name").code(),
+            None
+        );
     }
 }

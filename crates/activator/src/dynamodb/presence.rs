@@ -128,7 +128,10 @@ impl DynamoPresence {
                 }
             }
         }
-        let source = source(detail);
+        let source: Cause = Box::new(iot::AwsAnswer {
+            code: err.code().map(str::to_owned),
+            line: detail,
+        });
         match err.code() {
             Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },
             Some(

@@ -24,8 +24,8 @@ use tokio::time::Instant;
 
 use crate::ports::{CaDescription, Cause};
 use crate::{
-    CertificateDescription, CertificateId, CertificatePage, CertificateStatus, IotRegistry,
-    ListedCertificate, RegistryError, ThingSpec,
+    AwsAnswer, CertificateDescription, CertificateId, CertificatePage, CertificateStatus,
+    IotRegistry, ListedCertificate, RegistryError, ThingSpec,
 };
 
 mod admin;
@@ -264,13 +264,16 @@ impl AwsIotRegistry {
         let status = service.raw().status().as_u16();
         let error = service.err();
         let code = error.code().map(str::to_owned);
-        let detail = match (error.code(), error.message()) {
+        let line = match (error.code(), error.message()) {
             (Some(code), Some(message)) => format!("{code}: {message}"),
             (Some(code), None) => format!("{code} (HTTP {status})"),
             (None, Some(message)) => format!("HTTP {status}: {message}"),
             (None, None) => format!("HTTP {status}"),
         };
-        let source: Cause = Box::new(Detail(detail));
+        let source: Cause = Box::new(AwsAnswer {
+            code: code.clone(),
+            line,
+        });
         match code.as_deref() {
             Some("ResourceNotFoundException") => RegistryError::NotFound { op, source },
             Some("ResourceAlreadyExistsException") => RegistryError::AlreadyExists {
