@@ -80,7 +80,7 @@ fn decision_metrics(ctx: &Context, outcome: &str, started: Instant) {
 }
 
 /// One decision for an event, with its metrics line.
-async fn decide<R: IotRegistry, F: FleetDirectory>(
+async fn on_registered<R: IotRegistry, F: FleetDirectory>(
     activator: &Activator<R, F>,
     ctx: &Context,
     event: &activator::RegisteredEvent,
@@ -114,13 +114,13 @@ async fn handle<R: IotRegistry, F: FleetDirectory>(
     let result = match incoming {
         Err(e) => Err(e),
         Ok(Incoming::Registered(event)) => {
-            decide(activator, ctx, &event, account.as_ref(), deadline)
+            on_registered(activator, ctx, &event, account.as_ref(), deadline)
                 .await
                 // A Decision is plain strings and an enum: it always serializes.
                 .map(|d| serde_json::to_value(&d).unwrap_or(Value::Null))
                 .map_err(InvocationError::from)
         }
-        Ok(Incoming::Sweep) => sweep(activator, ctx, deadline).await,
+        Ok(Incoming::Sweep) => on_sweep(activator, ctx, deadline).await,
         Ok(Incoming::Replay(records)) => {
             // SQS partial batch response: only records worth retrying go back to the queue.
             let mut failures = Vec::new();
@@ -130,7 +130,9 @@ async fn handle<R: IotRegistry, F: FleetDirectory>(
                         tracing::warn!(message_id = %record.message_id, error = %e, "replay record dropped")
                     }
                     Ok(event) => {
-                        match decide(activator, ctx, &event, account.as_ref(), deadline).await {
+                        match on_registered(activator, ctx, &event, account.as_ref(), deadline)
+                            .await
+                        {
                             Err(e) if e.is_retryable() => failures
                                 .push(serde_json::json!({"itemIdentifier": record.message_id})),
                             // Decided, or failed for good (logged by the activator): not retried.
@@ -151,7 +153,7 @@ async fn handle<R: IotRegistry, F: FleetDirectory>(
 
 /// The scheduled sweep over every trusted CA, each on its own and with its own share of the
 /// invocation; an error while anything is left (the next scheduled sweep picks it up).
-async fn sweep<R: IotRegistry, F: FleetDirectory>(
+async fn on_sweep<R: IotRegistry, F: FleetDirectory>(
     activator: &Activator<R, F>,
     ctx: &Context,
     deadline: Instant,

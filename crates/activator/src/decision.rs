@@ -94,8 +94,27 @@ enum Mode {
 pub struct Approval {
     /// The decision on the approved certificate.
     pub decision: Decision,
-    /// The certificates it replaced, retired as asked.
+    /// The certificates it replaced, retired as asked (none but for `jitr approve`).
     pub retired: Vec<String>,
+}
+
+impl From<Decision> for Approval {
+    /// A decision that retired nothing.
+    fn from(decision: Decision) -> Self {
+        Approval {
+            decision,
+            retired: Vec::new(),
+        }
+    }
+}
+
+/// A certificate the checks accepted, and what they found: what activating it needs.
+struct Accepted<'a> {
+    id: &'a CertificateId,
+    cert: &'a CertificateDescription,
+    device: &'a DeviceId,
+    member: &'a FleetMember,
+    owners: Owners,
 }
 
 impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
@@ -185,7 +204,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
     ) -> Result<Decision, ActivationError> {
         self.logged(id, self.decide(id, event_ca, Mode::Automatic, deadline))
             .await
-            .map(|(decision, _)| decision)
+            .map(|approval| approval.decision)
     }
 
     /// `jitr approve`: the same checks as any decision, but a certificate that another one
@@ -197,21 +216,22 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         retire: Retire,
         deadline: Instant,
     ) -> Result<Approval, ActivationError> {
-        let (decision, retired) = self
-            .logged(id, self.decide(id, None, Mode::Approve(retire), deadline))
-            .await?;
-        Ok(Approval { decision, retired })
+        self.logged(id, self.decide(id, None, Mode::Approve(retire), deadline))
+            .await
     }
 
     /// Logs how a decision ended: one line per decision, a warning for a failure or a hold.
     async fn logged(
         &self,
         id: &CertificateId,
-        decision: impl std::future::Future<Output = Result<(Decision, Vec<String>), ActivationError>>,
-    ) -> Result<(Decision, Vec<String>), ActivationError> {
+        decision: impl std::future::Future<Output = Result<Approval, ActivationError>>,
+    ) -> Result<Approval, ActivationError> {
         let started = StdInstant::now();
         match decision.await {
-            Ok((decision, retired)) => Ok((self.log(decision, started), retired)),
+            Ok(Approval { decision, retired }) => Ok(Approval {
+                decision: self.log(decision, started),
+                retired,
+            }),
             Err(error) => {
                 tracing::warn!(
                     certificate_id = %id,
@@ -263,9 +283,9 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         event_ca: Option<&CertificateId>,
         mode: Mode,
         deadline: Instant,
-    ) -> Result<(Decision, Vec<String>), ActivationError> {
+    ) -> Result<Approval, ActivationError> {
         let done = |thing: Option<&DeviceId>, outcome, reason: String| {
-            Ok((decision(id, thing, outcome, reason), Vec::new()))
+            Ok(decision(id, thing, outcome, reason).into())
         };
         let cert = match self.registry.describe_certificate(id, deadline).await {
             Ok(cert) => cert,
@@ -341,7 +361,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                     "device {device} is inactive in {}: held until it is active again",
                     self.fleet.label()
                 );
-                self.mark(id, LedgerMark::Held(reason.clone()), deadline)
+                self.mark_ledger(id, LedgerMark::Held(reason.clone()), deadline)
                     .await;
                 return done(Some(&device), Outcome::Held, reason);
             }
@@ -353,26 +373,34 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         }
         if mode == Mode::Automatic && !owners.contenders.is_empty() {
             let reason = owners.held_reason(device.as_str());
-            self.mark(id, LedgerMark::Held(reason.clone()), deadline)
+            self.mark_ledger(id, LedgerMark::Held(reason.clone()), deadline)
                 .await;
             return done(Some(&device), Outcome::Held, reason);
         }
-        self.activate_member(id, &cert, &device, &member, owners, mode, deadline)
-            .await
+        let accepted = Accepted {
+            id,
+            cert: &cert,
+            device: &device,
+            member: &member,
+            owners,
+        };
+        self.activate_member(accepted, mode, deadline).await
     }
 
     /// Provisions and activates a certificate the checks accepted, then tidies up.
-    #[allow(clippy::too_many_arguments)] // the decision's state, passed down once
     async fn activate_member(
         &self,
-        id: &CertificateId,
-        cert: &CertificateDescription,
-        device: &DeviceId,
-        member: &FleetMember,
-        owners: Owners,
+        accepted: Accepted<'_>,
         mode: Mode,
         deadline: Instant,
-    ) -> Result<(Decision, Vec<String>), ActivationError> {
+    ) -> Result<Approval, ActivationError> {
+        let Accepted {
+            id,
+            cert,
+            device,
+            member,
+            owners,
+        } = accepted;
         self.provision(device, &cert.arn, deadline).await?;
         let (attached, status, principals) = tokio::join!(
             self.registry
@@ -384,15 +412,13 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let status = status?.status;
         if status != CertificateStatus::PendingActivation {
             // An operator (or another decision) acted meanwhile: their word stands.
-            return Ok((
-                decision(
-                    id,
-                    Some(device),
-                    Outcome::Skipped,
-                    format!("the certificate became {status} while being decided; not activated"),
-                ),
-                Vec::new(),
-            ));
+            return Ok(decision(
+                id,
+                Some(device),
+                Outcome::Skipped,
+                format!("the certificate became {status} while being decided; not activated"),
+            )
+            .into());
         }
         if mode == Mode::Automatic {
             let known: Vec<&str> = owners.leftovers.iter().map(|(_, a)| a.as_str()).collect();
@@ -405,12 +431,9 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                 let reason = format!(
                     "another certificate ({rival}) was attached to Thing {device} at the same time: approve one with `jitr approve --certificate-id`"
                 );
-                self.mark(id, LedgerMark::Held(reason.clone()), deadline)
+                self.mark_ledger(id, LedgerMark::Held(reason.clone()), deadline)
                     .await;
-                return Ok((
-                    decision(id, Some(device), Outcome::Held, reason),
-                    Vec::new(),
-                ));
+                return Ok(decision(id, Some(device), Outcome::Held, reason).into());
             }
         }
         // Always last: until here the certificate cannot connect, whatever failed.
@@ -439,13 +462,14 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
             }
             Ok::<_, ActivationError>(retired)
         };
-        let (retired, _) = tokio::join!(tidy, self.mark(id, LedgerMark::Activated, deadline));
+        let (retired, _) =
+            tokio::join!(tidy, self.mark_ledger(id, LedgerMark::Activated, deadline));
         let retired = retired?;
         let reason = format!("device {device} is in {}", self.fleet.label());
-        Ok((
-            decision(id, Some(device), Outcome::Activated, reason),
+        Ok(Approval {
+            decision: decision(id, Some(device), Outcome::Activated, reason),
             retired,
-        ))
+        })
     }
 
     /// CreateThing (then the group) alongside AttachPolicy.
@@ -481,17 +505,17 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         thing: Option<&DeviceId>,
         reason: String,
         deadline: Instant,
-    ) -> Result<(Decision, Vec<String>), ActivationError> {
+    ) -> Result<Approval, ActivationError> {
         let status = match self.policy.reject_action {
             RejectAction::Revoke => CertificateStatus::Revoked,
             RejectAction::Deactivate => CertificateStatus::Inactive,
         };
         let (set, _) = tokio::join!(
             self.registry.set_certificate_status(id, status, deadline),
-            self.mark(id, LedgerMark::Rejected(reason.clone()), deadline)
+            self.mark_ledger(id, LedgerMark::Rejected(reason.clone()), deadline)
         );
         set?;
-        Ok((decision(id, thing, Outcome::Rejected, reason), Vec::new()))
+        Ok(decision(id, thing, Outcome::Rejected, reason).into())
     }
 
     /// The ledger's item for `id` when the ledger is required (`None` when it is not, so
@@ -512,7 +536,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
     /// Marks a decision in the ledger, if there is one: what marking did, `None` without a
     /// ledger or when the write failed. Never fails the decision: a failed write is logged,
     /// and the sweep marks what it finds ACTIVE.
-    pub(crate) async fn mark(
+    pub(crate) async fn mark_ledger(
         &self,
         id: &CertificateId,
         mark: LedgerMark,

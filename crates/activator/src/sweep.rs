@@ -262,7 +262,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
                         }
                         Work::Mark(id) => {
                             let own = deadline.min(Instant::now() + SWEEP_PAGE_TIME);
-                            let marked = self.mark(&id, LedgerMark::Activated, own).await;
+                            let marked = self.mark_ledger(&id, LedgerMark::Activated, own).await;
                             if marked == Some(Marked::Written) {
                                 tracing::info!(certificate_id = %id, "ledger marked activated by the sweep");
                             }

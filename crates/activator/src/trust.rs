@@ -41,7 +41,7 @@ pub(crate) enum Verdict {
 }
 
 impl Verdict {
-    fn reject(reason: impl Into<String>) -> Result<Verdict, ActivationError> {
+    fn rejected(reason: impl Into<String>) -> Result<Verdict, ActivationError> {
         Ok(Verdict::Reject {
             thing: None,
             reason: reason.into(),
@@ -59,24 +59,24 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         deadline: Instant,
     ) -> Result<Verdict, ActivationError> {
         if !self.policy.trusted_ca_ids.contains(ca_id) {
-            return Verdict::reject(format!("CA {ca_id} is not in JITR_TRUSTED_CA_IDS"));
+            return Verdict::rejected(format!("CA {ca_id} is not in JITR_TRUSTED_CA_IDS"));
         }
         let der = match certificates_from_pem_or_der(pem.as_bytes()) {
             Ok(certs) if certs.len() == 1 => certs.into_iter().next().unwrap_or_default(),
             Ok(certs) => {
-                return Verdict::reject(format!(
+                return Verdict::rejected(format!(
                     "the registered PEM holds {} certificates",
                     certs.len()
                 ))
             }
-            Err(e) => return Verdict::reject(format!("the registered PEM does not parse: {e}")),
+            Err(e) => return Verdict::rejected(format!("the registered PEM does not parse: {e}")),
         };
         if factory_ca::certificate_id(&der) != id.as_str() {
-            return Verdict::reject("the registered certificate does not hash to its id");
+            return Verdict::rejected("the registered certificate does not hash to its id");
         }
         let ca = self.ca(ca_id, deadline).await?;
         if ca.status.as_deref() != Some("ACTIVE") {
-            return Verdict::reject(format!(
+            return Verdict::rejected(format!(
                 "CA {ca_id} is {} in AWS IoT: nothing under it is activated",
                 ca.status.as_deref().unwrap_or("of unknown status")
             ));
@@ -94,7 +94,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let Some(failure) = inspection.first_failure() else {
             return match inspection.device_id {
                 Some(device) => Ok(Verdict::Accept(device)),
-                None => Verdict::reject("no device id"),
+                None => Verdict::rejected("no device id"),
             };
         };
         // A device clock (or ours) a little off: not yet valid by less than the allowed skew
