@@ -1,7 +1,7 @@
 //! The activator as deployed: the AWS SDK registry and the configured fleet backend, built
 //! from [`Config`] (the `adapters` feature).
 
-use crate::fleet::{BalenaDirectory, KeySource};
+use crate::balena_directory::{BalenaDirectory, KeySource};
 use crate::{
     allowlist, balena_fleet_from_env, dynamodb, Activator, ApiKeySource, Config, ConfigError,
     FleetConfig, FleetDirectory, FleetError, FleetMember, Membership,

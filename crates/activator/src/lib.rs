@@ -10,6 +10,8 @@
 //! ownership rule and the adapters here and in `iot`.
 
 pub mod allowlist;
+#[cfg(feature = "adapters")]
+pub mod balena_directory;
 mod config;
 mod decision;
 #[cfg(feature = "adapters")]
@@ -18,8 +20,6 @@ mod deployed;
 pub mod dynamodb;
 mod error;
 mod event;
-#[cfg(feature = "adapters")]
-pub mod fleet;
 mod incoming;
 #[cfg(feature = "adapters")]
 pub mod lambda;

@@ -1,5 +1,5 @@
 //! The fleet directory port ([`FleetDirectory`]): whether a device is a member of the fleet,
-//! and the values it answers with. Adapters live in [`crate::fleet`] and [`crate::allowlist`];
+//! and the values it answers with. Adapters live in [`crate::balena_directory`] and [`crate::allowlist`];
 //! the in-memory fleet for unit tests in `memory` (feature `testing`). The AWS IoT registry's
 //! ports are the `iot` crate's.
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use ::iot::aws::AwsIotRegistry;
-use activator::fleet::{BalenaDirectory, TAG_CERTIFICATE_ID, TAG_THING};
+use activator::balena_directory::{BalenaDirectory, TAG_CERTIFICATE_ID, TAG_THING};
 use activator::{Activator, Outcome, RegisteredEvent, WriteBack};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use testkit::balena::Fault;

@@ -1791,7 +1791,7 @@ async fn a_thing_that_already_has_a_certificate_decides_what_a_new_one_gets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_answers_that_prove_nothing_never_activate_or_revoke() {
-    use activator::fleet::{BalenaDirectory, KeySource};
+    use activator::balena_directory::{BalenaDirectory, KeySource};
     use testkit::balena::{FakeBalena, Fault};
 
     const FLEET: u64 = 31337;

@@ -11,7 +11,7 @@ use ::iot::{
     aws::AwsIotRegistry, CaDescription, CertificateDescription, CertificateId, CertificatePage,
     CertificateStatus, IotRegistry, RegistryError, ThingSpec,
 };
-use activator::fleet::{BalenaDirectory, KeySource};
+use activator::balena_directory::{BalenaDirectory, KeySource};
 use activator::{ActivationError, Activator, FleetDirectory, FleetId, Outcome, RejectAction};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use testkit::balena::Fault;

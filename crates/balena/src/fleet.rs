@@ -51,7 +51,7 @@ pub struct Device {
 
 /// Whether a device belongs to the fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Membership {
+pub enum FleetMembership {
     /// In the fleet and active.
     Member(Device),
     /// In the fleet but deactivated.
@@ -198,13 +198,13 @@ impl Fleet {
         &self,
         uuid: &DeviceId,
         deadline: Instant,
-    ) -> Result<Membership, Error> {
+    ) -> Result<FleetMembership, Error> {
         match self.device(uuid, deadline).await? {
-            Some(device) if device.is_active => Ok(Membership::Member(device)),
-            Some(device) => Ok(Membership::Inactive(device)),
+            Some(device) if device.is_active => Ok(FleetMembership::Member(device)),
+            Some(device) => Ok(FleetMembership::Inactive(device)),
             None => {
                 self.check_visible(deadline).await?;
-                Ok(Membership::NotMember)
+                Ok(FleetMembership::NotMember)
             }
         }
     }

@@ -19,4 +19,4 @@ mod fleet;
 
 pub use client::{validate_api_url, ApiKey, Client, Error, DEFAULT_API_URL, MAX_BODY};
 pub use device::{Scope, Upserted};
-pub use fleet::{Device, Fleet, FleetId, Membership};
+pub use fleet::{Device, Fleet, FleetId, FleetMembership};

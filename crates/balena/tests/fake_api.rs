@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use balena::{ApiKey, Client, Device, Error, Fleet, FleetId, Membership, Scope, Upserted};
+use balena::{ApiKey, Client, Device, Error, Fleet, FleetId, FleetMembership, Scope, Upserted};
 use factory_ca::{DeviceId, IdFormat};
 use testkit::balena::{FakeBalena, Fault};
 use tokio::time::Instant;
@@ -99,15 +99,15 @@ async fn an_empty_answer_is_not_a_member_only_while_the_key_sees_the_fleet() {
 
     assert!(matches!(
         fleet.membership(&uuid(1), deadline()).await.unwrap(),
-        Membership::Member(Device { id, .. }) if id == member
+        FleetMembership::Member(Device { id, .. }) if id == member
     ));
     assert!(matches!(
         fleet.membership(&uuid(2), deadline()).await.unwrap(),
-        Membership::Inactive(_)
+        FleetMembership::Inactive(_)
     ));
     assert_eq!(
         fleet.membership(&uuid(3), deadline()).await.unwrap(),
-        Membership::NotMember
+        FleetMembership::NotMember
     );
 
     // The key loses sight of the fleet in a warm process: every member now looks absent, and
@@ -171,7 +171,8 @@ async fn a_device_deleted_mid_write_is_reported_gone_not_as_a_refused_key() {
     let balena = fake().await;
     let id = balena.add_device(FLEET, uuid(1).as_str(), true);
     let fleet = fleet(&balena, KEY);
-    let Membership::Member(device) = fleet.membership(&uuid(1), deadline()).await.unwrap() else {
+    let FleetMembership::Member(device) = fleet.membership(&uuid(1), deadline()).await.unwrap()
+    else {
         panic!("a member");
     };
     balena.remove_device(id);

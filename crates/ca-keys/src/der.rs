@@ -30,17 +30,6 @@ pub(crate) fn coordinate_len(algorithm: KeyAlgorithm) -> usize {
     }
 }
 
-fn push_len(out: &mut Vec<u8>, len: usize) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-}
-
 /// A positive INTEGER from big-endian magnitude bytes: leading zeros dropped, one added back
 /// when the top bit is set.
 fn push_integer(out: &mut Vec<u8>, magnitude: &[u8]) {
@@ -50,7 +39,7 @@ fn push_integer(out: &mut Vec<u8>, magnitude: &[u8]) {
     };
     let pad = trimmed[0] & 0x80 != 0;
     out.push(0x02);
-    push_len(out, trimmed.len() + usize::from(pad));
+    factory_ca::push_der_len(out, trimmed.len() + usize::from(pad));
     if pad {
         out.push(0);
     }
@@ -72,7 +61,7 @@ pub(crate) fn ecdsa_signature(raw: &[u8], algorithm: KeyAlgorithm) -> Result<Vec
     push_integer(&mut body, &raw[n..]);
     let mut out = Vec::with_capacity(body.len() + 3);
     out.push(0x30);
-    push_len(&mut out, body.len());
+    factory_ca::push_der_len(&mut out, body.len());
     out.extend_from_slice(&body);
     Ok(out)
 }

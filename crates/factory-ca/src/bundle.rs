@@ -291,15 +291,7 @@ pub fn issue_bundle_with(
             path: pending_path.clone(),
             source,
         })?;
-    let jobs = match opts.jobs {
-        0 if ca.remote_key_uri().is_some() => crate::REMOTE_JOBS,
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        jobs => jobs,
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
-        .build()
-        .map_err(Error::Workers)?;
+    let pool = crate::issue::worker_pool(ca.workers(opts.jobs))?;
     let sink = Sink {
         out: Mutex::new((out, pending)),
         failed: AtomicBool::new(false),

@@ -249,6 +249,26 @@ pub struct Rotation {
 /// keep a KMS at its request rate through 50 ms answers, a small share of the cores' time.
 pub const REMOTE_JOBS: usize = 16;
 
+impl Ca {
+    /// The worker threads a batch uses for `jobs` ([`BatchOptions::jobs`]): `jobs` itself, or
+    /// for 0 one per core, [`REMOTE_JOBS`] when the CA key is remote.
+    pub fn workers(&self, jobs: usize) -> usize {
+        match jobs {
+            0 if self.remote_key_uri().is_some() => REMOTE_JOBS,
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            jobs => jobs,
+        }
+    }
+}
+
+/// The pool a batch's workers run on (folders and bundle alike).
+pub(crate) fn worker_pool(workers: usize) -> Result<rayon::ThreadPool, Error> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()
+        .map_err(Error::Workers)
+}
+
 /// A device the batch could not issue.
 #[derive(Debug)]
 pub struct DeviceFailure {
@@ -386,15 +406,7 @@ pub fn issue_batch_with(
     let todo = check_new_ids(ids, &manifest, opts.force, control.skip_issued)?;
     // The manifest is locked: what a stopped or crashed run left half-made is no one's.
     remove_temporaries(&opts.out_dir);
-    let jobs = match opts.jobs {
-        0 if ca.remote_key_uri().is_some() => REMOTE_JOBS,
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        jobs => jobs,
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
-        .build()
-        .map_err(Error::Workers)?;
+    let pool = worker_pool(ca.workers(opts.jobs))?;
 
     // Workers record their own results: a lock taken once per device costs far less
     // than waking a collector thread for every certificate.

@@ -46,6 +46,7 @@ pub use manifest::{certificate_id, read_manifest, Manifest, ManifestEntry, MANIF
 pub use profile::{Profile, Subject, DEFAULT_MAX_DEVICE_DAYS, PROFILE_FILE};
 pub use run::{RunControl, Stage, Timings};
 pub use signer::RemoteKey;
+pub use template::push_der_len;
 pub use write::write_file_atomic;
 
 /// Result alias for this crate.

@@ -14,8 +14,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::signer::CaKey;
 use crate::Error;
 
-/// DER length octets.
-fn push_len(out: &mut Vec<u8>, len: usize) {
+/// Appends DER length octets for `len` (short form below 128, long form above): the one DER
+/// length encoder, shared with `ca-keys`' signature encoding.
+pub fn push_der_len(out: &mut Vec<u8>, len: usize) {
     if len < 0x80 {
         out.push(len as u8);
     } else {
@@ -29,7 +30,7 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
 /// A TLV with `tag` around `content`.
 fn push_tlv(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
     out.push(tag);
-    push_len(out, content.len());
+    push_der_len(out, content.len());
     out.extend_from_slice(content);
 }
 

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
-use operations::register::{Rates, Wanted};
+use operations::register::{RegisterRates, Wanted};
 use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::moto::MotoServer;
@@ -147,7 +147,7 @@ fn main() {
     let (again, rerun) = run(work.path(), &env);
     assert_eq!(summary(&again)["skipped"], devices);
 
-    let (slowest, rate) = Rates::default().bound(Wanted::Active, false);
+    let (slowest, rate) = RegisterRates::default().bound(Wanted::Active, false);
     let bound = devices as f64 / rate;
     if quick {
         println!(

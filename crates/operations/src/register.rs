@@ -1,6 +1,6 @@
 //! Registering certificates issued ahead of time (`jitr register`): each one registered under
 //! its CA and, when it is to be ACTIVE, given its Thing, policy and attachment, ACTIVE last,
-//! every operation paced at AWS IoT's default rate for it ([`Rates`]).
+//! every operation paced at AWS IoT's default rate for it ([`RegisterRates`]).
 //!
 //! Why INACTIVE first and ACTIVE last, rather than RegisterCertificate with ACTIVE at once: a
 //! certificate registered ACTIVE could connect before its Thing and policy exist, and a failure
@@ -21,7 +21,7 @@ use pace::Pace;
 // quotas", https://docs.aws.amazon.com/general/latest/gr/iot-core.html; the Thing operations are
 // also in Service Quotas as "<Operation> API TPS", service code `iotcore`). The table could not
 // be read from here: the figures are the ones `testkit::proxy::Quotas::aws_defaults` carries,
-// plus RegisterCertificate at 10, and `Rates` lets an account with raised quotas go faster.
+// plus RegisterCertificate at 10, and `RegisterRates` lets an account with raised quotas go faster.
 const REGISTER_CERTIFICATE_TPS: f64 = 10.0;
 const UPDATE_CERTIFICATE_TPS: f64 = 10.0;
 const DESCRIBE_CERTIFICATE_TPS: f64 = 10.0;
@@ -47,7 +47,7 @@ pub struct Placement<'a> {
 
 /// Requests a second for each operation a registration makes.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rates {
+pub struct RegisterRates {
     /// RegisterCertificate.
     pub register_certificate: f64,
     /// UpdateCertificate (the activation).
@@ -71,10 +71,10 @@ pub struct Rates {
     pub attach_thing_principal: f64,
 }
 
-impl Default for Rates {
+impl Default for RegisterRates {
     /// AWS IoT Core's defaults.
     fn default() -> Self {
-        Rates {
+        RegisterRates {
             register_certificate: REGISTER_CERTIFICATE_TPS,
             update_certificate: UPDATE_CERTIFICATE_TPS,
             describe_certificate: DESCRIBE_CERTIFICATE_TPS,
@@ -89,7 +89,7 @@ impl Default for Rates {
     }
 }
 
-impl Rates {
+impl RegisterRates {
     /// The operation every new device calls once that allows the fewest calls a second, and
     /// that rate: the most devices a second these rates let through.
     pub fn bound(&self, wanted: Wanted, with_group: bool) -> (&'static str, f64) {
@@ -135,7 +135,7 @@ pub struct Paces {
 
 impl Paces {
     /// Buckets at `rates`.
-    pub fn new(rates: &Rates) -> Paces {
+    pub fn new(rates: &RegisterRates) -> Paces {
         Paces {
             register_certificate: Pace::new(rates.register_certificate),
             update_certificate: Pace::new(rates.update_certificate),
@@ -393,12 +393,12 @@ mod tests {
 
     #[test]
     fn the_bound_is_the_slowest_operation_a_device_needs() {
-        let rates = Rates::default();
+        let rates = RegisterRates::default();
         assert_eq!(
             rates.bound(Wanted::PendingActivation, false),
             ("RegisterCertificate", 10.0)
         );
-        let raised = Rates {
+        let raised = RegisterRates {
             register_certificate: 50.0,
             update_certificate: 40.0,
             list_thing_principals: 60.0,
@@ -431,7 +431,7 @@ mod tests {
         );
         iot.add_ca(&ca);
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
-        let paces = Paces::new(&Rates::default());
+        let paces = Paces::new(&RegisterRates::default());
         let id = install(&iot, &pem, &ca, &placement, None, &paces, deadline)
             .await
             .unwrap();

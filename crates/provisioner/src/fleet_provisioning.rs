@@ -110,13 +110,13 @@ impl Provisioner {
         );
         let unknown = |e: &dyn std::error::Error| Refusal::Unknown(error_chain(e));
         match membership.map_err(|e| unknown(&e))? {
-            balena::Membership::Member(_) => {}
-            balena::Membership::Inactive(_) => {
+            balena::FleetMembership::Member(_) => {}
+            balena::FleetMembership::Inactive(_) => {
                 return Err(Refusal::No(format!(
                     "device {device} is inactive in the fleet"
                 )))
             }
-            balena::Membership::NotMember => {
+            balena::FleetMembership::NotMember => {
                 return Err(Refusal::No(format!("device {device} is not in the fleet")))
             }
         }

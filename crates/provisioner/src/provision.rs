@@ -131,9 +131,11 @@ impl Provisioner {
         let member = match &pending.service {
             None => None,
             Some(_) => match fleet.membership(device, work).await {
-                Ok(balena::Membership::Member(d) | balena::Membership::Inactive(d)) => Some(d),
+                Ok(balena::FleetMembership::Member(d) | balena::FleetMembership::Inactive(d)) => {
+                    Some(d)
+                }
                 // Gone from the fleet: its variables went with it.
-                Ok(balena::Membership::NotMember) => None,
+                Ok(balena::FleetMembership::NotMember) => None,
                 Err(e) => {
                     let answer = HttpResponse::unavailable("the fleet cannot be checked");
                     return Err((answer, error_chain(&e)));
@@ -195,11 +197,11 @@ impl Provisioner {
             self.revoked_mark(device, work)
         );
         let member = match membership {
-            Ok(balena::Membership::Member(member)) => member,
-            Ok(balena::Membership::Inactive(_)) => {
+            Ok(balena::FleetMembership::Member(member)) => member,
+            Ok(balena::FleetMembership::Inactive(_)) => {
                 return Err((HttpResponse::forbidden(), "inactive in the fleet".into()))
             }
-            Ok(balena::Membership::NotMember) => {
+            Ok(balena::FleetMembership::NotMember) => {
                 return Err((HttpResponse::forbidden(), "not in the fleet".into()))
             }
             Err(e) => return Err(unavailable("the fleet cannot be checked", error_chain(&e))),

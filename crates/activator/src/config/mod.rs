@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
-mod fleet;
+mod fleet_backend;
 mod policy;
 
-pub use fleet::{ApiKeySource, FleetConfig, WriteBack};
+pub use fleet_backend::{ApiKeySource, FleetConfig, WriteBack};
 pub use policy::{Policy, RejectAction};
 
 /// A configuration problem, naming the variable.
@@ -169,16 +169,16 @@ fn missing(env: &Env<'_>) -> Vec<(&'static str, &'static str)> {
         .collect();
     match env.get("JITR_FLEET_BACKEND").as_deref() {
         None | Some("balena") => {
-            if env.get(fleet::FLEET_ID.0).is_none() {
-                missing.push(fleet::FLEET_ID);
+            if env.get(fleet_backend::FLEET_ID.0).is_none() {
+                missing.push(fleet_backend::FLEET_ID);
             }
             if env.get("BALENA_API_KEY").is_none() && env.get("BALENA_API_KEY_SECRET_ID").is_none()
             {
-                missing.push(fleet::API_KEY);
+                missing.push(fleet_backend::API_KEY);
             }
         }
-        Some("allowlist") if env.get(fleet::ALLOWLIST.0).is_none() => {
-            missing.push(fleet::ALLOWLIST)
+        Some("allowlist") if env.get(fleet_backend::ALLOWLIST.0).is_none() => {
+            missing.push(fleet_backend::ALLOWLIST)
         }
         _ => {}
     }
@@ -280,8 +280,8 @@ pub fn ownership_hints_from_env() -> Result<(Vec<iot::CertificateId>, Option<Str
 pub fn balena_fleet_from_env() -> Result<balena::Fleet, ConfigError> {
     let get = |name: &str| std::env::var(name).ok();
     let env = Env { lookup: &get };
-    let api_url = fleet::balena_api_url(&env)?;
-    let fleet_id = fleet::balena_fleet_id(&env)?;
+    let api_url = fleet_backend::balena_api_url(&env)?;
+    let fleet_id = fleet_backend::balena_fleet_id(&env)?;
     let key = env.required(
         "BALENA_API_KEY",
         "a balena API key that may write device variables",

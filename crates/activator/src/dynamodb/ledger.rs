@@ -39,7 +39,7 @@ pub struct DynamoLedger {
 
 /// What a batch write did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchReport {
+pub struct LedgerBatchReport {
     /// Items written.
     pub written: usize,
     /// Certificate ids not written (the deadline came first, or DynamoDB refused), with why.
@@ -113,14 +113,14 @@ impl DynamoLedger {
         concurrency: usize,
         deadline: Instant,
         progress: &(dyn Fn(usize) + Sync),
-    ) -> BatchReport {
+    ) -> LedgerBatchReport {
         use futures::StreamExt;
-        let results: Vec<BatchReport> = futures::stream::iter(entries.chunks(BATCH))
+        let results: Vec<LedgerBatchReport> = futures::stream::iter(entries.chunks(BATCH))
             .map(|chunk| self.put_chunk(chunk, deadline, progress))
             .buffer_unordered(concurrency.max(1))
             .collect()
             .await;
-        let mut report = BatchReport::default();
+        let mut report = LedgerBatchReport::default();
         for part in results {
             report.written += part.written;
             report.unwritten.extend(part.unwritten);
@@ -133,13 +133,13 @@ impl DynamoLedger {
         chunk: &[LedgerEntry],
         deadline: Instant,
         progress: &(dyn Fn(usize) + Sync),
-    ) -> BatchReport {
+    ) -> LedgerBatchReport {
         let mut pending: Vec<WriteRequest> = Vec::with_capacity(chunk.len());
         for entry in chunk {
             match put_request(entry) {
                 Ok(request) => pending.push(request),
                 Err(reason) => {
-                    return BatchReport {
+                    return LedgerBatchReport {
                         written: 0,
                         unwritten: chunk
                             .iter()
@@ -200,7 +200,7 @@ impl DynamoLedger {
             .filter_map(|v| v.as_s().ok())
             .map(|id| (id.clone(), last.clone()))
             .collect();
-        BatchReport { written, unwritten }
+        LedgerBatchReport { written, unwritten }
     }
 }
 

@@ -5,4 +5,4 @@
 mod ledger;
 pub mod presence;
 
-pub use ledger::{BatchReport, DynamoLedger};
+pub use ledger::{DynamoLedger, LedgerBatchReport};

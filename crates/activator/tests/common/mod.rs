@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ::iot::{aws::AwsIotRegistry, CertificateId};
-use activator::fleet::{BalenaDirectory, KeySource};
+use activator::balena_directory::{BalenaDirectory, KeySource};
 use activator::{FleetId, Policy, RegisteredEvent, RejectAction};
 use aws_sdk_iot::types::CertificateStatus as SdkStatus;
 use balena::ApiKey;

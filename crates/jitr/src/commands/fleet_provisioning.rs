@@ -118,7 +118,7 @@ pub(crate) fn claim(args: FpClaimArgs) -> Result<Outcome> {
         // The device first: no claim is made for one that cannot receive it.
         let member = match &fleet {
             Some(fleet) => match fleet.membership(&device, deadline).await? {
-                balena::Membership::Member(member) => Some(member),
+                balena::FleetMembership::Member(member) => Some(member),
                 _ => bail!(
                     "device {device} is not an active member of balena fleet {}: no claim made",
                     fleet.id()

@@ -350,7 +350,7 @@ fn issue_folders(
         hand_over,
         ..RunControl::default()
     };
-    times.workers = workers(ca, args.jobs);
+    times.workers = ca.workers(args.jobs);
     let bar = crate::progress::bar(ids.len(), "devices", PROGRESS_THRESHOLD);
     let clock = Instant::now();
     let report = issue_batch_with(ca, ids, &opts, &control, &|| bar.inc(1));
@@ -489,7 +489,7 @@ fn issue_bundle(
         skip_issued: args.resume,
         ..RunControl::default()
     };
-    times.workers = workers(ca, args.jobs);
+    times.workers = ca.workers(args.jobs);
     let bar = crate::progress::bar(ids.len(), "devices", PROGRESS_THRESHOLD);
     let clock = Instant::now();
     let report = if path == Path::new("-") {
@@ -626,15 +626,6 @@ fn to_file(
     });
     let _ = std::fs::remove_file(&tmp);
     Ok(result)
-}
-
-/// The workers a run uses (as the library picks them for `--jobs 0`).
-fn workers(ca: &factory_ca::Ca, jobs: usize) -> usize {
-    match jobs {
-        0 if ca.remote_key_uri().is_some() => factory_ca::REMOTE_JOBS,
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        jobs => jobs,
-    }
 }
 
 /// Hidden `.<name>.<pid>.partial` siblings of `path` left by runs that died (their process is

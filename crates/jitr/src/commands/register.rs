@@ -22,7 +22,7 @@ use futures::stream::{self, StreamExt};
 use indicatif::ProgressBar;
 use iot::{call_deadline, error_chain, CertificateId, CertificateStatus, ThingSpec};
 use operations::register::Placement;
-use operations::register::{self as bulk, Paces, Plan, Rates, Wanted};
+use operations::register::{self as bulk, Paces, Plan, RegisterRates, Wanted};
 use serde::{Deserialize, Serialize};
 
 use super::{print_json, Outcome};
@@ -151,7 +151,7 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
     let manifest = Manifest::read(&args.manifest)?;
     let mut rows = manifest.unreadable;
     let (journal, unfinished) = Journal::open(&manifest.folder.join(JOURNAL_FILE))?;
-    let rates = Rates::default();
+    let rates = RegisterRates::default();
     let (slowest, bound_rate) = rates.bound(args.status, args.thing.thing_group.is_some());
     let quota_time = Duration::from_secs_f64(manifest.devices_named as f64 / bound_rate);
     let deadline = tokio::time::Instant::now() + args.aws.timeout.unwrap_or(quota_time * 2 + SLACK);
@@ -498,11 +498,11 @@ impl<R: iot::IotAdmin> Ctx<'_, R> {
     async fn refused(&self, device: &DeviceId) -> Option<(Done, String)> {
         let fleet = self.fleet?;
         let reason = match fleet.membership(device, call_deadline(self.deadline)).await {
-            Ok(balena::Membership::Member(_)) => return None,
-            Ok(balena::Membership::Inactive(_)) => {
+            Ok(balena::FleetMembership::Member(_)) => return None,
+            Ok(balena::FleetMembership::Inactive(_)) => {
                 "inactive in the balena fleet: not registered".to_owned()
             }
-            Ok(balena::Membership::NotMember) => {
+            Ok(balena::FleetMembership::NotMember) => {
                 "not a device of the balena fleet: not registered".to_owned()
             }
             Err(e) => return Some((Done::Failed, format!("fleet check: {}", error_chain(&e)))),

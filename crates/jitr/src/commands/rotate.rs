@@ -15,7 +15,7 @@ use factory_ca::{issue_batch_with, BatchOptions, DeviceId, IssuedDevice, Rotatio
 use iot::{CertificateId, ThingSpec};
 use operations::register::Placement;
 use operations::rotate;
-use operations::status::{self, Known, Rates, State};
+use operations::status::{self, Known, State, StatusRates};
 use time::OffsetDateTime;
 
 use super::balena::Delivery;
@@ -234,7 +234,7 @@ impl Job {
                 fleet: Some(self.config.fleet.mark()),
                 thing_type: self.config.policy.thing_type.clone(),
             },
-            rates: Rates::default(),
+            rates: StatusRates::default(),
             ..status::Scope::default()
         };
         let quiet = |_: &str, _: usize, _: Option<usize>| {};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use activator::{FleetBackend, FleetDirectory, Ownership};
 use anyhow::{Context, Result};
-use operations::status::{self, DeviceStatus, Known, Rates, Scope, Standing, State};
+use operations::status::{self, DeviceStatus, Known, Scope, Standing, State, StatusRates};
 
 use super::reconcile::chosen_cas;
 use super::{print_json, Outcome};
@@ -27,9 +27,9 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
             thing_type: config.policy.thing_type.clone(),
         },
         deep: args.deep,
-        rates: Rates {
+        rates: StatusRates {
             per_operation: args.rate,
-            ..Rates::default()
+            ..StatusRates::default()
         },
         ..Scope::default()
     };

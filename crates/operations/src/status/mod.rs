@@ -1,7 +1,7 @@
 //! Every device's state (`jitr status`), read from AWS IoT and the fleet, and the safe fixes
 //! (`jitr status --fix`).
 //!
-//! What is read, all in bulk and paced within AWS IoT's default rates ([`Rates`]): every
+//! What is read, all in bulk and paced within AWS IoT's default rates ([`StatusRates`]): every
 //! certificate under each trusted CA (ListCertificatesByCA), every Thing (ListThings), and the
 //! fleet's roster. A certificate's device and validity come from the manifest when one is given,
 //! else from DescribeCertificate (its PEM: CN and notAfter), one per certificate at 10 a second.
@@ -215,7 +215,7 @@ pub struct Observed {
 
 /// Requests per second for each bulk read (AWS IoT's defaults).
 #[derive(Debug, Clone, Copy)]
-pub struct Rates {
+pub struct StatusRates {
     /// ListCertificatesByCA, ListThings pages; DescribeCertificate, ListThingPrincipals,
     /// ListPrincipalThings calls: 10 a second each by default.
     pub per_operation: f64,
@@ -223,9 +223,9 @@ pub struct Rates {
     pub concurrency: usize,
 }
 
-impl Default for Rates {
+impl Default for StatusRates {
     fn default() -> Self {
-        Rates {
+        StatusRates {
             per_operation: 10.0,
             concurrency: 8,
         }
@@ -267,7 +267,7 @@ pub struct Scope {
     /// Read every owned Thing's attachments, not only where they decide a state.
     pub deep: bool,
     /// How fast each kind of read goes.
-    pub rates: Rates,
+    pub rates: StatusRates,
 }
 
 mod classify;

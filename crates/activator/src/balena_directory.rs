@@ -156,12 +156,12 @@ impl FleetDirectory for BalenaDirectory {
             .checked_sub(DEADLINE_RESERVE)
             .unwrap_or_else(Instant::now);
         match fleet.membership(device, deadline).await {
-            Ok(balena::Membership::Member(d)) => Ok(Membership::Member(FleetMember {
+            Ok(balena::FleetMembership::Member(d)) => Ok(Membership::Member(FleetMember {
                 device: d.uuid,
                 handle: Some(d.id),
             })),
-            Ok(balena::Membership::Inactive(_)) => Ok(Membership::Inactive),
-            Ok(balena::Membership::NotMember) => Ok(Membership::NotMember),
+            Ok(balena::FleetMembership::Inactive(_)) => Ok(Membership::Inactive),
+            Ok(balena::FleetMembership::NotMember) => Ok(Membership::NotMember),
             Err(e) => Err(FleetError(Box::new(e))),
         }
     }
