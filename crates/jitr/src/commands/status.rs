@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::time::Duration;
 
+use crate::progress::Phases;
 use activator::{FleetBackend, FleetDirectory, Ownership};
 use anyhow::{Context, Result};
 use operations::status::{self, DeviceStatus, Known, Scope, Standing, State, StatusRates};
@@ -48,7 +49,7 @@ pub(crate) fn status(args: StatusArgs) -> Result<Outcome> {
         time::Duration::try_from(args.expiring_within).context("--expiring-within is too long")?;
     let runtime = crate::aws::runtime()?;
     let (rows, foreign, registry) = runtime.block_on(async {
-        let progress = Progress::new();
+        let progress = Phases::new("status");
         scope.roster = Some(roster(&fleet, deadline, &progress).await?);
         let session = crate::aws::session(&args.aws).await?;
         let registry = session.registry();
@@ -143,7 +144,7 @@ fn confirm_deletes(n: usize) -> bool {
 async fn roster(
     fleet: &FleetBackend,
     deadline: tokio::time::Instant,
-    progress: &Progress,
+    progress: &Phases,
 ) -> Result<HashMap<String, Standing>> {
     let devices = fleet
         .roster(deadline, &mut |n| {
@@ -278,48 +279,6 @@ fn print_fixes(fixes: &[status::Fix], applied: Option<&[status::Applied]>) {
                     Some(e) => println!("FAILED: {}: {e}", a.fix),
                 }
             }
-        }
-    }
-}
-
-/// Progress on standard error: each phase's count, at most every half second.
-struct Progress {
-    terminal: bool,
-    last: std::sync::Mutex<(String, std::time::Instant)>,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress {
-            terminal: std::io::stderr().is_terminal(),
-            last: std::sync::Mutex::new((String::new(), std::time::Instant::now())),
-        }
-    }
-
-    fn step(&self, what: &str, done: usize, total: Option<usize>) {
-        let mut last = self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let finished = total.is_some_and(|t| done >= t);
-        if last.0 == what && last.1.elapsed() < Duration::from_millis(500) && !finished {
-            return;
-        }
-        let line = match total {
-            Some(total) => format!("status: {what}: {done}/{total}"),
-            None => format!("status: {what}: {done}"),
-        };
-        if self.terminal {
-            eprint!("\r\x1b[2K{line}");
-        } else {
-            eprintln!("{line}");
-        }
-        *last = (what.to_owned(), std::time::Instant::now());
-    }
-
-    fn done(&self) {
-        if self.terminal {
-            eprintln!();
         }
     }
 }
