@@ -6,8 +6,8 @@
 
 #![no_main]
 
-use iot::{AccountId, CertificateId};
 use activator::{EventError, Incoming, RegisteredEvent};
+use iot::{AccountId, CertificateId};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

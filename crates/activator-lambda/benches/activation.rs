@@ -129,21 +129,25 @@ impl World {
             .enable_all()
             .build()
             .unwrap();
-        let moto = MotoServer::start().unwrap();
-        let balena = FakeBalena::start(KEY).unwrap();
-        balena.add_fleet(FLEET, "acme/sensors");
+        let testkit::world::World {
+            moto,
+            client: direct,
+            ca,
+            ca_id,
+            balena,
+            ..
+        } = testkit::world::Spec::new("jitr bench CA")
+            .policy(POLICY)
+            .balena(FLEET, "acme/sensors", KEY)
+            .start_on(&rt)
+            .unwrap();
+        let balena = balena.unwrap();
         let plan = FaultPlan {
             latency,
             ..FaultPlan::default()
         };
         let moto_proxy = Proxy::start(moto.addr(), plan.clone()).unwrap();
         let balena_proxy = Proxy::for_url(&balena.url(), plan).unwrap();
-        let direct = rt.block_on(iot::client(&moto));
-        let ca = TestCa::new("jitr bench CA").unwrap();
-        let ca_id = rt.block_on(async {
-            iot::create_policy(&direct, POLICY).await.unwrap();
-            iot::register_ca(&direct, &ca.cert_pem).await.unwrap()
-        });
         World {
             rt,
             _moto: moto,

@@ -17,11 +17,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_iot::types::CertificateStatus;
 use futures::StreamExt;
 use serde_json::json;
-use testkit::balena::FakeBalena;
-use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::lambda::{Invocation, RuntimeEmulator};
-use testkit::moto::MotoServer;
 use testkit::proc::KillOnDrop;
 
 const FLEET: u64 = 5150;
@@ -50,15 +47,19 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(iot::client(&moto));
-    let ca = TestCa::new("sweep bench CA").unwrap();
-    let ca_id = rt.block_on(async {
-        iot::create_policy(&client, POLICY).await.unwrap();
-        iot::register_ca(&client, &ca.cert_pem).await.unwrap()
-    });
-    let balena = FakeBalena::start(KEY).unwrap();
-    balena.add_fleet(FLEET, "sweep-bench");
+    let testkit::world::World {
+        moto,
+        client,
+        ca,
+        ca_id,
+        balena,
+        ..
+    } = testkit::world::Spec::new("sweep bench CA")
+        .policy(POLICY)
+        .balena(FLEET, "sweep-bench", KEY)
+        .start_on(&rt)
+        .unwrap();
+    let balena = balena.unwrap();
 
     // Pending ones spread evenly among the active ones, registered in that order.
     let total = active + pending;

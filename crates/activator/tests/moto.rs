@@ -88,14 +88,18 @@ impl World {
             .collect()
     }
 
+    /// The Things in the account but the other application's.
     async fn thing_count(&self) -> usize {
+        let foreign = self.foreign.things();
         self.client
             .list_things()
             .send()
             .await
             .unwrap()
             .things()
-            .len()
+            .iter()
+            .filter(|t| !foreign.contains(&t.thing_name().unwrap_or_default()))
+            .count()
     }
 
     /// Asserts the certificate is ACTIVE with exactly one Thing (the device) and the policy.
@@ -215,6 +219,7 @@ async fn fleet_membership_decides_activation() {
         Outcome::Rejected
     );
     w.assert_untouched(&id, SdkStatus::Inactive).await;
+    w.assert_foreign_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,6 +309,7 @@ async fn only_certificates_we_issued_to_the_profile_are_activated() {
     );
     w.assert_untouched(&cert_id, SdkStatus::Revoked).await;
     assert_eq!(w.thing_count().await, 0);
+    w.assert_foreign_untouched().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

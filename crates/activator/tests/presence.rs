@@ -51,15 +51,18 @@ struct World {
 }
 
 async fn world() -> World {
-    let moto = tokio::task::spawn_blocking(MotoServer::start)
+    let testkit::world::World {
+        moto,
+        sdk,
+        client: iot,
+        ca,
+        ca_id,
+        ..
+    } = testkit::world::Spec::new("presence test CA")
+        .start()
         .await
-        .unwrap()
         .unwrap();
-    let sdk = iot::sdk_config(&moto).await;
-    let iot = aws_sdk_iot::Client::new(&sdk);
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    let ca = TestCa::new("presence test CA").unwrap();
-    let ca_id = iot::register_ca(&iot, &ca.cert_pem).await.unwrap();
     iot::create_device_policy(&iot, POLICY, "balena")
         .await
         .unwrap();

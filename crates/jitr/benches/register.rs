@@ -17,9 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Instant;
 
 use operations::register::{RegisterRates, Wanted};
-use testkit::certs::TestCa;
 use testkit::iot;
-use testkit::moto::MotoServer;
 
 const POLICY: &str = "jitr-device";
 
@@ -75,17 +73,13 @@ fn main() {
     } else {
         env_count("JITR_REGISTER_DEVICES", 10_000)
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let rt = testkit::world::runtime();
+    let testkit::world::World {
+        moto, client, ca, ..
+    } = testkit::world::Spec::new("register bench CA")
+        .policy(POLICY)
+        .start_on(&rt)
         .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(iot::client(&moto));
-    let ca = TestCa::new("register bench CA").unwrap();
-    rt.block_on(async {
-        iot::create_policy(&client, POLICY).await.unwrap();
-        iot::register_ca(&client, &ca.cert_pem).await.unwrap();
-    });
 
     // The factory's batch, issued in-process (the fast path), laid out as `jitr issue` does.
     let work = tempfile::tempdir().unwrap();

@@ -24,10 +24,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use testkit::balena::FakeBalena;
-use testkit::certs::TestCa;
-use testkit::iot;
-use testkit::moto::MotoServer;
 
 const FLEET: u64 = 99;
 const KEY: &str = "status-bench-key";
@@ -56,14 +52,18 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(iot::client(&moto));
-    let ca = TestCa::new("status bench CA").unwrap();
-    let ca_id = rt
-        .block_on(iot::register_ca(&client, &ca.cert_pem))
+    let testkit::world::World {
+        moto,
+        client,
+        ca,
+        ca_id,
+        balena,
+        ..
+    } = testkit::world::Spec::new("status bench CA")
+        .balena(FLEET, "acme/bench", KEY)
+        .start_on(&rt)
         .unwrap();
-    let balena = FakeBalena::start(KEY).unwrap();
-    balena.add_fleet(FLEET, "acme/bench");
+    let balena = balena.unwrap();
     let work = tempfile::tempdir().unwrap();
     let manifest = work.path().join("manifest.jsonl");
 

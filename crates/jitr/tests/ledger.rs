@@ -34,23 +34,25 @@ struct World {
 }
 
 fn world() -> World {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let rt = testkit::world::runtime();
+    let testkit::world::World {
+        moto,
+        sdk,
+        client: iot,
+        ca,
+        ca_id,
+        ..
+    } = testkit::world::Spec::new("ledger test CA")
+        .policy(POLICY)
+        .start_on(&rt)
         .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let sdk = rt.block_on(iot::sdk_config(&moto));
-    let iot = aws_sdk_iot::Client::new(&sdk);
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    let ca = TestCa::new("ledger test CA").unwrap();
-    let ca_id = rt.block_on(async {
-        iot::create_policy(&iot, POLICY).await.unwrap();
-        let ca_id = iot::register_ca(&iot, &ca.cert_pem).await.unwrap();
-        testkit::dynamodb::create_table(&dynamodb, TABLE, "certificate_id")
-            .await
-            .unwrap();
-        ca_id
-    });
+    rt.block_on(testkit::dynamodb::create_table(
+        &dynamodb,
+        TABLE,
+        "certificate_id",
+    ))
+    .unwrap();
     let work = tempfile::tempdir().unwrap();
     let members: String = (1..=4).map(|n| format!("{}\n", uuid(n))).collect();
     std::fs::write(work.path().join("allowlist"), members).unwrap();

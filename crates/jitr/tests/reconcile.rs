@@ -27,19 +27,19 @@ struct World {
 }
 
 fn world(with_policy: bool) -> World {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(iot::client(&moto));
-    let ca = TestCa::new("reconcile test CA").unwrap();
-    let ca_id = rt.block_on(async {
-        if with_policy {
-            iot::create_policy(&client, POLICY).await.unwrap();
-        }
-        iot::register_ca(&client, &ca.cert_pem).await.unwrap()
-    });
+    let rt = testkit::world::runtime();
+    let spec = testkit::world::Spec::new("reconcile test CA");
+    let spec = match with_policy {
+        true => spec.policy(POLICY),
+        false => spec,
+    };
+    let testkit::world::World {
+        moto,
+        client,
+        ca,
+        ca_id,
+        ..
+    } = spec.start_on(&rt).unwrap();
     let allowlist = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(allowlist.path(), format!("{}\n{}\n", uuid(1), uuid(2))).unwrap();
     World {

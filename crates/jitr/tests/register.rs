@@ -11,7 +11,6 @@ use std::process::Output;
 use aws_sdk_iot::types::CertificateStatus;
 use testkit::balena::FakeBalena;
 use testkit::certs::TestCa;
-use testkit::iot;
 use testkit::moto::MotoServer;
 use testkit::proxy::{FaultPlan, Proxy};
 
@@ -37,17 +36,13 @@ struct World {
 impl World {
     /// moto with the CA registered and the policy made; `n` devices issued into devices/.
     fn new(n: usize) -> World {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        let rt = testkit::world::runtime();
+        let testkit::world::World {
+            moto, client, ca, ..
+        } = testkit::world::Spec::new("register test CA")
+            .policy(POLICY)
+            .start_on(&rt)
             .unwrap();
-        let moto = MotoServer::start().unwrap();
-        let client = rt.block_on(iot::client(&moto));
-        let ca = TestCa::new("register test CA").unwrap();
-        rt.block_on(async {
-            iot::create_policy(&client, POLICY).await.unwrap();
-            iot::register_ca(&client, &ca.cert_pem).await.unwrap();
-        });
         let work = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(work.path().join("ca")).unwrap();
         std::fs::write(work.path().join("ca/ca.crt"), &ca.cert_pem).unwrap();

@@ -39,31 +39,30 @@ struct World {
 
 impl World {
     fn new() -> World {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        let rt = testkit::world::runtime();
+        let testkit::world::World {
+            moto,
+            client,
+            ca,
+            ca_id,
+            balena,
+            foreign,
+            ..
+        } = testkit::world::Spec::new("status test CA")
+            .policy(POLICY)
+            .balena(FLEET, "acme/status", KEY)
+            .foreign()
+            .start_on(&rt)
             .unwrap();
-        let moto = MotoServer::start().unwrap();
-        let client = rt.block_on(iot::client(&moto));
-        let ca = TestCa::new("status test CA").unwrap();
-        let ca_id = rt.block_on(async {
-            iot::create_policy(&client, POLICY).await.unwrap();
-            iot::register_ca(&client, &ca.cert_pem).await.unwrap()
-        });
-        let foreign = rt
-            .block_on(testkit::foreign::Foreign::plant(&moto, &client))
-            .unwrap();
-        let balena = FakeBalena::start(KEY).unwrap();
-        balena.add_fleet(FLEET, "acme/status");
         World {
             rt,
             moto,
             client,
             ca,
             ca_id,
-            balena,
+            balena: balena.unwrap(),
             manifest: tempfile::tempdir().unwrap(),
-            foreign,
+            foreign: foreign.unwrap(),
         }
     }
 

@@ -142,134 +142,39 @@ pub async fn revoke<A: IotAdmin>(
     scope: &Scope,
     deadline: Instant,
 ) -> Result<RevokeReport, RevokeError> {
-    let d = || call_deadline(deadline);
     let mut report = RevokeReport::default();
-    // Things known to be jitr's: the only ones a delete may remove.
-    let mut deletable: Vec<String> = Vec::new();
-    let (mut arns, mut things) = match target {
+    let mut found = match target {
         Target::Device(thing) => {
-            let mut ours = Vec::new();
-            let mut trusted_certificate = false;
-            for (id, described) in
-                activator::ownership::attached_certificates(iot, thing, deadline).await?
-            {
-                // One deleted since the listing has nothing left to revoke.
-                let Some(described) = described else { continue };
-                let ca = described.ca_certificate_id.as_ref();
-                if scope.foreign_ca(ca) {
-                    report.foreign_kept.push(id.to_string());
-                } else {
-                    trusted_certificate |= scope.trusted_ca(ca);
-                    ours.push(described.arn);
-                }
-            }
-            match iot.describe_thing(thing, d()).await? {
-                Some(spec) => {
-                    let known = scope.vouched || !also.is_empty() || trusted_certificate;
-                    if !scope.ownership.owns(&spec, known) {
-                        return Err(RevokeError::NotOurs(format!(
-                            "Thing {thing} is not jitr's: it has no fleet attribute or jitr thing type, and no certificate of a trusted CA (JITR_TRUSTED_CA_IDS) is attached; give --manifest if the factory issued it"
-                        )));
-                    }
-                    deletable.push(thing.clone());
-                    (ours, vec![thing.clone()])
-                }
-                // A typo, or a device revoked and deleted before: nothing is made for it.
-                // The manifest vouches for a device that never connected, which is marked.
-                None if ours.is_empty() && also.is_empty() => {
-                    return Err(RevokeError::Nothing(format!(
-                        "nothing to revoke: AWS IoT has no Thing {thing} and no certificate of it (a device that never connected is cut off with --manifest naming its certificates)"
-                    )))
-                }
-                None => (ours, Vec::new()),
-            }
+            device_targets(iot, thing, also, scope, &mut report, deadline).await?
         }
-        Target::Certificate(id) => {
-            let described = iot.describe_certificate(id, d()).await?;
-            let ca = described.ca_certificate_id.as_ref();
-            if scope.foreign_ca(ca) {
-                let ca = ca.map(|c| c.to_string()).unwrap_or_default();
-                return Err(RevokeError::NotOurs(format!(
-                    "certificate {id} is registered under CA {ca}, which is not in JITR_TRUSTED_CA_IDS: not jitr's to revoke"
-                )));
-            }
-            let things = iot.principal_things(&described.arn, d()).await?;
-            let ours = scope.vouched || scope.trusted_ca(ca);
-            for thing in &things {
-                if ours {
-                    deletable.push(thing.clone());
-                    continue;
-                }
-                // Not provably jitr's by its CA: its Things must be.
-                if let Some(spec) = iot.describe_thing(thing, d()).await? {
-                    if !scope.ownership.owns(&spec, false) {
-                        return Err(RevokeError::NotOurs(format!(
-                            "certificate {id} is attached to Thing {thing}, which is not jitr's (no fleet attribute or jitr thing type): not jitr's to revoke"
-                        )));
-                    }
-                }
-                deletable.push(thing.clone());
-            }
-            (vec![described.arn], things)
-        }
+        Target::Certificate(id) => certificate_targets(iot, id, scope, deadline).await?,
     };
+    let d = || call_deadline(deadline);
     for id in also {
-        if arns.iter().any(|arn| id_from_arn(arn) == Some(id.as_str())) {
+        if found
+            .arns
+            .iter()
+            .any(|arn| id_from_arn(arn) == Some(id.as_str()))
+        {
             continue;
         }
         match iot.describe_certificate(id, d()).await {
-            Ok(described) => arns.push(described.arn),
+            Ok(described) => found.arns.push(described.arn),
             Err(e) if e.is_not_found() => report.not_registered.push(id.to_string()),
             Err(e) => return Err(e.into()),
         }
     }
-    for arn in &arns {
-        let id = id_from_arn(arn).unwrap_or_default();
-        let certificate = CertificateId::parse(id).map_err(|reason| {
-            RegistryError::failed("UpdateCertificate", format!("{arn}: {reason}"))
-        })?;
-        // Revoke first: from here on the certificate cannot connect, whatever else fails.
-        iot.set_certificate_status(&certificate, CertificateStatus::Revoked, d())
-            .await?;
-        let mut policies_detached = Vec::new();
-        for policy in iot.attached_policies(arn, d()).await? {
-            iot.detach_policy(&policy, arn, d()).await?;
-            policies_detached.push(policy);
-        }
-        let mut things_detached = Vec::new();
-        for thing in iot.principal_things(arn, d()).await? {
-            iot.detach_thing_principal(&thing, arn, d()).await?;
-            if !things.contains(&thing) {
-                things.push(thing.clone());
+    for arn in &found.arns {
+        let revoked = revoke_one(iot, arn, deadline).await?;
+        for thing in &revoked.things_detached {
+            if !found.things.contains(thing) {
+                found.things.push(thing.clone());
             }
-            things_detached.push(thing);
         }
-        report.revoked.push(Revoked {
-            certificate_id: id.to_owned(),
-            policies_detached,
-            things_detached,
-        });
+        report.revoked.push(revoked);
     }
     if delete_things {
-        for thing in things {
-            // jitr's certificates are detached by now: whatever is still attached (a Cognito
-            // identity, another CA's certificate) is another application's.
-            let others = match iot.thing_principals(&thing, d()).await {
-                Ok(p) => !p.is_empty(),
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let ours = deletable.contains(&thing)
-                || iot
-                    .describe_thing(&thing, d())
-                    .await?
-                    .is_some_and(|spec| scope.ownership.owns(&spec, false));
-            if others || !ours {
-                report.things_kept.push(thing);
-            } else if iot.delete_thing(&thing, d()).await? {
-                report.things_deleted.push(thing);
-            }
-        }
+        delete_owned(iot, &found, scope, &mut report, deadline).await?;
     }
     if let Target::Device(thing) = target {
         if !report.things_deleted.contains(thing) {
@@ -278,6 +183,166 @@ pub async fn revoke<A: IotAdmin>(
         }
     }
     Ok(report)
+}
+
+/// What a revocation acts on: the certificates, the Things they are attached to, and of
+/// those the Things known to be jitr's (the only ones a delete may remove).
+struct Found {
+    arns: Vec<String>,
+    things: Vec<String>,
+    deletable: Vec<String>,
+}
+
+/// A device's certificates of trusted CAs (another CA's are kept, into the report), and its
+/// Thing when jitr owns it.
+async fn device_targets<A: IotAdmin>(
+    iot: &A,
+    thing: &str,
+    also: &[CertificateId],
+    scope: &Scope,
+    report: &mut RevokeReport,
+    deadline: Instant,
+) -> Result<Found, RevokeError> {
+    let mut ours = Vec::new();
+    let mut trusted_certificate = false;
+    for (id, described) in activator::ownership::attached_certificates(iot, thing, deadline).await?
+    {
+        // One deleted since the listing has nothing left to revoke.
+        let Some(described) = described else { continue };
+        let ca = described.ca_certificate_id.as_ref();
+        if scope.foreign_ca(ca) {
+            report.foreign_kept.push(id.to_string());
+        } else {
+            trusted_certificate |= scope.trusted_ca(ca);
+            ours.push(described.arn);
+        }
+    }
+    match iot.describe_thing(thing, call_deadline(deadline)).await? {
+        Some(spec) => {
+            let known = scope.vouched || !also.is_empty() || trusted_certificate;
+            if !scope.ownership.owns(&spec, known) {
+                return Err(RevokeError::NotOurs(format!(
+                    "Thing {thing} is not jitr's: it has no fleet attribute or jitr thing type, and no certificate of a trusted CA (JITR_TRUSTED_CA_IDS) is attached; give --manifest if the factory issued it"
+                )));
+            }
+            Ok(Found {
+                arns: ours,
+                things: vec![thing.to_owned()],
+                deletable: vec![thing.to_owned()],
+            })
+        }
+        // A typo, or a device revoked and deleted before: nothing is made for it.
+        // The manifest vouches for a device that never connected, which is marked.
+        None if ours.is_empty() && also.is_empty() => Err(RevokeError::Nothing(format!(
+            "nothing to revoke: AWS IoT has no Thing {thing} and no certificate of it (a device that never connected is cut off with --manifest naming its certificates)"
+        ))),
+        None => Ok(Found {
+            arns: ours,
+            things: Vec::new(),
+            deletable: Vec::new(),
+        }),
+    }
+}
+
+/// One certificate, when it is jitr's: by its trusted CA, or else by every Thing it is
+/// attached to being jitr's.
+async fn certificate_targets<A: IotAdmin>(
+    iot: &A,
+    id: &CertificateId,
+    scope: &Scope,
+    deadline: Instant,
+) -> Result<Found, RevokeError> {
+    let d = || call_deadline(deadline);
+    let described = iot.describe_certificate(id, d()).await?;
+    let ca = described.ca_certificate_id.as_ref();
+    if scope.foreign_ca(ca) {
+        let ca = ca.map(|c| c.to_string()).unwrap_or_default();
+        return Err(RevokeError::NotOurs(format!(
+            "certificate {id} is registered under CA {ca}, which is not in JITR_TRUSTED_CA_IDS: not jitr's to revoke"
+        )));
+    }
+    let things = iot.principal_things(&described.arn, d()).await?;
+    let ours = scope.vouched || scope.trusted_ca(ca);
+    let mut deletable = Vec::new();
+    for thing in &things {
+        if !ours {
+            // Not provably jitr's by its CA: its Things must be.
+            if let Some(spec) = iot.describe_thing(thing, d()).await? {
+                if !scope.ownership.owns(&spec, false) {
+                    return Err(RevokeError::NotOurs(format!(
+                        "certificate {id} is attached to Thing {thing}, which is not jitr's (no fleet attribute or jitr thing type): not jitr's to revoke"
+                    )));
+                }
+            }
+        }
+        deletable.push(thing.clone());
+    }
+    Ok(Found {
+        arns: vec![described.arn],
+        things,
+        deletable,
+    })
+}
+
+/// Revokes one certificate first (from then on it cannot connect, whatever else fails), then
+/// detaches its policies and Things.
+async fn revoke_one<A: IotAdmin>(
+    iot: &A,
+    arn: &str,
+    deadline: Instant,
+) -> Result<Revoked, RevokeError> {
+    let d = || call_deadline(deadline);
+    let id = id_from_arn(arn).unwrap_or_default();
+    let certificate = CertificateId::parse(id)
+        .map_err(|reason| RegistryError::failed("UpdateCertificate", format!("{arn}: {reason}")))?;
+    iot.set_certificate_status(&certificate, CertificateStatus::Revoked, d())
+        .await?;
+    let mut policies_detached = Vec::new();
+    for policy in iot.attached_policies(arn, d()).await? {
+        iot.detach_policy(&policy, arn, d()).await?;
+        policies_detached.push(policy);
+    }
+    let mut things_detached = Vec::new();
+    for thing in iot.principal_things(arn, d()).await? {
+        iot.detach_thing_principal(&thing, arn, d()).await?;
+        things_detached.push(thing);
+    }
+    Ok(Revoked {
+        certificate_id: id.to_owned(),
+        policies_detached,
+        things_detached,
+    })
+}
+
+/// Deletes the Things found that are jitr's and hold nothing else; keeps the others.
+async fn delete_owned<A: IotAdmin>(
+    iot: &A,
+    found: &Found,
+    scope: &Scope,
+    report: &mut RevokeReport,
+    deadline: Instant,
+) -> Result<(), RevokeError> {
+    let d = || call_deadline(deadline);
+    for thing in &found.things {
+        // jitr's certificates are detached by now: whatever is still attached (a Cognito
+        // identity, another CA's certificate) is another application's.
+        let others = match iot.thing_principals(thing, d()).await {
+            Ok(p) => !p.is_empty(),
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let ours = found.deletable.contains(thing)
+            || iot
+                .describe_thing(thing, d())
+                .await?
+                .is_some_and(|spec| scope.ownership.owns(&spec, false));
+        if others || !ours {
+            report.things_kept.push(thing.clone());
+        } else if iot.delete_thing(thing, d()).await? {
+            report.things_deleted.push(thing.clone());
+        }
+    }
+    Ok(())
 }
 
 /// Leaves the revocation mark on `thing` (made if it does not exist): the time, RFC 3339.

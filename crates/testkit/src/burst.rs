@@ -99,16 +99,20 @@ impl BurstWorld {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let moto = MotoServer::start()?;
-        let client = rt.block_on(crate::iot::client(&moto));
-        let ca = TestCa::new("burst CA")?;
-        let ca_id = rt.block_on(async {
-            crate::iot::create_policy(&client, POLICY).await?;
-            crate::iot::register_ca(&client, &ca.cert_pem).await
-        })?;
-        let foreign = rt.block_on(crate::foreign::Foreign::plant(&moto, &client))?;
-        let balena = FakeBalena::start(API_KEY)?;
-        balena.add_fleet(FLEET_ID, "burst-fleet");
+        let crate::world::World {
+            moto,
+            client,
+            ca,
+            ca_id,
+            balena,
+            foreign,
+            ..
+        } = crate::world::Spec::new("burst CA")
+            .policy(POLICY)
+            .balena(FLEET_ID, "burst-fleet", API_KEY)
+            .foreign()
+            .start_on(&rt)?;
+        let (balena, foreign) = (balena.context("the fleet")?, foreign.context("foreign")?);
 
         let mut devices = Vec::with_capacity(n);
         let mut pems = Vec::with_capacity(n);

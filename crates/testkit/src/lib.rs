@@ -18,6 +18,8 @@
 //!   the endpoint, the real `bootstrap` behind a topic rule, an application subscribed.
 //! - [`certs::TestCa`]: a jitr CA with good and hostile device certificates.
 //! - [`http::HttpRequest`]: a tiny blocking HTTP/1.1 client for talking to all of the above.
+//! - [`world::Spec`]: the one moto world the suites start from (the CA registered, the device
+//!   policy, the fleet, another application's things).
 //!
 //! Every server listens on `127.0.0.1` on a free port, runs on its own thread (so it works
 //! from plain `#[test]`s and from `#[tokio::test]`s alike) and stops when dropped.
@@ -38,5 +40,6 @@ pub mod proc;
 pub mod proxy;
 mod server;
 pub mod topic_rule;
+pub mod world;
 
 pub use proc::{free_port, wait_for_port};

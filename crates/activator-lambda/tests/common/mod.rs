@@ -34,23 +34,23 @@ pub(crate) struct World {
 }
 
 pub(crate) fn world() -> World {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let rt = testkit::world::runtime();
+    let testkit::world::World {
+        moto,
+        client,
+        ca,
+        ca_id,
+        balena,
+        ..
+    } = testkit::world::Spec::new("bootstrap test CA")
+        .policy(POLICY)
+        .balena(FLEET, "acme/fleet", KEY)
+        .start_on(&rt)
         .unwrap();
-    let moto = MotoServer::start().unwrap();
-    let client = rt.block_on(iot::client(&moto));
-    let ca = TestCa::new("bootstrap test CA").unwrap();
-    let ca_id = rt.block_on(async {
-        iot::create_policy(&client, POLICY).await.unwrap();
-        iot::register_ca(&client, &ca.cert_pem).await.unwrap()
-    });
-    let balena = FakeBalena::start(KEY).unwrap();
-    balena.add_fleet(FLEET, "acme/fleet");
     World {
         rt,
         moto,
-        balena,
+        balena: balena.unwrap(),
         ca,
         ca_id,
         client,

@@ -15,6 +15,7 @@ use testkit::balena::FakeBalena;
 use testkit::certs::TestCa;
 use testkit::iot;
 use testkit::moto::MotoServer;
+use testkit::world::Spec;
 use tokio::time::Instant;
 
 /// The balena fleet devices must belong to.
@@ -33,6 +34,8 @@ pub(crate) struct World {
     pub(crate) client: aws_sdk_iot::Client,
     /// The adapter under test, straight to moto.
     pub(crate) registry: AwsIotRegistry,
+    /// Another application's things in the same account: never touched.
+    pub(crate) foreign: testkit::foreign::Foreign,
 }
 
 /// A device UUID from a number.
@@ -46,27 +49,29 @@ pub(crate) fn deadline() -> Instant {
 }
 
 pub(crate) async fn world() -> World {
-    let moto = tokio::task::spawn_blocking(MotoServer::start)
+    let testkit::world::World {
+        moto,
+        sdk,
+        client,
+        ca,
+        ca_id,
+        balena,
+        foreign,
+    } = Spec::new("jitr test CA")
+        .policy(POLICY)
+        .balena(FLEET, "acme/sensors", KEY)
+        .foreign()
+        .start()
         .await
-        .unwrap()
         .unwrap();
-    let sdk = iot::sdk_config(&moto).await;
-    let client = aws_sdk_iot::Client::new(&sdk);
-    let ca = TestCa::new("jitr test CA").unwrap();
-    let ca_id = iot::register_ca(&client, &ca.cert_pem).await.unwrap();
-    iot::create_policy(&client, POLICY).await.unwrap();
-    let balena = tokio::task::spawn_blocking(|| FakeBalena::start(KEY))
-        .await
-        .unwrap()
-        .unwrap();
-    balena.add_fleet(FLEET, "acme/sensors");
     World {
         moto,
-        balena,
+        balena: balena.unwrap(),
         ca,
         ca_id,
         registry: AwsIotRegistry::new(&sdk),
         client,
+        foreign: foreign.unwrap(),
     }
 }
 
@@ -106,6 +111,11 @@ impl World {
     /// The registered event AWS IoT publishes for `certificate_id`.
     pub(crate) fn event(&self, certificate_id: &str) -> RegisteredEvent {
         RegisteredEvent::from_value(&iot::registered_event(certificate_id, &self.ca_id)).unwrap()
+    }
+
+    /// Fails the test unless the other application's things are as planted.
+    pub(crate) async fn assert_foreign_untouched(&self) {
+        self.foreign.assert_untouched(&self.client).await.unwrap();
     }
 
     pub(crate) async fn status(&self, certificate_id: &str) -> SdkStatus {

@@ -47,6 +47,100 @@ pub fn classify(
     rows
 }
 
+/// What judging one device looks at, read once from what was observed.
+struct Facts<'a> {
+    observed: &'a Observed,
+    device: &'a str,
+    certs: &'a [&'a Listed],
+    active: Vec<&'a Listed>,
+    pending: Vec<&'a Listed>,
+    /// The device's standing in the fleet; `None` when not in it (or not read).
+    standing: Option<Standing>,
+    /// Whether the fleet's roster was read (a device missing from it is not in the fleet).
+    judged: bool,
+    thing: Option<String>,
+    /// A rotation in its grace period: the newest ACTIVE certificate replaces the others,
+    /// which stay ACTIVE until retire_after.
+    rotating: bool,
+    revoked_mark: Option<&'a String>,
+    newest_connected: bool,
+}
+
+impl<'a> Facts<'a> {
+    fn read(
+        observed: &'a Observed,
+        device: &'a str,
+        certs: &'a [&'a Listed],
+        now: OffsetDateTime,
+    ) -> Self {
+        let with = |status: CertificateStatus| -> Vec<&'a Listed> {
+            certs
+                .iter()
+                .copied()
+                .filter(|c| c.status == status)
+                .collect()
+        };
+        let active = with(CertificateStatus::Active);
+        let pending = with(CertificateStatus::PendingActivation);
+        let rotating = active.len() >= 2 && {
+            let newest = active[active.len() - 1];
+            observed.known.get(newest.id.as_str()).is_some_and(|k| {
+                k.retire_after.is_some_and(|at| at > now)
+                    && active[..active.len() - 1]
+                        .iter()
+                        .all(|old| k.supersedes.as_deref() == Some(old.id.as_str()))
+            })
+        };
+        let newest_connected = active.last().is_some_and(|newest| {
+            activator::presence::has_connected(
+                connections(observed, device),
+                newest.id.as_str(),
+                None,
+            )
+        });
+        Facts {
+            observed,
+            device,
+            certs,
+            standing: observed
+                .roster
+                .as_ref()
+                .and_then(|r| r.get(device).copied()),
+            judged: observed.roster.is_some(),
+            thing: observed.things.contains(device).then(|| device.to_owned()),
+            rotating,
+            revoked_mark: observed.revoked_marks.get(device),
+            newest_connected,
+            active,
+            pending,
+        }
+    }
+
+    fn known(&self, c: &Listed) -> Option<&'a Known> {
+        self.observed.known.get(c.id.as_str())
+    }
+
+    /// The newest ACTIVE certificate, when there is one.
+    fn newest(&self) -> Option<&'a Listed> {
+        self.active.last().copied()
+    }
+}
+
+/// Every connection the presence table records for `device`.
+fn connections<'a>(observed: &'a Observed, device: &str) -> &'a [activator::presence::Connection] {
+    observed
+        .presence
+        .as_ref()
+        .and_then(|p| p.get(device))
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The first 12 characters of a certificate id, as the reasons show it.
+fn short(id: &CertificateId) -> String {
+    id.as_str()[..12.min(id.as_str().len())].to_owned()
+}
+
 fn classify_device(
     observed: &Observed,
     device: &str,
@@ -54,200 +148,168 @@ fn classify_device(
     now: OffsetDateTime,
     window: time::Duration,
 ) -> DeviceStatus {
-    let known = |c: &Listed| observed.known.get(c.id.as_str());
+    let facts = Facts::read(observed, device, certs, now);
+    let (state, reason) = urgent(&facts, now, window).unwrap_or_else(|| settled(&facts));
     let rows: Vec<CertificateRow> = certs
         .iter()
         .map(|c| CertificateRow {
             certificate_id: c.id.to_string(),
             status: c.status.as_str().to_owned(),
-            not_after: known(c).and_then(|k| k.not_after).map(rfc3339),
+            not_after: facts.known(c).and_then(|k| k.not_after).map(rfc3339),
             created: c.created,
         })
         .collect();
-    let active: Vec<&Listed> = certs
-        .iter()
-        .copied()
-        .filter(|c| c.status == CertificateStatus::Active)
-        .collect();
-    let pending: Vec<&Listed> = certs
-        .iter()
-        .copied()
-        .filter(|c| c.status == CertificateStatus::PendingActivation)
-        .collect();
-    let standing = observed
-        .roster
-        .as_ref()
-        .and_then(|r| r.get(device).copied());
-    let member = standing == Some(Standing::Active);
-    let judged = observed.roster.is_some();
-    let thing = observed.things.contains(device).then(|| device.to_owned());
-    let short = |id: &CertificateId| id.as_str()[..12.min(id.as_str().len())].to_owned();
+    DeviceStatus {
+        device_id: device.to_owned(),
+        state,
+        certificates: rows,
+        fleet_member: facts.standing == Some(Standing::Active),
+        last_connected: activator::presence::last_connected(connections(observed, device)).cloned(),
+        newest_connected: facts.newest_connected,
+        thing: facts.thing,
+        reason,
+    }
+}
 
-    // A rotation in its grace period: the newest ACTIVE certificate replaces the others, which
-    // stay ACTIVE until retire_after.
-    let rotating = active.len() >= 2 && {
-        let newest = active[active.len() - 1];
-        known(newest).is_some_and(|k| {
-            k.retire_after.is_some_and(|at| at > now)
-                && active[..active.len() - 1]
-                    .iter()
-                    .all(|old| k.supersedes.as_deref() == Some(old.id.as_str()))
-        })
+/// The states that ask something of the operator, in order of urgency: drifted, inactive,
+/// duplicate, held, expiring, pending. `None` when none applies.
+fn urgent(f: &Facts<'_>, now: OffsetDateTime, window: time::Duration) -> Option<(State, String)> {
+    let (active, pending) = (&f.active, &f.pending);
+    if let (Some(at), false) = (f.revoked_mark, active.is_empty()) {
+        let reason = format!(
+            "cut off by jitr revoke at {at}, yet {} ACTIVE certificate(s)",
+            active.len()
+        );
+        return Some((State::Drifted, reason));
+    }
+    if !active.is_empty() && f.judged && f.standing.is_none() {
+        let reason = format!(
+            "{} ACTIVE certificate(s), but the device is not in the fleet",
+            active.len()
+        );
+        return Some((State::Drifted, reason));
+    }
+    if f.standing == Some(Standing::Inactive) && !(active.is_empty() && pending.is_empty()) {
+        let reason = "inactive in the fleet (paused): its certificates are held as they are";
+        return Some((State::Inactive, reason.to_owned()));
+    }
+    if active.len() >= 2 && !f.rotating {
+        return Some((State::Duplicate, duplicate_reason(f)));
+    }
+    if let (Some(waiting), Some(live)) = (pending.first(), active.first()) {
+        let reason = format!(
+            "{} waits for approval (jitr approve) beside ACTIVE {}",
+            short(&waiting.id),
+            short(&live.id)
+        );
+        return Some((State::Held, reason));
+    }
+    // In a rotation only the newest counts: the ones it replaces are on their way out.
+    let counted = match f.rotating {
+        true => &active[active.len() - 1..],
+        false => &active[..],
     };
-    let revoked_mark = observed.revoked_marks.get(device);
-    let connections = observed
-        .presence
-        .as_ref()
-        .and_then(|p| p.get(device))
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let last_connected = activator::presence::last_connected(connections).cloned();
-    let newest_connected = active.last().is_some_and(|newest| {
-        activator::presence::has_connected(connections, newest.id.as_str(), None)
-    });
-    let (state, reason) = if let (Some(at), false) = (revoked_mark, active.is_empty()) {
-        (
-            State::Drifted,
-            format!(
-                "cut off by jitr revoke at {at}, yet {} ACTIVE certificate(s)",
-                active.len()
-            ),
-        )
-    } else if !active.is_empty() && judged && standing.is_none() {
-        (
-            State::Drifted,
-            format!(
-                "{} ACTIVE certificate(s), but the device is not in the fleet",
-                active.len()
-            ),
-        )
-    } else if standing == Some(Standing::Inactive) && !(active.is_empty() && pending.is_empty()) {
-        (
-            State::Inactive,
-            "inactive in the fleet (paused): its certificates are held as they are".to_owned(),
-        )
-    } else if active.len() >= 2 && !rotating {
-        let attached = observed
-            .principals
-            .get(device)
-            .map(|ids| {
-                active
-                    .iter()
-                    .filter(|c| ids.iter().any(|i| i == c.id.as_str()))
-                    .count()
-            })
-            .map_or(String::new(), |n| format!(", {n} attached to the Thing"));
-        let newest = active[active.len() - 1];
-        let proof = if newest_connected {
-            "it has connected".to_owned()
-        } else {
-            "held for the operator: no record that it has connected".to_owned()
-        };
-        (
-            State::Duplicate,
-            format!(
-                "{} ACTIVE certificates{attached}: the newest ({}) replaces the others; {proof}",
-                active.len(),
-                short(&newest.id)
-            ),
-        )
-    } else if !pending.is_empty() && !active.is_empty() {
-        (
-            State::Held,
-            format!(
-                "{} waits for approval (jitr approve) beside ACTIVE {}",
-                short(&pending[0].id),
-                short(&active[0].id)
-            ),
-        )
-    } else if let Some((c, end)) = (if rotating {
-        // Only the newest counts: the ones it replaces are on their way out.
-        &active[active.len() - 1..]
-    } else {
-        &active[..]
-    })
-    .iter()
-    .find_map(|c| {
-        known(c)
+    let expiring = counted.iter().find_map(|c| {
+        f.known(c)
             .and_then(|k| k.not_after)
             .filter(|end| *end <= now + window)
             .map(|end| (c, end))
-    }) {
-        (
+    });
+    if let Some((c, end)) = expiring {
+        return Some((
             State::Expiring,
             format!("{} ends {}", short(&c.id), rfc3339(end)),
-        )
-    } else if !pending.is_empty() {
-        (
-            State::Pending,
-            format!(
-                "{} is PENDING_ACTIVATION: the device's next connect or a sweep decides",
-                short(&pending[0].id)
-            ),
-        )
-    } else if let (Some(at), true) = (revoked_mark, active.is_empty()) {
-        (
-            State::Revoked,
-            format!("cut off by jitr revoke at {at} (jitr approve --device lifts it)"),
-        )
-    } else if thing.is_some()
-        && !observed.other_principals.contains_key(device)
-        && observed
-            .principals
-            .get(device)
-            .is_some_and(|ids| ids.is_empty())
-    {
-        (
+        ));
+    }
+    pending.first().map(|waiting| {
+        let reason = format!(
+            "{} is PENDING_ACTIVATION: the device's next connect or a sweep decides",
+            short(&waiting.id)
+        );
+        (State::Pending, reason)
+    })
+}
+
+/// Two or more ACTIVE certificates outside a rotation: how many, how many attached, and
+/// whether the newest has proven itself by connecting.
+fn duplicate_reason(f: &Facts<'_>) -> String {
+    let attached = f
+        .observed
+        .principals
+        .get(f.device)
+        .map(|ids| {
+            f.active
+                .iter()
+                .filter(|c| ids.iter().any(|i| i == c.id.as_str()))
+                .count()
+        })
+        .map_or(String::new(), |n| format!(", {n} attached to the Thing"));
+    let proof = match f.newest_connected {
+        true => "it has connected",
+        false => "held for the operator: no record that it has connected",
+    };
+    let newest = f.newest().map(|c| short(&c.id)).unwrap_or_default();
+    format!(
+        "{} ACTIVE certificates{attached}: the newest ({newest}) replaces the others; {proof}",
+        f.active.len()
+    )
+}
+
+/// The states that need nothing unless something is amiss: revoked, orphan, not-connected,
+/// active.
+fn settled(f: &Facts<'_>) -> (State, String) {
+    let active = &f.active;
+    if let (Some(at), true) = (f.revoked_mark, active.is_empty()) {
+        let reason = format!("cut off by jitr revoke at {at} (jitr approve --device lifts it)");
+        return (State::Revoked, reason);
+    }
+    let no_principals = f
+        .observed
+        .principals
+        .get(f.device)
+        .is_some_and(|ids| ids.is_empty());
+    if f.thing.is_some() && !f.observed.other_principals.contains_key(f.device) && no_principals {
+        return (
             State::Orphan,
             "a Thing with no certificate attached".to_owned(),
-        )
-    } else if let (Some(c), None) = (active.first(), &thing) {
-        let elsewhere = observed
+        );
+    }
+    if let (Some(c), None) = (active.first(), &f.thing) {
+        let elsewhere = f
+            .observed
             .certificate_things
             .get(c.id.as_str())
             .filter(|t| !t.is_empty())
             .map_or(String::new(), |t| {
                 format!(" (attached to {})", t.join(", "))
             });
-        (
-            State::Orphan,
-            format!(
-                "ACTIVE certificate {} with no Thing{elsewhere}",
-                short(&c.id)
-            ),
-        )
-    } else if certs.is_empty() {
-        let why = match standing {
+        let reason = format!(
+            "ACTIVE certificate {} with no Thing{elsewhere}",
+            short(&c.id)
+        );
+        return (State::Orphan, reason);
+    }
+    if f.certs.is_empty() {
+        let why = match f.standing {
             Some(Standing::Active) => "in the fleet, nothing registered in AWS IoT yet",
             Some(Standing::Inactive) => "inactive in the fleet, nothing registered in AWS IoT",
             None => "in the manifest, nothing registered in AWS IoT yet",
         };
-        (State::NotConnected, why.to_owned())
-    } else if active.is_empty() {
-        (
+        return (State::NotConnected, why.to_owned());
+    }
+    match (active.is_empty(), f.rotating, f.newest()) {
+        (true, _, _) => (
             State::Revoked,
             "every certificate is REVOKED or INACTIVE".to_owned(),
-        )
-    } else if rotating {
-        (
+        ),
+        (false, true, Some(newest)) => (
             State::Active,
             format!(
                 "rotating: {} replaces the old certificate(s) until its grace ends",
-                short(&active[active.len() - 1].id)
+                short(&newest.id)
             ),
-        )
-    } else {
-        (State::Active, String::new())
-    };
-    DeviceStatus {
-        device_id: device.to_owned(),
-        state,
-        certificates: rows,
-        thing,
-        fleet_member: member,
-        last_connected,
-        newest_connected,
-        reason,
+        ),
+        _ => (State::Active, String::new()),
     }
 }
 
