@@ -76,7 +76,7 @@ impl FleetDirectory for AllowlistDirectory {
         "the allowlist".into()
     }
 
-    fn mark(&self) -> crate::FleetMark {
-        crate::FleetMark::Allowlist
+    fn mark(&self) -> crate::ownership::FleetMark {
+        crate::ownership::FleetMark::Allowlist
     }
 }

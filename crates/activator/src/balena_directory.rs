@@ -170,8 +170,8 @@ impl FleetDirectory for BalenaDirectory {
         format!("balena fleet {}", self.fleet_id)
     }
 
-    fn mark(&self) -> crate::FleetMark {
-        crate::FleetMark::Balena(self.fleet_id.get())
+    fn mark(&self) -> crate::ownership::FleetMark {
+        crate::ownership::FleetMark::Balena(self.fleet_id.get())
     }
 
     async fn record_activation(

@@ -482,7 +482,7 @@ impl<R: IotRegistry, F: FleetDirectory> Activator<R, F> {
         let thing = ThingSpec {
             name: device.to_string(),
             thing_type: self.policy.thing_type.clone(),
-            attributes: vec![crate::fleet_attribute(self.fleet.mark())],
+            attributes: vec![crate::ownership::fleet_attribute(self.fleet.mark())],
         };
         let create = async {
             self.registry.create_thing(&thing, deadline).await?;

@@ -36,7 +36,7 @@ impl FleetDirectory for FleetBackend {
         }
     }
 
-    fn mark(&self) -> crate::FleetMark {
+    fn mark(&self) -> crate::ownership::FleetMark {
         match self {
             FleetBackend::Balena(d) => d.mark(),
             FleetBackend::Allowlist(d) => d.mark(),

@@ -1,6 +1,6 @@
 //! Why an invocation did not reach a decision.
 
-use crate::{EventError, FleetError, LedgerError};
+use crate::{ledger::LedgerError, EventError, FleetError};
 use iot::RegistryError;
 
 /// Why an invocation did not reach a decision. The certificate is left as it was.

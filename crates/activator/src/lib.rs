@@ -42,8 +42,6 @@ pub use decision::{Activator, Approval, Decision, Outcome};
 pub use error::ActivationError;
 pub use event::{EventError, RegisteredEvent};
 pub use incoming::{Incoming, ReplayRecord};
-pub use ledger::{Ledger, LedgerEntry, LedgerError, LedgerMark, LedgerMode, Marked};
-pub use ownership::{fleet_attribute, FleetMark, Ownership, Retire};
 pub use ports::{FleetDirectory, FleetError, FleetMember, Membership};
 pub use sweep::{
     Progress, SweepEvent, SweepOptions, SweepReport, LEDGER_MARK_WINDOW, SWEEP_DECISION_TIME,

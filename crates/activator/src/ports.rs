@@ -58,8 +58,8 @@ pub trait FleetDirectory: Send + Sync {
     ) -> impl Future<Output = Result<Membership, FleetError>> + Send;
     /// A short name for the fleet, for logs and reasons.
     fn label(&self) -> String;
-    /// The fleet, as the Thing's fleet attribute records it ([`crate::fleet_attribute`]).
-    fn mark(&self) -> crate::FleetMark;
+    /// The fleet, as the Thing's fleet attribute records it ([`crate::ownership::fleet_attribute`]).
+    fn mark(&self) -> crate::ownership::FleetMark;
     /// Records on the fleet side that `member` was activated with `certificate` (balena: device
     /// tags). Best effort, after activation: a failure is logged and changes nothing. The
     /// default records nothing.

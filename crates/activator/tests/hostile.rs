@@ -1430,8 +1430,8 @@ impl activator::FleetDirectory for EveryDevice {
     fn label(&self) -> String {
         "every fleet".into()
     }
-    fn mark(&self) -> activator::FleetMark {
-        activator::FleetMark::Memory
+    fn mark(&self) -> activator::ownership::FleetMark {
+        activator::ownership::FleetMark::Memory
     }
     async fn record_activation(
         &self,

@@ -14,7 +14,7 @@
 
 mod client;
 pub mod delivery;
-pub mod device;
+mod device;
 mod fleet;
 
 pub use client::{validate_api_url, ApiKey, Client, Error, DEFAULT_API_URL, MAX_BODY};

@@ -13,7 +13,7 @@
 //! - The moonshot: `JITR_BENCH_MOONSHOT` (1,000,000) devices into one bundle, wall time.
 
 // Test helpers panic on a failed setup step: that is the failure report.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: a panic is the report
 
 use std::path::Path;
 use std::process::Command;

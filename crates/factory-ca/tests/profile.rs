@@ -3,7 +3,7 @@
 //! the encrypted key format.
 
 // Test helpers panic on a failed setup step: that is the failure report.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

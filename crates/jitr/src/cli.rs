@@ -800,7 +800,7 @@ pub(crate) struct ApproveArgs {
     pub(crate) device: Option<String>,
     /// What happens to the certificate(s) it replaces, once it is active.
     #[arg(long, value_name = "revoke|deactivate|keep", default_value = "revoke")]
-    pub(crate) retire: activator::Retire,
+    pub(crate) retire: activator::ownership::Retire,
     /// With a ledger (JITR_LEDGER_TABLE): add the certificate to it first, so that a
     /// certificate the factory never recorded can be approved under JITR_LEDGER=require.
     #[arg(long)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use activator::dynamodb::DynamoLedger;
 use activator::ledger::item;
-use activator::LedgerEntry;
+use activator::ledger::LedgerEntry;
 use anyhow::{Context, Result};
 use factory_ca::ManifestEntry;
 use time::OffsetDateTime;
@@ -158,10 +158,10 @@ pub(crate) async fn mark_activated(
     ids: &[&iot::CertificateId],
     deadline: tokio::time::Instant,
 ) -> Result<bool> {
-    use activator::Ledger;
+    use activator::ledger::Ledger;
     let ledger = DynamoLedger::new(session.config(), table);
     let now = factory_ca::show_time(OffsetDateTime::now_utc());
-    let mark = activator::LedgerMark::Activated;
+    let mark = activator::ledger::LedgerMark::Activated;
     let mut all = true;
     for id in ids {
         if let Err(e) = ledger

@@ -158,7 +158,7 @@ impl RegionMap {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used)] // a test: a panic is the report
 
     use super::*;
 

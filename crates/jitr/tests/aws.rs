@@ -2,7 +2,7 @@
 //! what moto never gives (a racing registration's 409, a rejected CA, a verification check).
 
 // Test helpers panic on a failed setup step: that is the failure report.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup: a panic is the report
 
 use std::path::Path;
 use std::process::Output;

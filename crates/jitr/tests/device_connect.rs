@@ -79,7 +79,7 @@ impl Mosquitto {
             .spawn()
             .unwrap();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if let Err(e) = testkit::wait_for_port(addr, Duration::from_secs(10)) {
+        if let Err(e) = testkit::proc::wait_for_port(addr, Duration::from_secs(10)) {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -159,7 +159,7 @@ fn connect(dir: &Path, cert: &str, broker: &Mosquitto, deadline: &str) -> Output
 fn the_issued_chain_connects_to_a_real_broker_and_the_bare_leaf_is_refused() {
     let tmp = world();
     let dir = tmp.path();
-    let port = testkit::free_port().unwrap();
+    let port = testkit::proc::free_port().unwrap();
     let broker = Mosquitto::start(dir, "root-only", port, &dir.join("ca/root.crt"));
 
     // chain.pem (device, then issuing CA) lets OpenSSL build the path to the root it trusts.
@@ -232,7 +232,7 @@ fn a_refused_first_attempt_is_retried_until_the_broker_accepts() {
     let other = other.self_signed(&KeyPair::generate().unwrap()).unwrap();
     std::fs::write(dir.join("other.crt"), other.pem()).unwrap();
 
-    let port = testkit::free_port().unwrap();
+    let port = testkit::proc::free_port().unwrap();
     let pending = Mosquitto::start(dir, "pending", port, &dir.join("other.crt"));
     let device = Command::new(env!("CARGO_BIN_EXE_jitr"))
         .args([

@@ -12,13 +12,13 @@ use crate::request::ProvisionToken;
 
 /// The template parameter that holds the device UUID in a fleet provisioning request, unless
 /// `JITR_FP_UUID_PARAMETER` says another.
-pub const DEFAULT_UUID_PARAMETER: &str = "DeviceUuid";
+pub(crate) const DEFAULT_UUID_PARAMETER: &str = "DeviceUuid";
 /// The services the provisioner delivers to unless `JITR_PROVISION_SERVICES` says others:
 /// balena's cloud-relay block, as its docker-compose names it.
-pub const DEFAULT_SERVICES: &str = "cloud-relay";
+pub(crate) const DEFAULT_SERVICES: &str = "cloud-relay";
 /// One provisioning attempt per device in this time, unless `JITR_PROVISION_INTERVAL` says
 /// another.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_INTERVAL: Duration = Duration::from_secs(600);
 
 /// A configuration problem, naming the variable.
 #[derive(Debug, thiserror::Error)]

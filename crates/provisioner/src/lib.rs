@@ -18,11 +18,11 @@
 //!   signs the device's CSR with the KMS CA, to the device profile, only for the same devices
 //!   the hook allows.
 
-pub mod attempts;
-pub mod config;
+mod attempts;
+mod config;
 pub mod fleet_provisioning;
 mod provision;
-pub mod request;
+mod request;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -17,15 +17,15 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 /// The largest body accepted.
-pub const MAX_BODY: usize = 4096;
+pub(crate) const MAX_BODY: usize = 4096;
 /// The body cloud-relay recognises as "provisioned already".
-pub const ALREADY_EXISTS: &str = "thing already exists";
+pub(crate) const ALREADY_EXISTS: &str = "thing already exists";
 
 /// The shortest token accepted: 32 characters of [`TOKEN_CHARS`] (`openssl rand -hex 32`
 /// makes 64).
-pub const MIN_TOKEN_LEN: usize = 32;
+pub(crate) const MIN_TOKEN_LEN: usize = 32;
 /// The characters a token may hold: those a URL carries unescaped in a path or a query.
-pub const TOKEN_CHARS: &str = "letters, digits, '-', '.', '_', '~'";
+pub(crate) const TOKEN_CHARS: &str = "letters, digits, '-', '.', '_', '~'";
 
 /// The secret `PROVISION_URL` carries (`JITR_PROVISION_TOKEN`): only a request presenting it
 /// is read further. Never logged, never in a `Debug` output.

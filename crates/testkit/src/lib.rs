@@ -41,5 +41,3 @@ pub mod proxy;
 mod server;
 pub mod topic_rule;
 pub mod world;
-
-pub use proc::{free_port, wait_for_port};

@@ -95,7 +95,7 @@ impl MotoServer {
 
     /// Spawns the launcher on a fresh port and waits for it to answer.
     fn launch(python: &PathBuf, launcher: &PathBuf) -> Result<(Child, u16, NamedTempFile), Launch> {
-        let port = crate::free_port().map_err(Launch::Failed)?;
+        let port = crate::proc::free_port().map_err(Launch::Failed)?;
         let log = NamedTempFile::new()
             .context("creating the moto log file")
             .map_err(Launch::Failed)?;

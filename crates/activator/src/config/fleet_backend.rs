@@ -51,11 +51,13 @@ pub enum FleetConfig {
 }
 
 impl FleetConfig {
-    /// The fleet, as the Thing's fleet attribute records it ([`crate::fleet_attribute`]).
-    pub fn mark(&self) -> crate::FleetMark {
+    /// The fleet, as the Thing's fleet attribute records it ([`crate::ownership::fleet_attribute`]).
+    pub fn mark(&self) -> crate::ownership::FleetMark {
         match self {
-            FleetConfig::Balena { fleet_id, .. } => crate::FleetMark::Balena(fleet_id.get()),
-            FleetConfig::Allowlist { .. } => crate::FleetMark::Allowlist,
+            FleetConfig::Balena { fleet_id, .. } => {
+                crate::ownership::FleetMark::Balena(fleet_id.get())
+            }
+            FleetConfig::Allowlist { .. } => crate::ownership::FleetMark::Allowlist,
         }
     }
 

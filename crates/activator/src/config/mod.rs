@@ -96,7 +96,7 @@ pub struct LedgerConfig {
     /// The DynamoDB table (`JITR_LEDGER_TABLE`).
     pub table: String,
     /// `require` (the default: a table named alone is a gate) or `record` (`JITR_LEDGER`).
-    pub mode: crate::LedgerMode,
+    pub mode: crate::ledger::LedgerMode,
 }
 
 impl LedgerConfig {
@@ -104,7 +104,8 @@ impl LedgerConfig {
         let mode = env
             .get("JITR_LEDGER")
             .map(|v| {
-                crate::LedgerMode::parse(&v).map_err(|r| ConfigError::invalid("JITR_LEDGER", r))
+                crate::ledger::LedgerMode::parse(&v)
+                    .map_err(|r| ConfigError::invalid("JITR_LEDGER", r))
             })
             .transpose()?;
         let Some(table) = env.get("JITR_LEDGER_TABLE") else {
@@ -131,7 +132,7 @@ impl LedgerConfig {
             table,
             // The gate belongs to the ledger, not to each shell: a command that names the table
             // without saying `record` honours it as the Lambda under `require` does.
-            mode: mode.unwrap_or(crate::LedgerMode::Require),
+            mode: mode.unwrap_or(crate::ledger::LedgerMode::Require),
         }))
     }
 }
@@ -324,7 +325,7 @@ mod tests {
             c.ledger,
             Some(LedgerConfig {
                 table: "jitr-ledger".into(),
-                mode: crate::LedgerMode::Require
+                mode: crate::ledger::LedgerMode::Require
             })
         );
         let c = with(&[
@@ -332,9 +333,9 @@ mod tests {
             ("JITR_LEDGER", "record"),
         ])
         .unwrap();
-        assert_eq!(c.ledger.unwrap().mode, crate::LedgerMode::Record);
+        assert_eq!(c.ledger.unwrap().mode, crate::ledger::LedgerMode::Record);
         let c = with(&[("JITR_LEDGER_TABLE", "t.l-1"), ("JITR_LEDGER", "require")]).unwrap();
-        assert_eq!(c.ledger.unwrap().mode, crate::LedgerMode::Require);
+        assert_eq!(c.ledger.unwrap().mode, crate::ledger::LedgerMode::Require);
         let e = with(&[("JITR_LEDGER", "require")]).unwrap_err().to_string();
         assert!(e.starts_with("JITR_LEDGER_TABLE is not set"), "{e}");
         let e = with(&[("JITR_LEDGER_TABLE", "x"), ("JITR_LEDGER", "strict")])

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 
 use super::*;
 use crate::memory::{MemoryFleet, Standing};
-use crate::Retire;
+use crate::ownership::Retire;
 use iot::memory::{Fault, MemoryIot};
 
 const MEMBER: &str = "0123456789abcdef0123456789abcdef";
@@ -455,8 +455,8 @@ async fn a_clock_a_little_behind_waits_and_one_far_behind_rejects() {
 mod ledger {
     use super::*;
     use crate::ledger::item;
+    use crate::ledger::LedgerMode;
     use crate::memory::MemoryLedger;
-    use crate::LedgerMode;
 
     fn with_ledger(
         world: &World,

@@ -90,8 +90,8 @@ impl FleetDirectory for MemoryFleet {
         "the memory fleet".into()
     }
 
-    fn mark(&self) -> crate::FleetMark {
-        crate::FleetMark::Memory
+    fn mark(&self) -> crate::ownership::FleetMark {
+        crate::ownership::FleetMark::Memory
     }
 
     async fn record_activation(

@@ -223,7 +223,7 @@ async fn a_sweep_marks_recent_active_certificates_the_ledger_missed() {
     ledger.list(&old, "device");
     let activator = w
         .activator()
-        .with_ledger(Box::new(ledger.clone()), crate::LedgerMode::Record);
+        .with_ledger(Box::new(ledger.clone()), crate::ledger::LedgerMode::Record);
     let window = Some(Duration::from_secs(2 * DAY as u64));
     let report = activator
         .sweep(&w.ca_id, &w.options(window), in_a_minute(), &quiet)

@@ -95,10 +95,10 @@ fn lift(device: &str, args: &ApproveArgs) -> Result<bool> {
     Ok(lifted)
 }
 
-fn retire_word(retire: activator::Retire) -> &'static str {
+fn retire_word(retire: activator::ownership::Retire) -> &'static str {
     match retire {
-        activator::Retire::Revoke => "revoked and detached",
-        activator::Retire::Deactivate => "deactivated and detached",
-        activator::Retire::Keep => "kept",
+        activator::ownership::Retire::Revoke => "revoked and detached",
+        activator::ownership::Retire::Deactivate => "deactivated and detached",
+        activator::ownership::Retire::Keep => "kept",
     }
 }

@@ -60,7 +60,8 @@ pub(crate) fn template(args: JitpTemplateArgs) -> Result<Outcome> {
     let mut thing = json!({"ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"}});
     if let Some(fleet) = args.thing.fleet_id {
         // The attribute the activator writes (the ownership rule's fleet attribute).
-        let (name, value) = activator::fleet_attribute(activator::FleetMark::Balena(fleet));
+        let (name, value) =
+            activator::ownership::fleet_attribute(activator::ownership::FleetMark::Balena(fleet));
         thing["AttributePayload"] = json!({ name: value });
     }
     if let Some(thing_type) = &args.thing.thing_type {

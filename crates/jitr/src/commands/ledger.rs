@@ -1,7 +1,7 @@
 //! `jitr ledger import`: a manifest's certificates written into the issuance ledger.
 
 use activator::dynamodb::DynamoLedger;
-use activator::Ledger;
+use activator::ledger::Ledger;
 use anyhow::Result;
 use futures::StreamExt;
 use time::OffsetDateTime;

@@ -147,7 +147,9 @@ pub(crate) fn register(args: RegisterArgs) -> Result<Outcome> {
         .as_ref()
         .map(|f| f.id().get())
         .or(args.thing.fleet_id)
-        .map(|id| activator::fleet_attribute(activator::FleetMark::Balena(id)));
+        .map(|id| {
+            activator::ownership::fleet_attribute(activator::ownership::FleetMark::Balena(id))
+        });
     let manifest = Manifest::read(&args.manifest)?;
     let mut rows = manifest.unreadable;
     let (journal, unfinished) = Journal::open(&manifest.folder.join(JOURNAL_FILE))?;

@@ -230,7 +230,7 @@ impl Job {
         let scope = status::Scope {
             cas: self.config.policy.trusted_ca_ids.clone(),
             known,
-            ownership: activator::Ownership {
+            ownership: activator::ownership::Ownership {
                 fleet: Some(self.config.fleet.mark()),
                 thing_type: self.config.policy.thing_type.clone(),
             },
@@ -311,7 +311,7 @@ impl Job {
         issued: Vec<IssuedDevice>,
         old: &HashMap<String, Vec<CertificateId>>,
     ) -> (Vec<Installed>, Vec<Rotated>) {
-        let fleet_attribute = activator::fleet_attribute(self.config.fleet.mark());
+        let fleet_attribute = activator::ownership::fleet_attribute(self.config.fleet.mark());
         let policy = &self.config.policy;
         let (mut installed, mut failed) = (Vec::new(), Vec::new());
         for device in issued {

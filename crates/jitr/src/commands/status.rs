@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use crate::progress::Phases;
-use activator::{FleetBackend, FleetDirectory, Ownership};
+use activator::{ownership::Ownership, FleetBackend, FleetDirectory};
 use anyhow::{Context, Result};
 use operations::status::{self, DeviceStatus, Known, Scope, Standing, State, StatusRates};
 

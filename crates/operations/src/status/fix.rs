@@ -153,7 +153,7 @@ pub struct Applied {
 pub async fn apply_fixes<A: IotAdmin>(
     iot: &A,
     fixes: &[Fix],
-    ownership: &activator::Ownership,
+    ownership: &activator::ownership::Ownership,
     deadline: Instant,
 ) -> Vec<Applied> {
     let mut applied = Vec::new();
@@ -193,7 +193,7 @@ async fn reattach<A: IotAdmin>(
     iot: &A,
     certificate_id: &str,
     thing: &str,
-    ownership: &activator::Ownership,
+    ownership: &activator::ownership::Ownership,
     deadline: Instant,
 ) -> Result<(), RegistryError> {
     let d = || call_deadline(deadline);
@@ -205,7 +205,7 @@ async fn reattach<A: IotAdmin>(
         thing_type: ownership.thing_type.clone(),
         attributes: ownership
             .fleet
-            .map(activator::fleet_attribute)
+            .map(activator::ownership::fleet_attribute)
             .into_iter()
             .collect(),
     };

@@ -188,7 +188,7 @@ pub struct Observed {
     pub certificates: Vec<Listed>,
     /// What is known about them, by certificate id.
     pub known: HashMap<String, Known>,
-    /// Every Thing jitr owns ([`activator::Ownership`]).
+    /// Every Thing jitr owns ([`activator::ownership::Ownership`]).
     pub things: BTreeSet<String>,
     /// How many Things were listed that jitr does not own: left alone.
     pub foreign_things: usize,
@@ -263,7 +263,7 @@ pub struct Scope {
     /// Devices the manifest names.
     pub manifest_devices: BTreeSet<String>,
     /// Which Things are jitr's.
-    pub ownership: activator::Ownership,
+    pub ownership: activator::ownership::Ownership,
     /// Read every owned Thing's attachments, not only where they decide a state.
     pub deep: bool,
     /// How fast each kind of read goes.

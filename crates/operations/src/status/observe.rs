@@ -164,7 +164,7 @@ impl<A: IotAdmin> Reader<'_, A> {
     /// Step 3: every Thing, of which only jitr's are kept.
     async fn owned_things(
         &self,
-        ownership: &activator::Ownership,
+        ownership: &activator::ownership::Ownership,
         known_device: impl Fn(&str) -> bool,
     ) -> Result<Owned, RegistryError> {
         self.things_pace.take().await;

@@ -313,8 +313,8 @@ fn an_inactive_device_is_held_never_revoked() {
 
 #[test]
 fn the_ownership_rule() {
+    use activator::ownership::{fleet_attribute, FleetMark};
     use activator::ownership::{Ownership, REVOKED_ATTRIBUTE};
-    use activator::{fleet_attribute, FleetMark};
     use iot::ThingSpec;
     let thing = |attributes: Vec<(String, String)>, thing_type: Option<&str>| ThingSpec {
         name: "warehouse-door-sensor-7".into(),
